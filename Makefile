@@ -1,0 +1,42 @@
+# Every entry point a user types. `make test` and `make ablation` install what they need themselves.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU wheel on machines without CUDA (it is on disk here); a CUDA machine takes the registry's default build.
+# A torch already importable in the venv (say a CUDA build the user installed) is kept either way.
+TORCH ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
+STAMP := $(VENV)/.stamp-install
+GRID ?= gates
+SCALE ?= tiny
+ARGS ?=
+PYTEST_ARGS ?=
+
+export TOKENIZERS_PARALLELISM := false
+export HF_DATASETS_OFFLINE := 1
+export HF_HUB_OFFLINE := 1
+
+.PHONY: install test test-all ablation report ui clean
+
+install: $(STAMP)
+
+# Re-installs when pyproject.toml changes; the stamp is written last, so a failed install is retried.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	@touch $@
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS)
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+ui: $(STAMP)
+	$(VENV)/bin/mlflow ui --backend-store-uri "sqlite:///$(CURDIR)/mlflow.db" \
+		--default-artifact-root "$(CURDIR)/mlartifacts" --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf runs reports checkpoints .pytest_cache build *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

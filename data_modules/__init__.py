@@ -1,0 +1,1 @@
+"""Corpora, tokenizers, token memmaps, lane schedules and the StreamDataModule."""

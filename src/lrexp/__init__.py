@@ -1,0 +1,1 @@
+"""lrexp: long-sequence ablations with PyTorch Lightning."""

@@ -1,0 +1,1 @@
+"""One attention function with pluggable backends; masks; relative position bias."""

@@ -1,0 +1,49 @@
+"""The `lrexp` console script (DESIGN.md section 4).
+
+Each sub-command lives in the module that owns it and exposes `add_arguments(parser)` and `run(args) -> int`;
+this file only routes. Modules are imported lazily, so `lrexp show-config` does not pay for Lightning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from typing import List, Optional
+
+from lrexp.errors import UserError
+
+# name -> (module, one-line help)
+COMMANDS = {
+    "show-config": ("lrexp.commands.show_config", "print the resolved, validated config as YAML"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lrexp", description="Long-sequence ablations with PyTorch Lightning.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module).add_arguments(cmd)
+        cmd.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except UserError as exc:
+        print(f"lrexp {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lrexp {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per `lrexp` sub-command: argument parsing and output only; the work lives elsewhere."""

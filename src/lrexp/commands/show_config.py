@@ -1,0 +1,34 @@
+"""`lrexp show-config [CONFIG.yaml ...] [key=value ...]`"""
+
+from __future__ import annotations
+
+import argparse
+
+from lrexp import config
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """The config arguments every sub-command that builds a run shares."""
+    parser.add_argument(
+        "items",
+        nargs="*",
+        metavar="CONFIG.yaml | key=value",
+        help="YAML files merged in order, then key=value overrides; scale=NAME and row=NAME pick presets",
+    )
+
+
+def split_items(items: list[str]) -> tuple[list[str], list[str]]:
+    """Files are the items without '='; the rest are overrides."""
+    files = [i for i in items if "=" not in i]
+    overrides = [i for i in items if "=" in i]
+    return files, overrides
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    files, overrides = split_items(args.items)
+    print(config.to_yaml(config.load(files, overrides)), end="")
+    return 0

@@ -1,0 +1,450 @@
+"""The whole config schema (dataclasses + Literals) and its loader.
+
+YAML in `experiments/` is data; this module is the schema. `load(files, overrides)` merges, in order:
+the schema defaults, `experiments/base.yaml`, the scale preset (`scale=NAME`, default tiny), the row preset
+(`row=NAME`), the given YAML files, then `key=value` overrides. Every key is checked against the schema
+before anything is merged, so a typo fails naming the key and the closest real one.
+
+Sizes of a model are written once, in the `scale` section; the `model` fields refer to them with
+interpolations (`${scale.window}`), so a row can say "twice the scale's window" (`${mul:2,${scale.window}}`)
+and keep the paper's ratios at every scale. Values computed from others (segment length, lanes, head
+width, vocabulary) are never written by users: `resolve()` fills the `derived` section from the inputs, so
+resolving an already resolved config gives the same config.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional, Sequence, get_args, get_origin, get_type_hints
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from lrexp.errors import UserError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+EXPERIMENTS = PROJECT_ROOT / "experiments"
+
+
+class ConfigError(UserError, ValueError):
+    """A user error in a config: the message is one line naming the key and the problem."""
+
+
+
+
+def _mul(a: int, b: int) -> int:
+    return a * b
+
+
+def _add(a: int, b: int) -> int:
+    return a + b
+
+
+# `${mul:2,${scale.window}}` lets a row keep the paper's ratios at every scale.
+for _name, _fn in (("mul", _mul), ("add", _add)):
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_resolver(_name, _fn)
+
+
+# --------------------------------------------------------------------------------------------------
+# Schema
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ScaleConfig:
+    """Base sizes of one scale preset. Paper values by default (models.md section 3.1)."""
+
+    name: str = "paper"
+    d_model: int = 1024
+    num_heads: int = 8
+    d_ff: int = 4096
+    num_layers: int = 12
+    window: int = 512
+    num_states: int = 512
+    tokens_per_step: int = 4096  # lanes x segment_len per optimiser step, equal across rows
+
+
+@dataclass
+class AttnConfig:
+    backend: str = "sdpa"  # a name in lrexp.attention's backend registry
+    window_includes_self: bool = False  # paper choice 3: the code excludes the query's own token
+    mask_empty_cache: bool = False  # paper choice 4: the code keeps zero cache slots visible
+    num_buckets: int = 32
+    max_distance: int = 128
+
+
+@dataclass
+class RecurrentConfig:
+    layers: List[int] = field(default_factory=list)  # stack indices; negative counts from the top (-3 = L-3)
+    num_states: int = "${scale.num_states}"  # type: ignore[assignment]
+    gate: Literal["lstm", "fixed"] = "fixed"
+    topology: Literal["dual", "single", "skip"] = "skip"
+    state_ids: bool = True
+    candidate_tanh: bool = False  # paper choice 1
+    state_reads_prev_block: bool = True  # paper choice 2: R reads the previous and the current block
+    always_clear_state: bool = False  # ablation: reset the state at every segment
+
+
+@dataclass
+class ModelConfig:
+    variant: str = "slide"  # a name in lrexp.variants' registry
+    d_model: int = "${scale.d_model}"  # type: ignore[assignment]
+    num_heads: int = "${scale.num_heads}"  # type: ignore[assignment]
+    d_ff: int = "${scale.d_ff}"  # type: ignore[assignment]
+    num_layers: int = "${scale.num_layers}"  # type: ignore[assignment]
+    window: int = "${scale.window}"  # type: ignore[assignment]
+    blocks_per_segment: int = 8  # N / W, used when segment_len is not given
+    segment_len: Optional[int] = None  # N; must be a multiple of window
+    dropout: float = 0.05
+    attn: AttnConfig = field(default_factory=AttnConfig)
+    recurrent: RecurrentConfig = field(default_factory=RecurrentConfig)
+
+
+@dataclass
+class DataConfig:
+    corpus: str = "stdlib"  # a corpus name (`lrexp data prepare --help`) or a path
+    tokenizer: Literal["bpe", "bytes"] = "bpe"
+    vocab_size: int = 32128  # BPE only; the bytes tokenizer has a fixed vocabulary
+    tokens_per_step: int = "${scale.tokens_per_step}"  # type: ignore[assignment]
+    seed: int = 0
+    append_eos: bool = True
+    cache_dir: str = "data_cache"  # relative paths are under the project root
+    num_workers: int = 0
+
+
+@dataclass
+class LossConfig:
+    cross_segment_target: bool = False  # paper choice 5: the code never predicts a segment-boundary token
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adafactor", "adamw"] = "adafactor"
+    schedule: Literal["rsqrt", "cosine"] = "rsqrt"
+    lr: Optional[float] = None  # peak; None = 1/sqrt(warmup_steps), the paper's rsqrt peak
+    warmup_steps: int = 1000
+    weight_decay: float = 0.0
+    grad_clip: float = 0.0  # 0 disables clipping
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 500_000
+    val_every: int = 1000  # optimiser steps between validations
+    val_steps: int = 400  # segments per lane in one validation pass
+    accumulate_grad_batches: int = 1
+    precision: str = "32-true"
+    devices: int = 1
+    accelerator: str = "auto"
+    strategy: str = "auto"
+    seed: int = 0
+    checkpoint_dir: str = "checkpoints"
+
+
+@dataclass
+class LogConfig:
+    tracking_uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<project>/mlflow.db
+    experiment: str = "lrexp"
+    run_name: Optional[str] = None
+    tags: Dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class DerivedConfig:
+    """Computed by resolve(); never set by users."""
+
+    segment_len: int = 0
+    head_dim: int = 0
+    lanes: int = 0  # over all ranks
+    lanes_per_rank: int = 0
+    recurrent_layers: List[int] = field(default_factory=list)  # absolute indices
+
+
+@dataclass
+class RunConfig:
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    derived: DerivedConfig = field(default_factory=DerivedConfig)
+
+
+# --------------------------------------------------------------------------------------------------
+# Key checking (before any merge, so the error names the user's key and the closest real one)
+# --------------------------------------------------------------------------------------------------
+
+_OPEN_SECTIONS = ("log.tags",)  # free-form dicts
+_USER_FORBIDDEN = ("derived",)
+SELECTORS = ("scale", "row")  # `scale=tiny`, `row=xl512` pick a preset file
+
+
+def _schema_paths(cls: type = RunConfig, prefix: str = "") -> Dict[str, Any]:
+    """Every dotted key of the schema -> its annotation."""
+    out: Dict[str, Any] = {}
+    hints = get_type_hints(cls)
+    for f in fields(cls):
+        path = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        if is_dataclass(tp):
+            out[path] = tp
+            out.update(_schema_paths(tp, path + "."))
+        else:
+            out[path] = tp
+    return out
+
+
+SCHEMA_PATHS = _schema_paths()
+
+
+def suggest_key(key: str) -> Optional[str]:
+    """The schema key closest to a misspelt one.
+
+    A near-exact last component wins (`model.gatee` -> `model.recurrent.gate`), preferring the same
+    top-level section; then the whole dotted path; then a looser match on the last component.
+    """
+    paths = list(SCHEMA_PATHS)
+    leaf = key.rsplit(".", 1)[-1]
+    section = key.split(".", 1)[0]
+    by_leaf: Dict[str, List[str]] = {}
+    for p in paths:
+        by_leaf.setdefault(p.rsplit(".", 1)[-1], []).append(p)
+
+    def by_leaf_match(cutoff: float) -> Optional[str]:
+        leaves = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=cutoff)
+        if not leaves:
+            return None
+        cands = by_leaf[leaves[0]]
+        return next((c for c in cands if c.startswith(section + ".")), cands[0])
+
+    close = difflib.get_close_matches(key, paths, n=1, cutoff=0.75)
+    return by_leaf_match(0.8) or (close[0] if close else None) or by_leaf_match(0.6)
+
+
+def _check_key(key: str, where: str) -> None:
+    if any(key == s or key.startswith(s + ".") for s in _USER_FORBIDDEN):
+        raise ConfigError(f"{where}: '{key}' is computed by lrexp and cannot be set")
+    if key in SCHEMA_PATHS or any(key.startswith(s + ".") for s in _OPEN_SECTIONS):
+        return
+    hint = suggest_key(key)
+    raise ConfigError(
+        f"{where}: unknown config key '{key}'" + (f"; did you mean '{hint}'?" if hint else "")
+    )
+
+
+def _flat_keys(node: Any, prefix: str = "") -> List[str]:
+    """Dotted keys of the leaves of a plain dict (sections are walked, open sections are leaves)."""
+    keys: List[str] = []
+    for k, v in node.items():
+        path = f"{prefix}{k}"
+        if isinstance(v, dict) and path not in _OPEN_SECTIONS and path in SCHEMA_PATHS and is_dataclass(
+            SCHEMA_PATHS[path]
+        ):
+            keys.extend(_flat_keys(v, path + "."))
+        else:
+            keys.append(path)
+    return keys
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+
+
+def _read_yaml(path: Path) -> Dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        node = OmegaConf.load(path)
+    except Exception as exc:  # yaml.YAMLError and friends: one line, the file named
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{path}: a config file must be a mapping of sections")
+    return OmegaConf.to_container(node, resolve=False)  # type: ignore[return-value]
+
+
+def preset_path(kind: str, name: str) -> Path:
+    folder = EXPERIMENTS / ("scales" if kind == "scale" else "rows")
+    path = folder / f"{name}.yaml"
+    if not path.is_file():
+        have = sorted(p.stem for p in folder.glob("*.yaml"))
+        raise ConfigError(f"unknown {kind} '{name}'; available: {', '.join(have)}")
+    return path
+
+
+def _parse_override(item: str) -> tuple[str, str]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' is not of the form key=value")
+    key, value = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{item}' has an empty key")
+    return key, value
+
+
+def compose(files: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> DictConfig:
+    """Merge the layers in order and return the (unresolved, unvalidated) typed OmegaConf node."""
+    selected = {"scale": "tiny", "row": None}
+    dotlist: List[str] = []
+    for item in overrides:
+        key, value = _parse_override(item)
+        if key in SELECTORS:
+            selected[key] = value
+        else:
+            _check_key(key, "override")
+            dotlist.append(f"{key}={value}")
+
+    layers: List[tuple[str, Dict[str, Any]]] = [("experiments/base.yaml", _read_yaml(EXPERIMENTS / "base.yaml"))]
+    layers.append((f"scale {selected['scale']}", _read_yaml(preset_path("scale", selected["scale"]))))
+    if selected["row"]:
+        layers.append((f"row {selected['row']}", _read_yaml(preset_path("row", selected["row"]))))
+    layers.extend((str(f), _read_yaml(Path(f))) for f in files)
+
+    cfg = OmegaConf.structured(RunConfig)
+    for where, data in layers:
+        for key in _flat_keys(data):
+            _check_key(key, where)
+        cfg = _merge(cfg, OmegaConf.create(data), where)
+    if dotlist:
+        cfg = _merge(cfg, OmegaConf.from_dotlist(dotlist), "override")
+    return cfg
+
+
+def _merge(cfg: DictConfig, layer: DictConfig, where: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(cfg, layer)  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{where}: {_omegaconf_message(exc)}") from None
+
+
+def _omegaconf_message(exc: OmegaConfBaseException) -> str:
+    key = getattr(exc, "full_key", None)
+    msg = str(exc).splitlines()[0]
+    return f"'{key}': {msg}" if key else msg
+
+
+def load(files: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> RunConfig:
+    """Compose, type-check, resolve derived values and validate. Raises ConfigError with one line."""
+    cfg = compose(files, overrides)
+    try:
+        run: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_omegaconf_message(exc)) from None
+    return resolve(run)
+
+
+def from_dict(data: Dict[str, Any]) -> RunConfig:
+    """A RunConfig from a resolved dict (a grid cell's config.yaml, a checkpoint's hparams)."""
+    for key in _flat_keys({k: v for k, v in data.items() if k != "derived"}):
+        _check_key(key, "config")
+    base = OmegaConf.structured(RunConfig)
+    node = _merge(base, OmegaConf.create({k: v for k, v in data.items() if k != "derived"}), "config")
+    try:
+        return resolve(OmegaConf.to_object(node))  # type: ignore[arg-type]
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_omegaconf_message(exc)) from None
+
+
+def to_dict(cfg: RunConfig) -> Dict[str, Any]:
+    """Plain, fully resolved dict (for YAML, MLflow params and checkpoints)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)  # type: ignore
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))
+
+
+def flatten(cfg: RunConfig, sep: str = ".") -> Dict[str, Any]:
+    """Flattened resolved config: the MLflow params and the grid's cell identity."""
+    out: Dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict) and (prefix.rstrip(sep) not in _OPEN_SECTIONS):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}{sep}")
+        else:
+            out[prefix.rstrip(sep)] = node
+
+    walk(to_dict(cfg), "")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Derived values and validation
+# --------------------------------------------------------------------------------------------------
+
+_POSITIVE = (
+    "scale.d_model", "scale.num_heads", "scale.d_ff", "scale.num_layers", "scale.window", "scale.num_states",
+    "scale.tokens_per_step", "model.d_model", "model.num_heads", "model.d_ff", "model.num_layers",
+    "model.window", "model.blocks_per_segment", "model.segment_len", "model.recurrent.num_states",
+    "model.attn.num_buckets", "model.attn.max_distance", "data.vocab_size", "data.tokens_per_step",
+    "optim.warmup_steps", "train.max_steps", "train.val_every", "train.val_steps",
+    "train.accumulate_grad_batches", "train.devices",
+)
+
+
+def _get(cfg: RunConfig, path: str) -> Any:
+    node: Any = cfg
+    for part in path.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def resolve(cfg: RunConfig) -> RunConfig:
+    """Fill `derived` from the inputs and validate every cross-field rule. Idempotent."""
+    for path in _POSITIVE:
+        value = _get(cfg, path)
+        if value is not None and value <= 0:
+            raise ConfigError(f"'{path}' must be > 0, got {value}")
+    for path in ("model.dropout",):
+        value = _get(cfg, path)
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"'{path}' must be in [0, 1), got {value}")
+    for path in ("data.num_workers", "train.seed", "data.seed", "optim.weight_decay", "optim.grad_clip"):
+        if _get(cfg, path) < 0:
+            raise ConfigError(f"'{path}' must be >= 0, got {_get(cfg, path)}")
+    if cfg.optim.lr is not None and cfg.optim.lr <= 0:
+        raise ConfigError(f"'optim.lr' must be > 0, got {cfg.optim.lr}")
+
+    m = cfg.model
+    if m.d_model % m.num_heads:
+        raise ConfigError(f"'model.num_heads' ({m.num_heads}) must divide 'model.d_model' ({m.d_model})")
+    segment_len = m.segment_len if m.segment_len is not None else m.blocks_per_segment * m.window
+    if segment_len % m.window:
+        raise ConfigError(f"'model.segment_len' ({segment_len}) must be a multiple of 'model.window' ({m.window})")
+
+    recurrent_layers = []
+    for idx in m.recurrent.layers:
+        absolute = idx + m.num_layers if idx < 0 else idx
+        if not 0 <= absolute < m.num_layers:
+            raise ConfigError(
+                f"'model.recurrent.layers' index {idx} is outside a stack of {m.num_layers} layers"
+            )
+        recurrent_layers.append(absolute)
+    if len(set(recurrent_layers)) != len(recurrent_layers):
+        raise ConfigError(f"'model.recurrent.layers' names a layer twice: {list(m.recurrent.layers)}")
+
+    tps = cfg.data.tokens_per_step
+    if tps % segment_len:
+        raise ConfigError(
+            f"'data.tokens_per_step' ({tps}) must be a multiple of the segment length ({segment_len})"
+        )
+    lanes = tps // segment_len
+    world = cfg.train.devices
+    if lanes % world:
+        raise ConfigError(f"{lanes} lanes (tokens_per_step / segment_len) do not divide over {world} devices")
+
+    cfg.derived = DerivedConfig(
+        segment_len=segment_len,
+        head_dim=m.d_model // m.num_heads,
+        lanes=lanes,
+        lanes_per_rank=lanes // world,
+        recurrent_layers=sorted(recurrent_layers),
+    )
+    return cfg
+

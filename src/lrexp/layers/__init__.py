@@ -1,0 +1,1 @@
+"""Layers built from specs: the block, the recurrent cell, feedback, kNN memory."""

@@ -1,0 +1,1 @@
+"""The Lightning shell: LightningModule, TBPTT callback, MLflow logger, performance callback."""

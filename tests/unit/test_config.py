@@ -1,0 +1,125 @@
+"""Config loading and validation: every YAML validates, every user error is one clear line."""
+
+from pathlib import Path
+
+import pytest
+
+from lrexp import config
+from lrexp.config import ConfigError, EXPERIMENTS
+
+
+def test_defaults_resolve_to_tiny_scale():
+    cfg = config.load()
+    assert cfg.scale.name == "tiny"
+    assert cfg.model.d_model == cfg.scale.d_model
+    assert cfg.derived.segment_len == cfg.model.blocks_per_segment * cfg.model.window
+    assert cfg.derived.lanes * cfg.derived.segment_len == cfg.data.tokens_per_step
+    assert cfg.derived.head_dim * cfg.model.num_heads == cfg.model.d_model
+
+
+@pytest.mark.parametrize("path", sorted((EXPERIMENTS / "scales").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_scale_validates(path):
+    cfg = config.load([path])
+    assert cfg.scale.name == path.stem
+
+
+def test_paper_scale_sizes():
+    cfg = config.load(overrides=["scale=paper", "model.recurrent.layers=[-3]"])
+    m = cfg.model
+    assert (m.num_layers, m.d_model, m.num_heads, m.d_ff, m.window) == (12, 1024, 8, 1024 * 4, 512)
+    assert cfg.derived.segment_len == 4096 and cfg.derived.lanes == 1
+    assert cfg.derived.recurrent_layers == [9]  # layer 10 of 12, 1-based
+
+
+def test_override_and_file_order(tmp_path: Path):
+    f = tmp_path / "a.yaml"
+    f.write_text("model:\n  window: 16\n")
+    cfg = config.load([f], ["model.dropout=0.1"])
+    assert cfg.model.window == 16 and cfg.model.dropout == 0.1
+    assert cfg.derived.segment_len == 16 * 8  # derived from the new window
+    cfg2 = config.load([f], ["model.window=8"])
+    assert cfg2.model.window == 8  # overrides come after files
+
+
+def test_resolve_is_idempotent():
+    cfg = config.load(overrides=["model.recurrent.layers=[-3]"])
+    again = config.from_dict(config.to_dict(cfg))
+    assert config.to_dict(again) == config.to_dict(cfg)
+
+
+def test_flatten_has_dotted_keys():
+    flat = config.flatten(config.load())
+    assert flat["model.recurrent.gate"] == "fixed"
+    assert flat["derived.segment_len"] > 0
+
+
+def _error(*overrides, files=()):
+    with pytest.raises(ConfigError) as info:
+        config.load(files, list(overrides))
+    msg = str(info.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_unknown_key_names_it_and_suggests():
+    msg = _error("model.gatee=lstm", files=[EXPERIMENTS / "scales" / "paper.yaml"])
+    assert "model.gatee" in msg and "model.recurrent.gate" in msg
+    assert "model.d_model" in _error("model.d_modle=3")
+
+
+def test_unknown_key_in_file(tmp_path: Path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("model:\n  windw: 16\n")
+    msg = _error(files=[f])
+    assert "model.windw" in msg and "model.window" in msg and str(f) in msg
+
+
+def test_bad_enum_lists_allowed_values():
+    msg = _error("model.recurrent.gate=gru")
+    assert "gru" in msg and "lstm" in msg and "fixed" in msg
+
+
+def test_bad_type():
+    assert "model.d_model" in _error("model.d_model=abc")
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("model.num_heads=3", "must divide"),
+        ("model.segment_len=100", "multiple of 'model.window'"),
+        ("model.recurrent.layers=[7]", "outside a stack of 4"),
+        ("model.recurrent.layers=[-5]", "outside a stack of 4"),
+        ("model.recurrent.layers=[1,-3]", "twice"),
+        ("model.window=0", "'model.window' must be > 0"),
+        ("model.recurrent.num_states=-1", "must be > 0"),
+        ("data.tokens_per_step=100", "multiple of the segment length"),
+        ("train.devices=3", "do not divide over 3 devices"),
+        ("model.dropout=1.5", "[0, 1)"),
+    ],
+)
+def test_inconsistent_sizes(override, needle):
+    assert needle in _error(override)
+
+
+def test_derived_cannot_be_set():
+    assert "computed" in _error("derived.lanes=3")
+
+
+def test_bad_override_syntax_and_presets():
+    with pytest.raises(ConfigError, match="empty key"):
+        config.compose((), ["=3"])
+    with pytest.raises(ConfigError, match="key=value"):
+        config.compose((), ["model.window"])
+    assert "unknown scale 'huge'" in _error("scale=huge")
+    assert "unknown row" in _error("row=nope")
+
+
+def test_missing_and_invalid_files(tmp_path: Path):
+    assert "not found" in _error(files=[tmp_path / "none.yaml"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [1, 2\n")
+    assert "not valid YAML" in _error(files=[bad])
+    lst = tmp_path / "list.yaml"
+    lst.write_text("- 1\n- 2\n")
+    assert "mapping" in _error(files=[lst])
