@@ -17,6 +17,10 @@ from lrexp.errors import UserError
 # name -> (module, one-line help)
 COMMANDS = {
     "show-config": ("lrexp.commands.show_config", "print the resolved, validated config as YAML"),
+    "grid": ("lrexp.commands.grid", "train every cell of an ablation grid (one MLflow child run each), then report"),
+    "report": ("lrexp.commands.report", "a grid's comparison table (markdown + CSV) and plots, from MLflow"),
+    "train": ("lrexp.commands.train", "train one run, logged to MLflow; prints the final metrics as JSON"),
+    "data": ("lrexp.commands.data", "prepare a corpus: tokens + offsets + meta, cached (`lrexp data prepare`)"),
 }
 
 

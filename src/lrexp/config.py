@@ -72,6 +72,7 @@ class AttnConfig:
     backend: str = "sdpa"  # a name in lrexp.attention's backend registry
     window_includes_self: bool = False  # paper choice 3: the code excludes the query's own token
     mask_empty_cache: bool = False  # paper choice 4: the code keeps zero cache slots visible
+    scale_abs: bool = False  # paper choice 7: meliad 2025 uses |s_h|, 2022 (the default) s_h
     num_buckets: int = 32
     max_distance: int = 128
 
@@ -104,6 +105,15 @@ class ModelConfig:
 
 
 @dataclass
+class ProbeConfig:
+    """Synthetic long-range probes (corpus passkey / assoc_recall / copy); distances in segments."""
+
+    distance: int = 2  # segments between the needed information and the answer (beyond W and the XL cache)
+    num_docs: int = 256
+    num_pairs: int = 8  # assoc_recall: key-value pairs per document
+
+
+@dataclass
 class DataConfig:
     corpus: str = "stdlib"  # a corpus name (`lrexp data prepare --help`) or a path
     tokenizer: Literal["bpe", "bytes"] = "bpe"
@@ -113,6 +123,13 @@ class DataConfig:
     append_eos: bool = True
     cache_dir: str = "data_cache"  # relative paths are under the project root
     num_workers: int = 0
+    max_bytes: Optional[int] = None  # cap on the corpus's UTF-8 bytes: a deterministic subset of documents
+    val_fraction: float = 0.05  # of documents, by a stable hash of the document id
+    test_fraction: float = 0.05
+    exclude_tests: bool = True  # stdlib: leave out test packages and test_*.py
+    file_suffix: str = ".txt"  # directory corpora: files ending so ("" = all); .jsonl[.gz] / .parquet via `datasets`
+    text_field: str = "text"  # JSON-lines / parquet: the column holding each document
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
 
 
 @dataclass
@@ -141,7 +158,8 @@ class TrainConfig:
     accelerator: str = "auto"
     strategy: str = "auto"
     seed: int = 0
-    checkpoint_dir: str = "checkpoints"
+    deterministic: bool = True  # deterministic algorithms, warning (not failing) on ops that have none
+    checkpoint_dir: str = "checkpoints"  # <checkpoint_dir>/<MLflow run id>/last.ckpt; relative: project root
 
 
 @dataclass
@@ -150,6 +168,9 @@ class LogConfig:
     experiment: str = "lrexp"
     run_name: Optional[str] = None
     tags: Dict[str, str] = field(default_factory=dict)
+    every_n_steps: int = 50  # optimiser steps between logged training metrics
+    perf_warmup_steps: int = 50  # steps left out of perf/step_time_s (at most half of those run)
+    progress_bar: bool = True
 
 
 @dataclass
@@ -395,6 +416,16 @@ def _get(cfg: RunConfig, path: str) -> Any:
     return node
 
 
+def _check_registered(m: ModelConfig) -> None:
+    """model.variant and model.attn.backend name entries of the model's registries (imported here, lazily)."""
+    from lrexp.attention import BACKENDS
+    from lrexp.variants import VARIANTS
+
+    for path, value, names in (("model.variant", m.variant, VARIANTS), ("model.attn.backend", m.attn.backend, BACKENDS)):
+        if value not in names:
+            raise ConfigError(f"'{path}' is '{value}'; allowed: {', '.join(sorted(names))}")
+
+
 def resolve(cfg: RunConfig) -> RunConfig:
     """Fill `derived` from the inputs and validate every cross-field rule. Idempotent."""
     for path in _POSITIVE:
@@ -412,6 +443,7 @@ def resolve(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"'optim.lr' must be > 0, got {cfg.optim.lr}")
 
     m = cfg.model
+    _check_registered(m)
     if m.d_model % m.num_heads:
         raise ConfigError(f"'model.num_heads' ({m.num_heads}) must divide 'model.d_model' ({m.d_model})")
     segment_len = m.segment_len if m.segment_len is not None else m.blocks_per_segment * m.window

@@ -25,3 +25,13 @@ def test_show_config_typo_is_one_line():
     assert len(lines) == 1, out.stderr
     assert "model.gatee" in lines[0] and "model.recurrent.gate" in lines[0]
     assert "Traceback" not in out.stderr
+
+
+def test_a_config_file_whose_path_holds_an_equals_sign_is_a_file(tmp_path):
+    from lrexp.commands.show_config import split_items
+
+    odd = tmp_path / "lr=3e-4.yaml"
+    odd.write_text("optim:\n  lr: 0.0003\n")
+    files, overrides = split_items([str(odd), "train.max_steps=5", "base.yaml"])
+    assert files == [str(odd), "base.yaml"]
+    assert overrides == ["train.max_steps=5"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from lrexp import config
 
@@ -18,9 +19,10 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def split_items(items: list[str]) -> tuple[list[str], list[str]]:
-    """Files are the items without '='; the rest are overrides."""
-    files = [i for i in items if "=" not in i]
-    overrides = [i for i in items if "=" in i]
+    """Files are the items without '=' and existing files (a path may hold '='); the rest are overrides."""
+    is_file = [("=" not in i) or Path(i).is_file() for i in items]
+    files = [i for i, f in zip(items, is_file) if f]
+    overrides = [i for i, f in zip(items, is_file) if not f]
     return files, overrides
 
 

@@ -1,0 +1,100 @@
+"""Lane schedules: which segment of which document every lane reads at every step (engineering.md 2).
+
+A schedule is a pure function of (document lengths, order, total lanes, N): each document goes, in order,
+to the lane with the fewest segments so far (ties: the lowest lane), and a lane reads its documents one
+after the other, one segment per step. Segment s of a document reads doc[sN : sN+N+1] (N inputs, N shifted
+targets), so a document of L tokens has ceil((L - 1) / N) segments. Training truncates every lane to the
+shortest (every rank must take the same number of steps); evaluation pads lanes with empty steps, so that
+every document is read to its end.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+from dataclasses import dataclass
+from typing import Dict, List, Tuple
+
+import numpy as np
+
+DUMMY = (-1, -1)  # (document, segment) of a padding step
+
+
+def num_segments(doc_lengths: np.ndarray, segment_len: int) -> np.ndarray:
+    """[D] segments per document; a document of one token has no target and no segment."""
+    targets = np.maximum(np.asarray(doc_lengths, dtype=np.int64) - 1, 0)  # [D]
+    return -(-targets // segment_len)  # [D] ceil
+
+
+def shuffled(num_docs: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(num_docs)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    lane_docs: Tuple[np.ndarray, ...]  # per lane: document indices in reading order
+    lane_starts: Tuple[np.ndarray, ...]  # per lane: first step of each document, then the lane's length
+    steps: int
+
+    def locate(self, lane: int, step: int) -> Tuple[int, int]:
+        """(document, segment) read by `lane` at `step`, or DUMMY past the lane's last document."""
+        starts = self.lane_starts[lane]
+        i = int(np.searchsorted(starts, step, side="right")) - 1
+        if i >= len(self.lane_docs[lane]):
+            return DUMMY
+        return int(self.lane_docs[lane][i]), int(step - starts[i])
+
+
+def build(segments: np.ndarray, order: np.ndarray, total_lanes: int, truncate: bool) -> Schedule:
+    """Greedy assignment of the documents in `order` to the currently shortest lane."""
+    heap = [(0, lane) for lane in range(total_lanes)]
+    docs: List[List[int]] = [[] for _ in range(total_lanes)]
+    for d in order:
+        if segments[d] == 0:
+            continue
+        length, lane = heapq.heappop(heap)
+        docs[lane].append(int(d))
+        heapq.heappush(heap, (length + int(segments[d]), lane))
+    starts = tuple(np.concatenate([[0], np.cumsum(segments[np.asarray(ds, dtype=np.int64)])]).astype(np.int64)
+                   for ds in docs)
+    lengths = [int(s[-1]) for s in starts]
+    return Schedule(
+        lane_docs=tuple(np.asarray(ds, dtype=np.int64) for ds in docs),
+        lane_starts=starts,
+        steps=min(lengths) if truncate else max(lengths),
+    )
+
+
+def eval_schedule(segments: np.ndarray, total_lanes: int, seed: int) -> Schedule:
+    """Validation / test: every document complete; the same order on every run."""
+    return build(segments, shuffled(len(segments), seed, 0), total_lanes, truncate=False)
+
+
+class TrainStream:
+    """The endless training stream: epoch e (documents shuffled with (seed, e), lanes truncated to the
+    shortest) follows epoch e - 1, so the (document, segment) at a global step is a pure function of it."""
+
+    def __init__(self, segments: np.ndarray, total_lanes: int, seed: int) -> None:
+        self.segments = segments
+        self.total_lanes = total_lanes
+        self.seed = seed
+        self._ends: List[int] = []  # cumulative steps at the end of each epoch computed so far
+        self._recent: Dict[int, Schedule] = {}  # the last two epochs' schedules (a plain dict pickles)
+
+    def schedule(self, epoch: int) -> Schedule:
+        if epoch not in self._recent:
+            order = shuffled(len(self.segments), self.seed, epoch)
+            self._recent = {e: s for e, s in self._recent.items() if e == epoch - 1}
+            self._recent[epoch] = build(self.segments, order, self.total_lanes, truncate=True)
+        return self._recent[epoch]
+
+    def epoch_of(self, step: int) -> Tuple[int, int]:
+        """(epoch, step within the epoch) of a global step."""
+        while not self._ends or self._ends[-1] <= step:
+            self._ends.append((self._ends[-1] if self._ends else 0) + self.schedule(len(self._ends)).steps)
+        epoch = bisect.bisect_right(self._ends, step)
+        return epoch, step - (self._ends[epoch - 1] if epoch else 0)
+
+    def locate(self, lane: int, step: int) -> Tuple[int, int]:
+        epoch, t = self.epoch_of(step)
+        return self.schedule(epoch).locate(lane, t)

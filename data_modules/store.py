@@ -1,0 +1,364 @@
+"""`prepare(cfg)`: a corpus -> per-split token memmaps, cached by a key of everything that shapes them.
+
+Layout of `<cache_dir>/<corpus>-<tokenizer>-<key>/`:
+  meta.json            tokenizer (kind, hash, vocab), dtype, per-split counts, sources and licences, skips
+  token_bytes.npy      int64 [V]: UTF-8 bytes of each id (0 for `<eos>`), for bits/byte
+  tokenizer.json       the trained BPE (absent for bytes)
+  <split>/tokens.bin   uint16 (V <= 65535) or uint32 memmap of every document, `<eos>` appended
+  <split>/offsets.npy  int64 [D + 1]: document i is tokens[offsets[i]:offsets[i+1]]
+  <split>/doc_bytes.npy int64 [D]: UTF-8 bytes of each document
+  <split>/answer.bin   uint8 per token, probes only: 1 on answer tokens
+  <split>/doc_ids.json, <split>/meta.json
+
+The folder is built under a temporary name and renamed when complete, so a killed prepare is never
+mistaken for a finished one; a changed setting or corpus file gives another key, never a stale dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from functools import cached_property
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from lrexp.config import PROJECT_ROOT, ConfigError, RunConfig
+from lrexp.data_modules import tokenizer as tok_mod
+from lrexp.data_modules.corpora import PROBES, SPLITS, Document, Listing, fingerprint_key, list_corpus, split_of
+from lrexp.data_modules.errors import DataError
+
+FORMAT_VERSION = 1
+META = "meta.json"
+_CHUNK = 256  # documents per encode_batch call
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading a prepared dataset
+# --------------------------------------------------------------------------------------------------
+
+
+class SplitData:
+    """One split's memmaps, opened lazily (and again in each DataLoader worker: never pickled)."""
+
+    def __init__(self, folder: Path, meta: Dict) -> None:
+        self.dir = folder
+        self.meta = meta
+
+    def __getstate__(self) -> Dict:
+        return {"dir": self.dir, "meta": self.meta}
+
+    @cached_property
+    def tokens(self) -> np.ndarray:
+        return np.memmap(self.dir / "tokens.bin", dtype=self.meta["dtype"], mode="r")  # [T]
+
+    @cached_property
+    def offsets(self) -> np.ndarray:
+        return np.load(self.dir / "offsets.npy")  # [D + 1] int64
+
+    @cached_property
+    def doc_bytes(self) -> np.ndarray:
+        return np.load(self.dir / "doc_bytes.npy")  # [D] int64
+
+    @cached_property
+    def answer(self) -> Optional[np.ndarray]:
+        path = self.dir / "answer.bin"
+        return np.memmap(path, dtype=np.uint8, mode="r") if path.is_file() else None  # [T]
+
+    @property
+    def num_docs(self) -> int:
+        return len(self.offsets) - 1
+
+    def doc_lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)  # [D] tokens per document, <eos> included
+
+    def doc(self, i: int) -> np.ndarray:
+        """Document i's tokens as int64, the dtype the model takes."""
+        return self.tokens[self.offsets[i]: self.offsets[i + 1]].astype(np.int64)
+
+    def doc_ids(self) -> List[str]:
+        return json.loads((self.dir / "doc_ids.json").read_text())
+
+
+class Prepared:
+    def __init__(self, folder: Path) -> None:
+        self.dir = folder
+        self.meta: Dict = json.loads((folder / META).read_text())
+        self.vocab_size: int = self.meta["vocab_size"]
+        self.eos_id: int = self.meta["tokenizer"]["eos_id"]
+        self.key: str = self.meta["key"]
+        self.probe: bool = self.meta["probe"]
+
+    def __getstate__(self) -> Dict:
+        return {k: v for k, v in self.__dict__.items() if k not in ("tokenizer", "token_bytes", "_splits")}
+
+    @cached_property
+    def tokenizer(self) -> tok_mod.Tokenizer:
+        return tok_mod.load(self.dir, self.meta["tokenizer"]["kind"])
+
+    @cached_property
+    def token_bytes(self) -> np.ndarray:
+        return np.load(self.dir / "token_bytes.npy")  # [V] int64
+
+    @cached_property
+    def _splits(self) -> Dict[str, SplitData]:
+        return {s: SplitData(self.dir / s, self.meta["splits"][s]) for s in SPLITS}
+
+    def split(self, name: str) -> SplitData:
+        return self._splits[name]
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks (one line each, before long work)
+# --------------------------------------------------------------------------------------------------
+
+
+def check_config(cfg: RunConfig) -> None:
+    d = cfg.data
+    for name in ("val_fraction", "test_fraction"):
+        if not 0.0 <= getattr(d, name) < 1.0:
+            raise ConfigError(f"'data.{name}' must be in [0, 1), got {getattr(d, name)}")
+    if d.val_fraction + d.test_fraction >= 1.0:
+        raise ConfigError("'data.val_fraction' + 'data.test_fraction' must leave documents for training")
+    if d.max_bytes is not None and d.max_bytes <= 0:
+        raise ConfigError(f"'data.max_bytes' must be > 0 (or null for no cap), got {d.max_bytes}")
+    if d.tokenizer == "bpe" and not 257 <= d.vocab_size < 2**32:
+        raise ConfigError(f"'data.vocab_size' must be >= 257 (256 bytes + <eos>) for byte-level BPE, got {d.vocab_size}")
+    if not d.text_field:
+        raise ConfigError("'data.text_field' must not be empty")
+    if d.corpus in PROBES:
+        if d.tokenizer != "bytes":
+            raise ConfigError(
+                f"corpus '{d.corpus}' is a probe whose distances are exact in bytes: set data.tokenizer=bytes"
+            )
+        for name in ("distance", "num_docs", "num_pairs"):
+            if getattr(d.probe, name) <= 0:
+                raise ConfigError(f"'data.probe.{name}' must be > 0, got {getattr(d.probe, name)}")
+
+
+def check_stream(prepared: Prepared, segment_len: int, total_lanes: int) -> None:
+    """The prepared corpus can feed `total_lanes` lanes of `segment_len` tokens."""
+    longest = max(int(prepared.split(s).doc_lengths().max(initial=0)) for s in SPLITS)
+    if segment_len > longest:
+        raise DataError(
+            f"segment length {segment_len} is larger than every document of corpus '{prepared.meta['corpus']}' "
+            f"(longest: {longest} tokens); use shorter segments or a corpus of longer documents"
+        )
+    train_docs = int((prepared.split("train").doc_lengths() >= 2).sum())
+    if train_docs < total_lanes:
+        raise DataError(
+            f"the train split of corpus '{prepared.meta['corpus']}' has {train_docs} documents, fewer than the "
+            f"{total_lanes} lanes (tokens_per_step / segment_len x devices); use a larger corpus or fewer lanes"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# prepare
+# --------------------------------------------------------------------------------------------------
+
+
+def cache_root(cfg: RunConfig) -> Path:
+    root = Path(cfg.data.cache_dir).expanduser()
+    return root if root.is_absolute() else PROJECT_ROOT / root
+
+
+def cache_key(listing: Listing, cfg: RunConfig) -> str:
+    d = cfg.data
+    return fingerprint_key({
+        "format": FORMAT_VERSION,
+        "corpus": listing.fingerprint,
+        "tokenizer": d.tokenizer,
+        "vocab_size": d.vocab_size if d.tokenizer == "bpe" else None,
+        "append_eos": d.append_eos,
+        "max_bytes": d.max_bytes,
+        "val_fraction": d.val_fraction,
+        "test_fraction": d.test_fraction,
+    })
+
+
+def prepare(cfg: RunConfig) -> Prepared:
+    """Tokens, offsets and meta of every split of `cfg.data.corpus`; a cache hit when nothing changed."""
+    check_config(cfg)
+    root = cache_root(cfg)
+    listing = list_corpus(cfg, root)
+    key = cache_key(listing, cfg)
+    final = root / f"{listing.name}-{cfg.data.tokenizer}-{key[:16]}"
+    if not (final / META).is_file():
+        _build(listing, cfg, key, final)
+    prepared = Prepared(final)
+    check_stream(prepared, cfg.derived.segment_len, cfg.derived.lanes)
+    return prepared
+
+
+def _read_text(doc: Document) -> Optional[str]:
+    """The document's text, or None when it is not UTF-8."""
+    try:
+        raw = doc.read()
+        return raw.decode("utf-8") if isinstance(raw, bytes) else raw
+    except UnicodeDecodeError:
+        return None
+
+
+def _doc_hash(doc: Document) -> bytes:
+    return hashlib.sha1(doc.id.encode("utf-8")).digest()
+
+
+def select_budget(docs: Sequence[Document], max_bytes: Optional[int]) -> List[Document]:
+    """A deterministic subset within `max_bytes`: documents in the order of their id's hash, each taken when
+    it still fits. The hash order spreads the subset over the whole corpus (not the first folders)."""
+    if max_bytes is None:
+        return list(docs)
+    chosen, total = set(), 0
+    for doc in sorted(docs, key=_doc_hash):
+        size = doc.size if doc.size is not None else len((_read_text(doc) or "").encode("utf-8"))
+        if total + size <= max_bytes:
+            chosen.add(doc.id)
+            total += size
+    return [d for d in docs if d.id in chosen]
+
+
+def _texts(docs: Sequence[Document]) -> Iterator[str]:
+    for doc in docs:
+        yield _read_text(doc) or ""
+
+
+def _build(listing: Listing, cfg: RunConfig, key: str, final: Path) -> None:
+    started = time.perf_counter()
+    d = cfg.data
+    docs = select_budget(listing.documents, d.max_bytes)
+    if not docs:
+        raise DataError(f"data.max_bytes={d.max_bytes} is smaller than every document of corpus '{d.corpus}'")
+
+    # Pass 1: which documents are UTF-8 text, and their splits (no document in two splits).
+    by_split: Dict[str, List[Document]] = {s: [] for s in SPLITS}
+    bad: List[str] = []
+    empty = 0
+    for doc in docs:
+        text = _read_text(doc)
+        if text is None:
+            bad.append(doc.id)
+        elif not text:
+            empty += 1
+        else:
+            by_split[doc.split or split_of(doc.id, d.val_fraction, d.test_fraction)].append(doc)
+    total = sum(len(v) for v in by_split.values())
+    if total == 0:
+        what = f"none of its {len(bad)} files is UTF-8 text" if bad else "every document is empty"
+        raise DataError(f"corpus '{d.corpus}' has no usable documents: {what}")
+    if bad:
+        print(f"lrexp data: skipped {len(bad)} document(s) of '{d.corpus}' that are not UTF-8 (first: {bad[0]})",
+              file=sys.stderr)
+    for split in SPLITS:
+        if not by_split[split]:
+            raise DataError(
+                f"split '{split}' of corpus '{d.corpus}' has no documents ({total} in all); "
+                "raise data.val_fraction / data.test_fraction or add documents"
+            )
+
+    root = final.parent
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=root))
+    try:
+        train = by_split["train"]
+        if d.tokenizer == "bytes":
+            tok = tok_mod.ByteTokenizer()
+        else:
+            tok = tok_mod.train_bpe(_texts(train), len(train), d.vocab_size)
+            if tok.vocab_size < d.vocab_size:
+                raise DataError(
+                    f"the train split of corpus '{d.corpus}' fills only {tok.vocab_size} of data.vocab_size="
+                    f"{d.vocab_size} BPE tokens; lower data.vocab_size or use a larger corpus"
+                )
+        tok.save(tmp)
+        np.save(tmp / "token_bytes.npy", tok.token_bytes())
+        dtype = "uint16" if tok.vocab_size <= 65535 else "uint32"
+        splits = {s: _write_split(tmp / s, by_split[s], tok, dtype, d.append_eos, listing.probe) for s in SPLITS}
+        meta = {
+            "format": FORMAT_VERSION,
+            "key": key,
+            "corpus": d.corpus,
+            "name": listing.name,
+            "fingerprint": listing.fingerprint,
+            "tokenizer": {"kind": tok.kind, "hash": tok.hash, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id},
+            "vocab_size": tok.vocab_size,
+            "dtype": dtype,
+            "append_eos": d.append_eos,
+            "max_bytes": d.max_bytes,
+            "val_fraction": d.val_fraction,
+            "test_fraction": d.test_fraction,
+            "probe": listing.probe,
+            "splits": splits,
+            "documents": sum(s["documents"] for s in splits.values()),
+            "tokens": sum(s["tokens"] for s in splits.values()),
+            "bytes": sum(s["bytes"] for s in splits.values()),
+            "skipped_non_utf8": len(bad),
+            "skipped_non_utf8_ids": bad[:20],
+            "skipped_empty": empty,
+            "sources": listing.sources,
+            "notes": listing.notes,
+            "prepare_seconds": round(time.perf_counter() - started, 3),
+        }
+        (tmp / META).write_text(json.dumps(meta, indent=1))
+        try:
+            os.rename(tmp, final)  # atomic: the folder appears complete or not at all
+        except OSError:
+            if not (final / META).is_file():  # not a concurrent prepare that finished first
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_split(
+    folder: Path, docs: Sequence[Document], tok: tok_mod.Tokenizer, dtype: str, append_eos: bool, probe: bool
+) -> Dict:
+    folder.mkdir()
+    offsets = [0]
+    doc_bytes: List[int] = []
+    answer_file = open(folder / "answer.bin", "wb") if probe else None
+    try:
+        with open(folder / "tokens.bin", "wb") as tokens_file:
+            for start in range(0, len(docs), _CHUNK):
+                chunk = docs[start: start + _CHUNK]
+                texts = list(_texts(chunk))
+                with tok_mod.parallel_tokenizers():
+                    encoded = tok.encode_batch(texts)
+                for doc, text, ids in zip(chunk, texts, encoded):
+                    if append_eos:
+                        ids = np.append(ids, tok.eos_id)  # [L]
+                    tokens_file.write(ids.astype(dtype).tobytes())
+                    offsets.append(offsets[-1] + len(ids))
+                    doc_bytes.append(len(text.encode("utf-8")))
+                    if answer_file is not None:
+                        answer_file.write(_answer_flags(doc.answers, len(ids)).tobytes())
+    finally:
+        if answer_file is not None:
+            answer_file.close()
+    lengths = np.diff(offsets)
+    np.save(folder / "offsets.npy", np.asarray(offsets, dtype=np.int64))
+    np.save(folder / "doc_bytes.npy", np.asarray(doc_bytes, dtype=np.int64))
+    (folder / "doc_ids.json").write_text(json.dumps([doc.id for doc in docs]))
+    meta = {
+        "documents": len(docs),
+        "tokens": int(offsets[-1]),
+        "bytes": int(sum(doc_bytes)),
+        "dtype": dtype,
+        "longest_document": int(lengths.max(initial=0)),
+    }
+    (folder / META).write_text(json.dumps(meta, indent=1))
+    return meta
+
+
+def _answer_flags(spans: Tuple[Tuple[int, int], ...], length: int) -> np.ndarray:
+    """Probes are ASCII under the bytes tokenizer: a byte span is a token span."""
+    flags = np.zeros(length, dtype=np.uint8)  # [L]
+    for start, end in spans:
+        flags[start:end] = 1
+    return flags

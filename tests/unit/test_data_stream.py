@@ -1,0 +1,250 @@
+"""Lanes and the StreamDataModule: continuity, doc_start, rank partitions, masking, exact cursor resume."""
+
+import itertools
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+
+from lrexp import config
+from lrexp.data_modules import StreamDataModule
+from lrexp.data_modules.lanes import TrainStream, num_segments
+
+N = 64  # the smoke scale's segment length
+
+
+def write_corpus(folder: Path, n: int = 40) -> Path:
+    """Documents from 2 tokens to several segments long (bytes tokenizer: a byte is a token)."""
+    rng = np.random.default_rng(1)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        length = 1 if i == 0 else int(rng.integers(20, 6 * N))  # doc 0: one byte (+ <eos>), one segment
+        (folder / f"doc{i:03d}.txt").write_text("".join(rng.choice(list("abcdefgh \n"), size=length)))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("stream") / "corpus")
+
+
+def cfg_for(corpus: Path, lanes: int = 4, devices: int = 1, *extra: str):
+    return config.load(overrides=[
+        "scale=smoke", f"data.corpus={corpus}", f"data.cache_dir={corpus.parent / 'cache'}", "data.tokenizer=bytes",
+        "data.val_fraction=0.25", "data.test_fraction=0.2", f"data.tokens_per_step={lanes * N}",
+        f"train.devices={devices}", *extra,
+    ])
+
+
+def module(cfg, world_size=1, rank=0) -> StreamDataModule:
+    dm = StreamDataModule(cfg, world_size=world_size, rank=rank)
+    dm.setup("fit")
+    return dm
+
+
+def take(loader, n):
+    return list(itertools.islice(iter(loader), n))
+
+
+def lane_view(batches, row):
+    """One lane's stream: (doc_id, tokens, labels, loss_mask, doc_start, doc_pos) per step."""
+    return [{k: b[k][row] for k in b} for b in batches]
+
+
+def read_documents(batches):
+    """Rebuild every document from the lanes' segments (cross_segment_target=true: every target counts),
+    checking that each segment continues exactly where the lane's previous one ended."""
+    docs = {}
+    for row in range(batches[0]["tokens"].shape[0]):
+        for step in lane_view(batches, row):
+            doc = int(step["doc_id"])
+            if doc < 0:
+                assert not step["loss_mask"].any() and not step["doc_start"]  # padding step: fully masked
+                continue
+            valid = int(step["loss_mask"].sum())
+            tokens, labels = step["tokens"].tolist(), step["labels"].tolist()
+            assert step["loss_mask"][:valid].all()  # targets are a prefix; the rest is padding
+            if step["doc_start"]:
+                assert doc not in docs  # each document is read by one lane, once
+                docs[doc] = [tokens[0]]
+            assert docs[doc][-1] == tokens[0]  # overlaps the previous segment's last target by one token
+            assert tokens[1:valid] == labels[: valid - 1]  # labels are the inputs shifted by one
+            assert step["doc_pos"][:valid].tolist() == list(range(len(docs[doc]), len(docs[doc]) + valid))
+            docs[doc].extend(labels[:valid])
+    return docs
+
+
+def test_validation_pass_reads_every_document_exactly_once_in_order(corpus):
+    cfg = cfg_for(corpus, 4, 1, "loss.cross_segment_target=true")
+    dm = module(cfg)
+    split = dm.prepared.split("validation")
+    batches = list(dm.val_dataloader())
+    assert len(batches) == dm.eval_steps("validation")
+    docs = read_documents(batches)
+    assert sorted(docs) == list(range(split.num_docs))
+    for i, toks in docs.items():
+        assert toks == split.doc(i).tolist()  # the whole document, token for token
+    mask = torch.stack([b["loss_mask"] for b in batches])
+    assert int(mask.sum()) == int((split.doc_lengths() - 1).sum())  # every target exactly once
+    target_bytes = sum(int(b["target_bytes"].sum()) for b in batches)
+    first = dm.prepared.token_bytes[[split.doc(i)[0] for i in range(split.num_docs)]].sum()  # never a target
+    assert target_bytes == int(split.doc_bytes.sum() - first)  # bits/byte denominators are exact
+    for b in batches:
+        assert b["tokens"].dtype == torch.int64 and b["labels"].dtype == torch.int64
+        assert (b["target_bytes"][~b["loss_mask"]] == 0).all()
+
+
+def test_doc_start_exactly_at_document_starts(corpus):
+    dm = module(cfg_for(corpus, 4))
+    steps = dm_epoch_steps(dm)
+    batches = take(dm.train_dataloader(), 2 * steps + 3)
+    for row in range(4):
+        previous = None
+        for step in lane_view(batches, row):
+            assert bool(step["doc_start"]) == (int(step["doc_pos"][0]) == 1)  # the document's first segment
+            if int(step["doc_id"]) != previous:
+                assert step["doc_start"]
+            previous = int(step["doc_id"])
+    # the first step, and the first step of every new epoch, starts a document on every lane
+    assert batches[0]["doc_start"].all() and batches[steps]["doc_start"].all()
+    assert sum(int(b["doc_start"].sum()) for b in batches[:steps]) == len(
+        {(lane, d) for b in batches[:steps] for lane, d in zip(b["lane"].tolist(), b["doc_id"].tolist())}
+    )
+
+
+def dm_epoch_steps(dm) -> int:
+    return TrainStream(num_segments(dm.prepared.split("train").doc_lengths(), N), dm.total_lanes, 0).schedule(0).steps
+
+
+def test_default_masks_the_segment_boundary_target(corpus):
+    default = module(cfg_for(corpus, 4))
+    crossing = module(cfg_for(corpus, 4, 1, "loss.cross_segment_target=true"))
+    a, b = take(default.train_dataloader(), 6), take(crossing.train_dataloader(), 6)
+    for x, y in zip(a, b):
+        assert torch.equal(x["tokens"], y["tokens"]) and torch.equal(x["labels"], y["labels"])  # same inputs
+        assert not x["loss_mask"][:, N - 1].any()
+        assert torch.equal(x["loss_mask"][:, : N - 1], y["loss_mask"][:, : N - 1])
+        full = y["doc_pos"][:, N - 1] > 0
+        assert torch.equal(y["loss_mask"][:, N - 1], full)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_ranks_are_disjoint_cover_all_lanes_and_take_equal_steps(corpus, world_size):
+    cfg = cfg_for(corpus, 4, world_size)
+    reference = module(cfg_for(corpus, 4, 1))  # one process reading all 4 lanes
+    ref_train = take(reference.train_dataloader(), 12)
+    ref_val = list(reference.val_dataloader())
+    lanes, val_docs = [], []
+    for rank in range(world_size):
+        dm = module(cfg, world_size, rank)
+        assert dm.total_lanes == 4 and dm.lanes_per_rank == 4 // world_size
+        rows = slice(rank * dm.lanes_per_rank, (rank + 1) * dm.lanes_per_rank)
+        train = take(dm.train_dataloader(), 12)
+        val = list(dm.val_dataloader())
+        assert len(dm.val_dataloader()) == len(ref_val) == len(val)  # the same number of steps on every rank
+        for mine, ref in zip(train + val, ref_train + ref_val):
+            for key in mine:
+                assert torch.equal(mine[key], ref[key][rows]), key  # rank r = rows of the global batch
+        lanes.extend(train[0]["lane"].tolist())
+        val_docs.extend(d for b in val for d in b["doc_id"].tolist() if d >= 0)
+    assert sorted(lanes) == [0, 1, 2, 3]  # disjoint and covering
+    n_val = reference.prepared.split("validation").num_docs
+    assert sorted(set(val_docs)) == list(range(n_val))
+
+
+def test_train_stream_crosses_epochs_deterministically(corpus):
+    dm = module(cfg_for(corpus, 4))
+    steps = dm_epoch_steps(dm)
+    stream = TrainStream(num_segments(dm.prepared.split("train").doc_lengths(), N), 4, 0)
+    assert stream.epoch_of(steps - 1) == (0, steps - 1) and stream.epoch_of(steps) == (1, 0)
+    first = take(dm.train_dataloader(), 3 * steps)
+    second = take(module(cfg_for(corpus, 4)).train_dataloader(), 3 * steps)
+    for x, y in zip(first, second):
+        assert all(torch.equal(x[k], y[k]) for k in x)
+    epoch0 = {d for b in first[:steps] for d in b["doc_id"].tolist()}
+    epoch1 = [b["doc_id"].tolist() for b in first[steps: 2 * steps]]
+    assert epoch1 != [b["doc_id"].tolist() for b in first[:steps]]  # a new shuffle
+    assert len(epoch0) >= 4
+
+
+def test_cursor_restore_yields_the_next_batch(corpus):
+    cfg = cfg_for(corpus, 4)
+    dm = module(cfg)
+    full = take(dm.train_dataloader(), 2 * dm_epoch_steps(dm) + 5)
+    for k in (1, 7, dm_epoch_steps(dm) + 2):
+        src = module(cfg)
+        take(src.train_dataloader(), k)
+        state = src.state_dict()
+        assert state["train_batches"] == k
+        resumed = module(cfg)
+        resumed.load_state_dict(state)
+        nxt = take(resumed.train_dataloader(), 2)
+        for got, want in zip(nxt, full[k: k + 2]):
+            assert all(torch.equal(got[key], want[key]) for key in want)
+
+
+def test_workers_give_the_same_batches(corpus):
+    cfg = cfg_for(corpus, 4)
+    plain = take(module(cfg).train_dataloader(), 5)
+    workers = take(module(cfg_for(corpus, 4, 1, "data.num_workers=2")).train_dataloader(), 5)
+    for x, y in zip(plain, workers):
+        assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_probe_batches_flag_the_answer_labels(tmp_path):
+    cfg = config.load(overrides=[
+        "scale=smoke", "data.corpus=copy", f"data.cache_dir={tmp_path}", "data.tokenizer=bytes",
+        "data.probe.num_docs=64", "data.probe.distance=2", "loss.cross_segment_target=true",
+    ])
+    dm = module(cfg)
+    batches = list(dm.val_dataloader())
+    split = dm.prepared.split("validation")
+    flagged = sum(int(b["answer_mask"].sum()) for b in batches)
+    assert flagged == int(np.asarray(split.answer).sum()) > 0  # every answer token is a target, once
+    for b in batches:
+        assert not (b["answer_mask"] & ~b["loss_mask"]).any()
+        for row in range(b["labels"].shape[0]):
+            copied = b["labels"][row][b["answer_mask"][row]]
+            assert all(ord("a") <= t <= ord("z") or t == ord(" ") for t in copied.tolist())
+
+
+class Recorder(pl.LightningModule):
+    """A one-parameter module that records the batches it trains on."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.seen = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append((int(self.global_step), batch["doc_id"].tolist(), batch["tokens"][:, :4].tolist()))
+        return (self.w - batch["tokens"].float().mean()) ** 2
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def fit(cfg, max_steps, root, ckpt=None):
+    model = Recorder()
+    dm = StreamDataModule(cfg)
+    trainer = pl.Trainer(
+        max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, use_distributed_sampler=False, num_sanity_val_steps=0, limit_val_batches=0,
+        callbacks=[pl.callbacks.ModelCheckpoint(dirpath=root, save_last=True, save_top_k=0, every_n_train_steps=3)],
+        default_root_dir=root,
+    )
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt)
+    assert (dm.world_size, dm.rank) == (1, 0)  # read from the trainer
+    return model.seen, dm
+
+
+def test_trainer_resume_continues_with_the_exact_next_batch(corpus, tmp_path):
+    cfg = cfg_for(corpus, 4)
+    steps = dm_epoch_steps(module(cfg))
+    uninterrupted, _ = fit(cfg, steps + 4, tmp_path / "a")
+    first, _ = fit(cfg, 3, tmp_path / "b")
+    resumed, dm = fit(cfg, steps + 4, tmp_path / "c", ckpt=str(tmp_path / "b" / "last.ckpt"))
+    assert first + resumed == uninterrupted
+    assert dm.state_dict()["train_batches"] == steps + 4
