@@ -1,1 +1,16 @@
-"""One attention function with pluggable backends; masks; relative position bias."""
+"""One attention function with pluggable backends; masks; relative position bias; the blockwise window.
+
+`attend(q, k, v, mask=MaskSpec(...), bias=..., scale=..., backend=...)` is the only attention computation
+in lrexp; layers build on `sliding_window_attention`, `RelativePositionBias`, `l2_normalize`, `HeadScale`.
+"""
+
+from lrexp.attention.backends import BACKENDS, BackendError, attend, register_backend, resolve_backend
+from lrexp.attention.bias import RelativePositionBias, relative_bucket
+from lrexp.attention.mask import MaskError, MaskSpec
+from lrexp.attention.qk import HeadScale, l2_normalize
+from lrexp.attention.window import sliding_window_attention
+
+__all__ = [
+    "BACKENDS", "BackendError", "HeadScale", "MaskError", "MaskSpec", "RelativePositionBias", "attend",
+    "l2_normalize", "register_backend", "relative_bucket", "resolve_backend", "sliding_window_attention",
+]

@@ -1,0 +1,43 @@
+"""T5-style relative position bias: unidirectional buckets, one table per layer (models.md 3.3)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+def relative_bucket(n: Tensor, num_buckets: int = 32, max_distance: int = 128) -> Tensor:
+    """Bucket of the distance n = max(i - j, 0): exact below num_buckets/2, log-spaced up to max_distance.
+
+    With 32 buckets and max distance 128: n for n < 16, else min(31, 16 + floor(16 ln(n/16) / ln 8)).
+    """
+    exact = num_buckets // 2
+    n = n.clamp(min=0)
+    # float32 like T5; the clamp keeps log() away from 0 on the exact branch, which where() discards
+    far = exact + (
+        torch.log(n.clamp(min=exact).float() / exact) / math.log(max_distance / exact) * (num_buckets - exact)
+    ).long()
+    return torch.where(n < exact, n, far.clamp(max=num_buckets - 1))
+
+
+class RelativePositionBias(nn.Module):
+    """b_h(bucket(n)), a table [H, num_buckets]; queries aligned with the last keys (bottom-right)."""
+
+    def __init__(self, num_heads: int, num_buckets: int = 32, max_distance: int = 128) -> None:
+        super().__init__()
+        self.num_buckets = num_buckets
+        self.max_distance = max_distance
+        self.table = nn.Parameter(torch.empty(num_heads, num_buckets))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.table, std=(1.0 / self.num_buckets) ** 0.5)  # N(0, 1/32): not material
+
+    def forward(self, t_q: int, t_k: int) -> Tensor:
+        """Bias [H, t_q, t_k] for t_q queries at the end of t_k keys."""
+        q_pos = torch.arange(t_q, device=self.table.device)[:, None] + (t_k - t_q)  # [t_q, 1]
+        n = q_pos - torch.arange(t_k, device=self.table.device)[None, :]  # [t_q, t_k]
+        buckets = relative_bucket(n, self.num_buckets, self.max_distance)  # [t_q, t_k]
+        return self.table[:, buckets]  # [H, t_q, t_k]

@@ -1,0 +1,64 @@
+"""`MaskSpec`: which keys each query may see, as a value (models.md 3.4-3.6).
+
+Queries are aligned with the **last** T_q of the T_k keys (bottom-right), so with a memory prefix of M keys
+query i sits at key position M + i and its distance to key j is n = M + i - j. Every mask of lrexp is one
+of these values:
+
+- causal over the segment (`MaskSpec(window=None)`): visible iff n >= 1 (n >= 0 with `include_self`);
+- sliding window (`MaskSpec(window=W)`): exactly W keys, 1 <= n <= W (0 <= n <= W-1 with `include_self`);
+  with a memory prefix (the XL cache, or the previous block of a tile) this is the XL mask;
+- unmasked (`MaskSpec(causal=False)`): every key visible (the recurrent cell's state attentions);
+- `memory_valid` [B, M] hides the first M keys of a lane (empty XL cache slots after a document reset,
+  `attn.mask_empty_cache`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from lrexp.errors import UserError
+
+
+class MaskError(UserError, ValueError):
+    """A mask that cannot apply to the given query/key lengths."""
+
+
+@dataclass(frozen=True, eq=False)
+class MaskSpec:
+    causal: bool = True
+    window: Optional[int] = None  # W: only the W closest previous keys; None: every previous key
+    include_self: bool = False  # paper choice 3: the code excludes the query's own token
+    memory_valid: Optional[Tensor] = None  # [B, M] bool: False hides memory slot m of lane b
+
+    def __post_init__(self) -> None:
+        if self.window is not None and (not self.causal or self.window < 1):
+            raise MaskError(f"a sliding window must be causal and >= 1, got window={self.window}")
+        if self.memory_valid is not None and (self.memory_valid.dtype != torch.bool or self.memory_valid.dim() != 2):
+            raise MaskError("MaskSpec.memory_valid must be a bool tensor [batch, memory_len]")
+
+    def visible(self, t_q: int, t_k: int, device: torch.device) -> Tensor:
+        """Dense boolean mask [B or 1, t_q, t_k]: True where query i may attend to key j."""
+        if self.causal and t_q > t_k:
+            raise MaskError(f"a causal mask needs at least as many keys as queries, got {t_q} queries, {t_k} keys")
+        if self.causal:
+            q_pos = torch.arange(t_q, device=device)[:, None] + (t_k - t_q)  # [t_q, 1]
+            n = q_pos - torch.arange(t_k, device=device)[None, :]  # [t_q, t_k] distance back to key j
+            nearest = 0 if self.include_self else 1
+            vis = n >= nearest
+            if self.window is not None:
+                vis = vis & (n <= self.window - 1 + nearest)
+        else:
+            vis = torch.ones(t_q, t_k, dtype=torch.bool, device=device)
+        vis = vis[None]  # [1, t_q, t_k]
+        if self.memory_valid is not None:
+            b, m = self.memory_valid.shape
+            if m > t_k:
+                raise MaskError(f"memory_valid covers {m} keys but there are only {t_k}")
+            rest = torch.ones(b, t_k - m, dtype=torch.bool, device=device)
+            key_ok = torch.cat([self.memory_valid.to(device), rest], dim=1)  # [B, t_k]
+            vis = vis & key_ok[:, None, :]  # [B, t_q, t_k]
+        return vis

@@ -1,0 +1,71 @@
+"""Blockwise sliding-window attention: cost linear in the segment length (models.md 3.4).
+
+The segment [B, H, N, D] is cut into N/W blocks of W queries; block t attends to the 2W keys
+[K_{t-1}; K_t] under the tile mask (query i sees key j iff i <= j <= W+i-1, bias distance n = W+i-j).
+The previous block of block 0 is the XL cache. All tiles run as one batched `attend` of [B*N/W, H, W, 2W]:
+no N x N mask is ever built.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from lrexp.attention.backends import BackendError, attend
+from lrexp.attention.mask import MaskSpec
+
+
+def sliding_window_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_prev: Tensor,
+    v_prev: Tensor,
+    *,
+    window: int,
+    bias: Optional[Tensor] = None,
+    scale: Optional[Tensor] = None,
+    include_self: bool = False,
+    prev_valid: Optional[Tensor] = None,
+    backend: str = "reference",
+    dropout_p: float = 0.0,
+) -> Tensor:
+    """Output [B, H, N, D] of q, k, v [B, H, N, D] with block 0's previous keys k_prev, v_prev [B, H, W, D].
+
+    bias is the tile bias [H, W, 2W] (`RelativePositionBias(W, 2W)`); prev_valid [B] bool marks lanes whose
+    k_prev/v_prev are real keys (None: all are; False hides them, `attn.mask_empty_cache`).
+    """
+    b, h, n, d = q.shape
+    w = window
+    if n % w:
+        raise BackendError(f"segment length {n} is not a multiple of the window {w}")
+    if k_prev.shape != (b, h, w, d) or v_prev.shape != (b, h, w, d):
+        raise BackendError(f"previous block must be [{b}, {h}, {w}, {d}], got {tuple(k_prev.shape)}")
+    blocks = n // w
+
+    def tiles(x: Tensor) -> Tensor:
+        return x.reshape(b, h, blocks, w, x.shape[-1]).transpose(1, 2)  # [B, nb, H, W, D]
+
+    def with_previous(x: Tensor, prev: Tensor) -> Tensor:
+        cur = tiles(x)  # [B, nb, H, W, D]
+        before = torch.cat([prev.to(x.dtype).unsqueeze(1), cur[:, :-1]], dim=1)  # [B, nb, H, W, D]
+        return torch.cat([before, cur], dim=3).reshape(b * blocks, h, 2 * w, x.shape[-1])  # [B*nb, H, 2W, D]
+
+    memory_valid = None
+    if prev_valid is not None:
+        block_valid = torch.ones(b, blocks, dtype=torch.bool, device=q.device)
+        block_valid[:, 0] = prev_valid
+        memory_valid = block_valid.reshape(b * blocks, 1).expand(b * blocks, w)  # [B*nb, W]
+    out = attend(
+        tiles(q).reshape(b * blocks, h, w, d),
+        with_previous(k, k_prev),
+        with_previous(v, v_prev),
+        MaskSpec(window=w, include_self=include_self, memory_valid=memory_valid),
+        bias=bias,
+        scale=scale,
+        backend=backend,
+        dropout_p=dropout_p,
+    )  # [B*nb, H, W, D]
+    return out.reshape(b, blocks, h, w, d).transpose(1, 2).reshape(b, h, n, d)

@@ -1,0 +1,95 @@
+"""The plain layer (kind "attention"): pre-norm attention sublayer + FFN sublayer (models.md 3.2-3.7).
+
+With `spec.window = W` it is a sliding-window layer: blockwise attention over [previous block; current
+block], block 0's previous block being the carried `XLCache`, which the layer rewrites with the segment's
+last W keys and values (detached: the cache is a constant at the next step). With `spec.window = None` it
+attends densely and causally over the segment alone and carries nothing (the Full row).
+
+The recurrent cell's token self-attention is this layer's windowed attention over the same tiles: it reuses
+`SelfAttentionProjections` (LN, dropout, Q/K/V, QK norm), `HeadScale`, `RelativePositionBias` and
+`sliding_window_attention`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from lrexp.attention import HeadScale, MaskSpec, RelativePositionBias, attend, l2_normalize, sliding_window_attention
+from lrexp.layers import LayerSpec, register_layer
+from lrexp.layers.common import FeedForward, RMSNorm, linear, merge_heads, split_heads
+from lrexp.state import XLCache
+
+if TYPE_CHECKING:
+    from lrexp.config import RunConfig
+
+
+class SelfAttentionProjections(nn.Module):
+    """h = Drop(LN(x)); q-hat, k-hat (L2-normalised per head) and v, each [B, H, T, D]."""
+
+    def __init__(self, d_model: int, num_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm = RMSNorm(d_model)
+        self.drop = nn.Dropout(dropout)
+        self.wq = linear(d_model, d_model)
+        self.wk = linear(d_model, d_model)
+        self.wv = linear(d_model, d_model)
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        h = self.drop(self.norm(x))  # [B, T, d]
+        q = l2_normalize(split_heads(self.wq(h), self.num_heads))  # [B, H, T, D]
+        k = l2_normalize(split_heads(self.wk(h), self.num_heads))  # [B, H, T, D]
+        v = split_heads(self.wv(h), self.num_heads)  # [B, H, T, D]
+        return q, k, v
+
+
+class AttentionLayer(nn.Module):
+    """x -> x + W_O attn(x), then the FFN sublayer; `layer(x, state) -> (x, new_state)`."""
+
+    def __init__(self, spec: LayerSpec, cfg: "RunConfig", backend: str) -> None:
+        super().__init__()
+        m, a = cfg.model, cfg.model.attn
+        self.window = spec.window
+        self.num_heads = m.num_heads
+        self.head_dim = m.d_model // m.num_heads
+        self.include_self = a.window_includes_self
+        self.mask_empty_cache = a.mask_empty_cache
+        self.dropout = m.dropout
+        self.backend = backend
+        self.qkv = SelfAttentionProjections(m.d_model, m.num_heads, m.dropout)
+        self.scale = HeadScale(m.num_heads, a.scale_abs)
+        self.rel_bias = RelativePositionBias(m.num_heads, a.num_buckets, a.max_distance)
+        self.wo = linear(m.d_model, m.d_model)
+        self.ffn = FeedForward(m.d_model, m.d_ff, m.dropout)
+
+    def initial_state(self, batch_size: int, device) -> Optional[XLCache]:
+        if self.window is None:
+            return None
+        return XLCache.empty(batch_size, self.num_heads, self.window, self.head_dim, device)
+
+    def forward(self, x: Tensor, state: Optional[XLCache]) -> Tuple[Tensor, Optional[XLCache]]:
+        t = x.shape[1]
+        q, k, v = self.qkv(x)  # [B, H, T, D] each
+        p = self.dropout if self.training else 0.0
+        if self.window is None:
+            o = attend(q, k, v, MaskSpec(include_self=self.include_self), bias=self.rel_bias(t, t),
+                       scale=self.scale(), backend=self.backend, dropout_p=p)  # [B, H, T, D]
+            new_state = None
+        else:
+            w = self.window
+            o = sliding_window_attention(
+                q, k, v, state.k, state.v, window=w, bias=self.rel_bias(w, 2 * w), scale=self.scale(),
+                include_self=self.include_self, prev_valid=~state.fresh if self.mask_empty_cache else None,
+                backend=self.backend, dropout_p=p,
+            )  # [B, H, T, D]
+            new_state = XLCache(
+                fresh=torch.zeros_like(state.fresh), k=k[:, :, -w:].detach(), v=v[:, :, -w:].detach()
+            )
+        x = x + self.wo(merge_heads(o))  # no dropout after the attention projection (3.7)
+        return self.ffn(x), new_state
+
+
+register_layer("attention", AttentionLayer)

@@ -1,0 +1,106 @@
+"""`LongRangeLM`: embed -> layers built from per-layer specs -> norm -> tied logits (models.md 3).
+
+Layer interface. Every layer module built by `lrexp.layers.build_layer` provides
+
+    layer.initial_state(batch_size, device) -> LayerState | None    every lane fresh; None: stateless
+    layer(x, state) -> (x, new_state)                               x [B, T, d]; state as above
+
+The state passed in is the one `initial_state` describes (same kind and shapes), possibly reset
+(`fresh` lanes) and carried from the previous segment; the layer returns the state for the next one,
+detached where the carry is a constant. The model checks kinds and shapes against `initial_state` before
+running, so a layer never sees a state built for another model or batch. Layers run one after the other
+over the whole segment; nothing is stored on a module between calls.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, List, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from lrexp.attention import resolve_backend
+from lrexp.errors import UserError
+from lrexp.layers import LayerSpec, build_layer
+from lrexp.layers.common import RMSNorm
+from lrexp.state import ModelState, StateError
+
+if TYPE_CHECKING:
+    from lrexp.config import RunConfig
+
+
+class ModelInputError(UserError, ValueError):
+    """Tokens the model cannot take: wrong dtype, shape, or ids outside the vocabulary."""
+
+
+class LongRangeLM(nn.Module):
+    def __init__(self, cfg: "RunConfig", vocab_size: int, specs: List[LayerSpec]) -> None:
+        super().__init__()
+        m = cfg.model
+        if vocab_size <= 0:
+            raise ModelInputError(f"vocab_size must be > 0, got {vocab_size}")
+        self.vocab_size = vocab_size
+        self.specs = tuple(specs)
+        self.backend = resolve_backend(m.attn.backend)
+        self.embed = nn.Embedding(vocab_size, m.d_model)
+        nn.init.normal_(self.embed.weight, std=1.0)  # E ~ N(0, 1), not scaled on input (3.8)
+        self.layers = nn.ModuleList(build_layer(spec, cfg, self.backend) for spec in specs)
+        self.norm_f = RMSNorm(m.d_model)
+        self.drop_out = nn.Dropout(m.dropout)
+        windows = {s.window for s in specs if s.window is not None}
+        self.segment_multiple = math.lcm(*windows) if windows else 1
+
+    def initial_state(self, batch_size: int, device: torch.device | str) -> ModelState:
+        """Every lane fresh, as at the start of a document."""
+        return ModelState(
+            layers=tuple(layer.initial_state(batch_size, device) for layer in self.layers), batch_size=batch_size
+        )
+
+    def _check_inputs(self, tokens: Tensor, state: ModelState) -> None:
+        if not isinstance(tokens, Tensor) or tokens.dtype != torch.int64 or tokens.dim() != 2:
+            what = f"{tokens.dtype} {tuple(tokens.shape)}" if isinstance(tokens, Tensor) else type(tokens).__name__
+            raise ModelInputError(f"tokens must be an int64 tensor [batch, segment_len], got {what}")
+        b, t = tokens.shape
+        if t == 0 or t % self.segment_multiple:
+            raise ModelInputError(
+                f"segment length {t} is not a positive multiple of the window {self.segment_multiple}"
+            )
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size):
+            raise ModelInputError(
+                f"token ids must be in [0, {self.vocab_size}), got [{int(tokens.min())}, {int(tokens.max())}]"
+            )
+        if not isinstance(state, ModelState):
+            raise StateError(f"state must be a ModelState (model.initial_state), got {type(state).__name__}")
+        if state.batch_size != b:
+            raise StateError(f"the state was built for batch size {state.batch_size}, the tokens have {b} lanes")
+        if len(state.layers) != len(self.layers):
+            raise StateError(f"the state has {len(state.layers)} layers, the model {len(self.layers)}")
+        for i, (layer, s) in enumerate(zip(self.layers, state.layers)):
+            want = layer.initial_state(b, "meta")
+            if type(s) is not type(want):
+                raise StateError(f"layer {i} carries {type(want).__name__}, the state has {type(s).__name__}")
+            if want is not None:
+                have = {k: tuple(v.shape) for k, v in s.to_tensors().items()}
+                need = {k: tuple(v.shape) for k, v in want.to_tensors().items()}
+                if have != need:
+                    raise StateError(f"layer {i}'s {s.kind} state has shapes {have}, this model needs {need}")
+
+    def forward(self, tokens: Tensor, state: ModelState) -> Tuple[Tensor, ModelState]:
+        """logits [B, T, V] of tokens [B, T] int64, and the state after this segment."""
+        self._check_inputs(tokens, state)
+        x = self.embed(tokens)  # [B, T, d]; no dropout on the embedding (3.7)
+        new_layers = []
+        for layer, s in zip(self.layers, state.layers):
+            x, s = layer(x, s)
+            new_layers.append(s)
+        h = self.drop_out(self.norm_f(x))  # [B, T, d]
+        logits = h @ self.embed.weight.t() / math.sqrt(self.vocab_size)  # [B, T, V], tied embedding
+        return logits, ModelState(layers=tuple(new_layers), batch_size=state.batch_size)
+
+
+def build_model(cfg: "RunConfig", vocab_size: int) -> LongRangeLM:
+    """The model of cfg's variant: its per-layer specs assembled into one LongRangeLM."""
+    from lrexp.variants import layer_specs
+
+    return LongRangeLM(cfg, vocab_size, layer_specs(cfg))

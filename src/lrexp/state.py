@@ -1,0 +1,157 @@
+"""The carried state: an explicit, typed value, never a module attribute or buffer (DESIGN.md principle 3).
+
+`ModelState` holds one entry per layer: a `LayerState` of the kind that layer carries, or None for a
+stateless layer. A layer state kind is a frozen dataclass of tensors whose first dimension is the lane:
+
+- `reset_rows(doc_start)` gives lanes flagged [B] a fresh state. A kind whose fresh value needs parameters
+  (a learned initial state) only raises its per-lane `fresh` flag here; the owning layer substitutes the
+  parameter at its next forward and clears the flag. Kinds whose fresh value is a constant may also set
+  it here (the XL cache is zeroed at once).
+- `detach()`, `to_tensors()`, `from_tensors()` work field by field.
+
+A new kind is one `@register_state` dataclass here with a unique `kind` name (the checkpoint key).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import ClassVar, Dict, Optional, Tuple, Type, TypeVar
+
+import torch
+from torch import Tensor
+
+from lrexp.errors import UserError
+
+S = TypeVar("S", bound="LayerState")
+
+
+class StateError(UserError, ValueError):
+    """A carried state that does not fit the model or the batch."""
+
+
+def _check_doc_start(doc_start: Tensor, batch_size: int) -> None:
+    if doc_start.dtype != torch.bool or doc_start.shape != (batch_size,):
+        raise StateError(
+            f"doc_start must be a bool tensor [{batch_size}], got {doc_start.dtype} {tuple(doc_start.shape)}"
+        )
+
+
+@dataclass(frozen=True)
+class LayerState:
+    """Base of every per-layer state kind: tensor fields, lane first, plus the [B] bool `fresh` flag."""
+
+    kind: ClassVar[str]
+    fresh: Tensor  # [B] bool: the lane starts a document and has not been through its layer since
+
+    @property
+    def batch_size(self) -> int:
+        return self.fresh.shape[0]
+
+    def reset_rows(self: S, doc_start: Tensor) -> S:
+        _check_doc_start(doc_start, self.batch_size)
+        return replace(self, fresh=self.fresh | doc_start.to(self.fresh.device))
+
+    def detach(self: S) -> S:
+        return replace(self, **{f.name: getattr(self, f.name).detach() for f in fields(self)})
+
+    def to_tensors(self) -> Dict[str, Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_tensors(cls: Type[S], tensors: Dict[str, Tensor]) -> S:
+        names = {f.name for f in fields(cls)}
+        if set(tensors) != names:
+            raise StateError(f"a {cls.kind} state needs tensors {sorted(names)}, got {sorted(tensors)}")
+        return cls(**tensors)
+
+
+STATE_KINDS: Dict[str, Type[LayerState]] = {}
+
+
+def register_state(cls: Type[S]) -> Type[S]:
+    if cls.kind in STATE_KINDS:
+        raise ValueError(f"state kind '{cls.kind}' is registered twice")
+    STATE_KINDS[cls.kind] = cls
+    return cls
+
+
+@register_state
+@dataclass(frozen=True)
+class XLCache(LayerState):
+    """The normalised keys k-hat and values of a layer's last W tokens (models.md 3.5).
+
+    A reset zeroes the lane's slots at once (3.6: zero K/V, visible by default); `fresh` tells the layer
+    they are empty, so `attn.mask_empty_cache` can hide them.
+    """
+
+    kind: ClassVar[str] = "xl"
+    k: Tensor  # [B, H, W, D]
+    v: Tensor  # [B, H, W, D]
+
+    @classmethod
+    def empty(cls, batch_size: int, num_heads: int, window: int, head_dim: int, device) -> "XLCache":
+        zeros = torch.zeros(batch_size, num_heads, window, head_dim, device=device)
+        return cls(fresh=torch.ones(batch_size, dtype=torch.bool, device=device), k=zeros, v=zeros.clone())
+
+    def reset_rows(self, doc_start: Tensor) -> "XLCache":
+        _check_doc_start(doc_start, self.batch_size)
+        lanes = doc_start.to(self.k.device)[:, None, None, None]  # [B, 1, 1, 1]
+        return XLCache(
+            fresh=self.fresh | doc_start.to(self.fresh.device),
+            k=self.k.masked_fill(lanes, 0.0),
+            v=self.v.masked_fill(lanes, 0.0),
+        )
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """The carried state of every layer, index-aligned with the model's layers (None: stateless layer)."""
+
+    layers: Tuple[Optional[LayerState], ...]
+    batch_size: int
+
+    def __post_init__(self) -> None:
+        for i, s in enumerate(self.layers):
+            if s is not None and s.batch_size != self.batch_size:
+                raise StateError(f"layer {i}'s state has {s.batch_size} lanes, the model state {self.batch_size}")
+
+    def reset_rows(self, doc_start: Tensor) -> "ModelState":
+        """Lanes flagged in doc_start [B] get a fresh state in every layer; the others are untouched."""
+        _check_doc_start(doc_start, self.batch_size)
+        return replace(self, layers=tuple(s if s is None else s.reset_rows(doc_start) for s in self.layers))
+
+    def detach(self) -> "ModelState":
+        return replace(self, layers=tuple(s if s is None else s.detach() for s in self.layers))
+
+    def to_tensors(self) -> Dict[str, Tensor]:
+        """Flat tensors for checkpoints: `layers.<i>.<kind>.<field>` plus the layer count and lanes."""
+        out = {
+            "num_layers": torch.tensor([len(self.layers)]),
+            "batch_size": torch.tensor([self.batch_size]),
+        }
+        for i, s in enumerate(self.layers):
+            if s is not None:
+                out.update({f"layers.{i}.{s.kind}.{name}": t for name, t in s.to_tensors().items()})
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: Dict[str, Tensor]) -> "ModelState":
+        try:
+            num_layers = int(tensors["num_layers"].reshape(-1)[0])
+            batch_size = int(tensors["batch_size"].reshape(-1)[0])
+        except KeyError as exc:
+            raise StateError(f"not a saved ModelState: no '{exc.args[0]}' tensor") from None
+        parts: Dict[Tuple[int, str], Dict[str, Tensor]] = {}
+        for key, value in tensors.items():
+            if key in ("num_layers", "batch_size"):
+                continue
+            head, index, kind, name = (key.split(".", 3) + ["", "", ""])[:4]
+            if head != "layers" or not index.isdigit() or kind not in STATE_KINDS or not name:
+                raise StateError(f"not a saved ModelState: unexpected tensor '{key}'")
+            parts.setdefault((int(index), kind), {})[name] = value
+        layers: list[Optional[LayerState]] = [None] * num_layers
+        for (index, kind), part in parts.items():
+            if index >= num_layers or layers[index] is not None:
+                raise StateError(f"not a saved ModelState: layer {index} is out of range or saved twice")
+            layers[index] = STATE_KINDS[kind].from_tensors(part)
+        return cls(layers=tuple(layers), batch_size=batch_size)

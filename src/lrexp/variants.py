@@ -1,0 +1,68 @@
+"""The paper's rows as spec builders: variant name -> per-layer `LayerSpec`s, plus the row's paper name.
+
+A variant is registered once with `register_variant(name, layers, row_name)`; `cfg.model.variant` picks
+it and the model is assembled from `layer_specs(cfg)`. The segment length N is not part of a variant: it
+comes from the row YAML (`blocks_per_segment`), which is why XL and Slide share one stack.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Dict, List
+
+from lrexp.errors import UserError
+from lrexp.layers import LayerSpec
+
+if TYPE_CHECKING:
+    from lrexp.config import RunConfig
+
+
+class VariantError(UserError, ValueError):
+    """An unknown model variant."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    layers: Callable[["RunConfig"], List[LayerSpec]]  # the stack, bottom first
+    row_name: Callable[["RunConfig"], str]  # the paper's row name at this config's sizes
+
+
+VARIANTS: Dict[str, Variant] = {}
+
+
+def register_variant(name: str, layers: Callable[["RunConfig"], List[LayerSpec]],
+                     row_name: Callable[["RunConfig"], str]) -> None:
+    if name in VARIANTS:
+        raise ValueError(f"variant '{name}' is registered twice")
+    VARIANTS[name] = Variant(layers, row_name)
+
+
+def get_variant(name: str) -> Variant:
+    if name not in VARIANTS:
+        raise VariantError(f"unknown model variant '{name}'; available: {', '.join(sorted(VARIANTS))}")
+    return VARIANTS[name]
+
+
+def layer_specs(cfg: "RunConfig") -> List[LayerSpec]:
+    return get_variant(cfg.model.variant).layers(cfg)
+
+
+def row_name(cfg: "RunConfig") -> str:
+    """The paper's row name: "XL:512", "Slide:13L", "Full", ..."""
+    return get_variant(cfg.model.variant).row_name(cfg)
+
+
+def sliding_stack(cfg: "RunConfig") -> List[LayerSpec]:
+    """Every layer a sliding-window layer with an XL cache of W (models.md 2)."""
+    return [LayerSpec("attention", window=cfg.model.window) for _ in range(cfg.model.num_layers)]
+
+
+def dense_stack(cfg: "RunConfig") -> List[LayerSpec]:
+    """Every layer dense causal attention over the segment, no carried state: the O(T^2) topline."""
+    return [LayerSpec("attention", window=None) for _ in range(cfg.model.num_layers)]
+
+
+# XL:W has N = W, so every block boundary is a cache boundary; Slide:LL has N = 8W with the same window.
+register_variant("xl", sliding_stack, lambda cfg: f"XL:{cfg.model.window}")
+register_variant("slide", sliding_stack, lambda cfg: f"Slide:{cfg.model.num_layers}L")
+register_variant("full", dense_stack, lambda cfg: "Full")

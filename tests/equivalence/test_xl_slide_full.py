@@ -1,0 +1,84 @@
+"""Segmented == unsegmented for the XL, Slide and Full rows (models.md 12.3, 12.4; DESIGN.md principle 8).
+
+The oracle runs the model's weights over a whole stream in one pass, each layer one dense masked attention
+over [zero cache; stream] with the reference backend: no tiles, no carried state.
+"""
+
+import math
+
+import pytest
+import torch
+
+from lrexp import config
+from lrexp.attention import MaskSpec, attend
+from lrexp.layers.common import merge_heads
+from lrexp.model import build_model
+
+V = 64
+
+
+def _model(row, *overrides):
+    cfg = config.load(overrides=["scale=smoke", f"row={row}", *overrides])
+    torch.manual_seed(0)
+    return build_model(cfg, V).eval(), cfg
+
+
+def dense_oracle(model, tokens):
+    """Logits [B, T, V] of the whole stream: layer by layer, one dense attention with the equivalent mask."""
+    x = model.embed(tokens)  # [B, T, d]
+    b, t = tokens.shape
+    for layer in model.layers:
+        q, k, v = layer.qkv(x)  # [B, H, T, D]
+        w = layer.window
+        if w is not None:  # the first document's XL cache: w zero slots in front of the stream
+            zeros = torch.zeros(b, q.shape[1], w, q.shape[-1])
+            k, v = torch.cat([zeros, k], 2), torch.cat([zeros, v], 2)  # [B, H, w + T, D]
+        mask = MaskSpec(window=w, include_self=layer.include_self)
+        o = attend(q, k, v, mask, bias=layer.rel_bias(t, k.shape[2]), scale=layer.scale(), backend="reference")
+        x = layer.ffn(x + layer.wo(merge_heads(o)))
+    return model.norm_f(x) @ model.embed.weight.t() / math.sqrt(V)
+
+
+def _segmented(model, tokens, n):
+    state = model.initial_state(tokens.shape[0], "cpu")
+    out = []
+    for seg in tokens.split(n, dim=1):
+        logits, state = model(seg, state)
+        out.append(logits)
+    return torch.cat(out, 1)
+
+
+@pytest.mark.parametrize("row,segments,overrides", [
+    ("xl512", 3, ()), ("slide12", 2, ()), ("slide12", 2, ("model.attn.window_includes_self=true",)),
+    ("xl1024", 2, ("model.attn.backend=reference",)),
+])
+def test_consecutive_segments_with_carried_cache_equal_one_dense_pass(row, segments, overrides):
+    model, cfg = _model(row, *overrides)
+    n = cfg.derived.segment_len
+    tokens = torch.randint(0, V, (2, segments * n), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(_segmented(model, tokens, n), dense_oracle(model, tokens), atol=1e-5, rtol=1e-5)
+
+
+def test_xl512_and_slide12_give_identical_logits_with_the_same_weights():
+    """12.3: for a fixed W a lane's logits do not depend on N (XL:W has N = W, Slide has N = 8W)."""
+    slide, cfg_slide = _model("slide12")
+    xl, cfg_xl = _model("xl512")
+    xl.load_state_dict(slide.state_dict())
+    assert cfg_xl.model.window == cfg_slide.model.window
+    assert cfg_slide.derived.segment_len == 8 * cfg_xl.derived.segment_len
+    tokens = torch.randint(0, V, (2, 2 * cfg_slide.derived.segment_len), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(_segmented(xl, tokens, cfg_xl.derived.segment_len),
+                                   _segmented(slide, tokens, cfg_slide.derived.segment_len), atol=1e-5, rtol=1e-5)
+
+
+def test_full_is_dense_causal_over_each_segment_alone():
+    model, cfg = _model("full")
+    n = cfg.derived.segment_len
+    tokens = torch.randint(0, V, (2, 2 * n), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        segmented = _segmented(model, tokens, n)
+        for s in range(2):  # no carried state: each segment equals a fresh dense pass over it
+            part = slice(s * n, (s + 1) * n)
+            torch.testing.assert_close(segmented[:, part], dense_oracle(model, tokens[:, part]), atol=1e-5, rtol=1e-5)

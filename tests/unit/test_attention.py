@@ -1,0 +1,138 @@
+"""attend, its masks and backends, T5 buckets, and the blockwise sliding window (models.md 3.2-3.4, 12.1-12.4)."""
+
+import pytest
+import torch
+
+from lrexp.attention import (
+    BACKENDS, BackendError, MaskSpec, RelativePositionBias, attend, l2_normalize, relative_bucket,
+    resolve_backend, sliding_window_attention,
+)
+from lrexp.errors import UserError
+
+# models.md 3.3: the first distance of every log bucket
+BUCKET_STARTS = {16: 16, 19: 17, 21: 18, 24: 19, 27: 20, 31: 21, 35: 22, 40: 23, 46: 24, 52: 25, 59: 26,
+                 67: 27, 77: 28, 87: 29, 99: 30, 113: 31}
+
+
+def test_bucket_table_edges():
+    n = torch.arange(0, 16)
+    assert torch.equal(relative_bucket(n), n)
+    for start, bucket in BUCKET_STARTS.items():
+        assert relative_bucket(torch.tensor([start, start - 1])).tolist() == [bucket, bucket - 1]
+    far = torch.tensor([127, 128, 129, 512, 10**6])
+    assert relative_bucket(far).tolist() == [31] * 5
+    assert relative_bucket(torch.tensor([-5])).tolist() == [0]  # unidirectional: n = max(i - j, 0)
+
+
+def test_bias_is_bottom_right_aligned():
+    rb = RelativePositionBias(num_heads=2)
+    tile = rb(4, 8)  # [H, W, 2W]
+    # query i of the tile sits at key position W + i: the key just before it has distance 1
+    for i in range(4):
+        assert torch.equal(tile[:, i, 4 + i - 1], rb.table[:, 1])
+        assert torch.equal(tile[:, i, 0], rb.table[:, 4 + i])
+
+
+@pytest.mark.parametrize("include_self", [False, True])
+def test_window_mask_sees_exactly_w_keys_at_the_right_distances(include_self):
+    w, t, m = 5, 13, 5
+    vis = MaskSpec(window=w, include_self=include_self).visible(t, m + t, torch.device("cpu"))[0]
+    lo = 0 if include_self else 1
+    for i in range(t):
+        dist = sorted((m + i) - j for j in vis[i].nonzero().flatten().tolist())
+        assert dist == list(range(lo, lo + w))
+
+
+def _rand(b, h, tq, tk, d, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = l2_normalize(torch.randn(b, h, tq, d, generator=g))
+    k = l2_normalize(torch.randn(b, h, tk, d, generator=g))
+    v = torch.randn(b, h, tk, d, generator=g)
+    bias = torch.randn(h, tq, tk, generator=g)
+    scale = torch.tensor([3.0, -2.0, 0.5])[:h]
+    return q, k, v, bias, scale
+
+
+def _empty_rows(b, tk):
+    valid = torch.ones(b, tk, dtype=torch.bool)
+    valid[0] = False  # lane 0: every key hidden
+    return valid
+
+
+@pytest.mark.parametrize("mask", [
+    MaskSpec(window=4),
+    MaskSpec(window=3, include_self=True),
+    MaskSpec(),
+    MaskSpec(causal=False),
+    MaskSpec(window=4, memory_valid=torch.tensor([[False] * 4, [True, False, True, True]])),
+])
+def test_sdpa_matches_reference(mask):
+    q, k, v, bias, scale = _rand(2, 3, 7, 11, 5)
+    ref = attend(q, k, v, mask, bias=bias, scale=scale, backend="reference")
+    out = attend(q, k, v, mask, bias=bias, scale=scale, backend="sdpa")
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_fully_masked_row_outputs_zero_and_sink_bounds_the_denominator():
+    q, k, v, bias, scale = _rand(2, 3, 4, 4, 5)
+    mask = MaskSpec(causal=False, memory_valid=_empty_rows(2, 4))
+    for backend in BACKENDS:
+        out = attend(q, k, v, mask, bias=bias, scale=scale, backend=backend)
+        assert torch.equal(out[0], torch.zeros_like(out[0]))
+        assert out[1].abs().sum() > 0
+    # logits far below -1000: the sink term dominates and the output shrinks towards 0
+    tiny = attend(q, k, v, MaskSpec(causal=False), bias=torch.full((3, 4, 4), -2000.0), scale=torch.ones(3),
+                  backend="reference")
+    assert tiny.abs().max() < 1e-6
+    torch.testing.assert_close(
+        attend(q, k, v, MaskSpec(causal=False), bias=torch.full((3, 4, 4), -2000.0), scale=torch.ones(3),
+               backend="sdpa"), tiny, atol=1e-6, rtol=0)
+
+
+def test_sdpa_gradients_match_reference():
+    q, k, v, bias, scale = _rand(1, 2, 6, 9, 4)
+    grads = {}
+    for backend in BACKENDS:
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, bias, scale)]
+        out = attend(*leaves[:3], MaskSpec(window=3), bias=leaves[3], scale=leaves[4], backend=backend)
+        (out * torch.arange(out.numel()).view_as(out).sin()).sum().backward()
+        grads[backend] = [t.grad for t in leaves]
+    for a, b in zip(grads["sdpa"], grads["reference"]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def _dense_window(q, k, v, k_prev, v_prev, w, rb, scale, include_self, prev_valid, backend):
+    """The oracle: one dense masked attention over [previous block; segment] (models.md 12.4)."""
+    t = q.shape[2]
+    memory_valid = None if prev_valid is None else prev_valid[:, None].expand(-1, w)
+    return attend(q, torch.cat([k_prev, k], 2), torch.cat([v_prev, v], 2),
+                  MaskSpec(window=w, include_self=include_self, memory_valid=memory_valid),
+                  bias=rb(t, t + w), scale=scale, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+@pytest.mark.parametrize("w,blocks,include_self,masked", [
+    (1, 5, False, False), (3, 1, False, False), (3, 5, True, False), (5, 3, False, True), (7, 2, True, True),
+])
+def test_blockwise_window_equals_dense_mask(backend, w, blocks, include_self, masked):
+    b, h, d = 2, 3, 5
+    t = w * blocks  # odd lengths: 5, 3, 15, 15, 14
+    q, k, v, _, scale = _rand(b, h, t, t, d, seed=w)
+    k_prev = l2_normalize(torch.randn(b, h, w, d))
+    v_prev = torch.randn(b, h, w, d)
+    rb = RelativePositionBias(h)
+    prev_valid = torch.tensor([False, True]) if masked else None
+    out = sliding_window_attention(q, k, v, k_prev, v_prev, window=w, bias=rb(w, 2 * w), scale=scale,
+                                   include_self=include_self, prev_valid=prev_valid, backend=backend)
+    ref = _dense_window(q, k, v, k_prev, v_prev, w, rb, scale, include_self, prev_valid, "reference")
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_unknown_backend_and_bad_shapes_raise_one_line_user_errors():
+    with pytest.raises(UserError, match="available: .*reference.*sdpa"):
+        resolve_backend("flash9")
+    q, k, v, _, _ = _rand(1, 2, 4, 4, 3)
+    with pytest.raises(BackendError, match="not a multiple of the window"):
+        sliding_window_attention(q, k, v, k[:, :, :3], v[:, :, :3], window=3)
+    with pytest.raises(UserError, match="at least as many keys"):
+        attend(q, k[:, :, :2], v[:, :, :2], MaskSpec())
