@@ -1,0 +1,115 @@
+"""`LMModule`: the masked next-token loss, token-weighted metrics and the optimiser around a `LongRangeLM`.
+
+The carried state is not kept here: each step asks the `TBPTTCallback` for the state of its stage (already
+reset for lanes that start a document) and gives the new state back. The model's forward is pure.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+
+from lrexp import config as config_mod
+from lrexp.config import RunConfig
+from lrexp.errors import UserError
+from lrexp.lit.metrics import TokenStats, position_bucket_edges, token_nll
+from lrexp.lit.optim import build_optimizer, build_scheduler
+from lrexp.lit.tbptt import TBPTTCallback
+
+CHECKPOINT_META_KEY = "lrexp"  # the run's resolved config and vocabulary, for resume and evaluation
+
+
+class TrainingDiverged(UserError, RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+class LMModule(pl.LightningModule):
+    def __init__(self, cfg: RunConfig, model: nn.Module, tbptt: TBPTTCallback, vocab_size: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.model = model
+        self.tbptt = tbptt
+        self.vocab_size = vocab_size
+        edges = position_bucket_edges(cfg.derived.segment_len)
+        self.stats = nn.ModuleDict({"val": TokenStats(edges), "test": TokenStats(edges)})
+        self.last_val_step: Optional[int] = None  # optimiser step of the last (non-sanity) validation
+
+    def setup(self, stage: str) -> None:
+        if not any(cb is self.tbptt for cb in self.trainer.callbacks):
+            raise RuntimeError("LMModule's TBPTTCallback must be in Trainer(callbacks=...)")
+
+    # ---- loss ---------------------------------------------------------------------------------------
+
+    def _forward(self, stage: str, batch: Dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Per-token NLL [B, N] (0 where masked) and the loss mask [B, N]."""
+        logits, state = self.model(batch["tokens"], self.tbptt.state(stage))  # [B, N, V]
+        self.tbptt.update(stage, state)
+        # padding and, unless loss.cross_segment_target, the segment-boundary target are masked by the data
+        mask = batch["loss_mask"]  # [B, N] bool
+        return token_nll(logits, batch["labels"], mask), mask
+
+    # ---- steps --------------------------------------------------------------------------------------
+
+    def training_step(self, batch: Dict[str, Tensor], batch_idx: int) -> Tensor:
+        nll, mask = self._forward("train", batch)
+        nll_sum, count = nll.sum(), mask.sum()
+        # The gradient is this rank's token mean; the logged loss is token-weighted over all ranks.
+        loss = nll_sum / count.clamp(min=1)
+        totals = self.trainer.strategy.reduce(
+            torch.stack([nll_sum.detach(), count.to(nll_sum.dtype)]), reduce_op="sum"
+        )  # [2]
+        global_loss = totals[0] / totals[1].clamp(min=1)
+        if not torch.isfinite(global_loss):
+            raise TrainingDiverged(
+                f"training loss is {global_loss.item()} at step {self.global_step}; lower optim.lr "
+                f"(lr {self.optimizers().param_groups[0]['lr']:.3g} now) or set optim.grad_clip"
+            )
+        batch_size = mask.shape[0]
+        self.log("train/loss", global_loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False,
+                 batch_size=batch_size)
+        return loss
+
+    def _eval_step(self, stage: str, batch: Dict[str, Tensor]) -> None:
+        nll, mask = self._forward(stage, batch)
+        self.stats[stage].update(nll, mask, batch["target_bytes"], batch["doc_pos"])
+
+    def _eval_epoch_end(self, stage: str) -> Dict[str, Tensor]:
+        stats = self.stats[stage]
+        values = {f"{stage}/{name}": value.float() for name, value in stats.compute().items()}
+        stats.reset()
+        # already reduced over ranks by torchmetrics; sync_dist only averages equal values (no warning)
+        self.log_dict(values, sync_dist=True)
+        return values
+
+    def validation_step(self, batch: Dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step("val", batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+        if not self.trainer.sanity_checking:
+            self.last_val_step = self.global_step
+
+    def test_step(self, batch: Dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step("test", batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    # ---- optimiser and checkpoints ------------------------------------------------------------------
+
+    def configure_optimizers(self) -> Dict[str, Any]:
+        optimizer = build_optimizer(self.cfg, self.model.named_parameters())
+        scheduler = build_scheduler(self.cfg, optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_META_KEY] = {
+            "config": config_mod.to_dict(self.cfg),
+            "vocab_size": self.vocab_size,
+            "run_id": getattr(self.logger, "run_id", None),
+        }
+

@@ -1,0 +1,127 @@
+"""Truncated BPTT over a stream of segments: the lifecycle of the carried state (engineering.md 1 and 3).
+
+One batch is one segment of every lane of this rank, trained with automatic optimisation, so clipping,
+accumulation, precision plugins and DDP keep working. This callback decides *when* things happen to the
+carried `ModelState`; the model's forward stays pure (state in, state out) and the LightningModule only
+asks for the state of its stage and hands back the new one:
+
+- one store per stage: train, val and test never share a state, so a validation in the middle of an epoch
+  (or the sanity check) leaves the training state untouched; val and test start fresh at each epoch;
+- at batch start, lanes flagged `doc_start` get a fresh state (`state.reset_rows`);
+- after every batch the state is detached, so the truncation length is one segment, also between the
+  micro-batches of `accumulate_grad_batches` (backward would hit a freed graph otherwise);
+- the training state goes into the checkpoint, gathered from every rank, so a resumed run with the same
+  world size and lanes continues exactly; otherwise every lane restarts with a fresh state and a warning.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+
+from lrexp.state import ModelState
+
+CHECKPOINT_KEY = "lrexp_carried_state"
+
+
+class TBPTTCallback(pl.Callback):
+    def __init__(self) -> None:
+        self._states: Dict[str, Optional[ModelState]] = {"train": None, "val": None, "test": None}
+        self._restored: Optional[Dict[str, Tensor]] = None  # this rank's train state from a checkpoint
+
+    # ---- used by the LightningModule ----------------------------------------------------------------
+
+    def state(self, stage: str) -> ModelState:
+        """The carried state for this batch of `stage`, already reset for lanes that start a document."""
+        state = self._states[stage]
+        if state is None:
+            raise RuntimeError(f"no {stage} state: TBPTTCallback must be in Trainer(callbacks=...)")
+        return state
+
+    def update(self, stage: str, state: ModelState) -> None:
+        """The state after this batch; detached at batch end, once backward has used the graph."""
+        self._states[stage] = state
+
+    # ---- lifecycle ----------------------------------------------------------------------------------
+
+    def _begin_batch(self, stage: str, pl_module: pl.LightningModule, batch: Dict[str, Tensor]) -> None:
+        doc_start = batch["doc_start"]  # [B] bool, on the device already
+        state = self._states[stage]
+        if state is None and stage == "train" and self._restored is not None:
+            state = ModelState.from_tensors({k: v.to(doc_start.device) for k, v in self._restored.items()})
+            self._restored = None
+        if state is None:
+            state = pl_module.model.initial_state(doc_start.shape[0], doc_start.device)
+        self._states[stage] = state.reset_rows(doc_start)
+
+    def _end_batch(self, stage: str) -> None:
+        state = self._states[stage]
+        if state is not None:
+            self._states[stage] = state.detach()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._begin_batch("train", pl_module, batch)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._end_batch("train")
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._states["val"] = None
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._begin_batch("val", pl_module, batch)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._end_batch("val")
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        self._states["val"] = None  # frees the memory; the next validation reads its documents from the start
+
+    def on_test_epoch_start(self, trainer, pl_module) -> None:
+        self._states["test"] = None
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._begin_batch("test", pl_module, batch)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._end_batch("test")
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        self._states["test"] = None
+
+    # ---- checkpoints --------------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: Dict[str, Any]) -> None:
+        # Runs on every rank (only rank 0's dict is written), so the gather below is a valid collective.
+        state = self._states["train"]
+        tensors = None
+        if state is not None:
+            tensors = {}
+            for name, value in state.to_tensors().items():
+                # on the module's device: NCCL gathers CUDA tensors only, and some entries live on the CPU
+                gathered = trainer.strategy.all_gather(value.detach().to(pl_module.device))
+                tensors[name] = (gathered if trainer.world_size > 1 else gathered.unsqueeze(0)).cpu()  # [W, ...]
+        checkpoint[CHECKPOINT_KEY] = {
+            "world_size": trainer.world_size,
+            "lanes_per_rank": pl_module.cfg.derived.lanes_per_rank,
+            "tensors": tensors,
+        }
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: Dict[str, Any]) -> None:
+        saved = checkpoint.get(CHECKPOINT_KEY)
+        self._restored = None
+        self._states["train"] = None
+        if saved is None or saved["tensors"] is None:
+            return
+        here = (trainer.world_size, pl_module.cfg.derived.lanes_per_rank)
+        there = (saved["world_size"], saved["lanes_per_rank"])
+        if here != there:
+            rank_zero_warn(
+                f"the checkpoint's carried state is from {there[0]} rank(s) x {there[1]} lanes, this run has "
+                f"{here[0]} x {here[1]}: every lane restarts with a fresh state, so the resumed run is not exact"
+            )
+            return
+        self._restored = {name: value[trainer.global_rank] for name, value in saved["tensors"].items()}

@@ -1,0 +1,157 @@
+"""`run(cfg) -> final metrics`: one training run, the one place a Trainer is built.
+
+Order: the MLflow run first (a store that cannot be written fails before any work, and every later
+failure is recorded on the run), then the data, the model and the Lightning objects, then `fit`, a final
+validation if the last step did not end with one, a test pass (`train.val_steps` segments per lane, like
+validation), and the `final/*` summary.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import MLFlowLogger
+
+from lrexp import config as config_mod
+from lrexp.config import ConfigError, RunConfig
+from lrexp.data_modules import StreamDataModule, prepare
+from lrexp.lit import checkpoint as ckpt_mod
+from lrexp.lit import tracking
+from lrexp.lit.module import LMModule
+from lrexp.lit.perf import PerfCallback
+from lrexp.lit.seeding import StepSeedCallback
+from lrexp.lit.tbptt import TBPTTCallback
+from lrexp.model import build_model
+
+# Metrics summarised as final/* at the end of a run.
+_SUMMARY_PREFIXES = ("train/loss", "val/", "test/", "perf/")
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """`last.ckpt` every `every_n_train_steps` steps and once more when training ends.
+
+    ModelCheckpoint alone saves at the end only when max_steps is a multiple of the interval; the final
+    state is what `--resume` with more steps and `lrexp eval` start from.
+    """
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._should_skip_saving_checkpoint(trainer):  # skips when this step is already saved
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+def _check(cfg: RunConfig) -> None:
+    if cfg.log.every_n_steps <= 0:
+        raise ConfigError(f"'log.every_n_steps' must be > 0, got {cfg.log.every_n_steps}")
+    if cfg.log.perf_warmup_steps < 0:
+        raise ConfigError(f"'log.perf_warmup_steps' must be >= 0, got {cfg.log.perf_warmup_steps}")
+
+
+def build_trainer(
+    cfg: RunConfig, logger: Optional[MLFlowLogger], checkpoint_dir: Path, callbacks: Sequence[pl.Callback]
+) -> pl.Trainer:
+    t = cfg.train
+    tokens_per_step = cfg.data.tokens_per_step * t.accumulate_grad_batches
+    perf = PerfCallback(tokens_per_step, warmup_steps=cfg.log.perf_warmup_steps)
+    last = LastCheckpoint(
+        dirpath=checkpoint_dir,  # explicit: with MLflow under DDP only rank 0 knows the run (Lightning#19932)
+        save_top_k=0,
+        save_last=True,
+        every_n_train_steps=t.val_every,
+        enable_version_counter=False,  # a resumed run overwrites its own last.ckpt
+    )
+    return pl.Trainer(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        strategy=t.strategy,
+        precision=t.precision,
+        max_steps=t.max_steps,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        gradient_clip_val=cfg.optim.grad_clip or None,
+        gradient_clip_algorithm="norm",
+        # validation every val_every optimiser steps, counted over epochs (check_val_every_n_epoch=None)
+        val_check_interval=t.val_every * t.accumulate_grad_batches,
+        check_val_every_n_epoch=None,
+        limit_val_batches=t.val_steps,
+        limit_test_batches=t.val_steps,
+        log_every_n_steps=cfg.log.every_n_steps,
+        logger=logger if logger is not None else False,
+        callbacks=[StepSeedCallback(t.seed), *callbacks, perf, last],
+        use_distributed_sampler=False,  # the data module deals whole lanes to ranks itself
+        deterministic="warn" if t.deterministic else False,  # warn, not fail, on ops without one (GPU)
+        enable_progress_bar=cfg.log.progress_bar,
+        default_root_dir=checkpoint_dir,
+    )
+
+
+def _summary(metrics: Dict[str, Any]) -> Dict[str, float]:
+    """val/bits_per_token -> final/val_bits_per_token; perf/step_time_s -> final/step_time_s."""
+    return {
+        "final/" + name.removeprefix("perf/").replace("/", "_"): float(value)
+        for name, value in sorted(metrics.items())
+        if name.startswith(_SUMMARY_PREFIXES)
+    }
+
+
+def run(cfg: RunConfig, resume: Optional[str] = None) -> Dict[str, Any]:
+    """Train one run; returns {"run_id", "checkpoint", "final/...": value}. `resume`: a checkpoint file or
+    run id; the run continues the same MLflow run, exactly when the world size is unchanged."""
+    _check(cfg)
+    info = ckpt_mod.read(ckpt_mod.locate(resume, cfg.train.checkpoint_dir)) if resume else None
+    if info is not None:
+        ckpt_mod.check_compatible(cfg, info)
+    logger = tracking.open_run(cfg, resume_run_id=info.run_id if info else None)
+    run_id = logger.run_id
+    try:
+        pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
+        prepared = prepare(cfg)
+        if info is not None:
+            ckpt_mod.check_compatible(cfg, info, prepared.vocab_size)
+        model = build_model(cfg, prepared.vocab_size)
+        checkpoint_dir = ckpt_mod.run_dir(cfg, str(run_id))
+        n_params = sum(p.numel() for p in model.parameters())
+        tracking.set_tags(logger, {"lrexp.backend": model.backend, "lrexp.checkpoint_dir": str(checkpoint_dir)})
+        tracking.log_artifact_dict(logger, prepared.meta, "data_meta.json")
+
+        tbptt = TBPTTCallback()
+        module = LMModule(cfg, model, tbptt, prepared.vocab_size)
+        datamodule = StreamDataModule(cfg)
+        trainer = build_trainer(cfg, logger, checkpoint_dir, [tbptt])
+        trainer.fit(module, datamodule=datamodule, ckpt_path=info.path if info else None, weights_only=True)
+        metrics = dict(trainer.callback_metrics)
+        # Rank 0's run id names the folder on every rank (ModelCheckpoint broadcasts its dirpath).
+        checkpoint_dir = Path(trainer.checkpoint_callback.dirpath)
+        # Under ddp_fork / ddp_spawn the main process's trainer never sees the workers' step (it stays 0,
+        # engineering.md 6; max_steps > 0 otherwise): the final checkpoint holds it.
+        steps = trainer.global_step or ckpt_mod.saved_step(checkpoint_dir / ckpt_mod.LAST)
+        if module.last_val_step != steps:
+            trainer.validate(module, datamodule=datamodule, verbose=False)
+            metrics.update(trainer.callback_metrics)
+        trainer.test(module, datamodule=datamodule, verbose=False)  # test/*: the split the paper reports
+        metrics.update(trainer.callback_metrics)
+        final = _summary(metrics)
+        final["final/params"] = float(n_params)
+        final["final/steps"] = float(steps)
+        final["final/tokens_seen"] = float(steps * cfg.train.accumulate_grad_batches * cfg.data.tokens_per_step)
+        tracking.finish(logger, final, steps)
+    except BaseException as exc:
+        tracking.fail(logger, exc)
+        raise
+    return {"run_id": run_id, "checkpoint": str(checkpoint_dir / ckpt_mod.LAST), **final}
+
+
+def resume_config(resume: str, files: Sequence[str], overrides: Sequence[str]) -> Tuple[RunConfig, Path]:
+    """The config of a resumed run: the checkpoint's config, then the given files and overrides on top
+    (say `train.max_steps=...`). The checkpoint folder is found with the checkpoint_dir they give."""
+    path = ckpt_mod.locate(resume, config_mod.load(files, overrides).train.checkpoint_dir)
+    info = ckpt_mod.read(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = Path(tmp) / "checkpoint-config.yaml"
+        saved.write_text(json.dumps(ckpt_mod.resume_config_dict(info)))  # JSON is YAML
+        cfg = config_mod.load([saved, *files], overrides)
+    return cfg, path
+

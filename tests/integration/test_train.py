@@ -1,0 +1,205 @@
+"""End-to-end training runs at smoke scale on a tiny byte-level corpus, logged to one shared sqlite store.
+
+Exact resume, validation isolation with the real model, accumulation, the MLflow contract for every paper
+row in experiments/rows, failures recorded on the run, and the bad-input errors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from lrexp import config, train
+from lrexp.config import EXPERIMENTS
+from lrexp.lit import checkpoint as ckpt_mod
+from lrexp.lit import tracking
+from lrexp.variants import row_name
+
+ROWS = sorted(p.stem for p in (EXPERIMENTS / "rows").glob("*.yaml"))
+
+
+def _row_named(prefix: str) -> str:
+    for row in ROWS:
+        if row_name(config.load(overrides=["scale=smoke", f"row={row}"])).startswith(prefix):
+            return row
+    pytest.skip(f"no {prefix} row in experiments/rows yet")
+
+
+@pytest.fixture(scope="session")
+def env(tmp_path_factory):
+    """One sqlite store (creating one runs migrations: seconds), one corpus, one data cache."""
+    root = tmp_path_factory.mktemp("train")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    words = "the quick brown fox jumps over the lazy dog and then some more words follow here".split()
+    for i in range(30):  # documents of different lengths, several segments each
+        text = " ".join(words[(i * j) % len(words)] for j in range(40 + 23 * i))
+        (corpus / f"doc{i:02d}.txt").write_text(text + "\n")
+    uri = f"sqlite:///{root}/mlflow.db"
+    return {
+        "root": root,
+        "uri": uri,
+        "client": MlflowClient(uri),
+        "base": [
+            "scale=smoke",
+            f"data.corpus={corpus}",
+            "data.tokenizer=bytes",
+            "data.val_fraction=0.2",  # a few documents in every split
+            "data.test_fraction=0.2",
+            f"data.cache_dir={root / 'data'}",
+            f"log.tracking_uri={uri}",
+            "log.experiment=lrexp-tests",
+            "log.every_n_steps=1",
+            "log.progress_bar=false",
+            f"train.checkpoint_dir={root / 'ckpt'}",
+            "train.accelerator=cpu",
+            "train.max_steps=4",
+            "train.val_every=2",
+            "train.val_steps=2",
+        ],
+    }
+
+
+def load(env, *overrides):
+    return config.load(overrides=[*env["base"], *overrides])
+
+
+def history(env, run_id: str, key: str) -> dict:
+    """step -> value, the last value logged at a step (a resumed run may validate a step again)."""
+    return {m.step: m.value for m in sorted(env["client"].get_metric_history(run_id, key), key=lambda m: m.timestamp)}
+
+
+def weights(result: dict) -> dict:
+    return torch.load(result["checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
+
+
+@pytest.mark.parametrize("row", ROWS)
+def test_every_row_runs_and_its_mlflow_run_holds_the_contract(env, row):
+    tags = env["root"] / f"tags-{row}.yaml"  # as a grid passes them: dotted tag names, so a file
+    tags.write_text(json.dumps({"log": {"tags": {"lrexp.grid": "tests", "lrexp.cell": f"row={row}"}}}))
+    cfg = config.load([tags], [*env["base"], f"row={row}"])
+    result = train.run(cfg)
+    run = env["client"].get_run(result["run_id"])
+    assert run.info.status == "FINISHED"
+    params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
+    flat = config.flatten(cfg)
+    for key in ("model.variant", "model.d_model", "derived.segment_len", "derived.lanes", "train.max_steps"):
+        assert params[key] == str(flat[key])
+    for key in ("train/loss", "val/loss", "val/bits_per_token", "val/bits_per_byte", "val/ppl",
+                "perf/step_time_s", "perf/tokens_per_s", "perf/peak_mem_mb",
+                "final/val_bits_per_token", "final/val_bits_per_byte", "final/params", "final/tokens_seen",
+                "final/step_time_s"):
+        assert key in metrics, key
+    assert any(k.startswith("val/bits_per_token_by_pos/") for k in metrics)
+    assert metrics["final/tokens_seen"] == 4 * cfg.data.tokens_per_step
+    assert tags["lrexp.row"] == row_name(cfg)
+    assert tags["lrexp.scale"] == "smoke" and tags["lrexp.git_sha"]
+    assert tags["lrexp.backend"]
+    assert tags["lrexp.grid"] == "tests" and tags["lrexp.cell"] == f"row={row}"
+    artifacts = {a.path for a in env["client"].list_artifacts(result["run_id"])}
+    assert {"config.yaml", "data_meta.json"} <= artifacts
+    assert result["final/val_bits_per_token"] == metrics["final/val_bits_per_token"]
+    assert Path(result["checkpoint"]).is_file()
+
+
+@pytest.mark.parametrize("kind", ["XL", "Slide", "Rec"])
+def test_resume_is_exact(env, kind):
+    """2k steps == k steps, then resumed to 2k, metric for metric (CPU, deterministic, dropout on)."""
+    row = _row_named(kind)
+    whole = train.run(load(env, f"row={row}"))
+    first = train.run(load(env, f"row={row}", "train.max_steps=2"))
+    if kind == "XL":  # through the command line, by run id, with the step count raised by an override
+        out = subprocess.run(
+            [sys.executable, "-m", "lrexp.cli", "train", "--resume", first["run_id"],
+             f"train.checkpoint_dir={env['root'] / 'ckpt'}", "train.max_steps=4"],
+            capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        resumed = json.loads(out.stdout.strip().splitlines()[-1])
+    else:
+        cfg, _ = train.resume_config(first["checkpoint"], [], ["train.max_steps=4"])
+        resumed = train.run(cfg, resume=first["checkpoint"])
+    assert resumed["run_id"] == first["run_id"]  # the same MLflow run continues
+    assert env["client"].get_run(first["run_id"]).info.status == "FINISHED"
+    for key in ("train/loss", "val/loss", "val/bits_per_byte"):
+        assert history(env, first["run_id"], key) == history(env, whole["run_id"], key), key
+    assert len(history(env, whole["run_id"], "train/loss")) == 4
+    a, b = weights(whole), weights(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_is_exact_under_ddp(env):
+    """Two CPU ranks (ddp_fork): the gathered per-rank carried state is restored rank by rank."""
+    ddp = [f"row={_row_named('XL')}", "train.devices=2", "train.strategy=ddp_fork"]
+    whole = train.run(load(env, *ddp))
+    first = train.run(load(env, *ddp, "train.max_steps=2"))
+    cfg, _ = train.resume_config(first["checkpoint"], [], ["train.max_steps=4"])
+    resumed = train.run(cfg, resume=first["checkpoint"])
+    assert history(env, first["run_id"], "train/loss") == history(env, whole["run_id"], "train/loss")
+    a = torch.load(whole["checkpoint"], weights_only=True)
+    b = torch.load(resumed["checkpoint"], weights_only=True)
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    sa, sb = a["lrexp_carried_state"]["tensors"], b["lrexp_carried_state"]["tensors"]
+    assert all(v.shape[0] == 2 for v in sa.values())  # [world, ...]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("kind", ["XL", "Rec"])
+def test_validation_mid_epoch_leaves_training_bit_identical(env, kind):
+    row = _row_named(kind)
+    often = train.run(load(env, f"row={row}", "train.max_steps=3", "train.val_every=1"))
+    never = train.run(load(env, f"row={row}", "train.max_steps=3", "train.val_every=3"))
+    assert len(history(env, often["run_id"], "val/loss")) == 3
+    assert history(env, often["run_id"], "train/loss") == history(env, never["run_id"], "train/loss")
+    a, b = weights(often), weights(never)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    sa = torch.load(often["checkpoint"], weights_only=True)["lrexp_carried_state"]["tensors"]
+    sb = torch.load(never["checkpoint"], weights_only=True)["lrexp_carried_state"]["tensors"]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("kind", ["XL", "Rec"])
+def test_accumulate_two_trains(env, kind):
+    result = train.run(load(env, f"row={_row_named(kind)}", "train.accumulate_grad_batches=2",
+                            "train.max_steps=2"))
+    assert result["final/steps"] == 2
+    assert result["final/tokens_seen"] == 2 * 2 * 128
+
+
+def test_a_failed_run_is_marked_failed_with_the_error(env, monkeypatch):
+    def broken(cfg):
+        raise ValueError("the data module broke")
+
+    monkeypatch.setattr(train, "StreamDataModule", broken)
+    cfg = load(env, "log.run_name=doomed")
+    with pytest.raises(ValueError, match="broke"):
+        train.run(cfg)
+    runs = env["client"].search_runs(
+        [env["client"].get_experiment_by_name("lrexp-tests").experiment_id],
+        filter_string="tags.`mlflow.runName` = 'doomed'",
+    )
+    assert len(runs) == 1
+    assert runs[0].info.status == "FAILED"
+    assert runs[0].data.tags["lrexp.error"] == "ValueError: the data module broke"
+
+
+def test_unwritable_store_fails_before_any_work(env, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "prepare", lambda cfg: pytest.fail("prepared data before checking the store"))
+    (tmp_path / "file").write_text("")
+    cfg = load(env, f"log.tracking_uri=sqlite:///{tmp_path / 'file'}/mlflow.db")
+    with pytest.raises(tracking.TrackingError, match="cannot open a run in the MLflow tracking store"):
+        train.run(cfg)
+
+
+def test_checkpoint_from_another_model_config_is_refused(env):
+    first = train.run(load(env, "train.max_steps=1", "train.val_every=1"))
+    other = load(env, "model.d_ff=96", "model.num_layers=3")
+    with pytest.raises(ckpt_mod.CheckpointError, match=r"model\.d_ff=64 there, 96 here.*model\.num_layers=4"):
+        train.run(other, resume=first["run_id"])
