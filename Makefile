@@ -33,6 +33,16 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# One ablation grid end to end: prepare the corpus at this scale (data.* keys of ARGS included), train every
+# cell of experiments/grids/$(GRID).yaml, then print the table (lrexp grid ends with the report).
+ablation: $(STAMP)
+	$(PY) -m lrexp.cli data prepare scale=$(SCALE) $(filter data.%,$(ARGS))
+	$(PY) -m lrexp.cli grid $(GRID) scale=$(SCALE) $(ARGS)
+
+# The table and plots of the grid's latest invocation, from MLflow alone, under reports/$(GRID)/.
+report: $(STAMP)
+	$(PY) -m lrexp.cli report $(GRID)
+
 ui: $(STAMP)
 	$(VENV)/bin/mlflow ui --backend-store-uri "sqlite:///$(CURDIR)/mlflow.db" \
 		--default-artifact-root "$(CURDIR)/mlartifacts" --host 127.0.0.1 --port 5000

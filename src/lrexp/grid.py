@@ -1,0 +1,606 @@
+"""Ablation grids: a grid file expands into cells, each cell trains as its own process (DESIGN.md 2.9).
+
+A grid file (`experiments/grids/NAME.yaml`) has:
+
+- `base:` selectors (`scale: tiny`, `row: slide13`) and config values (nested or dotted keys) shared by
+  every cell;
+- `axes:` dotted config key (or `row`/`scale`) -> list of values; the cells are their product. A value list
+  may instead be a mapping scale name -> list, for sizes that only make sense at one scale;
+- `seeds:` optional list of `train.seed` values, the innermost axis; the report averages over it;
+- `reference:` optional axis values (same forms) of the cell whose step time is 1.00 in the report;
+  default: the first `row=slide13` cell (the paper's normaliser), else the first cell.
+
+A cell is a complete resolved config with a stable id built from its axis values, sorted by name, the seed
+last (`gate=lstm,topology=dual,seed=0`), so ids never depend on the order of keys in a file. Overrides
+given on the command line apply to every cell, except that `key=[a,b]` (a list, on a key whose own type is
+not a list) makes `key` an axis with these values and `key=v` on an axis key pins it to one value;
+`train.seed` is the seeds axis.
+
+Running: one parent MLflow run per invocation in experiment `lrexp-<grid>`; each cell writes its config to
+`runs/<grid>/<cell>/config.yaml` and runs `python -m lrexp.cli train` on it, so DDP, memory and crashes stay
+inside the cell. The child run nests under the parent through the `mlflow.parentRunId` tag the cell's
+config carries. `--resume` continues the grid's latest parent and skips the cells that already FINISHED
+there with the same config hash (`lrexp.config_hash`).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, is_dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO, Tuple, get_origin
+
+import yaml
+
+from lrexp import config
+from lrexp.config import EXPERIMENTS, PROJECT_ROOT, ConfigError, RunConfig
+
+GRIDS_DIR = EXPERIMENTS / "grids"
+RUNS_DIR = PROJECT_ROOT / "runs"
+SEED_KEY = "train.seed"
+REFERENCE_ROW = "slide13"  # Table 1 normalises step time by Slide:13L
+_FILE_KEYS = ("description", "base", "axes", "seeds", "reference")
+
+# Tags the grid puts on runs (the cell's through its config's log.tags, which `lrexp train` logs).
+TAG_PARENT = "mlflow.parentRunId"
+TAG_GRID = "lrexp.grid"
+TAG_CELL = "lrexp.cell"
+TAG_GROUP = "lrexp.group"  # the cell id without the seed: the report's aggregation key
+TAG_INDEX = "lrexp.cell_index"  # the cell's position in the grid: the report's row order
+TAG_HASH = "lrexp.config_hash"
+TAG_ROLE = "lrexp.role"  # "parent" on the grid's own run
+TAG_REFERENCE = "lrexp.reference"  # group id of the step-time reference, on the parent
+TAG_INVOKED = "lrexp.invoked_at"  # ms since the epoch of the latest invocation, on the parent
+TAG_ERROR = "lrexp.error"
+
+
+class GridError(ConfigError):
+    """A bad grid file or grid argument; one line naming the problem."""
+
+
+@dataclass
+class Cell:
+    index: int
+    id: str  # "gate=lstm,topology=dual,seed=0"
+    group: str  # the id without the seed part
+    values: Dict[str, Any]  # axis key -> value
+    overrides: List[str]  # what config.load received, in order
+    config: RunConfig
+    config_hash: str
+
+    @property
+    def dirname(self) -> str:
+        """The id made safe as one folder name: values may hold paths, and `lrexp train` reads an
+        argument holding '=' as an override, so `gate=lstm,topology=dual` -> `gate-lstm,topology-dual`."""
+        name = re.sub(r"[^A-Za-z0-9._,+-]", "_", self.id.replace("=", "-"))
+        if len(name) > 120:
+            name = name[:100] + "-" + hashlib.sha256(self.id.encode()).hexdigest()[:12]
+        return name
+
+
+@dataclass
+class Grid:
+    name: str
+    path: Path
+    text: str  # the grid file as written
+    scale: str
+    cells: List[Cell]
+    reference: str  # group id
+    overrides: List[str] = field(default_factory=list)  # the command line's
+
+
+# --------------------------------------------------------------------------------------------------
+# Expansion
+# --------------------------------------------------------------------------------------------------
+
+
+def available() -> List[str]:
+    return sorted(p.stem for p in GRIDS_DIR.glob("*.yaml"))
+
+
+def grid_path(name: str) -> Path:
+    """A name in experiments/grids, or a path to a grid file (anything ending in .yaml or holding a '/')."""
+    if name.endswith((".yaml", ".yml")) or "/" in name:
+        path = Path(name)
+        if not path.is_file():
+            raise GridError(f"grid file not found: {name}")
+        return path.resolve()
+    path = GRIDS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise GridError(f"unknown grid '{name}'; available: {', '.join(available()) or 'none'}")
+    return path
+
+
+def _is_list_field(key: str) -> bool:
+    return get_origin(config.SCHEMA_PATHS.get(key)) is list
+
+
+def _check_key(key: str, where: str) -> None:
+    """A key a grid may set: a selector, a config value (not a section), or an entry of log.tags."""
+    if key in config.SELECTORS or key.startswith("log.tags."):
+        return
+    if key == "derived" or key.startswith("derived."):
+        raise GridError(f"{where}: '{key}' is computed by lrexp and cannot be set")
+    kind = config.SCHEMA_PATHS.get(key)
+    if kind is None:
+        hint = config.suggest_key(key)
+        raise GridError(f"{where}: unknown config key '{key}'" + (f"; did you mean '{hint}'?" if hint else ""))
+    if is_dataclass(kind):
+        raise GridError(f"{where}: '{key}' is a config section; name one of its keys ('{key}.<name>')")
+
+
+def _flatten_base(node: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """Nested and dotted keys alike -> dotted key -> value (sections are walked, open sections kept)."""
+    out: Dict[str, Any] = {}
+    for key, value in node.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and is_dataclass(config.SCHEMA_PATHS.get(path)):
+            out.update(_flatten_base(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def _dotlist_value(value: Any) -> str:
+    """A value as the right-hand side of a `key=value` override that parses back to the same value."""
+    if isinstance(value, str):
+        try:
+            same = yaml.safe_load(value) == value
+        except yaml.YAMLError:
+            same = False
+        return value if same else json.dumps(value)
+    return json.dumps(value)
+
+
+def _id_value(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _per_scale(value: Any, scale: Optional[str], where: str) -> Any:
+    """A value, or a mapping scale name -> value picked by the grid's scale (None: the scale is an axis)."""
+    if not isinstance(value, dict):
+        return value
+    if scale is None:
+        raise GridError(f"{where} gives values per scale, but the scale is itself an axis")
+    if scale not in value:
+        raise GridError(
+            f"{where} has no value for scale '{scale}' (it has {', '.join(map(str, value))}); "
+            f"give one on the command line"
+        )
+    return value[scale]
+
+
+def config_hash(cfg: RunConfig) -> str:
+    """Identity of a cell's training: the resolved config without what the grid sets per invocation."""
+    data = config.to_dict(cfg)
+    data["log"] = {k: v for k, v in data["log"].items() if k not in ("tags", "run_name")}
+    text = json.dumps(data, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _read_file(path: Path) -> Tuple[str, Dict[str, Any]]:
+    text = path.read_text()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise GridError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise GridError(f"{path}: a grid file is a mapping with {', '.join(_FILE_KEYS)}")
+    unknown = [k for k in data if k not in _FILE_KEYS]
+    if unknown:
+        raise GridError(f"{path}: unknown grid key '{unknown[0]}'; a grid file has {', '.join(_FILE_KEYS)}")
+    for key in ("base", "axes", "reference"):
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            raise GridError(f"{path}: '{key}' must be a mapping")
+    return text, data
+
+
+def _short_names(keys: Sequence[str]) -> Dict[str, str]:
+    """The last component of each key (`model.recurrent.gate` -> `gate`), the full key where two clash."""
+    last = {k: k.rsplit(".", 1)[-1] for k in keys}
+    clashes = {n for n in last.values() if list(last.values()).count(n) > 1}
+    return {k: (k if n in clashes else n) for k, n in last.items()}
+
+
+def _split_overrides(overrides: Sequence[str], axes: Dict[str, Any]) -> List[str]:
+    """Command-line overrides: `key=[a,b]` (on a key whose own type is not a list) or any value for an axis
+    key sets that axis in `axes`; the rest are returned, to apply to every cell."""
+    plain: List[str] = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise GridError(f"override '{item}' is not of the form key=value")
+        _check_key(key, "override")
+        parsed = _parse_value(value)
+        if key in axes or (isinstance(parsed, list) and not _is_list_field(key)):
+            axes[key] = parsed if isinstance(parsed, list) else [parsed]
+        else:
+            plain.append(item)
+    return plain
+
+
+def _axis_values(raw: Dict[str, Any], scale: Optional[str], where: str) -> Dict[str, List[Any]]:
+    axes: Dict[str, List[Any]] = {}
+    for key, values in raw.items():
+        label = "seeds" if key == SEED_KEY else f"axis '{key}'"
+        values = _per_scale(values, scale, f"{where}: {label}")
+        if not isinstance(values, list):
+            raise GridError(f"{where}: {label} must be a list of values, got {values!r}")
+        if not values:
+            raise GridError(f"{where}: {label} is empty")
+        axes[key] = values
+    if not axes:
+        raise GridError(f"{where}: no axes and no seeds; a grid needs at least one")
+    return axes
+
+
+def expand(name: str, overrides: Sequence[str] = ()) -> Grid:
+    """Read, expand and validate a grid: every cell's config is loaded and checked here, before any work."""
+    path = grid_path(name)
+    grid_name = path.stem
+    where = f"grid {grid_name}"
+    text, data = _read_file(path)
+
+    base = _flatten_base(data.get("base") or {})
+    for key in base:
+        _check_key(key, f"{where}, base")
+    raw: Dict[str, Any] = dict(data.get("axes") or {})
+    for key in raw:
+        _check_key(key, f"{where}, axes")
+    if SEED_KEY in base or SEED_KEY in raw:
+        raise GridError(f"{where}: set '{SEED_KEY}' with 'seeds:'")
+    if data.get("seeds") is not None:
+        raw[SEED_KEY] = data["seeds"]
+    plain = _split_overrides(overrides, raw)
+
+    # The scale picks per-scale value lists; compose() also checks every base and plain key right here.
+    base_items = [f"{k}={_dotlist_value(v)}" for k, v in base.items()]
+    try:
+        scale = None if "scale" in raw else str(config.compose(overrides=[*base_items, *plain]).scale.name)
+    except ConfigError as exc:
+        raise GridError(f"{where}: {exc}") from None
+    axes = _axis_values(raw, scale, where)
+
+    names = _short_names(list(axes))
+    seed = [SEED_KEY] if SEED_KEY in axes else []
+    # ids name the axes sorted, the seed last, so they never depend on the order of keys in the file;
+    # cells run in the file's axis order, the seed innermost so that a group's seeds are adjacent
+    id_order = sorted((k for k in axes if k != SEED_KEY), key=lambda k: names[k]) + seed
+    combos: List[Dict[str, Any]] = [{}]
+    for key in [k for k in axes if k != SEED_KEY] + seed:
+        combos = [{**c, key: v} for c in combos for v in axes[key]]
+
+    cells: List[Cell] = []
+    for index, values in enumerate(combos):
+        parts = [f"{names[k]}={_id_value(values[k])}" for k in id_order]
+        cell_id = ",".join(parts)
+        if any(c.id == cell_id for c in cells):
+            raise GridError(f"{where}: two cells have the id '{cell_id}' (a value listed twice?)")
+        cell_overrides = [
+            "log.progress_bar=false",  # the cell's output goes to a log file
+            *base_items,
+            *[f"{k}={_dotlist_value(values[k])}" for k in id_order],
+            *plain,
+        ]
+        try:
+            cfg = config.load(overrides=cell_overrides)
+        except ConfigError as exc:
+            raise GridError(f"{where}, cell {cell_id}: {exc}") from None
+        cfg.log.experiment = f"lrexp-{grid_name}"
+        cfg.log.run_name = cell_id
+        group = ",".join(p for k, p in zip(id_order, parts) if k != SEED_KEY) or "base"
+        cells.append(Cell(index, cell_id, group, values, cell_overrides, cfg, config_hash(cfg)))
+
+    dirnames = [c.dirname for c in cells]
+    for c in cells:
+        if dirnames.count(c.dirname) > 1:
+            raise GridError(f"{where}: two cells share the folder name '{c.dirname}'")
+
+    reference = _reference(data.get("reference"), cells, id_order, names, scale, where)
+    return Grid(grid_name, path, text, scale or "per cell", cells, reference, list(overrides))
+
+
+def _reference(
+    selector: Optional[Dict[str, Any]],
+    cells: List[Cell],
+    order: List[str],
+    names: Dict[str, str],
+    scale: Optional[str],
+    where: str,
+) -> str:
+    """The group id of the step-time reference. A selector that matches no cell (an axis overridden, no
+    value given for this scale) falls back to the default; the dry run and the report name the result."""
+    by_name = {names[k]: k for k in order}
+    want: Dict[str, Any] = {}
+    for key, value in (selector or {}).items():
+        axis = key if key in order else by_name.get(key)
+        if axis is None or axis == SEED_KEY:
+            raise GridError(f"{where}: reference names '{key}', which is not an axis of the grid")
+        want[axis] = value.get(scale) if isinstance(value, dict) else value
+    if want:
+        for cell in cells:
+            if all(_id_value(cell.values[k]) == _id_value(v) for k, v in want.items()):
+                return cell.group
+    for cell in cells:
+        if f"row={REFERENCE_ROW}" in cell.overrides:
+            return cell.group
+    return cells[0].group
+
+
+# --------------------------------------------------------------------------------------------------
+# Cell files
+# --------------------------------------------------------------------------------------------------
+
+
+def cell_config(cell: Cell, grid: Grid, parent_id: str) -> RunConfig:
+    """The cell's config with the tags that nest its run under the parent and identify it."""
+    cfg = copy.deepcopy(cell.config)
+    cfg.log.tags = {
+        **cfg.log.tags,
+        TAG_PARENT: parent_id,
+        TAG_GRID: grid.name,
+        TAG_CELL: cell.id,
+        TAG_GROUP: cell.group,
+        TAG_INDEX: str(cell.index),
+        TAG_HASH: cell.config_hash,
+    }
+    return cfg
+
+
+def write_cell(cfg: RunConfig, cell_dir: Path, grid: Grid, cell: Cell) -> Path:
+    """`<cell_dir>/config.yaml`, the file `lrexp train` reads (`derived` left out: it is recomputed)."""
+    data = config.to_dict(cfg)
+    data.pop("derived")
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    path = cell_dir / "config.yaml"
+    header = f"# lrexp grid {grid.name}, cell {cell.id} ({cell.index + 1}/{len(grid.cells)}); written by lrexp grid\n"
+    path.write_text(header + yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CellResult:
+    cell: Cell
+    status: str  # FINISHED, FAILED, SKIPPED
+    run_id: Optional[str] = None
+    seconds: float = 0.0
+    error: Optional[str] = None
+    metrics: Dict[str, Any] = field(default_factory=dict)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def _last_line(path: Path) -> str:
+    lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
+
+
+def run_cell(config_path: Path) -> Tuple[int, Optional[Dict[str, Any]], str]:
+    """Train one cell as its own process; returns (exit status, final metrics or None, error line).
+
+    stdout and stderr go to files beside the config; the last stdout line is the final metrics JSON.
+    """
+    cell_dir = config_path.parent
+    out_path, err_path = cell_dir / "stdout.log", cell_dir / "stderr.log"
+    with open(out_path, "w") as out, open(err_path, "w") as err:
+        proc = subprocess.run(
+            [sys.executable, "-m", "lrexp.cli", "train", str(config_path)],
+            cwd=PROJECT_ROOT,
+            stdout=out,
+            stderr=err,
+            env=os.environ.copy(),
+            check=False,
+        )
+    if proc.returncode == 0:
+        try:
+            result = json.loads(_last_line(out_path))
+            if isinstance(result, dict) and result.get("run_id"):
+                return 0, result, ""
+        except json.JSONDecodeError:
+            pass
+        return 0, None, "the train command printed no final metrics line"
+    if proc.returncode < 0:
+        return proc.returncode, None, f"killed by signal {-proc.returncode}"
+    return proc.returncode, None, _last_line(err_path) or f"exit status {proc.returncode}"
+
+
+class Tracker:
+    """The grid's own MLflow bookkeeping: the experiment, the parent run, and cells that died too early
+    (or too hard) to mark their run FAILED themselves."""
+
+    def __init__(self, uri: str, grid: Grid) -> None:
+        from mlflow.tracking import MlflowClient
+
+        from lrexp.lit import tracking
+
+        self.uri = uri
+        self.grid = grid
+        self.client = MlflowClient(uri)
+        name = f"lrexp-{grid.name}"
+        exp = self.client.get_experiment_by_name(name)
+        self.experiment_id = (
+            exp.experiment_id
+            if exp is not None
+            else self.client.create_experiment(name, artifact_location=tracking.artifact_location(uri))
+        )
+        self.git_sha = tracking.git_sha()
+
+    def parents(self) -> list:
+        return self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{TAG_ROLE}` = 'parent' and tags.`{TAG_GRID}` = '{self.grid.name}'",
+            max_results=1000,
+        )
+
+    def open_parent(self, resume: bool) -> Tuple[str, bool]:
+        """(parent run id, resumed?)"""
+        tags = {
+            TAG_ROLE: "parent",
+            TAG_GRID: self.grid.name,
+            TAG_REFERENCE: self.grid.reference,
+            TAG_INVOKED: str(int(time.time() * 1000)),
+            "lrexp.cells": str(len(self.grid.cells)),
+            "lrexp.scale": self.grid.scale,
+            "lrexp.overrides": " ".join(self.grid.overrides),
+            "lrexp.git_sha": self.git_sha,
+        }
+        previous = latest_parent(self.parents()) if resume else None
+        if previous is not None:
+            run_id = previous.info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+            for k, v in tags.items():
+                self.client.set_tag(run_id, k, v)
+            return run_id, True
+        run = self.client.create_run(self.experiment_id, run_name=f"grid:{self.grid.name}", tags=tags)
+        self.client.log_text(run.info.run_id, self.grid.text, "grid.yaml")
+        return run.info.run_id, False
+
+    def finished_cells(self, parent_id: str) -> Dict[str, str]:
+        """config hash -> run id of the children of `parent_id` that FINISHED."""
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{TAG_PARENT}` = '{parent_id}' and attributes.status = 'FINISHED'",
+            max_results=10000,
+        )
+        return {r.data.tags[TAG_HASH]: r.info.run_id for r in runs if TAG_HASH in r.data.tags}
+
+    def record_failure(self, parent_id: str, cell: Cell, since_ms: int, error: str) -> str:
+        """Make sure the cell's failure is a FAILED child run carrying the error."""
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{TAG_PARENT}` = '{parent_id}' and tags.`{TAG_HASH}` = '{cell.config_hash}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if runs and runs[0].info.start_time >= since_ms:
+            run = runs[0]
+            if TAG_ERROR not in run.data.tags:
+                self.client.set_tag(run.info.run_id, TAG_ERROR, error[:5000])
+            if run.info.status != "FAILED":
+                self.client.set_terminated(run.info.run_id, "FAILED")
+            return run.info.run_id
+        # it died before creating its run (a crash at start-up, an import error, a kill)
+        tags = dict(cell_config(cell, self.grid, parent_id).log.tags)
+        run = self.client.create_run(self.experiment_id, run_name=cell.id, tags={**tags, TAG_ERROR: error[:5000]})
+        self.client.set_terminated(run.info.run_id, "FAILED")
+        return run.info.run_id
+
+    def close_parent(self, parent_id: str, results: List[CellResult], interrupted: bool = False) -> None:
+        failed = [r.cell.id for r in results if r.status == "FAILED"]
+        self.client.set_tag(parent_id, "lrexp.failed_cells", str(len(failed)))
+        status = "KILLED" if interrupted else ("FAILED" if failed else "FINISHED")
+        self.client.set_terminated(parent_id, status)
+
+
+@dataclass
+class Outcome:
+    uri: str
+    parent_id: str
+    results: List[CellResult]
+
+
+def latest_parent(parents: list):
+    """The parent of the latest invocation (a resumed parent is older than its last invocation)."""
+    if not parents:
+        return None
+    return max(parents, key=lambda r: int(r.data.tags.get(TAG_INVOKED, r.info.start_time)))
+
+
+def run(
+    grid: Grid,
+    resume: bool = False,
+    runs_dir: Optional[Path] = None,
+    out: Optional[TextIO] = None,
+    run_cell_fn: Callable[[Path], Tuple[int, Optional[Dict[str, Any]], str]] = run_cell,
+) -> Outcome:
+    """Run every cell in order, one result per cell. A failing cell is recorded and the grid goes on."""
+    from lrexp.lit import tracking
+
+    out = out or sys.stdout  # read now: the default at definition time would miss a redirected stdout
+    uri = tracking.tracking_uri(grid.cells[0].config)
+    tracker = Tracker(uri, grid)
+    parent_id, resumed = tracker.open_parent(resume)
+    done = tracker.finished_cells(parent_id) if resumed else {}
+    folder = (runs_dir or RUNS_DIR) / grid.name
+    n = len(grid.cells)
+    print(
+        f"grid {grid.name}: {n} cell{'s' * (n != 1)}, scale {grid.scale}, MLflow experiment lrexp-{grid.name}, "
+        f"parent run {parent_id}" + (" (resumed)" if resumed else "") + f", logs under {folder}",
+        file=out,
+        flush=True,
+    )
+
+    results: List[CellResult] = []
+    durations: List[float] = []
+    start = time.monotonic()
+    try:
+        for cell in grid.cells:
+            i = f"[{cell.index + 1}/{n}]"
+            if cell.config_hash in done:
+                results.append(CellResult(cell, "SKIPPED", run_id=done[cell.config_hash]))
+                print(f"{i} {cell.id}: skipped, FINISHED in run {done[cell.config_hash]}", file=out, flush=True)
+                continue
+            cfg = cell_config(cell, grid, parent_id)
+            path = write_cell(cfg, folder / cell.dirname, grid, cell)
+            print(f"{i} {cell.id}: training (log: {path.parent}/stderr.log)", file=out, flush=True)
+            t0, since_ms = time.monotonic(), int(time.time() * 1000)
+            try:
+                code, metrics, error = run_cell_fn(path)
+            except KeyboardInterrupt:
+                tracker.record_failure(parent_id, cell, since_ms, "interrupted")
+                raise
+            seconds = time.monotonic() - t0
+            durations.append(seconds)
+            if metrics is not None:
+                result = CellResult(cell, "FINISHED", metrics["run_id"], seconds, metrics=metrics)
+                detail = _metric_note(metrics)
+            else:
+                run_id = tracker.record_failure(parent_id, cell, since_ms, error)
+                result = CellResult(cell, "FAILED", run_id, seconds, error=error)
+                detail = f"error: {error}"
+            results.append(result)
+            remaining = sum(1 for c in grid.cells[cell.index + 1:] if c.config_hash not in done)
+            eta = remaining * sum(durations) / len(durations)
+            print(
+                f"{i} {cell.id}: {result.status} in {_duration(seconds)}; {detail} | "
+                f"elapsed {_duration(time.monotonic() - start)}, ETA {_duration(eta)}",
+                file=out,
+                flush=True,
+            )
+    except KeyboardInterrupt:
+        tracker.close_parent(parent_id, results, interrupted=True)
+        raise
+    tracker.close_parent(parent_id, results)
+    return Outcome(uri, parent_id, results)
+
+
+def _metric_note(metrics: Dict[str, Any]) -> str:
+    from lrexp.report import FINAL_BPT  # report imports this module
+
+    bpt = metrics.get(FINAL_BPT)
+    return f"val bits/token {bpt:.4f}" if isinstance(bpt, (int, float)) else "no val bits/token"

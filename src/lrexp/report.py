@@ -1,0 +1,393 @@
+"""The comparison table and plots of a grid, from MLflow alone (DESIGN.md 5; models.md 7.6 and 10).
+
+The grid's parent run names its children (`mlflow.parentRunId`); each child carries its cell id, group
+(the cell id without the seed) and position as tags, and its summary as `final/*` metrics. Per cell the
+latest FINISHED run counts (a resumed grid may hold a failed attempt too), else the latest run. Cells
+of one group (seeds) are averaged: mean ± sample standard deviation. Step time is the median step time of
+a cell (`perf/step_time_s`, after warm-up) divided by that of the reference group the parent names
+(Table 1 divides by Slide:13L).
+
+Output under `reports/<grid>/`: `table.md`, `table.csv`, `val_bits_per_token.png` (validation curves) and
+`loss_by_position.png` (final validation bits/token per bucket of position in the document); all are
+logged as artifacts of the parent run under `report/`.
+"""
+
+from __future__ import annotations
+
+import csv
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from lrexp import grid as grid_mod
+from lrexp.config import PROJECT_ROOT
+from lrexp.errors import UserError
+
+REPORTS_DIR = PROJECT_ROOT / "reports"
+
+# Metric names the training command logs (src/lrexp/train.py, src/lrexp/lit/).
+VAL_BPT = "val/bits_per_token"
+FINAL_BPT = "final/val_bits_per_token"
+FINAL_BPB = "final/val_bits_per_byte"
+FINAL_STEP_TIME = "final/step_time_s"
+FINAL_PARAMS = "final/params"
+FINAL_TOKENS = "final/tokens_seen"
+# + a bucket: "0-64", "64-256", ..., "1024" (the last, open bucket: MLflow names cannot hold its "+")
+FINAL_POS_PREFIX = "final/val_bits_per_token_by_pos_"
+
+
+class ReportError(UserError):
+    """No grid runs to report on; one line."""
+
+
+@dataclass
+class CellRun:
+    cell: str
+    group: str
+    index: int
+    status: str
+    run_id: str
+    row: str
+    segment_len: str
+    window: str
+    metrics: Dict[str, float]
+    error: Optional[str] = None
+
+
+@dataclass
+class Stat:
+    mean: Optional[float] = None
+    std: Optional[float] = None
+    n: int = 0
+
+    @classmethod
+    def of(cls, values: Sequence[Optional[float]]) -> "Stat":
+        vals = [v for v in values if v is not None]
+        if not vals:
+            return cls()
+        return cls(statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else None, len(vals))
+
+    def scaled(self, by: Optional[float]) -> "Stat":
+        if self.mean is None or not by:
+            return Stat()
+        return Stat(self.mean / by, None if self.std is None else self.std / by, self.n)
+
+    def text(self, digits: int) -> str:
+        if self.mean is None:
+            return "–"
+        out = f"{self.mean:.{digits}f}"
+        return out + (f" ± {self.std:.{digits}f}" if self.std is not None else "")
+
+
+@dataclass
+class GroupRow:
+    group: str
+    row: str
+    segment_len: str
+    window: str
+    cells: List[CellRun]
+    step_time_s: Stat
+    step_time_rel: Stat = field(default_factory=Stat)
+    bits_per_token: Stat = field(default_factory=Stat)
+    bits_per_byte: Stat = field(default_factory=Stat)
+    params: Stat = field(default_factory=Stat)
+    tokens_seen: Stat = field(default_factory=Stat)
+
+    @property
+    def finished(self) -> List[CellRun]:
+        return [c for c in self.cells if c.status == "FINISHED"]
+
+    @property
+    def status(self) -> str:
+        done, total = len(self.finished), len(self.cells)
+        if done == total:
+            return "FINISHED"
+        states = sorted({c.status for c in self.cells if c.status != "FINISHED"})
+        return f"{'/'.join(states)} ({total - done} of {total})"
+
+
+@dataclass
+class Report:
+    grid: str
+    parent_id: str
+    reference: Optional[str]
+    rows: List[GroupRow]
+    cells: List[CellRun]
+    markdown: str
+    files: List[Path]
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading MLflow
+# --------------------------------------------------------------------------------------------------
+
+
+def grid_name(name: str) -> str:
+    """A grid name, or the stem of a grid file path (the grid command names experiments by the stem)."""
+    return Path(name).stem if name.endswith((".yaml", ".yml")) or "/" in name else name
+
+
+def find_parent(client, name: str, parent_id: Optional[str] = None):
+    """The parent run of the grid's latest invocation (or the one asked for)."""
+    exp = client.get_experiment_by_name(f"lrexp-{name}")
+    if exp is None:
+        raise ReportError(
+            f"no MLflow experiment 'lrexp-{name}' in {client.tracking_uri}; run `lrexp grid {name}` first"
+        )
+    if parent_id:
+        run = client.get_run(parent_id)
+        if run.data.tags.get(grid_mod.TAG_ROLE) != "parent" or run.info.experiment_id != exp.experiment_id:
+            raise ReportError(f"run {parent_id} is not a parent run of grid '{name}'")
+        return run
+    parents = client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.`{grid_mod.TAG_ROLE}` = 'parent' and tags.`{grid_mod.TAG_GRID}` = '{name}'",
+        max_results=1000,
+    )
+    parent = grid_mod.latest_parent(parents)
+    if parent is None:
+        raise ReportError(f"experiment 'lrexp-{name}' holds no grid parent run; run `lrexp grid {name}` first")
+    return parent
+
+
+def collect(client, parent) -> List[CellRun]:
+    """One run per cell: the latest FINISHED child, else the latest child; in grid order."""
+    children = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.`{grid_mod.TAG_PARENT}` = '{parent.info.run_id}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=10000,
+    )
+    picked: Dict[str, object] = {}
+    for run in children:  # newest first
+        cell = run.data.tags.get(grid_mod.TAG_CELL, run.info.run_name)
+        have = picked.get(cell)
+        if have is None or (have.info.status != "FINISHED" and run.info.status == "FINISHED"):
+            picked[cell] = run
+    cells = []
+    for cell, run in picked.items():
+        tags, params = run.data.tags, run.data.params
+        cells.append(
+            CellRun(
+                cell=cell,
+                group=tags.get(grid_mod.TAG_GROUP, cell),
+                index=int(tags.get(grid_mod.TAG_INDEX, 10**9)),
+                status=run.info.status,
+                run_id=run.info.run_id,
+                row=tags.get("lrexp.row", "–"),
+                segment_len=params.get("derived.segment_len", "–"),
+                window=params.get("model.window", "–"),
+                metrics=dict(run.data.metrics),
+                error=tags.get(grid_mod.TAG_ERROR),
+            )
+        )
+    return sorted(cells, key=lambda c: (c.index, c.cell))
+
+
+def aggregate(cells: List[CellRun], reference: Optional[str]) -> Tuple[List[GroupRow], Optional[str]]:
+    """Rows per group in grid order, and the group the step time is relative to.
+
+    The reference is the parent's; when it has no finished run with a step time, the first finished
+    Slide:13L group, else the first group with one.
+    """
+    groups: Dict[str, List[CellRun]] = {}
+    for c in cells:
+        groups.setdefault(c.group, []).append(c)
+
+    def stat(members: List[CellRun], key: str) -> Stat:
+        return Stat.of([c.metrics.get(key) for c in members if c.status == "FINISHED"])
+
+    rows = []
+    for group, members in groups.items():
+        first = members[0]
+        row = GroupRow(group, first.row, first.segment_len, first.window, members, stat(members, FINAL_STEP_TIME))
+        row.bits_per_token = stat(members, FINAL_BPT)
+        row.bits_per_byte = stat(members, FINAL_BPB)
+        row.params = stat(members, FINAL_PARAMS)
+        row.tokens_seen = stat(members, FINAL_TOKENS)
+        rows.append(row)
+
+    timed = [r for r in rows if r.step_time_s.mean]
+    ref = next((r for r in timed if r.group == reference), None)
+    ref = ref or next((r for r in timed if r.row == "Slide:13L"), None) or (timed[0] if timed else None)
+    for r in rows:
+        r.step_time_rel = r.step_time_s.scaled(ref.step_time_s.mean if ref else None)
+    return rows, (ref.group if ref else None)
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------------
+
+
+def _count(value: Optional[float]) -> str:
+    if value is None:
+        return "–"
+    for size, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= size:
+            return f"{value / size:.3g}{unit}"
+    return f"{value:.0f}"
+
+
+COLUMNS = ["cell", "row", "N", "W", "step time", "bits/token", "bits/byte", "params", "tokens seen", "seeds", "status"]
+
+
+def table_lines(rows: List[GroupRow]) -> List[str]:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        cells = [
+            f"`{r.group}`", r.row, r.segment_len, r.window, r.step_time_rel.text(2), r.bits_per_token.text(4),
+            r.bits_per_byte.text(4), _count(r.params.mean), _count(r.tokens_seen.mean),
+            f"{len(r.finished)}/{len(r.cells)}", r.status,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown(name: str, parent, rows: List[GroupRow], reference: Optional[str], plots: List[str]) -> str:
+    finished = sum(len(r.finished) for r in rows)
+    total = sum(len(r.cells) for r in rows)
+    expected = parent.data.tags.get("lrexp.cells")
+    ref_row = next((r for r in rows if r.group == reference), None)
+    ref_note = (
+        f"Step time is the median seconds per optimiser step after warm-up, relative to `{reference}` "
+        f"(1.00 = {ref_row.step_time_s.mean:.4g} s)."
+        if ref_row is not None
+        else "Step time: no finished cell logged one."
+    )
+    out = [
+        f"# Grid `{name}`",
+        "",
+        f"MLflow experiment `lrexp-{name}`, parent run `{parent.info.run_id}` ({parent.info.status}); "
+        f"{finished} of {total} cell runs finished"
+        + (f", {expected} cells in the grid" if expected and int(expected) != total else "")
+        + ". " + ref_note + " Seeds of a cell are averaged: mean ± sample std; bits are on the validation "
+        "split (lower is better).",
+        "",
+        *table_lines(rows),
+    ]
+    failed = [c for r in rows for c in r.cells if c.status != "FINISHED"]
+    if failed:
+        out += ["", "## Cells that did not finish", ""]
+        out += [f"- `{c.cell}` ({c.status}, run `{c.run_id}`): {c.error or 'no error recorded'}" for c in failed]
+    if plots:
+        out += ["", "Plots: " + ", ".join(f"`{p}`" for p in plots)]
+    return "\n".join(out) + "\n"
+
+
+def write_csv(rows: List[GroupRow], path: Path) -> None:
+    header = [
+        "cell", "row", "N", "W", "seeds_finished", "seeds", "status", "step_time_rel", "step_time_rel_std",
+        "step_time_s", "bits_per_token", "bits_per_token_std", "bits_per_byte", "bits_per_byte_std", "params",
+        "tokens_seen", "run_ids",
+    ]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for r in rows:
+            w.writerow([
+                r.group, r.row, r.segment_len, r.window, len(r.finished), len(r.cells), r.status,
+                r.step_time_rel.mean, r.step_time_rel.std, r.step_time_s.mean, r.bits_per_token.mean,
+                r.bits_per_token.std, r.bits_per_byte.mean, r.bits_per_byte.std, r.params.mean,
+                r.tokens_seen.mean, " ".join(c.run_id for c in r.cells),
+            ])
+
+
+def _bucket_low(label: str) -> int:
+    """"64-256" -> 64, "1024" -> 1024: buckets sort by where they start."""
+    return int(label.split("-")[0])
+
+
+def _bucket_text(label: str) -> str:
+    """A bucket without an upper end is the open last one."""
+    return label if "-" in label else f"{label}+"
+
+
+def plot_val_curves(client, rows: List[GroupRow], path: Path) -> bool:
+    """Validation bits/token against the step, one colour per group (its seeds share it)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 5))
+    ax = fig.add_subplot()
+    drawn = False
+    for i, r in enumerate(rows):
+        for j, c in enumerate(r.finished):
+            history = sorted(client.get_metric_history(c.run_id, VAL_BPT), key=lambda m: (m.step, m.timestamp))
+            if not history:
+                continue
+            steps = {m.step: m.value for m in history}  # a step validated twice keeps its latest value
+            ax.plot(list(steps), list(steps.values()), color=f"C{i % 10}", marker=".",
+                    label=r.group if j == 0 else None)
+            drawn = True
+    if not drawn:
+        return False
+    _finish_plot(fig, ax, "optimiser step", path)
+    return True
+
+
+def _finish_plot(fig, ax, xlabel: str, path: Path) -> None:
+    """Both plots share the y axis (validation bits/token), grid, legend and file format."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("validation bits/token")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def plot_loss_by_position(rows: List[GroupRow], path: Path) -> bool:
+    """Final validation bits/token per bucket of position in the document, mean over seeds."""
+    from matplotlib.figure import Figure
+
+    labels = sorted(
+        {k[len(FINAL_POS_PREFIX):] for r in rows for c in r.finished for k in c.metrics if k.startswith(FINAL_POS_PREFIX)},
+        key=_bucket_low,
+    )
+    if not labels:
+        return False
+    fig = Figure(figsize=(8, 5))
+    ax = fig.add_subplot()
+    for i, r in enumerate(rows):
+        means = [Stat.of([c.metrics.get(FINAL_POS_PREFIX + b) for c in r.finished]).mean for b in labels]
+        xs = [x for x, m in enumerate(means) if m is not None]
+        if xs:
+            ax.plot(xs, [means[x] for x in xs], color=f"C{i % 10}", marker="o", label=r.group)
+    ax.set_xticks(range(len(labels)), [_bucket_text(b) for b in labels])
+    _finish_plot(fig, ax, "position of the target token in its document (tokens)", path)
+    return True
+
+
+def build(
+    name: str, out_dir: Optional[Path] = None, parent_id: Optional[str] = None, uri: Optional[str] = None
+) -> Report:
+    """Read the grid's runs, write the table and plots, log them on the parent run."""
+    from mlflow.tracking import MlflowClient
+
+    if uri is None:
+        from lrexp import config
+        from lrexp.lit import tracking
+
+        uri = tracking.tracking_uri(config.load())
+    name = grid_name(name)
+    client = MlflowClient(uri)
+    parent = find_parent(client, name, parent_id)
+    cells = collect(client, parent)
+    if not cells:
+        raise ReportError(f"parent run {parent.info.run_id} of grid '{name}' has no cell runs yet")
+    rows, reference = aggregate(cells, parent.data.tags.get(grid_mod.TAG_REFERENCE))
+
+    out = Path(out_dir) if out_dir else REPORTS_DIR / name
+    out.mkdir(parents=True, exist_ok=True)
+    plots = []
+    if plot_val_curves(client, rows, out / "val_bits_per_token.png"):
+        plots.append("val_bits_per_token.png")
+    if plot_loss_by_position(rows, out / "loss_by_position.png"):
+        plots.append("loss_by_position.png")
+    text = markdown(name, parent, rows, reference, plots)
+    (out / "table.md").write_text(text)
+    write_csv(rows, out / "table.csv")
+    files = [out / "table.md", out / "table.csv", *(out / p for p in plots)]
+    for f in files:
+        client.log_artifact(parent.info.run_id, str(f), "report")
+    return Report(name, parent.info.run_id, reference, rows, cells, text, files)

@@ -1,0 +1,110 @@
+"""`lrexp grid` end to end at smoke scale: every cell a real `lrexp train` process, logged under one parent
+run; a cell that fails leaves the others alone and `--resume` then runs only that cell. And `--dry-run` of
+every grid in experiments/grids validates every cell.
+
+One grid of two cells, three steps each, on a byte-level corpus: the cell `file_suffix=.md` fails at first
+(its corpus folder holds no .md files), and succeeds on resume once they exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from lrexp import grid
+from lrexp.commands import grid as grid_cmd
+
+
+def _args(name, *overrides, **kw):
+    ns = argparse.Namespace(name=name, overrides=list(overrides), dry_run=False, resume=False, runs_dir=None, out=None)
+    for k, v in kw.items():
+        setattr(ns, k, v)
+    return ns
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("grid")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    words = "a long range model reads every document from its start to its end one segment at a time".split()
+    for i in range(16):
+        text = " ".join(words[(i * j) % len(words)] for j in range(60 + 9 * i))
+        (corpus / f"doc{i}.txt").write_text(text + "\n")
+    uri = f"sqlite:///{root}/mlflow.db"
+    path = root / "smoke_grid.yaml"
+    path.write_text(yaml.safe_dump({
+        "base": {
+            "scale": "smoke",
+            "data": {"corpus": str(corpus), "tokenizer": "bytes", "cache_dir": str(root / "data"),
+                     "val_fraction": 0.25, "test_fraction": 0.25},
+            "train": {"max_steps": 3, "val_every": 3, "val_steps": 2, "accelerator": "cpu",
+                      "checkpoint_dir": str(root / "ckpt")},
+            "log": {"tracking_uri": uri, "every_n_steps": 1, "perf_warmup_steps": 1},
+        },
+        "axes": {"data.file_suffix": [".txt", ".md"]},
+    }))
+    return {"root": root, "corpus": corpus, "uri": uri, "grid": str(path), "client": MlflowClient(uri)}
+
+
+def test_failing_cell_then_resume(env, capsys):
+    root, client = env["root"], env["client"]
+    common = dict(runs_dir=root / "runs", out=root / "report")
+
+    code = grid_cmd.run(_args(env["grid"], **common))
+    out = capsys.readouterr()
+    assert code == 1, out.out + out.err
+    assert "1 of 2 cells failed: file_suffix=.md" in out.err
+    assert "[1/2] file_suffix=.txt: FINISHED" in out.out and "[2/2] file_suffix=.md: FAILED" in out.out
+
+    exp = client.get_experiment_by_name("lrexp-smoke_grid")
+    parent = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("lrexp.role") == "parent"]
+    assert len(parent) == 1 and parent[0].info.status == "FAILED"
+    pid = parent[0].info.run_id
+    kids = {r.info.run_name: r for r in client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{pid}'")}
+    assert set(kids) == {"file_suffix=.txt", "file_suffix=.md"}
+    ok, bad = kids["file_suffix=.txt"], kids["file_suffix=.md"]
+    assert ok.info.status == "FINISHED" and ok.data.metrics["final/steps"] == 3
+    assert ok.data.tags["lrexp.cell"] == "file_suffix=.txt" and ok.data.tags["lrexp.grid"] == "smoke_grid"
+    assert bad.info.status == "FAILED" and ".md" in bad.data.tags["lrexp.error"]
+
+    for doc in env["corpus"].glob("*.txt"):  # now the failed cell's corpus exists
+        shutil.copy(doc, doc.with_suffix(".md"))
+    code = grid_cmd.run(_args(env["grid"], resume=True, **common))
+    out = capsys.readouterr()
+    assert code == 0, out.out + out.err
+    assert "[1/2] file_suffix=.txt: skipped" in out.out and "[2/2] file_suffix=.md: FINISHED" in out.out
+    assert client.get_run(pid).info.status == "FINISHED"
+    runs = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{pid}'")
+    assert sorted((r.info.run_name, r.info.status) for r in runs) == [
+        ("file_suffix=.md", "FAILED"), ("file_suffix=.md", "FINISHED"), ("file_suffix=.txt", "FINISHED"),
+    ]
+
+    table = [ln for ln in (root / "report" / "table.md").read_text().splitlines() if ln.startswith("| `")]
+    assert len(table) == 2 and all(ln.rstrip(" |").endswith("FINISHED") for ln in table)
+    cols = [c.strip() for c in table[0].strip("|").split("|")]
+    assert cols[:5] == ["`file_suffix=.txt`", "Slide:4L", "64", "8", "1.00"]  # the first cell is the reference
+    assert all(c != "–" for c in cols)  # every column of the paper's table has a value
+    assert {a.path for a in client.list_artifacts(pid, "report")} >= {"report/table.md", "report/table.csv"}
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in grid.GRIDS_DIR.glob("*.yaml")))
+def test_dry_run_validates_every_cell(name, capsys):
+    assert grid_cmd.run(_args(name, dry_run=True)) == 0
+    out = capsys.readouterr().out
+    g = grid.expand(name)
+    assert f"{len(g.cells)} cells" in out and all(c.id in out for c in g.cells)
+    assert "every cell's config is valid" in out
+
+
+def test_bad_grid_name_is_one_line():
+    out = subprocess.run([sys.executable, "-m", "lrexp.cli", "grid", "gatez", "--dry-run"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert "unknown grid 'gatez'; available: gates" in out.stderr and "Traceback" not in out.stderr

@@ -1,0 +1,139 @@
+"""The report reads MLflow alone: runs are created here directly with MlflowClient in a tmp sqlite store."""
+
+from __future__ import annotations
+
+import csv
+import time
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from lrexp import report
+from lrexp.report import ReportError
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    uri = f"sqlite:///{root}/mlflow.db"  # creating a store runs migrations: once per module
+    client = MlflowClient(uri)
+    return {"root": root, "uri": uri, "client": client}
+
+
+def parent(client, exp_id, grid, reference="", invoked=None):
+    tags = {"lrexp.role": "parent", "lrexp.grid": grid, "lrexp.reference": reference}
+    if invoked is not None:
+        tags["lrexp.invoked_at"] = str(invoked)
+    return client.create_run(exp_id, run_name=f"grid:{grid}", tags=tags).info.run_id
+
+
+def child(client, exp_id, parent_id, cell, group, index, status="FINISHED", metrics=None, row="Rec:fixed:skip",
+          error=None, curve=()):
+    tags = {"mlflow.parentRunId": parent_id, "lrexp.cell": cell, "lrexp.group": group, "lrexp.cell_index": str(index),
+            "lrexp.row": row}
+    if error:
+        tags["lrexp.error"] = error
+    run_id = client.create_run(exp_id, run_name=cell, tags=tags).info.run_id
+    client.log_param(run_id, "derived.segment_len", "64")
+    client.log_param(run_id, "model.window", group.split("=")[1])
+    for step, value in curve:
+        client.log_metric(run_id, "val/bits_per_token", value, step=step)
+    for k, v in (metrics or {}).items():
+        client.log_metric(run_id, k, v, step=4)
+    client.set_terminated(run_id, status)
+    time.sleep(0.002)  # distinct start times: "the latest run of a cell" must be well defined
+    return run_id
+
+
+def finals(step_time, bpt, bpb=None, pos=None):
+    out = {"final/step_time_s": step_time, "final/val_bits_per_token": bpt, "final/params": 123456,
+           "final/tokens_seen": 512}
+    if bpb is not None:
+        out["final/val_bits_per_byte"] = bpb
+    for bucket, value in (pos or {}).items():
+        out[f"final/val_bits_per_token_by_pos_{bucket}"] = value
+    return out
+
+
+def test_table_seeds_failures_and_files(store, tmp_path):
+    client = store["client"]
+    exp = client.create_experiment("lrexp-rep", artifact_location=str(store["root"] / "art"))
+    pid = parent(client, exp, "rep", reference="window=8")
+    client.set_tag(pid, "lrexp.cells", "6")  # one cell never ran
+    pos = {"0-64": 4.0, "64-256": 3.5, "1024": 3.0, "256-1024": 3.2}
+    child(client, exp, pid, "window=4,seed=0", "window=4", 0, metrics=finals(0.2, 3.0, 1.0, pos), curve=[(2, 5.0), (4, 3.0)])
+    child(client, exp, pid, "window=4,seed=1", "window=4", 1, metrics=finals(0.4, 3.2, 1.2, pos), curve=[(2, 5.1), (4, 3.2)])
+    child(client, exp, pid, "window=8,seed=0", "window=8", 2, metrics=finals(0.3, 2.9), curve=[(4, 2.9)])
+    child(client, exp, pid, "window=8,seed=1", "window=8", 3, status="FAILED", error="RuntimeError: first try")
+    child(client, exp, pid, "window=8,seed=1", "window=8", 3, metrics=finals(0.3, 3.1), curve=[(4, 3.1)])
+    child(client, exp, pid, "window=16,seed=0", "window=16", 4, status="FAILED", error="ConfigError: bad value")
+
+    rep = report.build("rep", tmp_path / "out", uri=store["uri"])
+
+    assert [r.group for r in rep.rows] == ["window=4", "window=8", "window=16"]
+    w4, w8, w16 = rep.rows
+    assert rep.reference == "window=8" and w8.step_time_rel.mean == pytest.approx(1.0)
+    assert w4.step_time_rel.mean == pytest.approx(1.0) and w4.step_time_rel.std == pytest.approx(0.1414214 / 0.3)
+    assert w4.bits_per_token.mean == pytest.approx(3.1) and w4.bits_per_token.std == pytest.approx(0.1414214)
+    assert w4.bits_per_byte.text(2) == "1.10 ± 0.14"
+    assert w8.bits_per_token.mean == pytest.approx(3.0) and w8.status == "FINISHED"  # the retry counts
+    assert w8.bits_per_byte.text(4) == "–"
+    assert w16.status == "FAILED (1 of 1)" and w16.bits_per_token.mean is None
+
+    lines = rep.markdown.splitlines()
+    table = [ln for ln in lines if ln.startswith("| `")]
+    assert len(table) == 3
+    assert table[0].split(" | ")[4:10] == ["1.00 ± 0.47", "3.1000 ± 0.1414", "1.1000 ± 0.1414", "123k", "512", "2/2"]
+    assert "relative to `window=8`" in rep.markdown and "4 of 5 cell runs finished, 6 cells in the grid" in rep.markdown
+    assert "`window=16,seed=0` (FAILED" in rep.markdown and "ConfigError: bad value" in rep.markdown
+
+    out = tmp_path / "out"
+    with open(out / "table.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["cell"] for r in rows] == ["window=4", "window=8", "window=16"]
+    assert float(rows[0]["bits_per_token"]) == pytest.approx(3.1) and rows[2]["bits_per_token"] == ""
+    for name in ("table.md", "table.csv", "val_bits_per_token.png", "loss_by_position.png"):
+        assert (out / name).stat().st_size > 0
+    logged = {a.path for a in client.list_artifacts(pid, "report")}
+    assert logged == {f"report/{n}" for n in ("table.md", "table.csv", "val_bits_per_token.png", "loss_by_position.png")}
+
+
+def test_reference_falls_back_to_slide13_then_first(store, tmp_path):
+    client = store["client"]
+    exp = client.create_experiment("lrexp-ref", artifact_location=str(store["root"] / "art"))
+    pid = parent(client, exp, "ref", reference="row=gone")
+    child(client, exp, pid, "row=a", "row=a", 0, metrics=finals(0.5, 3.0), row="XL:512")
+    child(client, exp, pid, "row=b", "row=b", 1, metrics=finals(0.25, 3.0), row="Slide:13L")
+    rep = report.build("ref", tmp_path / "o1", uri=store["uri"])
+    assert rep.reference == "row=b" and rep.rows[0].step_time_rel.mean == pytest.approx(2.0)
+    rows, ref = report.aggregate([c for c in rep.cells if c.row == "XL:512"], "row=gone")
+    assert ref == "row=a" and rows[0].step_time_rel.mean == pytest.approx(1.0)
+
+
+def test_latest_invocation_and_explicit_parent(store, tmp_path):
+    client = store["client"]
+    exp = client.create_experiment("lrexp-two", artifact_location=str(store["root"] / "art"))
+    old = parent(client, exp, "two", invoked=3_000_000_000_000)  # created first, resumed last
+    new = parent(client, exp, "two", invoked=2_000_000_000_000)
+    a_child = child(client, exp, old, "a=1", "a=1", 0, metrics=finals(1.0, 3.0))
+    child(client, exp, new, "a=2", "a=2", 0, metrics=finals(1.0, 3.0))
+    assert report.build("two", tmp_path / "o2", uri=store["uri"]).rows[0].group == "a=1"
+    assert report.build("two", tmp_path / "o3", parent_id=new, uri=store["uri"]).rows[0].group == "a=2"
+    with pytest.raises(ReportError, match="not a parent run"):
+        report.build("two", tmp_path / "o4", parent_id=a_child, uri=store["uri"])
+
+
+def test_missing_grid_is_one_line(store, tmp_path):
+    with pytest.raises(ReportError) as err:
+        report.build("never_ran", tmp_path, uri=store["uri"])
+    assert "no MLflow experiment 'lrexp-never_ran'" in str(err.value) and "lrexp grid never_ran" in str(err.value)
+    client = store["client"]
+    client.create_experiment("lrexp-empty", artifact_location=str(store["root"] / "art"))
+    with pytest.raises(ReportError, match="holds no grid parent run"):
+        report.build("empty", tmp_path, uri=store["uri"])
+
+
+def test_counts_and_buckets_format():
+    assert report._count(123456) == "123k" and report._count(2.5e6) == "2.5M" and report._count(12) == "12"
+    assert sorted(["1024", "64-256", "0-64"], key=report._bucket_low) == ["0-64", "64-256", "1024"]
+    assert [report._bucket_text(b) for b in ("0-64", "1024")] == ["0-64", "1024+"]
