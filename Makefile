@@ -16,7 +16,7 @@ export TOKENIZERS_PARALLELISM := false
 export HF_DATASETS_OFFLINE := 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install test test-all ablation report ui clean
+.PHONY: install test test-all ablation report bench ui clean
 
 install: $(STAMP)
 
@@ -42,6 +42,12 @@ ablation: $(STAMP)
 # The table and plots of the grid's latest invocation, from MLflow alone, under reports/$(GRID)/.
 report: $(STAMP)
 	$(PY) -m lrexp.cli report $(GRID)
+
+# Step time of every row relative to Slide:13L and the data loader's share of a step, at SCALE, written
+# under reports/bench/ (ARGS as for ablation). On a GPU machine these are the numbers to quote.
+bench: $(STAMP)
+	$(PY) bench/model_step_time.py scale=$(SCALE) $(ARGS)
+	$(PY) bench/data_throughput.py scale=$(SCALE) $(ARGS)
 
 ui: $(STAMP)
 	$(VENV)/bin/mlflow ui --backend-store-uri "sqlite:///$(CURDIR)/mlflow.db" \

@@ -4,8 +4,8 @@
 
 Prints the numbers and writes reports/bench/data.md. `prepare` runs into a fresh temporary cache, so the
 time is a cold build (listing, BPE training, encoding, writing); the cache hit is timed after it. The loader
-share is the time to draw a training batch over the time of a training step (target: under 2%); the step is
-the project's model when `lrexp.model` exists, else a stand-in decoder of the same sizes (named in the report).
+share is the time to draw a training batch over the time of a training step of the configured row's model
+(target: under 2%).
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from lrexp.data_modules import StreamDataModule, prepare  # noqa: E402
 from lrexp.data_modules.corpora import list_corpus  # noqa: E402
 from lrexp.data_modules.store import _texts, cache_root, select_budget  # noqa: E402
 from lrexp.data_modules.tokenizer import ByteTokenizer, parallel_tokenizers  # noqa: E402
+from lrexp.model import build_model  # noqa: E402
+from lrexp.variants import row_name  # noqa: E402
 
 
 def tokenization_mb_s(tokenizer, texts) -> float:
@@ -40,36 +42,16 @@ def tokenization_mb_s(tokenizer, texts) -> float:
 
 
 def step_model(cfg, vocab_size: int):
-    """The project's model if it exists; else a causal decoder of the scale's sizes (same FLOPs class)."""
-    try:
-        from lrexp.model import build_model
-    except ImportError:
-        build_model = None
-    if build_model is not None:
-        model = build_model(cfg, vocab_size)
-        state = model.initial_state(cfg.derived.lanes_per_rank, torch.device("cpu"))
-
-        def step(tokens):
-            nonlocal state
-            logits, state = model(tokens, state)
-            state = state.detach()
-            return logits
-
-        return step, list(model.parameters()), "lrexp.model"
-    m = cfg.model
-    embed = torch.nn.Embedding(vocab_size, m.d_model)
-    layer = torch.nn.TransformerEncoderLayer(m.d_model, m.num_heads, m.d_ff, dropout=0.0, batch_first=True,
-                                             norm_first=True)
-    stack = torch.nn.TransformerEncoder(layer, m.num_layers, enable_nested_tensor=False)
-    head = torch.nn.Linear(m.d_model, vocab_size)
-    n = cfg.derived.segment_len
-    causal = torch.nn.Transformer.generate_square_subsequent_mask(n)
+    """One training step of the configured row's model, with its state carried as in training."""
+    model = build_model(cfg, vocab_size)
+    state = model.initial_state(cfg.derived.lanes_per_rank, torch.device("cpu"))
 
     def step(tokens):
-        return head(stack(embed(tokens), mask=causal, is_causal=True))  # [B, N, V]
+        nonlocal state
+        logits, state = model(tokens, state)
+        return logits
 
-    params = [*embed.parameters(), *stack.parameters(), *head.parameters()]
-    return step, params, "stand-in torch TransformerEncoder (lrexp.model not available yet)"
+    return step, list(model.parameters()), f"lrexp.model ({row_name(cfg)})"
 
 
 def main(argv) -> int:

@@ -1,6 +1,7 @@
-"""Model benchmark: training-step time of the XL, Slide and Full rows, and linear cost in the segment length.
+"""Model benchmark: training-step time of every row, and linear cost in the segment length.
 
-    python bench/model_step_time.py [--steps 5] [key=value ...]   (default: the tiny scale, sdpa backend)
+    python bench/model_step_time.py [--steps 5] [--rows xl512,slide13,...] [key=value ...]
+    (default: every row of experiments/rows at the tiny scale)
 
 One step is forward + backward of one segment of every lane (lanes x N = tokens_per_step), with the carried
 state detached between steps, as in training. Prints the mean step time per row and its ratio to Slide:13L
@@ -17,11 +18,11 @@ import time
 import torch
 
 from lrexp import config
-from lrexp.config import PROJECT_ROOT
+from lrexp.config import EXPERIMENTS, PROJECT_ROOT
 from lrexp.model import build_model
 from lrexp.variants import row_name
 
-ROWS = ("xl512", "xl1024", "xl2048", "slide12", "slide13", "full")
+ROWS = sorted(p.stem for p in (EXPERIMENTS / "rows").glob("*.yaml"))
 VOCAB = 2048
 
 
@@ -51,13 +52,14 @@ def step_time(cfg, device: torch.device, steps: int, lanes: int, seg_len: int) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated row presets (slide13 is always timed)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     lines = [f"# Model step time ({platform.node()}, {device}, torch {torch.__version__})", ""]
 
     rows = {}
-    for row in ROWS:
+    for row in dict.fromkeys(["slide13", *args.rows.split(",")]):
         cfg = config.load(overrides=[f"row={row}", *args.overrides])
         rows[row] = (row_name(cfg), cfg.derived.lanes, cfg.derived.segment_len,
                      step_time(cfg, device, args.steps, cfg.derived.lanes, cfg.derived.segment_len))

@@ -79,7 +79,9 @@ class AttnConfig:
 
 @dataclass
 class RecurrentConfig:
-    layers: List[int] = field(default_factory=list)  # stack indices; negative counts from the top (-3 = L-3)
+    # Stack indices of the cells (used by the rec and feedback variants); negative counts from the top:
+    # -3 is layer 10 of 12 at paper scale and L-3 at every smaller one (models.md 2 scaling rule).
+    layers: List[int] = field(default_factory=lambda: [-3])
     num_states: int = "${scale.num_states}"  # type: ignore[assignment]
     gate: Literal["lstm", "fixed"] = "fixed"
     topology: Literal["dual", "single", "skip"] = "skip"

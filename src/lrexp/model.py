@@ -6,8 +6,9 @@ Layer interface. Every layer module built by `lrexp.layers.build_layer` provides
     layer(x, state) -> (x, new_state)                               x [B, T, d]; state as above
 
 The state passed in is the one `initial_state` describes (same kind and shapes), possibly reset
-(`fresh` lanes) and carried from the previous segment; the layer returns the state for the next one,
-detached where the carry is a constant. The model checks kinds and shapes against `initial_state` before
+(`fresh` lanes) and carried from the previous segment; the layer returns the state for the next one. The
+model detaches the whole state once, at the segment's end: that is the truncated-BPTT boundary, and the
+only one (inside a segment the previous block's keys and the recurrent state carry gradient). The model checks kinds and shapes against `initial_state` before
 running, so a layer never sees a state built for another model or batch. Layers run one after the other
 over the whole segment; nothing is stored on a module between calls.
 """
@@ -96,7 +97,7 @@ class LongRangeLM(nn.Module):
             new_layers.append(s)
         h = self.drop_out(self.norm_f(x))  # [B, T, d]
         logits = h @ self.embed.weight.t() / math.sqrt(self.vocab_size)  # [B, T, V], tied embedding
-        return logits, ModelState(layers=tuple(new_layers), batch_size=state.batch_size)
+        return logits, ModelState(layers=tuple(new_layers), batch_size=state.batch_size).detach()
 
 
 def build_model(cfg: "RunConfig", vocab_size: int) -> LongRangeLM:

@@ -96,11 +96,32 @@ class XLCache(LayerState):
     def reset_rows(self, doc_start: Tensor) -> "XLCache":
         _check_doc_start(doc_start, self.batch_size)
         lanes = doc_start.to(self.k.device)[:, None, None, None]  # [B, 1, 1, 1]
-        return XLCache(
+        return replace(
+            self,
             fresh=self.fresh | doc_start.to(self.fresh.device),
             k=self.k.masked_fill(lanes, 0.0),
             v=self.v.masked_fill(lanes, 0.0),
         )
+
+
+@register_state
+@dataclass(frozen=True)
+class RecurrentState(XLCache):
+    """The block-recurrent cell's carry (models.md 4.2, 4.7): its token attention's XL cache plus the state
+    c [B, S, d] before the segment's first block.
+
+    A reset zeroes the cache like any XL cache and only flags the lane: the layer then replaces c by its
+    learned initial state c_init, which a constant here could not be (it needs gradient).
+    """
+
+    kind: ClassVar[str] = "recurrent"
+    c: Tensor  # [B, S, d]
+
+    @classmethod
+    def initial(cls, cache: XLCache, num_states: int, d_model: int) -> "RecurrentState":
+        """Every lane fresh: an empty cache, and a c that is never read before c_init replaces it."""
+        c = cache.k.new_zeros(cache.batch_size, num_states, d_model)  # [B, S, d]
+        return cls(fresh=cache.fresh, k=cache.k, v=cache.v, c=c)
 
 
 @dataclass(frozen=True)

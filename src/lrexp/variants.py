@@ -66,3 +66,15 @@ def dense_stack(cfg: "RunConfig") -> List[LayerSpec]:
 register_variant("xl", sliding_stack, lambda cfg: f"XL:{cfg.model.window}")
 register_variant("slide", sliding_stack, lambda cfg: f"Slide:{cfg.model.num_layers}L")
 register_variant("full", dense_stack, lambda cfg: "Full")
+
+
+def recurrent_stack(cfg: "RunConfig") -> List[LayerSpec]:
+    """The sliding stack with a block-recurrent cell at `model.recurrent.layers` (models.md 4.1)."""
+    cells = set(cfg.derived.recurrent_layers)
+    return [LayerSpec("recurrent" if i in cells else "attention", window=cfg.model.window)
+            for i in range(cfg.model.num_layers)]
+
+
+register_variant(
+    "rec", recurrent_stack, lambda cfg: f"Rec:{cfg.model.recurrent.gate}:{cfg.model.recurrent.topology}"
+)

@@ -154,7 +154,7 @@ def test_bad_input_raises_one_line_user_errors():
 
 
 def test_config_names_variant_and_backend_from_registries():
-    with pytest.raises(ConfigError, match=r"'model.variant' is 'xl9'; allowed: .*full, slide, xl"):
+    with pytest.raises(ConfigError, match=r"'model.variant' is 'xl9'; allowed: .*full, .*slide, xl"):
         config.load(overrides=["scale=smoke", "model.variant=xl9"])
     with pytest.raises(ConfigError, match=r"'model.attn.backend' is 'flash9'; allowed: reference, sdpa"):
         config.load(overrides=["scale=smoke", "model.attn.backend=flash9"])

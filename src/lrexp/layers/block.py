@@ -2,8 +2,8 @@
 
 With `spec.window = W` it is a sliding-window layer: blockwise attention over [previous block; current
 block], block 0's previous block being the carried `XLCache`, which the layer rewrites with the segment's
-last W keys and values (detached: the cache is a constant at the next step). With `spec.window = None` it
-attends densely and causally over the segment alone and carries nothing (the Full row).
+last W keys and values (the model detaches them: the cache is a constant at the next step). With
+`spec.window = None` it attends densely and causally over the segment alone and carries nothing (the Full row).
 
 The recurrent cell's token self-attention is this layer's windowed attention over the same tiles: it reuses
 `SelfAttentionProjections` (LN, dropout, Q/K/V, QK norm), `HeadScale`, `RelativePositionBias` and
@@ -39,7 +39,13 @@ class SelfAttentionProjections(nn.Module):
         self.wv = linear(d_model, d_model)
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        h = self.drop(self.norm(x))  # [B, T, d]
+        return self.project(self.norm_input(x))
+
+    def norm_input(self, x: Tensor) -> Tensor:
+        """h = Drop(LN(x)) [B, T, d]; the recurrent cell's second token query reads the same h."""
+        return self.drop(self.norm(x))
+
+    def project(self, h: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         q = l2_normalize(split_heads(self.wq(h), self.num_heads))  # [B, H, T, D]
         k = l2_normalize(split_heads(self.wk(h), self.num_heads))  # [B, H, T, D]
         v = split_heads(self.wv(h), self.num_heads)  # [B, H, T, D]
@@ -85,9 +91,7 @@ class AttentionLayer(nn.Module):
                 include_self=self.include_self, prev_valid=~state.fresh if self.mask_empty_cache else None,
                 backend=self.backend, dropout_p=p,
             )  # [B, H, T, D]
-            new_state = XLCache(
-                fresh=torch.zeros_like(state.fresh), k=k[:, :, -w:].detach(), v=v[:, :, -w:].detach()
-            )
+            new_state = XLCache(fresh=torch.zeros_like(state.fresh), k=k[:, :, -w:], v=v[:, :, -w:])
         x = x + self.wo(merge_heads(o))  # no dropout after the attention projection (3.7)
         return self.ffn(x), new_state
 
