@@ -11,6 +11,11 @@ model detaches the whole state once, at the segment's end: that is the truncated
 only one (inside a segment the previous block's keys and the recurrent state carry gradient). The model checks kinds and shapes against `initial_state` before
 running, so a layer never sees a state built for another model or batch. Layers run one after the other
 over the whole segment; nothing is stored on a module between calls.
+
+Feedback stacks (a "feedback" layer in the specs) run block by block instead (models.md 5): before block t
+the recurrent layer's state module projects c_t once, every feedback layer reads its K_s, V_s through
+`layer(x, state, feedback=(K_s, V_s))`, and the recurrent layer takes the projection as `projected=`.
+The states carry gradient from block to block within the segment, as the tiled layers' do.
 """
 
 from __future__ import annotations
@@ -51,6 +56,12 @@ class LongRangeLM(nn.Module):
         self.drop_out = nn.Dropout(m.dropout)
         windows = {s.window for s in specs if s.window is not None}
         self.segment_multiple = math.lcm(*windows) if windows else 1
+        self.feedback_source = None  # index of the recurrent layer whose state the feedback layers read
+        if any(s.kind == "feedback" for s in specs):
+            cells = [i for i, s in enumerate(specs) if s.kind == "recurrent"]
+            if len(cells) != 1 or len(windows) != 1:
+                raise ModelInputError("a feedback stack needs exactly one recurrent layer and one window")
+            self.feedback_source = cells[0]
 
     def initial_state(self, batch_size: int, device: torch.device | str) -> ModelState:
         """Every lane fresh, as at the start of a document."""
@@ -91,13 +102,32 @@ class LongRangeLM(nn.Module):
         """logits [B, T, V] of tokens [B, T] int64, and the state after this segment."""
         self._check_inputs(tokens, state)
         x = self.embed(tokens)  # [B, T, d]; no dropout on the embedding (3.7)
-        new_layers = []
-        for layer, s in zip(self.layers, state.layers):
-            x, s = layer(x, s)
-            new_layers.append(s)
+        if self.feedback_source is None:
+            new_layers = []
+            for layer, s in zip(self.layers, state.layers):
+                x, s = layer(x, s)
+                new_layers.append(s)
+        else:
+            x, new_layers = self._block_serial(x, list(state.layers))
         h = self.drop_out(self.norm_f(x))  # [B, T, d]
         logits = h @ self.embed.weight.t() / math.sqrt(self.vocab_size)  # [B, T, V], tied embedding
         return logits, ModelState(layers=tuple(new_layers), batch_size=state.batch_size).detach()
+
+    def _block_serial(self, x: Tensor, states: list) -> Tuple[Tensor, list]:
+        """The whole stack on block t before any layer sees block t+1; x [B, T, d] -> [B, T, d]."""
+        src = self.feedback_source
+        cell = self.layers[src]
+        states[src] = cell.begin_segment(states[src])
+        outputs = []
+        for xb in x.split(self.segment_multiple, dim=1):  # [B, W, d]
+            projected = cell.state(states[src].c)  # Q_s^h, K_s, V_s, Q_e^h of c_t
+            for i, layer in enumerate(self.layers):
+                if i == src:
+                    xb, states[i] = layer(xb, states[i], projected=projected)
+                else:
+                    xb, states[i] = layer(xb, states[i], feedback=projected[1:3])
+            outputs.append(xb)
+        return torch.cat(outputs, dim=1), states
 
 
 def build_model(cfg: "RunConfig", vocab_size: int) -> LongRangeLM:

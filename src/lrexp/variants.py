@@ -68,13 +68,28 @@ register_variant("slide", sliding_stack, lambda cfg: f"Slide:{cfg.model.num_laye
 register_variant("full", dense_stack, lambda cfg: "Full")
 
 
-def recurrent_stack(cfg: "RunConfig") -> List[LayerSpec]:
-    """The sliding stack with a block-recurrent cell at `model.recurrent.layers` (models.md 4.1)."""
+def _with_cells(cfg: "RunConfig", other: str) -> List[LayerSpec]:
     cells = set(cfg.derived.recurrent_layers)
-    return [LayerSpec("recurrent" if i in cells else "attention", window=cfg.model.window)
+    return [LayerSpec("recurrent" if i in cells else other, window=cfg.model.window)
             for i in range(cfg.model.num_layers)]
 
 
-register_variant(
-    "rec", recurrent_stack, lambda cfg: f"Rec:{cfg.model.recurrent.gate}:{cfg.model.recurrent.topology}"
-)
+def recurrent_stack(cfg: "RunConfig") -> List[LayerSpec]:
+    """The sliding stack with a block-recurrent cell at `model.recurrent.layers` (models.md 4.1)."""
+    return _with_cells(cfg, "attention")
+
+
+def feedback_stack(cfg: "RunConfig") -> List[LayerSpec]:
+    """Every other layer also reads the cell's state before each block, block by block (models.md 5)."""
+    if len(cfg.derived.recurrent_layers) != 1:
+        raise VariantError(f"a feedback row needs one recurrent layer, got model.recurrent.layers="
+                           f"{list(cfg.model.recurrent.layers)}")
+    return _with_cells(cfg, "feedback")
+
+
+def _gates(cfg: "RunConfig") -> str:
+    return f"{cfg.model.recurrent.gate}:{cfg.model.recurrent.topology}"
+
+
+register_variant("rec", recurrent_stack, lambda cfg: f"Rec:{_gates(cfg)}")
+register_variant("feedback", feedback_stack, lambda cfg: f"Feedback:{_gates(cfg)}")

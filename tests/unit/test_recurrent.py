@@ -104,10 +104,10 @@ def test_a_document_start_gives_that_lane_the_learned_initial_state_only():
     s, d = cfg.model.recurrent.num_states, cfg.model.d_model
     carried = RecurrentState.initial(cell.initial_state(3, "cpu"), s, d)
     carried = RecurrentState(fresh=torch.zeros(3, dtype=torch.bool), k=carried.k, v=carried.v, c=torch.randn(3, s, d))
-    start = cell.start_state(carried.reset_rows(torch.tensor([False, True, False])))
+    start = cell.begin_segment(carried.reset_rows(torch.tensor([False, True, False]))).c
     torch.testing.assert_close(start[1], cell.c_init.detach())
     torch.testing.assert_close(start[[0, 2]], carried.c[[0, 2]])
-    cleared = RecurrentLayer.start_state(_cell("rec_fixed_skip", "model.recurrent.always_clear_state=true")[1], carried)
+    cleared = RecurrentLayer.begin_segment(_cell("rec_fixed_skip", "model.recurrent.always_clear_state=true")[1], carried).c
     assert all(torch.equal(cleared[i], cell.c_init.detach()) for i in range(3))
 
 

@@ -19,22 +19,22 @@ and the state after the segment's last block; where a lane starts a document c i
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from lrexp.attention import HeadScale, MaskSpec, attend, l2_normalize, sliding_window_attention
+from lrexp.attention import HeadScale, MaskSpec, attend, l2_normalize
 from lrexp.layers import LayerSpec, register_layer
-from lrexp.layers.block import AttentionLayer
 from lrexp.layers.common import RMSNorm, linear, merge_heads, split_heads
+from lrexp.layers.feedback import UNMASKED, StateReadingLayer
 from lrexp.layers.gates import build_update
 from lrexp.state import RecurrentState
 
 if TYPE_CHECKING:
     from lrexp.config import RunConfig
 
-_UNMASKED = MaskSpec(causal=False)  # B, P and R: every key visible, no position bias, no dropout (4.3)
 _C_INIT_STD = 0.1
 
 
@@ -63,67 +63,57 @@ class StateProjections(nn.Module):
         return q_s, k_s, v_s, q_e
 
 
-class RecurrentLayer(AttentionLayer):
+class RecurrentLayer(StateReadingLayer):
     """`layer(x, state) -> (x, new_state)` with state a `RecurrentState` (lrexp.model's layer interface).
 
-    The plain layer's parts are the token module's: its Q/K/V, scale s (A), T5 bias and FFN; W_O widens to
-    read [A ; B]."""
+    The token module is the state-reading layer's: Q/K/V, scale s (A), Q2 and s2 (B), T5 bias, the widened
+    W_O^v and the FFN. The state module, c_init and the update are the cell's own."""
 
     def __init__(self, spec: LayerSpec, cfg: "RunConfig", backend: str) -> None:
-        if spec.window is None:
-            raise ValueError("a recurrent layer needs a window (its block length)")
         super().__init__(spec, cfg, backend)
         m, a, r = cfg.model, cfg.model.attn, cfg.model.recurrent
         self.d_model = m.d_model
         self.num_states = r.num_states
         self.reads_prev_block = r.state_reads_prev_block
         self.always_clear_state = r.always_clear_state
-        self.wq2 = linear(m.d_model, m.d_model)  # Q_s^v, the token module's second query
-        self.scale2 = HeadScale(m.num_heads, a.scale_abs)  # B
         self.state = StateProjections(m.d_model, m.num_heads, r.num_states, r.state_ids)
         self.state_scale = HeadScale(m.num_heads, a.scale_abs)  # P
         self.state_scale2 = HeadScale(m.num_heads, a.scale_abs)  # R
         self.c_init = nn.Parameter(torch.randn(r.num_states, m.d_model) * _C_INIT_STD)  # [S, d]
-        self.wo = linear(2 * m.d_model, m.d_model)  # W_O^v over [A ; B]: 2H heads -> d
         self.update = build_update(r.topology, r.gate, m.d_model, m.d_ff, r.candidate_tanh)
 
     def initial_state(self, batch_size: int, device) -> RecurrentState:
         return RecurrentState.initial(super().initial_state(batch_size, device), self.num_states, self.d_model)
 
-    def start_state(self, state: RecurrentState) -> Tensor:
-        """c before the segment's first block [B, S, d]: c_init in lanes that start a document."""
-        if self.always_clear_state:  # ablation: no state survives a segment boundary
-            return self.c_init[None].expand(state.batch_size, -1, -1).to(state.c.dtype)
-        fresh = state.fresh.to(state.c.device)[:, None, None]  # [B, 1, 1]
-        return torch.where(fresh, self.c_init.to(state.c.dtype), state.c)  # [B, S, d]
+    def begin_segment(self, state: RecurrentState) -> RecurrentState:
+        """The carry as the segment's first block sees it: c_init where a lane starts a document, and in
+        every lane under `always_clear_state` (the ablation where no state survives a segment boundary)."""
+        if self.always_clear_state:
+            c = self.c_init[None].expand(state.batch_size, -1, -1).to(state.c.dtype)  # [B, S, d]
+        else:
+            fresh = state.fresh.to(state.c.device)[:, None, None]  # [B, 1, 1]
+            c = torch.where(fresh, self.c_init.to(state.c.dtype), state.c)  # [B, S, d]
+        return replace(state, c=c)
 
-    def forward(self, x: Tensor, state: RecurrentState) -> Tuple[Tensor, RecurrentState]:
-        b, t, _ = x.shape
-        w, hd = self.window, self.num_heads
-        blocks = t // w
-        p = self.dropout if self.training else 0.0
+    def forward(
+        self, x: Tensor, state: RecurrentState, projected: Optional[Tuple[Tensor, ...]] = None
+    ) -> Tuple[Tensor, RecurrentState]:
+        """`projected`: the state module's output for the first block's c. A Feedback stack passes it: it
+        runs the cell one block at a time, has begun the segment (`begin_segment`) before its first block,
+        and hands the same K_s, V_s to the other layers."""
+        w = self.window
+        if projected is None:
+            state = self.begin_segment(state)
+        a, q2, k, v = self.attend_tokens(x, state)  # [B, H, T, D] each
         prev_valid = ~state.fresh if self.mask_empty_cache else None
-
-        h = self.qkv.norm_input(x)  # [B, T, d]
-        q, k, v = self.qkv.project(h)  # [B, H, T, D] each
-        q2 = l2_normalize(split_heads(self.wq2(h), hd))  # [B, H, T, D], Q_s^v
-        a = sliding_window_attention(
-            q, k, v, state.k, state.v, window=w, bias=self.rel_bias(w, 2 * w), scale=self.scale(),
-            include_self=self.include_self, prev_valid=prev_valid, backend=self.backend, dropout_p=p,
-        )  # [B, H, T, D]
-
-        c, states_kv = self._scan(self.start_state(state), k, v, state, prev_valid)
-        k_s, v_s = states_kv  # [B*nb, H, S, D]: the keys/values of c_t, the state block t reads
-        q2_tiles = q2.reshape(b, hd, blocks, w, -1).transpose(1, 2).reshape(b * blocks, hd, w, -1)  # [B*nb, H, W, D]
-        cross = attend(q2_tiles, k_s, v_s, _UNMASKED, scale=self.scale2(), backend=self.backend)  # [B*nb, H, W, D]
-        cross = cross.reshape(b, blocks, hd, w, -1).transpose(1, 2).reshape(b, hd, t, -1)  # [B, H, T, D]
-
-        x = x + self.wo(merge_heads(torch.cat([a, cross], dim=1)))  # [B, T, d]; [A ; B] along the head axis
+        c, (k_s, v_s) = self._scan(state.c, k, v, state, prev_valid, projected)
+        y = self.read_state(x, a, q2, k_s, v_s)  # block t reads c_t, the state before its own update
         new_state = RecurrentState(fresh=torch.zeros_like(state.fresh), k=k[:, :, -w:], v=v[:, :, -w:], c=c)
-        return self.ffn(x), new_state
+        return self.ffn(y), new_state
 
     def _scan(
-        self, c: Tensor, k: Tensor, v: Tensor, state: RecurrentState, prev_valid: Optional[Tensor]
+        self, c: Tensor, k: Tensor, v: Tensor, state: RecurrentState, prev_valid: Optional[Tensor],
+        projected: Optional[Tuple[Tensor, ...]] = None,
     ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
         """The horizontal direction over the segment's blocks: c_0 [B, S, d] -> c_nb, and K_s, V_s of every
         c_t (t < nb) stacked lane-major [B*nb, H, S, D] for the vertical cross-attention B."""
@@ -132,17 +122,17 @@ class RecurrentLayer(AttentionLayer):
         k_prev, v_prev = state.k.to(k.dtype), state.v.to(v.dtype)  # [B, H, W, D]: block 0's previous block
         keys, values = [], []
         for i in range(blocks):
-            q_s, k_s, v_s, q_e = self.state(c)  # [B, H, S, D] each
+            q_s, k_s, v_s, q_e = projected if (i == 0 and projected is not None) else self.state(c)  # [B, H, S, D]
             keys.append(k_s)
             values.append(v_s)
             k_cur, v_cur = k[:, :, i * w:(i + 1) * w], v[:, :, i * w:(i + 1) * w]  # [B, H, W, D]
             if self.reads_prev_block:  # paper choice 2: the code reads previous + current block, unmasked
                 k_e, v_e = torch.cat([k_prev, k_cur], dim=2), torch.cat([v_prev, v_cur], dim=2)  # [B, H, 2W, D]
                 valid = None if (prev_valid is None or i > 0) else prev_valid[:, None].expand(-1, w)  # [B, W]
-                mask = _UNMASKED if valid is None else MaskSpec(causal=False, memory_valid=valid)
+                mask = UNMASKED if valid is None else MaskSpec(causal=False, memory_valid=valid)
             else:
-                k_e, v_e, mask = k_cur, v_cur, _UNMASKED
-            p_out = attend(q_s, k_s, v_s, _UNMASKED, scale=self.state_scale(), backend=self.backend)  # [B, H, S, D]
+                k_e, v_e, mask = k_cur, v_cur, UNMASKED
+            p_out = attend(q_s, k_s, v_s, UNMASKED, scale=self.state_scale(), backend=self.backend)  # [B, H, S, D]
             r_out = attend(q_e, k_e, v_e, mask, scale=self.state_scale2(), backend=self.backend)  # [B, H, S, D]
             u = merge_heads(torch.cat([p_out, r_out], dim=1))  # [B, S, 2d]
             c = self.update(c, u)  # [B, S, d]
