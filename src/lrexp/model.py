@@ -21,7 +21,7 @@ The states carry gradient from block to block within the segment, as the tiled l
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, List, Tuple
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -112,6 +112,18 @@ class LongRangeLM(nn.Module):
         h = self.drop_out(self.norm_f(x))  # [B, T, d]
         logits = h @ self.embed.weight.t() / math.sqrt(self.vocab_size)  # [B, T, V], tied embedding
         return logits, ModelState(layers=tuple(new_layers), batch_size=state.batch_size).detach()
+
+    def run_stream(
+        self, tokens: Tensor, segment_len: int, state: Optional[ModelState] = None
+    ) -> Tuple[Tensor, ModelState]:
+        """Logits [B, T, V] of a stream tokens [B, T] cut into segments of segment_len, the state carried
+        from one to the next (fresh lanes when state is None): what training sees, in one call."""
+        state = self.initial_state(tokens.shape[0], tokens.device) if state is None else state
+        out = []
+        for segment in tokens.split(segment_len, dim=1):
+            logits, state = self(segment, state)
+            out.append(logits)
+        return torch.cat(out, dim=1), state
 
     def _block_serial(self, x: Tensor, states: list) -> Tuple[Tensor, list]:
         """The whole stack on block t before any layer sees block t+1; x [B, T, d] -> [B, T, d]."""

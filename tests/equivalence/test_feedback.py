@@ -18,14 +18,6 @@ def _model(row, *overrides, seed=0):
     return build_model(cfg, V).eval(), cfg
 
 
-def _segmented(model, tokens, n):
-    state = model.initial_state(tokens.shape[0], "cpu")
-    out = []
-    for seg in tokens.split(n, dim=1):
-        logits, state = model(seg, state)
-        out.append(logits)
-    return torch.cat(out, 1)
-
 
 def _tokens(length, seed=1):
     return torch.randint(0, V, (2, length), generator=torch.Generator().manual_seed(seed))
@@ -51,9 +43,9 @@ def test_logits_do_not_depend_on_the_segment_length(row):
     w, n = cfg.model.window, cfg.derived.segment_len
     tokens = _tokens(2 * n)
     with torch.no_grad():
-        whole = _segmented(model, tokens, 2 * n)
+        whole = model.run_stream(tokens, 2 * n)[0]
         for seg in (w, 2 * w, n):
-            torch.testing.assert_close(_segmented(model, tokens, seg), whole, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(model.run_stream(tokens, seg)[0], whole, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("row", ROWS)
@@ -73,7 +65,7 @@ def test_with_every_feedback_read_zeroed_feedback_is_rec(row):
                 layer.wo.weight[:, d:] = 0.0
         tokens = _tokens(2 * cfg.derived.segment_len)
         n = cfg.derived.segment_len
-        torch.testing.assert_close(_segmented(fb, tokens, n), _segmented(rec, tokens, n), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fb.run_stream(tokens, n)[0], rec.run_stream(tokens, n)[0], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("row", ROWS)
@@ -108,6 +100,6 @@ def test_always_clear_state_clears_at_the_segment_start_not_at_every_block(row):
     tokens = _tokens(2 * cfg.derived.segment_len)
     n = cfg.derived.segment_len
     with torch.no_grad():
-        plain, both = _segmented(model, tokens, n), _segmented(cleared, tokens, n)
+        plain, both = model.run_stream(tokens, n)[0], cleared.run_stream(tokens, n)[0]
     torch.testing.assert_close(both[:, :n], plain[:, :n], atol=1e-6, rtol=1e-6)
     assert not torch.allclose(both[:, n:], plain[:, n:], atol=1e-4)  # the second segment lost its carry

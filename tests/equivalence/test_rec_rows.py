@@ -24,14 +24,6 @@ def _tokens(lanes, length, seed=1):
     return torch.randint(0, V, (lanes, length), generator=torch.Generator().manual_seed(seed))
 
 
-def _segmented(model, tokens, n, state=None):
-    state = model.initial_state(tokens.shape[0], "cpu") if state is None else state
-    out = []
-    for seg in tokens.split(n, dim=1):
-        logits, state = model(seg, state)
-        out.append(logits)
-    return torch.cat(out, 1), state
-
 
 def reference_cell(cell: RecurrentLayer, x, c, k_prev, v_prev):
     """The cell one block at a time, every attention dense with the reference backend: block t's tokens
@@ -74,9 +66,9 @@ def test_two_segments_with_carried_state_equal_one_segment_twice_as_long(row):
     n = cfg.derived.segment_len
     tokens = _tokens(2, 2 * n)
     with torch.no_grad():
-        two, state2 = _segmented(model, tokens, n)
-        one, state1 = _segmented(model, tokens, 2 * n)
-        blocks, _ = _segmented(model, tokens, cfg.model.window)  # N = W: every block its own segment
+        two, state2 = model.run_stream(tokens, n)
+        one, state1 = model.run_stream(tokens, 2 * n)
+        blocks, _ = model.run_stream(tokens, cfg.model.window)  # N = W: every block its own segment
     torch.testing.assert_close(two, one, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(blocks, one, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(state2.layers[1].c, state1.layers[1].c, atol=1e-5, rtol=1e-5)
@@ -96,7 +88,7 @@ def test_with_the_state_columns_of_its_output_projection_zeroed_rec_is_slide():
         assert not missing
         tokens = _tokens(2, 2 * cfg.derived.segment_len)
         n = cfg.derived.segment_len
-        torch.testing.assert_close(_segmented(rec, tokens, n)[0], _segmented(slide, tokens, n)[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(rec.run_stream(tokens, n)[0], slide.run_stream(tokens, n)[0], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("row", [*ROWS, "slide12"])
@@ -108,8 +100,8 @@ def test_a_token_reaches_two_segments_ahead_through_the_state_only(row):
     changed = tokens.clone()
     changed[0, 5] = (tokens[0, 5] + 1) % V  # a token of segment 0
     with torch.no_grad():
-        base = _segmented(model, tokens, n)[0][:, 2 * n:]
-        other = _segmented(model, changed, n)[0][:, 2 * n:]  # segment 2's logits
+        base = model.run_stream(tokens, n)[0][:, 2 * n:]
+        other = model.run_stream(changed, n)[0][:, 2 * n:]  # segment 2's logits
     assert (row == "slide12") == torch.equal(base, other)
 
 
@@ -150,8 +142,8 @@ def test_a_document_start_isolates_the_lane_from_its_past(row):
     n = cfg.derived.segment_len
     a, b = _tokens(1, 2 * n, seed=3), _tokens(1, n, seed=4)
     with torch.no_grad():
-        _, after_a = _segmented(model, a, n)
-        other_lane = _segmented(model, _tokens(1, n, seed=5), n)[1]
+        _, after_a = model.run_stream(a, n)
+        other_lane = model.run_stream(_tokens(1, n, seed=5), n)[1]
         both = type(after_a)(layers=tuple(
             type(s).from_tensors({k: torch.cat([s.to_tensors()[k], o.to_tensors()[k]]) for k in s.to_tensors()})
             for s, o in zip(after_a.layers, other_lane.layers)), batch_size=2)

@@ -39,14 +39,6 @@ def dense_oracle(model, tokens):
     return model.norm_f(x) @ model.embed.weight.t() / math.sqrt(V)
 
 
-def _segmented(model, tokens, n):
-    state = model.initial_state(tokens.shape[0], "cpu")
-    out = []
-    for seg in tokens.split(n, dim=1):
-        logits, state = model(seg, state)
-        out.append(logits)
-    return torch.cat(out, 1)
-
 
 @pytest.mark.parametrize("row,segments,overrides", [
     ("xl512", 3, ()), ("slide12", 2, ()), ("slide12", 2, ("model.attn.window_includes_self=true",)),
@@ -57,7 +49,7 @@ def test_consecutive_segments_with_carried_cache_equal_one_dense_pass(row, segme
     n = cfg.derived.segment_len
     tokens = torch.randint(0, V, (2, segments * n), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        torch.testing.assert_close(_segmented(model, tokens, n), dense_oracle(model, tokens), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.run_stream(tokens, n)[0], dense_oracle(model, tokens), atol=1e-5, rtol=1e-5)
 
 
 def test_xl512_and_slide12_give_identical_logits_with_the_same_weights():
@@ -69,8 +61,8 @@ def test_xl512_and_slide12_give_identical_logits_with_the_same_weights():
     assert cfg_slide.derived.segment_len == 8 * cfg_xl.derived.segment_len
     tokens = torch.randint(0, V, (2, 2 * cfg_slide.derived.segment_len), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        torch.testing.assert_close(_segmented(xl, tokens, cfg_xl.derived.segment_len),
-                                   _segmented(slide, tokens, cfg_slide.derived.segment_len), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(xl.run_stream(tokens, cfg_xl.derived.segment_len)[0],
+                                   slide.run_stream(tokens, cfg_slide.derived.segment_len)[0], atol=1e-5, rtol=1e-5)
 
 
 def test_full_is_dense_causal_over_each_segment_alone():
@@ -78,7 +70,7 @@ def test_full_is_dense_causal_over_each_segment_alone():
     n = cfg.derived.segment_len
     tokens = torch.randint(0, V, (2, 2 * n), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        segmented = _segmented(model, tokens, n)
+        segmented = model.run_stream(tokens, n)[0]
         for s in range(2):  # no carried state: each segment equals a fresh dense pass over it
             part = slice(s * n, (s + 1) * n)
             torch.testing.assert_close(segmented[:, part], dense_oracle(model, tokens[:, part]), atol=1e-5, rtol=1e-5)
