@@ -43,11 +43,13 @@ ablation: $(STAMP)
 report: $(STAMP)
 	$(PY) -m lrexp.cli report $(GRID)
 
-# Step time of every row relative to Slide:13L and the data loader's share of a step, at SCALE, written
-# under reports/bench/ (ARGS as for ablation). On a GPU machine these are the numbers to quote.
+# Step time of every row relative to Slide:13L, the data loader's share of a step and the kNN memory's
+# footprint, at SCALE, written under reports/bench/ (ARGS as for ablation). On a GPU machine these are the
+# numbers to quote.
 bench: $(STAMP)
 	$(PY) bench/model_step_time.py scale=$(SCALE) $(ARGS)
 	$(PY) bench/data_throughput.py scale=$(SCALE) $(ARGS)
+	$(PY) bench/memorizing.py scale=$(SCALE) $(ARGS)
 
 ui: $(STAMP)
 	$(VENV)/bin/mlflow ui --backend-store-uri "sqlite:///$(CURDIR)/mlflow.db" \

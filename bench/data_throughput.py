@@ -23,13 +23,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from lrexp import config  # noqa: E402
-from lrexp.config import PROJECT_ROOT  # noqa: E402
 from lrexp.data_modules import StreamDataModule, prepare  # noqa: E402
 from lrexp.data_modules.corpora import list_corpus  # noqa: E402
 from lrexp.data_modules.store import _texts, cache_root, select_budget  # noqa: E402
 from lrexp.data_modules.tokenizer import ByteTokenizer, parallel_tokenizers  # noqa: E402
 from lrexp.model import build_model  # noqa: E402
 from lrexp.variants import row_name  # noqa: E402
+from report import write_report  # noqa: E402  (bench/ is the script's folder, so on sys.path)
 
 
 def tokenization_mb_s(tokenizer, texts) -> float:
@@ -117,12 +117,7 @@ def main(argv) -> int:
         "| loader ms/batch | step ms | loader share | target |", "|---|---|---|---|",
         f"| {1e3 * load_s / measured:.3f} | {1e3 * step_s / measured:.1f} | {100 * share:.2f}% | < 2% |", "",
     ]
-    report = "\n".join(lines) + "\n"
-    print(report)
-    out = PROJECT_ROOT / "reports" / "bench" / "data.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report)
-    print(f"written to {out}")
+    write_report("data", lines)
     return 0
 
 

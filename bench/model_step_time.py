@@ -18,9 +18,10 @@ import time
 import torch
 
 from lrexp import config
-from lrexp.config import EXPERIMENTS, PROJECT_ROOT
+from lrexp.config import EXPERIMENTS
 from lrexp.model import build_model
 from lrexp.variants import row_name
+from report import write_report  # bench/ is the script's folder, so on sys.path
 
 ROWS = sorted(p.stem for p in (EXPERIMENTS / "rows").glob("*.yaml"))
 VOCAB = 2048
@@ -76,11 +77,7 @@ def main() -> None:
         seconds = step_time(cfg, device, args.steps, 1, blocks * w)
         lines.append(f"| {blocks * w} | {seconds:.4f} | {seconds / (blocks * w) * 1e6:.1f} |")
 
-    report = "\n".join(lines) + "\n"
-    print(report)
-    out = PROJECT_ROOT / "reports" / "bench" / "model_step_time.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report)
+    write_report("model_step_time", lines)
 
 
 if __name__ == "__main__":

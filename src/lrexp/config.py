@@ -65,6 +65,8 @@ class ScaleConfig:
     window: int = 512
     num_states: int = 512
     tokens_per_step: int = 4096  # lanes x segment_len per optimiser step, equal across rows
+    memory_size: int = 65536  # kNN memory entries per (lane, head) of the Memorizing row (models.md 6)
+    knn_k: int = 128  # neighbours retrieved per query and head
 
 
 @dataclass
@@ -92,6 +94,21 @@ class RecurrentConfig:
 
 
 @dataclass
+class KNNConfig:
+    """The Memorizing row's kNN memory layers (models.md 6)."""
+
+    # Stack indices of the memory layers (the memorizing variant); negative counts from the top: -4 is layer 9
+    # of 12 at paper scale and L-4 at every smaller one.
+    layers: List[int] = field(default_factory=list)
+    memory_size: int = "${scale.memory_size}"  # type: ignore[assignment]  # K_mem, a multiple of N
+    k: int = "${scale.knn_k}"  # type: ignore[assignment]
+    backend: Literal["bucket", "exact"] = "bucket"  # bucket: the code's per-bucket argmax; exact: top-k
+    combine: Literal["weighted_mean", "add", "stop_forward"] = "weighted_mean"
+    local_position_bias: bool = True  # the 2022 code keeps the T5 bias on the memory layer's local attention
+    state_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # storage of the memory (B.4)
+
+
+@dataclass
 class ModelConfig:
     variant: str = "slide"  # a name in lrexp.variants' registry
     d_model: int = "${scale.d_model}"  # type: ignore[assignment]
@@ -104,6 +121,7 @@ class ModelConfig:
     dropout: float = 0.05
     attn: AttnConfig = field(default_factory=AttnConfig)
     recurrent: RecurrentConfig = field(default_factory=RecurrentConfig)
+    knn: KNNConfig = field(default_factory=KNNConfig)
 
 
 @dataclass
@@ -184,6 +202,7 @@ class DerivedConfig:
     lanes: int = 0  # over all ranks
     lanes_per_rank: int = 0
     recurrent_layers: List[int] = field(default_factory=list)  # absolute indices
+    knn_layers: List[int] = field(default_factory=list)  # absolute indices of the kNN memory layers
 
 
 @dataclass
@@ -403,9 +422,10 @@ def flatten(cfg: RunConfig, sep: str = ".") -> Dict[str, Any]:
 
 _POSITIVE = (
     "scale.d_model", "scale.num_heads", "scale.d_ff", "scale.num_layers", "scale.window", "scale.num_states",
-    "scale.tokens_per_step", "model.d_model", "model.num_heads", "model.d_ff", "model.num_layers",
-    "model.window", "model.blocks_per_segment", "model.segment_len", "model.recurrent.num_states",
-    "model.attn.num_buckets", "model.attn.max_distance", "data.vocab_size", "data.tokens_per_step",
+    "scale.tokens_per_step", "scale.memory_size", "scale.knn_k", "model.d_model", "model.num_heads",
+    "model.d_ff", "model.num_layers", "model.window", "model.blocks_per_segment", "model.segment_len",
+    "model.recurrent.num_states", "model.knn.memory_size", "model.knn.k", "model.attn.num_buckets",
+    "model.attn.max_distance", "data.vocab_size", "data.tokens_per_step",
     "optim.warmup_steps", "train.max_steps", "train.val_every", "train.val_steps",
     "train.accumulate_grad_batches", "train.devices",
 )
@@ -452,16 +472,10 @@ def resolve(cfg: RunConfig) -> RunConfig:
     if segment_len % m.window:
         raise ConfigError(f"'model.segment_len' ({segment_len}) must be a multiple of 'model.window' ({m.window})")
 
-    recurrent_layers = []
-    for idx in m.recurrent.layers:
-        absolute = idx + m.num_layers if idx < 0 else idx
-        if not 0 <= absolute < m.num_layers:
-            raise ConfigError(
-                f"'model.recurrent.layers' index {idx} is outside a stack of {m.num_layers} layers"
-            )
-        recurrent_layers.append(absolute)
-    if len(set(recurrent_layers)) != len(recurrent_layers):
-        raise ConfigError(f"'model.recurrent.layers' names a layer twice: {list(m.recurrent.layers)}")
+    recurrent_layers = _absolute_layers("model.recurrent.layers", m.recurrent.layers, m.num_layers)
+    knn_layers = _absolute_layers("model.knn.layers", m.knn.layers, m.num_layers)
+    if knn_layers:
+        _check_knn(m.knn, knn_layers, recurrent_layers, segment_len)
 
     tps = cfg.data.tokens_per_step
     if tps % segment_len:
@@ -479,6 +493,33 @@ def resolve(cfg: RunConfig) -> RunConfig:
         lanes=lanes,
         lanes_per_rank=lanes // world,
         recurrent_layers=sorted(recurrent_layers),
+        knn_layers=sorted(knn_layers),
     )
     return cfg
 
+
+def _absolute_layers(path: str, indices: List[int], num_layers: int) -> List[int]:
+    """Stack indices (negative: from the top) as absolute ones, each inside the stack and named once."""
+    absolute = [idx + num_layers if idx < 0 else idx for idx in indices]
+    for idx, a in zip(indices, absolute):
+        if not 0 <= a < num_layers:
+            raise ConfigError(f"'{path}' index {idx} is outside a stack of {num_layers} layers")
+    if len(set(absolute)) != len(absolute):
+        raise ConfigError(f"'{path}' names a layer twice: {list(indices)}")
+    return absolute
+
+
+def _check_knn(knn: KNNConfig, layers: List[int], recurrent_layers: List[int], segment_len: int) -> None:
+    """The kNN memory's sizes (models.md 6), checked only where a memory layer exists."""
+    both = sorted(set(layers) & set(recurrent_layers))
+    if both:
+        raise ConfigError(f"layer {both[0]} is both a kNN memory layer ('model.knn.layers') and a recurrent "
+                          f"layer ('model.recurrent.layers')")
+    if knn.memory_size % segment_len:
+        raise ConfigError(f"'model.knn.memory_size' ({knn.memory_size}) must be a multiple of the segment "
+                          f"length ({segment_len}): a segment is written whole")
+    if knn.k > knn.memory_size:
+        raise ConfigError(f"'model.knn.k' ({knn.k}) must be <= 'model.knn.memory_size' ({knn.memory_size})")
+    if knn.backend == "bucket" and knn.memory_size % knn.k:
+        raise ConfigError(f"'model.knn.memory_size' ({knn.memory_size}) must be a multiple of 'model.knn.k' "
+                          f"({knn.k}) for the bucket backend (k strided buckets)")

@@ -124,6 +124,44 @@ class RecurrentState(XLCache):
         return cls(fresh=cache.fresh, k=cache.k, v=cache.v, c=c)
 
 
+@register_state
+@dataclass(frozen=True)
+class KNNMemory(XLCache):
+    """The kNN memory layer's carry (models.md 6): its local attention's XL cache plus a ring buffer of the
+    document's earlier (k-hat, v) per (lane, head), stored in the layer's `state_dtype`.
+
+    Slots fill from 0, so slot j of lane b holds an entry iff j < count[b]; pointer[b] is the next slot
+    written. A reset zeroes the lane's cache, keys and values and sets its pointer and count to 0 at once
+    (6 step 1); the other lanes keep theirs.
+    """
+
+    kind: ClassVar[str] = "knn"
+    memory_k: Tensor  # [B, H, K_mem, D]
+    memory_v: Tensor  # [B, H, K_mem, D]
+    pointer: Tensor  # [B] int64
+    count: Tensor  # [B] int64
+
+    @classmethod
+    def initial(cls, cache: XLCache, memory_size: int, dtype: torch.dtype) -> "KNNMemory":
+        """Every lane fresh: an empty cache and an empty memory."""
+        b, h, _, d = cache.k.shape
+        memory = torch.zeros(b, h, memory_size, d, dtype=dtype, device=cache.k.device)  # [B, H, K_mem, D]
+        empty = torch.zeros(b, dtype=torch.int64, device=cache.k.device)  # [B]
+        return cls(fresh=cache.fresh, k=cache.k, v=cache.v, memory_k=memory, memory_v=memory.clone(),
+                   pointer=empty, count=empty.clone())
+
+    def reset_rows(self, doc_start: Tensor) -> "KNNMemory":
+        cache = super().reset_rows(doc_start)
+        lanes = doc_start.to(self.memory_k.device)  # [B]
+        return replace(
+            cache,
+            memory_k=self.memory_k.masked_fill(lanes[:, None, None, None], 0.0),
+            memory_v=self.memory_v.masked_fill(lanes[:, None, None, None], 0.0),
+            pointer=self.pointer.masked_fill(lanes, 0),
+            count=self.count.masked_fill(lanes, 0),
+        )
+
+
 @dataclass(frozen=True)
 class ModelState:
     """The carried state of every layer, index-aligned with the model's layers (None: stateless layer)."""

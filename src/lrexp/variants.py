@@ -93,3 +93,21 @@ def _gates(cfg: "RunConfig") -> str:
 
 register_variant("rec", recurrent_stack, lambda cfg: f"Rec:{_gates(cfg)}")
 register_variant("feedback", feedback_stack, lambda cfg: f"Feedback:{_gates(cfg)}")
+
+
+def memorizing_stack(cfg: "RunConfig") -> List[LayerSpec]:
+    """The XL stack with a kNN memory layer at `model.knn.layers` (models.md 6)."""
+    memory = set(cfg.derived.knn_layers)
+    if not memory:
+        raise VariantError("the memorizing variant needs a memory layer: set model.knn.layers (e.g. [-4])")
+    return [LayerSpec("memorizing" if i in memory else "attention", window=cfg.model.window)
+            for i in range(cfg.model.num_layers)]
+
+
+def _memory_label(size: int) -> str:
+    """K_mem as the paper writes it: 65536 -> "64k"; a size that is not a multiple of 1024 as it is."""
+    return f"{size // 1024}k" if size % 1024 == 0 else str(size)
+
+
+register_variant("memorizing", memorizing_stack,
+                 lambda cfg: f"Memorizing Trans. {_memory_label(cfg.model.knn.memory_size)}")

@@ -45,3 +45,4 @@ def build_layer(spec: LayerSpec, cfg: "RunConfig", backend: str) -> nn.Module:
 from lrexp.layers import block  # noqa: E402,F401  (registers "attention")
 from lrexp.layers import feedback  # noqa: E402,F401  (registers "feedback")
 from lrexp.layers import recurrent  # noqa: E402,F401  (registers "recurrent")
+from lrexp.layers import memorizing  # noqa: E402,F401  (registers "memorizing")

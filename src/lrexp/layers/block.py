@@ -77,23 +77,34 @@ class AttentionLayer(nn.Module):
         return XLCache.empty(batch_size, self.num_heads, self.window, self.head_dim, device)
 
     def forward(self, x: Tensor, state: Optional[XLCache]) -> Tuple[Tensor, Optional[XLCache]]:
+        o, _, k, v = self.self_attention(x, state)  # [B, H, T, D] each
+        new_state = None
+        if self.window is not None:
+            w = self.window
+            new_state = XLCache(fresh=torch.zeros_like(state.fresh), k=k[:, :, -w:], v=v[:, :, -w:])
+        x = x + self.wo(merge_heads(o))  # no dropout after the attention projection (3.7)
+        return self.ffn(x), new_state
+
+    def self_attention(self, x: Tensor, state: Optional[XLCache]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The attention output o before W_O, with the segment's q-hat, k-hat and v: each [B, H, T, D].
+
+        A windowed layer whose `rel_bias` is None (the kNN memory layer under `knn.local_position_bias=false`)
+        attends without the T5 bias."""
         t = x.shape[1]
         q, k, v = self.qkv(x)  # [B, H, T, D] each
         p = self.dropout if self.training else 0.0
         if self.window is None:
             o = attend(q, k, v, MaskSpec(include_self=self.include_self), bias=self.rel_bias(t, t),
                        scale=self.scale(), backend=self.backend, dropout_p=p)  # [B, H, T, D]
-            new_state = None
         else:
             w = self.window
+            bias = None if self.rel_bias is None else self.rel_bias(w, 2 * w)  # [H, W, 2W]
             o = sliding_window_attention(
-                q, k, v, state.k, state.v, window=w, bias=self.rel_bias(w, 2 * w), scale=self.scale(),
+                q, k, v, state.k, state.v, window=w, bias=bias, scale=self.scale(),
                 include_self=self.include_self, prev_valid=~state.fresh if self.mask_empty_cache else None,
                 backend=self.backend, dropout_p=p,
             )  # [B, H, T, D]
-            new_state = XLCache(fresh=torch.zeros_like(state.fresh), k=k[:, :, -w:], v=v[:, :, -w:])
-        x = x + self.wo(merge_heads(o))  # no dropout after the attention projection (3.7)
-        return self.ffn(x), new_state
+        return o, q, k, v
 
 
 register_layer("attention", AttentionLayer)

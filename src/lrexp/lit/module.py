@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from lrexp import config as config_mod
 from lrexp.config import RunConfig
 from lrexp.errors import UserError
+from lrexp.layers.memorizing import memory_stats, track_memory_stats
 from lrexp.lit.metrics import TokenStats, position_bucket_edges, token_nll
 from lrexp.lit.optim import build_optimizer, build_scheduler
 from lrexp.lit.tbptt import TBPTTCallback
@@ -54,7 +55,11 @@ class LMModule(pl.LightningModule):
     # ---- steps --------------------------------------------------------------------------------------
 
     def training_step(self, batch: Dict[str, Tensor], batch_idx: int) -> Tensor:
+        # the kNN memory's recall@k and staleness cost an exact search: only on the steps Lightning logs
+        logged = (self.global_step + 1) % self.cfg.log.every_n_steps == 0
+        track_memory_stats(self.model, logged)
         nll, mask = self._forward("train", batch)
+        track_memory_stats(self.model, False)
         nll_sum, count = nll.sum(), mask.sum()
         # The gradient is this rank's token mean; the logged loss is token-weighted over all ranks.
         loss = nll_sum / count.clamp(min=1)
@@ -71,6 +76,8 @@ class LMModule(pl.LightningModule):
         self.log("train/loss", global_loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False,
                  batch_size=batch_size)
+        for name, value in (memory_stats(self.model) if logged else {}).items():
+            self.log(f"train/{name}", value, on_step=True, on_epoch=False, batch_size=batch_size)
         return loss
 
     def _eval_step(self, stage: str, batch: Dict[str, Tensor]) -> None:

@@ -1,0 +1,135 @@
+"""The kNN memory layer (kind "memorizing", models.md 6): a sliding-window layer with an XL cache whose
+attention also reads a per-lane memory of the document's earlier keys and values.
+
+Per segment, in this order: (1) lanes starting a document arrive with an empty memory (`KNNMemory.reset_rows`
+empties it with the cache); (2) every query retrieves k entries per head (lrexp.attention.knn, selection
+with the stop-gradient q-hat); (3) Y_mem is a softmax over them with the live query and the local s_h;
+(4) Y_local and Y_mem are combined per head (`knn.combine`); W_O and the FFN follow; (5) the segment's
+keys and values are written, detached, into the ring buffer. The write comes after the retrieval, so a
+segment never retrieves its own tokens.
+
+`track_stats` (set by the trainer on its logging steps) makes the next forward fill `last_stats` with
+recall@k of the bucket selection against exact search and the mean age of the retrieved entries: plain
+floats for the log, never part of the carried state.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from lrexp.attention.knn import entry_age, gather, memory_attention, recall_at_k, ring_write, select
+from lrexp.layers import LayerSpec, register_layer
+from lrexp.layers.block import AttentionLayer
+from lrexp.layers.common import merge_heads
+from lrexp.state import KNNMemory, StateError
+
+if TYPE_CHECKING:
+    from lrexp.config import RunConfig
+
+STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _weighted_mean(local: Tensor, mem: Tensor, gate_bias: Optional[Tensor]) -> Tensor:
+    g = torch.sigmoid(gate_bias).to(local.dtype)[:, None, None]  # [H, 1, 1]: g_h = sigma(b_h)
+    return (1 - g) * local + g * mem
+
+
+def _add(local: Tensor, mem: Tensor, gate_bias: Optional[Tensor]) -> Tensor:
+    return local + mem
+
+
+def _stop_forward(local: Tensor, mem: Tensor, gate_bias: Optional[Tensor]) -> Tensor:
+    # the 2025 code's STOP_FORWARD: the output is Y_mem, while Y_local still receives the gradient
+    return mem + (local - local.detach())
+
+
+# (Y_local, Y_mem [B, H, T, D], b_h [H] or None) -> Y [B, H, T, D]
+COMBINE: Dict[str, Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]] = {
+    "weighted_mean": _weighted_mean, "add": _add, "stop_forward": _stop_forward,
+}
+
+
+class MemorizingLayer(AttentionLayer):
+    """`layer(x, state) -> (x, new_state)` with state a `KNNMemory` (lrexp.model's layer interface)."""
+
+    def __init__(self, spec: LayerSpec, cfg: "RunConfig", backend: str) -> None:
+        if spec.window is None:
+            raise ValueError("a 'memorizing' layer needs a window: its local attention is the XL layer's")
+        super().__init__(spec, cfg, backend)
+        knn = cfg.model.knn
+        self.memory_size = knn.memory_size
+        self.k = knn.k
+        self.selection = knn.backend
+        self.combine = knn.combine
+        self.state_dtype = STATE_DTYPES[knn.state_dtype]
+        if not knn.local_position_bias:
+            self.rel_bias = None  # the 2025 code: no T5 bias on the memory layer's local attention
+        # b_h, initialised to 0 (g = 0.5); only the weighted mean has a gate
+        self.gate_bias = nn.Parameter(torch.zeros(self.num_heads)) if knn.combine == "weighted_mean" else None
+        self.track_stats = False
+        self.last_stats: Dict[str, float] = {}
+
+    def initial_state(self, batch_size: int, device) -> KNNMemory:
+        return KNNMemory.initial(super().initial_state(batch_size, device), self.memory_size, self.state_dtype)
+
+    def forward(self, x: Tensor, state: KNNMemory) -> Tuple[Tensor, KNNMemory]:
+        w = self.window
+        local, q, k, v = self.self_attention(x, state)  # [B, H, T, D] each
+        slots = select(q.detach(), state.memory_k, state.count, self.k, self.selection)  # [B, H, T, k]
+        keys, values = gather(state.memory_k, slots), gather(state.memory_v, slots)  # [B, H, T, k, D]
+        mem = memory_attention(q, keys, values, self.scale(), self.backend)  # [B, H, T, D]
+        if self.track_stats:
+            self.last_stats = self._stats(q, state, slots)
+        y = COMBINE[self.combine](local, mem, self.gate_bias)  # [B, H, T, D]
+        x = x + self.wo(merge_heads(y))
+        memory_k, memory_v, pointer, count = ring_write(
+            state.memory_k, state.memory_v, state.pointer, state.count, self._store(k), self._store(v)
+        )
+        new_state = KNNMemory(fresh=torch.zeros_like(state.fresh), k=k[:, :, -w:], v=v[:, :, -w:],
+                              memory_k=memory_k, memory_v=memory_v, pointer=pointer, count=count)
+        return self.ffn(x), new_state
+
+    def _store(self, x: Tensor) -> Tensor:
+        """x [B, H, T, D] detached in the storage dtype; fp16 can overflow, which fails here (B.4)."""
+        stored = x.detach().to(self.state_dtype)
+        if self.state_dtype == torch.float16 and not torch.isfinite(stored).all():
+            raise StateError("a kNN memory entry overflows float16; use model.knn.state_dtype=bfloat16")
+        return stored
+
+    @torch.no_grad()
+    def _stats(self, q: Tensor, state: KNNMemory, slots: Tensor) -> Dict[str, float]:
+        """recall_at_k (bucket selection only) and age_steps, the mean age in segments (optimiser steps) of
+        the retrieved entries; nothing while every lane's memory is empty."""
+        count = state.count
+        if not bool((count > 0).any()):
+            return {}
+        stats = {}
+        if self.selection != "exact":
+            exact = select(q, state.memory_k, count, self.k, "exact")  # [B, H, T, k]
+            stats["recall_at_k"] = float(recall_at_k(slots, exact, count))
+        t = q.shape[2]
+        age = (entry_age(slots, state.pointer, self.memory_size) - 1) // t + 1  # [B, H, T, k] segments
+        stats["age_steps"] = float(age[slots < count[:, None, None, None]].float().mean())
+        return stats
+
+
+def track_memory_stats(model: nn.Module, on: bool) -> None:
+    """Whether the memory layers of model compute their statistics at the next forwards; turning it on
+    clears the previous ones, turning it off keeps the last for `memory_stats`."""
+    for layer in model.modules():
+        if isinstance(layer, MemorizingLayer):
+            layer.track_stats = on
+            if on:
+                layer.last_stats = {}
+
+
+def memory_stats(model: nn.Module) -> Dict[str, float]:
+    """The last forward's statistics of every memory layer: {"knn<i>/<name>": value}, i its stack index."""
+    return {f"knn{i}/{name}": value for i, layer in enumerate(getattr(model, "layers", ()))
+            if isinstance(layer, MemorizingLayer) for name, value in layer.last_stats.items()}
+
+
+register_layer("memorizing", MemorizingLayer)
