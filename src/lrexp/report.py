@@ -30,6 +30,7 @@ REPORTS_DIR = PROJECT_ROOT / "reports"
 VAL_BPT = "val/bits_per_token"
 FINAL_BPT = "final/val_bits_per_token"
 FINAL_BPB = "final/val_bits_per_byte"
+FINAL_ANSWER = "final/val_answer_bits_per_token"  # probe corpora only
 FINAL_STEP_TIME = "final/step_time_s"
 FINAL_PARAMS = "final/params"
 FINAL_TOKENS = "final/tokens_seen"
@@ -91,6 +92,7 @@ class GroupRow:
     step_time_rel: Stat = field(default_factory=Stat)
     bits_per_token: Stat = field(default_factory=Stat)
     bits_per_byte: Stat = field(default_factory=Stat)
+    answer_bits: Stat = field(default_factory=Stat)
     params: Stat = field(default_factory=Stat)
     tokens_seen: Stat = field(default_factory=Stat)
 
@@ -204,6 +206,7 @@ def aggregate(cells: List[CellRun], reference: Optional[str]) -> Tuple[List[Grou
         row = GroupRow(group, first.row, first.segment_len, first.window, members, stat(members, FINAL_STEP_TIME))
         row.bits_per_token = stat(members, FINAL_BPT)
         row.bits_per_byte = stat(members, FINAL_BPB)
+        row.answer_bits = stat(members, FINAL_ANSWER)
         row.params = stat(members, FINAL_PARAMS)
         row.tokens_seen = stat(members, FINAL_TOKENS)
         rows.append(row)
@@ -231,15 +234,18 @@ def _count(value: Optional[float]) -> str:
 
 
 COLUMNS = ["cell", "row", "N", "W", "step time", "bits/token", "bits/byte", "params", "tokens seen", "seeds", "status"]
+ANSWER_COLUMN = "answer bits/token"  # after bits/byte, when a cell trained on a probe corpus
 
 
 def table_lines(rows: List[GroupRow]) -> List[str]:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    answers = any(r.answer_bits.mean is not None for r in rows)
+    columns = [*COLUMNS[:7], ANSWER_COLUMN, *COLUMNS[7:]] if answers else COLUMNS
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         cells = [
             f"`{r.group}`", r.row, r.segment_len, r.window, r.step_time_rel.text(2), r.bits_per_token.text(4),
-            r.bits_per_byte.text(4), _count(r.params.mean), _count(r.tokens_seen.mean),
-            f"{len(r.finished)}/{len(r.cells)}", r.status,
+            r.bits_per_byte.text(4), *([r.answer_bits.text(4)] if answers else []), _count(r.params.mean),
+            _count(r.tokens_seen.mean), f"{len(r.finished)}/{len(r.cells)}", r.status,
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -279,8 +285,8 @@ def markdown(name: str, parent, rows: List[GroupRow], reference: Optional[str], 
 def write_csv(rows: List[GroupRow], path: Path) -> None:
     header = [
         "cell", "row", "N", "W", "seeds_finished", "seeds", "status", "step_time_rel", "step_time_rel_std",
-        "step_time_s", "bits_per_token", "bits_per_token_std", "bits_per_byte", "bits_per_byte_std", "params",
-        "tokens_seen", "run_ids",
+        "step_time_s", "bits_per_token", "bits_per_token_std", "bits_per_byte", "bits_per_byte_std",
+        "answer_bits_per_token", "answer_bits_per_token_std", "params", "tokens_seen", "run_ids",
     ]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
@@ -289,8 +295,8 @@ def write_csv(rows: List[GroupRow], path: Path) -> None:
             w.writerow([
                 r.group, r.row, r.segment_len, r.window, len(r.finished), len(r.cells), r.status,
                 r.step_time_rel.mean, r.step_time_rel.std, r.step_time_s.mean, r.bits_per_token.mean,
-                r.bits_per_token.std, r.bits_per_byte.mean, r.bits_per_byte.std, r.params.mean,
-                r.tokens_seen.mean, " ".join(c.run_id for c in r.cells),
+                r.bits_per_token.std, r.bits_per_byte.mean, r.bits_per_byte.std, r.answer_bits.mean,
+                r.answer_bits.std, r.params.mean, r.tokens_seen.mean, " ".join(c.run_id for c in r.cells),
             ])
 
 

@@ -36,7 +36,7 @@ class LastCheckpoint(ModelCheckpoint):
     """`last.ckpt` every `every_n_train_steps` steps and once more when training ends.
 
     ModelCheckpoint alone saves at the end only when max_steps is a multiple of the interval; the final
-    state is what `--resume` with more steps and `lrexp eval` start from.
+    state is what `--resume` with more steps starts from.
     """
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -98,6 +98,7 @@ def test_every_row_runs_and_its_mlflow_run_holds_the_contract(env, row):
                 "final/step_time_s"):
         assert key in metrics, key
     assert any(k.startswith("val/bits_per_token_by_pos/") for k in metrics)
+    assert "val/answer_bits_per_token" not in metrics  # a text corpus has no probe answers
     assert metrics["final/tokens_seen"] == 4 * cfg.data.tokens_per_step
     assert tags["lrexp.row"] == row_name(cfg)
     assert tags["lrexp.scale"] == "smoke" and tags["lrexp.git_sha"]
@@ -188,6 +189,15 @@ def test_a_failed_run_is_marked_failed_with_the_error(env, monkeypatch):
     assert len(runs) == 1
     assert runs[0].info.status == "FAILED"
     assert runs[0].data.tags["lrexp.error"] == "ValueError: the data module broke"
+
+
+def test_a_probe_run_logs_the_loss_on_its_answers(env):
+    cfg = load(env, "data.corpus=passkey", "data.probe.num_docs=40", "data.probe.distance=1", "train.val_steps=8")
+    result = train.run(cfg)
+    metrics = env["client"].get_run(result["run_id"]).data.metrics
+    assert len(history(env, result["run_id"], "val/answer_bits_per_token")) == 2  # both validations
+    assert 0 < metrics["final/val_answer_bits_per_token"] < 20  # 5 digits over a 256-byte vocabulary
+    assert metrics["final/val_answer_bits_per_token"] != metrics["final/val_bits_per_token"]
 
 
 def test_unwritable_store_fails_before_any_work(env, tmp_path, monkeypatch):

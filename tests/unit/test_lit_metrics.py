@@ -76,3 +76,17 @@ def test_batches_are_weighted_by_tokens_not_averaged():
     assert "bits_per_token_by_pos/0-8" in stats.compute()  # doc_pos 0 of the padded lane
     stats.reset()
     assert float(stats.tokens) == 0
+
+
+def test_probe_answers_get_a_loss_of_their_own_and_text_corpora_none():
+    logits, labels, mask, target_bytes, doc_pos = hand_batch()
+    stats = TokenStats(position_bucket_edges(64))
+    nll = token_nll(logits, labels, mask)
+    stats.update(nll, mask, target_bytes, doc_pos)  # a text corpus: no answer flags
+    assert "answer_bits_per_token" not in stats.compute()
+    answer = torch.tensor([[False, True, False, True], [False, True, False, False]])
+    stats.update(nll, mask, target_bytes, doc_pos, answer)
+    nlls = hand_nll(logits, labels, mask)  # answers: targets 1 and 3 of lane 0, target 1 of lane 1
+    out = stats.compute()
+    assert float(out["answer_bits_per_token"]) == pytest.approx((nlls[1] + nlls[3] + nlls[5]) / 3 / math.log(2), rel=1e-6)
+    assert float(out["loss"]) == pytest.approx(sum(nlls) / 6, rel=1e-6)  # the answers stay in the mean too

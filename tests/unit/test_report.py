@@ -137,3 +137,18 @@ def test_counts_and_buckets_format():
     assert report._count(123456) == "123k" and report._count(2.5e6) == "2.5M" and report._count(12) == "12"
     assert sorted(["1024", "64-256", "0-64"], key=report._bucket_low) == ["0-64", "64-256", "1024"]
     assert [report._bucket_text(b) for b in ("0-64", "1024")] == ["0-64", "1024+"]
+
+
+def test_probe_cells_add_an_answer_column_to_table_and_csv(store, tmp_path):
+    client = store["client"]
+    exp = client.create_experiment("lrexp-probe", artifact_location=str(store["root"] / "art"))
+    pid = parent(client, exp, "probe")
+    for seed, answer in enumerate((3.0, 3.4)):
+        metrics = {**finals(0.2, 2.0, 0.8), "final/val_answer_bits_per_token": answer}
+        child(client, exp, pid, f"window=4,seed={seed}", "window=4", seed, metrics=metrics)
+    rep = report.build("probe", tmp_path, uri=store["uri"])
+    header, _, line = [ln for ln in rep.markdown.splitlines() if ln.startswith("|")][:3]
+    assert header.split(" | ")[5:9] == ["bits/token", "bits/byte", "answer bits/token", "params"]
+    assert line.split(" | ")[7] == "3.2000 ± 0.2828"
+    with open(tmp_path / "table.csv") as f:
+        assert float(next(csv.DictReader(f))["answer_bits_per_token"]) == pytest.approx(3.2)

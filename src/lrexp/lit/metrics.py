@@ -3,13 +3,14 @@
 Every number is a ratio of sums reduced over lanes, batches and ranks: summed NLL (nats), summed target
 tokens, summed target bytes. Averaging per-batch means would be wrong, because padded segments make batches
 unequal. The loss by position in the document uses log-spaced buckets of each target's offset from its
-document start, so a run shows whether long-range context is used.
+document start, so a run shows whether long-range context is used. On a probe corpus the answer tokens get
+a loss of their own: the probe's measurement, which the filler around them would drown in the mean.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,10 +41,11 @@ def token_nll(logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
 
 
 class TokenStats(Metric):
-    """Sums for one stage: NLL, target tokens, target bytes, and NLL and tokens per position bucket.
+    """Sums for one stage: NLL, target tokens, target bytes, NLL and tokens per position bucket, and NLL and
+    tokens of probe answers.
 
     `compute()` returns the ratios (loss in nats, bits/token, bits/byte, token perplexity, bits/token per
-    bucket); torchmetrics reduces the sums across ranks before that.
+    bucket, bits/token of the answers); torchmetrics reduces the sums across ranks before that.
     """
 
     full_state_update = False
@@ -53,18 +55,24 @@ class TokenStats(Metric):
         self.names = bucket_names(bucket_edges)
         self.register_buffer("edges", torch.tensor(list(bucket_edges), dtype=torch.long), persistent=False)
         # fp64 sums: a validation pass adds millions of per-token values
-        for name in ("nll", "tokens", "bytes"):
+        for name in ("nll", "tokens", "bytes", "answer_nll", "answer_tokens"):
             self.add_state(name, torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         for name in ("bucket_nll", "bucket_tokens"):
             self.add_state(name, torch.zeros(len(self.names), dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, nll: Tensor, mask: Tensor, target_bytes: Tensor, doc_pos: Tensor) -> None:
-        """nll [B, N] (0 where masked), mask [B, N] bool, target_bytes [B, N], doc_pos [B, N]."""
+    def update(
+        self, nll: Tensor, mask: Tensor, target_bytes: Tensor, doc_pos: Tensor, answer: Optional[Tensor] = None
+    ) -> None:
+        """nll [B, N] (0 where masked), mask [B, N] bool, target_bytes [B, N], doc_pos [B, N]; answer [B, N]
+        bool on probe corpora (targets that are answer tokens, within mask)."""
         nll = nll.double()
         weight = mask.double()
         self.nll += nll.sum()
         self.tokens += weight.sum()
         self.bytes += (target_bytes * mask).sum().double()
+        if answer is not None:
+            self.answer_nll += (nll * answer).sum()
+            self.answer_tokens += answer.sum().double()
         bucket = torch.bucketize(doc_pos, self.edges, right=True).flatten()  # [B*N] in 0..len(edges)
         # one-hot sums rather than index_add_, which has no deterministic CUDA kernel
         onehot = F.one_hot(bucket, len(self.names)).double()  # [B*N, K]
@@ -82,4 +90,6 @@ class TokenStats(Metric):
         for i, name in enumerate(self.names):
             if self.bucket_tokens[i] > 0:  # buckets a short run never reaches are left out, not logged as NaN
                 out[f"bits_per_token_by_pos/{name}"] = self.bucket_nll[i] / (LN2 * self.bucket_tokens[i])
+        if self.answer_tokens > 0:  # probe corpora only
+            out["answer_bits_per_token"] = self.answer_nll / (LN2 * self.answer_tokens)
         return out

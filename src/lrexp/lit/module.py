@@ -82,7 +82,7 @@ class LMModule(pl.LightningModule):
 
     def _eval_step(self, stage: str, batch: Dict[str, Tensor]) -> None:
         nll, mask = self._forward(stage, batch)
-        self.stats[stage].update(nll, mask, batch["target_bytes"], batch["doc_pos"])
+        self.stats[stage].update(nll, mask, batch["target_bytes"], batch["doc_pos"], batch.get("answer_mask"))
 
     def _eval_epoch_end(self, stage: str) -> Dict[str, Tensor]:
         stats = self.stats[stage]
