@@ -23,6 +23,7 @@ from torch import Tensor
 from lrexp.errors import UserError
 
 S = TypeVar("S", bound="LayerState")
+X = TypeVar("X", bound="XLCache")
 
 
 class StateError(UserError, ValueError):
@@ -92,6 +93,12 @@ class XLCache(LayerState):
     def empty(cls, batch_size: int, num_heads: int, window: int, head_dim: int, device) -> "XLCache":
         zeros = torch.zeros(batch_size, num_heads, window, head_dim, device=device)
         return cls(fresh=torch.ones(batch_size, dtype=torch.bool, device=device), k=zeros, v=zeros.clone())
+
+    def advance(self: X, k: Tensor, v: Tensor, **others: Tensor) -> X:
+        """The carry after a segment with keys k-hat and values v [B, H, T, D]: their last W (the cache's
+        width), no lane fresh any more; `others`: a subclass's own fields, new too."""
+        w = self.k.shape[2]
+        return replace(self, fresh=torch.zeros_like(self.fresh), k=k[:, :, -w:], v=v[:, :, -w:], **others)
 
     def reset_rows(self, doc_start: Tensor) -> "XLCache":
         _check_doc_start(doc_start, self.batch_size)

@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 from lrexp import config
 from lrexp.model import build_model
-from lrexp.state import ModelState, StateError, XLCache
+from lrexp.state import KNNMemory, ModelState, StateError, XLCache
 
 
 @pytest.fixture(scope="module")
@@ -79,3 +79,15 @@ def test_checkpoint_tensors_round_trip(model):
         assert torch.equal(value, tensors[name])
     with pytest.raises(StateError, match="unexpected tensor 'layers.0.bogus.k'"):
         ModelState.from_tensors({**tensors, "layers.0.bogus.k": torch.zeros(1)})
+
+
+def test_advance_keeps_the_last_window_clears_fresh_and_keeps_the_kind():
+    cache = XLCache.empty(2, 1, 4, 3, "cpu")  # W = 4
+    memory = KNNMemory.initial(cache, 8, torch.float32)
+    k, v = torch.randn(2, 1, 10, 3), torch.randn(2, 1, 10, 3)  # a segment of 10 tokens
+    pointer = torch.tensor([5, 1])
+    after = memory.advance(k, v, pointer=pointer)
+    assert type(after) is KNNMemory and not after.fresh.any()
+    assert torch.equal(after.k, k[:, :, -4:]) and torch.equal(after.v, v[:, :, -4:])
+    assert after.pointer is pointer and after.memory_k is memory.memory_k  # the others: given or kept
+    assert memory.fresh.all()  # functional: the old state is untouched

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Optional, Tuple
 
-import torch
 from torch import Tensor, nn
 
 from lrexp.attention import HeadScale, MaskSpec, RelativePositionBias, attend, l2_normalize, sliding_window_attention
@@ -78,10 +77,7 @@ class AttentionLayer(nn.Module):
 
     def forward(self, x: Tensor, state: Optional[XLCache]) -> Tuple[Tensor, Optional[XLCache]]:
         o, _, k, v = self.self_attention(x, state)  # [B, H, T, D] each
-        new_state = None
-        if self.window is not None:
-            w = self.window
-            new_state = XLCache(fresh=torch.zeros_like(state.fresh), k=k[:, :, -w:], v=v[:, :, -w:])
+        new_state = None if self.window is None else state.advance(k, v)
         x = x + self.wo(merge_heads(o))  # no dropout after the attention projection (3.7)
         return self.ffn(x), new_state
 

@@ -68,7 +68,7 @@ class StateReadingLayer(AttentionLayer):
             raise ValueError("a feedback layer runs one block at a time with the state's keys: the model's job")
         a, q2, k, v = self.attend_tokens(x, state)
         y = self.read_state(x, a, q2, *feedback)
-        return self.ffn(y), XLCache(fresh=torch.zeros_like(state.fresh), k=k, v=v)
+        return self.ffn(y), state.advance(k, v)
 
 
 register_layer("feedback", StateReadingLayer)

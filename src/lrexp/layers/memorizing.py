@@ -76,7 +76,6 @@ class MemorizingLayer(AttentionLayer):
         return KNNMemory.initial(super().initial_state(batch_size, device), self.memory_size, self.state_dtype)
 
     def forward(self, x: Tensor, state: KNNMemory) -> Tuple[Tensor, KNNMemory]:
-        w = self.window
         local, q, k, v = self.self_attention(x, state)  # [B, H, T, D] each
         slots = select(q.detach(), state.memory_k, state.count, self.k, self.selection)  # [B, H, T, k]
         keys, values = gather(state.memory_k, slots), gather(state.memory_v, slots)  # [B, H, T, k, D]
@@ -88,8 +87,7 @@ class MemorizingLayer(AttentionLayer):
         memory_k, memory_v, pointer, count = ring_write(
             state.memory_k, state.memory_v, state.pointer, state.count, self._store(k), self._store(v)
         )
-        new_state = KNNMemory(fresh=torch.zeros_like(state.fresh), k=k[:, :, -w:], v=v[:, :, -w:],
-                              memory_k=memory_k, memory_v=memory_v, pointer=pointer, count=count)
+        new_state = state.advance(k, v, memory_k=memory_k, memory_v=memory_v, pointer=pointer, count=count)
         return self.ffn(x), new_state
 
     def _store(self, x: Tensor) -> Tensor:

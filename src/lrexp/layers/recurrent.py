@@ -101,14 +101,13 @@ class RecurrentLayer(StateReadingLayer):
         """`projected`: the state module's output for the first block's c. A Feedback stack passes it: it
         runs the cell one block at a time, has begun the segment (`begin_segment`) before its first block,
         and hands the same K_s, V_s to the other layers."""
-        w = self.window
         if projected is None:
             state = self.begin_segment(state)
         a, q2, k, v = self.attend_tokens(x, state)  # [B, H, T, D] each
         prev_valid = ~state.fresh if self.mask_empty_cache else None
         c, (k_s, v_s) = self._scan(state.c, k, v, state, prev_valid, projected)
         y = self.read_state(x, a, q2, k_s, v_s)  # block t reads c_t, the state before its own update
-        new_state = RecurrentState(fresh=torch.zeros_like(state.fresh), k=k[:, :, -w:], v=v[:, :, -w:], c=c)
+        new_state = state.advance(k, v, c=c)
         return self.ffn(y), new_state
 
     def _scan(

@@ -56,10 +56,12 @@ class LMModule(pl.LightningModule):
 
     def training_step(self, batch: Dict[str, Tensor], batch_idx: int) -> Tensor:
         # the kNN memory's recall@k and staleness cost an exact search: only on the steps Lightning logs
-        logged = (self.global_step + 1) % self.cfg.log.every_n_steps == 0
-        track_memory_stats(self.model, logged)
+        logged = bool(self.cfg.derived.knn_layers) and (self.global_step + 1) % self.cfg.log.every_n_steps == 0
+        if logged:
+            track_memory_stats(self.model, True)
         nll, mask = self._forward("train", batch)
-        track_memory_stats(self.model, False)
+        if logged:
+            track_memory_stats(self.model, False)
         nll_sum, count = nll.sum(), mask.sum()
         # The gradient is this rank's token mean; the logged loss is token-weighted over all ranks.
         loss = nll_sum / count.clamp(min=1)
