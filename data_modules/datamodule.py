@@ -7,8 +7,15 @@ schedule and takes the same number of steps.
 
 Training reads an endless stream (epoch after epoch, each a fresh shuffle) and has no length: the trainer
 stops at `max_steps`, and the cursor (`state_dict`) is the number of training batches consumed, so a resumed
-run reads exactly the batch the uninterrupted run would have read next. Validation and test read every
-document to its end, lanes padded with fully masked steps.
+run reads exactly the batch the uninterrupted run would have read next.
+
+Evaluation scores one fixed set of (document, position) targets per pass, whatever N and the lanes
+(models.md 7.5), and always scores the segment-boundary target (its input token is in the segment, so the
+model can predict it; `loss.cross_segment_target` is a training choice). The validations during `fit` read
+the first `train.val_tokens` targets of the fixed document order; `trainer.validate` and `trainer.test`
+(the run's final numbers) read the whole split. An evaluation batch holds only the lanes still reading:
+lanes are sorted longest first, so they form a prefix of this rank's lanes and the batch shrinks at their
+end (`TBPTTCallback` narrows the state to match).
 
 Batch (a dict of tensors, B = lanes of this rank, N = segment length):
   tokens, labels int64 [B, N]; loss_mask bool [B, N]; target_bytes, doc_pos int64 [B, N] (0 where masked);
@@ -18,16 +25,19 @@ Batch (a dict of tensors, B = lanes of this rank, N = segment length):
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lrexp.config import RunConfig
-from lrexp.data_modules.lanes import Schedule, TrainStream, eval_schedule, num_segments
+from lrexp.data_modules.lanes import Schedule, TrainStream, eval_lengths, eval_schedule, lane_lengths, num_segments
 from lrexp.data_modules.store import Prepared, SplitData, check_stream, prepare
 
 
@@ -43,7 +53,10 @@ class SegmentDataset(Dataset):
         eos_id: int,
         token_bytes: np.ndarray,
         cross_segment_target: bool,
+        doc_ends: Optional[np.ndarray] = None,
     ) -> None:
+        """`doc_ends` [D]: where each document's reading stops in the token stream (an evaluation pass
+        may cut a document); default: the document's end."""
         self.split = split
         self.locator = locator
         self.total_lanes = total_lanes
@@ -51,6 +64,7 @@ class SegmentDataset(Dataset):
         self.eos_id = eos_id
         self.token_bytes = token_bytes  # [V]
         self.cross_segment_target = cross_segment_target
+        self.doc_ends = split.offsets[1:] if doc_ends is None else doc_ends  # [D]
 
     def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
         """A batch of one lane (the DataLoader calls `__getitems__` with every lane of a step)."""
@@ -74,7 +88,7 @@ class SegmentDataset(Dataset):
             if doc < 0:
                 continue  # a padding step of an evaluation lane
             start = int(offsets[doc]) + seg * N
-            k = min(N + 1, int(offsets[doc + 1]) - start)  # tokens read: k - 1 targets, the rest is padding
+            k = min(N + 1, int(self.doc_ends[doc]) - start)  # tokens read: k - 1 targets, the rest is padding
             window = stream[start: start + k].astype(np.int64)  # [k]
             tokens[i, : k - 1] = window[:-1]
             labels[i, : k - 1] = window[1:]
@@ -107,36 +121,66 @@ def whole_batch(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 
 
 class LaneBatchSampler(Sampler[List[int]]):
-    """Rank `rank`'s lanes [rank*B, (rank+1)*B) at each step, step-major.
+    """The endless training stream: rank `rank`'s lanes [rank*B, (rank+1)*B) at each step, step-major.
 
-    `steps=None` is the endless training stream: it continues from `position` (the cursor, advanced as
-    batches are drawn), so a second iteration or a restored cursor picks up where it stands. A finite
-    sampler (evaluation) reads steps 0 .. steps-1 on every iteration.
+    It continues from `position` (the cursor, advanced as batches are drawn), so a second iteration or a
+    restored cursor picks up where it stands.
     """
 
-    def __init__(self, total_lanes: int, lanes_per_rank: int, rank: int, steps: Optional[int], position: int = 0):
+    def __init__(self, total_lanes: int, lanes_per_rank: int, rank: int, position: int = 0):
         self.total_lanes = total_lanes
         self.lanes = range(rank * lanes_per_rank, (rank + 1) * lanes_per_rank)
-        self.steps = steps
         self.position = position
 
-    def _batch(self, step: int) -> List[int]:
-        return [step * self.total_lanes + lane for lane in self.lanes]
-
     def __iter__(self) -> Iterator[List[int]]:
-        if self.steps is not None:
-            for step in range(self.steps):
-                yield self._batch(step)
-            return
         while True:
             step = self.position
             self.position += 1
-            yield self._batch(step)
+            yield [step * self.total_lanes + lane for lane in self.lanes]
+
+
+class EvalBatchSampler(Sampler[List[int]]):
+    """One evaluation pass: at each step, the lanes of this rank that are still reading.
+
+    The schedule's lanes are sorted longest first and dealt to ranks in turn (lane i to rank i mod world),
+    so every rank's lanes are sorted too and the ones still reading are a prefix. A rank with nothing to
+    read takes one fully masked step, so every rank runs the evaluation's collectives.
+    """
+
+    def __init__(self, schedule: Schedule, world_size: int, rank: int):
+        self.total_lanes = len(schedule.lane_starts)
+        self.lanes = list(range(rank, self.total_lanes, world_size))
+        self.lengths = lane_lengths(schedule)[self.lanes]  # [lanes of this rank], non-increasing
+
+    def __iter__(self) -> Iterator[List[int]]:
+        for step in range(len(self)):
+            reading = max(1, int((self.lengths > step).sum()))
+            yield [step * self.total_lanes + lane for lane in self.lanes[:reading]]
 
     def __len__(self) -> int:
-        if self.steps is None:
-            raise TypeError("the training stream is endless; the trainer stops at max_steps")
-        return self.steps
+        return max(1, int(self.lengths[0]) if len(self.lengths) else 0)
+
+
+@dataclass(frozen=True)
+class EvalPass:
+    """What one evaluation pass scores: `lengths` [D] tokens read per document of the split (0: not read),
+    `targets` scored in all, and `docs_hash`, a digest of (document id, tokens read) over the documents read,
+    so runs can show they scored the same targets."""
+
+    split: str
+    lengths: np.ndarray
+    targets: int
+    docs_hash: str
+
+
+def eval_pass(prepared: Prepared, split: str, budget: Optional[int]) -> EvalPass:
+    """The targets of an evaluation of `split`: the whole split (budget None) or its first `budget`."""
+    data = prepared.split(split)
+    lengths = eval_lengths(data.doc_lengths(), budget)  # [D]
+    ids = data.doc_ids()
+    read = sorted(np.flatnonzero(lengths), key=ids.__getitem__)
+    digest = hashlib.sha256("\n".join(f"{ids[d]}\t{lengths[d]}" for d in read).encode()).hexdigest()
+    return EvalPass(split, lengths, int(np.maximum(lengths - 1, 0).sum()), digest[:16])
 
 
 class StreamDataModule(pl.LightningDataModule):
@@ -176,17 +220,17 @@ class StreamDataModule(pl.LightningDataModule):
         check_stream(self.prepared, self.segment_len, self.total_lanes)
 
     def train_dataloader(self) -> DataLoader:
-        stream = TrainStream(self._segments("train"), self.total_lanes, self.cfg.data.seed)
-        self._train_sampler = LaneBatchSampler(
-            self.total_lanes, self.lanes_per_rank, self.rank, steps=None, position=self._cursor
-        )
+        stream = TrainStream(self._segments("train"), self.total_lanes, self.cfg.derived.data_seed)
+        self._train_sampler = LaneBatchSampler(self.total_lanes, self.lanes_per_rank, self.rank, self._cursor)
         return self._loader("train", stream, self._train_sampler)
 
     def val_dataloader(self) -> DataLoader:
-        return self._eval_loader("validation")
+        """The validations inside `fit` read `train.val_tokens` targets; `trainer.validate` the whole split."""
+        fitting = self.trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
+        return self.eval_loader("validation", self.cfg.train.val_tokens if fitting else None)
 
     def test_dataloader(self) -> DataLoader:
-        return self._eval_loader("test")
+        return self.eval_loader("test", None)
 
     def state_dict(self) -> Dict[str, object]:
         return {
@@ -223,19 +267,24 @@ class StreamDataModule(pl.LightningDataModule):
             return self._train_sampler.position
         return self._cursor
 
-    def eval_steps(self, split: str) -> int:
-        """Steps of a full pass over `split` (every document to its end)."""
-        return eval_schedule(self._segments(split), self.total_lanes, self.cfg.data.seed).steps
+    def eval_pass(self, split: str, budget: Optional[int]) -> EvalPass:
+        return eval_pass(self.prepared, split, budget)
+
+    def eval_loader(self, split: str, budget: Optional[int]) -> DataLoader:
+        """One evaluation pass over `split` (see `eval_pass`), boundary targets scored."""
+        data = self.prepared.split(split)
+        lengths = self.eval_pass(split, budget).lengths
+        schedule = eval_schedule(num_segments(lengths, self.segment_len), self.total_lanes)
+        sampler = EvalBatchSampler(schedule, self.world_size, self.rank)
+        return self._loader(split, schedule, sampler, data.offsets[:-1] + lengths)
 
     def _segments(self, split: str) -> np.ndarray:
         return num_segments(self.prepared.split(split).doc_lengths(), self.segment_len)
 
-    def _eval_loader(self, split: str) -> DataLoader:
-        schedule = eval_schedule(self._segments(split), self.total_lanes, self.cfg.data.seed)
-        sampler = LaneBatchSampler(self.total_lanes, self.lanes_per_rank, self.rank, steps=schedule.steps)
-        return self._loader(split, schedule, sampler)
-
-    def _loader(self, split: str, locator: Union[TrainStream, Schedule], sampler: LaneBatchSampler) -> DataLoader:
+    def _loader(
+        self, split: str, locator: Union[TrainStream, Schedule], sampler: Sampler, doc_ends: Optional[np.ndarray] = None
+    ) -> DataLoader:
+        evaluating = doc_ends is not None
         dataset = SegmentDataset(
             self.prepared.split(split),
             locator,
@@ -243,7 +292,8 @@ class StreamDataModule(pl.LightningDataModule):
             self.segment_len,
             self.prepared.eos_id,
             self.prepared.token_bytes,
-            self.cfg.loss.cross_segment_target,
+            cross_segment_target=evaluating or self.cfg.loss.cross_segment_target,
+            doc_ends=doc_ends,
         )
         workers = self.cfg.data.num_workers
         return DataLoader(

@@ -4,8 +4,12 @@ A schedule is a pure function of (document lengths, order, total lanes, N): each
 to the lane with the fewest segments so far (ties: the lowest lane), and a lane reads its documents one
 after the other, one segment per step. Segment s of a document reads doc[sN : sN+N+1] (N inputs, N shifted
 targets), so a document of L tokens has ceil((L - 1) / N) segments. Training truncates every lane to the
-shortest (every rank must take the same number of steps); evaluation pads lanes with empty steps, so that
-every document is read to its end.
+shortest (every rank must take the same number of steps).
+
+Evaluation scores the same targets whatever N and the lane count (models.md 7.5): the documents of a pass
+and how much of each is read (`eval_lengths`) depend on the split and a token budget alone, in one fixed
+order. Its lanes are sorted longest first, so the lanes still reading at any step are a prefix: the batch
+shrinks as lanes finish instead of carrying padding to the end of the longest document.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 import bisect
 import heapq
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -65,9 +69,45 @@ def build(segments: np.ndarray, order: np.ndarray, total_lanes: int, truncate: b
     )
 
 
-def eval_schedule(segments: np.ndarray, total_lanes: int, seed: int) -> Schedule:
-    """Validation / test: every document complete; the same order on every run."""
-    return build(segments, shuffled(len(segments), seed, 0), total_lanes, truncate=False)
+EVAL_ORDER_SEED = 0  # the evaluation's document order: fixed, so every run of every row reads the same prefix
+
+
+def eval_order(num_docs: int) -> np.ndarray:
+    return shuffled(num_docs, EVAL_ORDER_SEED, 0)
+
+
+def eval_lengths(doc_lengths: np.ndarray, budget: Optional[int]) -> np.ndarray:
+    """[D] tokens of each document an evaluation pass reads: every document whole (budget None), or the
+    documents in the fixed evaluation order until `budget` targets are read, the last one cut where the
+    budget ends (causal models predict a prefix exactly as they predict it inside the whole document)."""
+    lengths = np.asarray(doc_lengths, dtype=np.int64)
+    if budget is None:
+        return lengths.copy()
+    out = np.zeros_like(lengths)
+    left = int(budget)
+    for d in eval_order(len(lengths)):
+        if left <= 0:
+            break
+        targets = min(max(int(lengths[d]) - 1, 0), left)
+        out[d] = targets + 1 if targets else 0
+        left -= targets
+    return out
+
+
+def eval_schedule(segments: np.ndarray, total_lanes: int) -> Schedule:
+    """Validation / test: every document of the pass to its end, lanes sorted longest first."""
+    schedule = build(segments, eval_order(len(segments)), total_lanes, truncate=False)
+    order = sorted(range(total_lanes), key=lambda lane: -int(schedule.lane_starts[lane][-1]))
+    return Schedule(
+        lane_docs=tuple(schedule.lane_docs[lane] for lane in order),
+        lane_starts=tuple(schedule.lane_starts[lane] for lane in order),
+        steps=schedule.steps,
+    )
+
+
+def lane_lengths(schedule: Schedule) -> np.ndarray:
+    """[lanes] steps each lane reads."""
+    return np.array([int(starts[-1]) for starts in schedule.lane_starts], dtype=np.int64)
 
 
 class TrainStream:

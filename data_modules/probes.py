@@ -78,7 +78,7 @@ def listing(kind: str, cfg: RunConfig) -> Listing:
     gap = p.distance * n
     docs = []
     for i in range(p.num_docs):
-        rng = random.Random(f"{kind}/{cfg.data.seed}/{i}")  # str seeds hash the same on every machine
+        rng = random.Random(f"{kind}/{p.seed}/{i}")  # str seeds hash the same on every machine
         pre = rng.randrange(n)  # where in a segment the information lands varies per document
         if kind == "passkey":
             text, spans = passkey(rng, gap, pre)
@@ -87,7 +87,7 @@ def listing(kind: str, cfg: RunConfig) -> Listing:
         else:
             text, spans = copy(rng, gap, pre)
         docs.append(Document(id=f"{kind}/{i:06d}", read=_constant(text), size=len(text), answers=tuple(spans)))
-    fingerprint = {"corpus": kind, "seed": cfg.data.seed, "distance": p.distance, "num_docs": p.num_docs,
+    fingerprint = {"corpus": kind, "seed": p.seed, "distance": p.distance, "num_docs": p.num_docs,
                    "segment_len": n, "generator": "v1"}
     if kind == "assoc_recall":
         fingerprint["num_pairs"] = p.num_pairs
@@ -95,7 +95,7 @@ def listing(kind: str, cfg: RunConfig) -> Listing:
         name=kind,
         documents=docs,
         fingerprint=fingerprint,
-        sources=[{"name": f"synthetic {kind} probe, seed {cfg.data.seed}, distance {p.distance} segments",
+        sources=[{"name": f"synthetic {kind} probe, seed {p.seed}, distance {p.distance} segments",
                   "licence": "generated"}],
         probe=True,
     )

@@ -131,6 +131,7 @@ class ProbeConfig:
     distance: int = 2  # segments between the needed information and the answer (beyond W and the XL cache)
     num_docs: int = 256
     num_pairs: int = 8  # assoc_recall: key-value pairs per document
+    seed: int = 0  # the generator's: the corpus itself, the same whatever the training seeds
 
 
 @dataclass
@@ -139,7 +140,7 @@ class DataConfig:
     tokenizer: Literal["bpe", "bytes"] = "bpe"
     vocab_size: int = 32128  # BPE only; the bytes tokenizer has a fixed vocabulary
     tokens_per_step: int = "${scale.tokens_per_step}"  # type: ignore[assignment]
-    seed: int = 0
+    seed: Optional[int] = None  # the training stream's shuffle; None: train.seed, so a seed axis varies both
     append_eos: bool = True
     cache_dir: str = "data_cache"  # relative paths are under the project root
     num_workers: int = 0
@@ -161,9 +162,10 @@ class LossConfig:
 class OptimConfig:
     name: Literal["adafactor", "adamw"] = "adafactor"
     schedule: Literal["rsqrt", "cosine"] = "rsqrt"
-    lr: Optional[float] = None  # peak; None = 1/sqrt(warmup_steps), the paper's rsqrt peak
+    lr: Optional[float] = None  # peak; None: 1/sqrt(warmup_steps) for adafactor (the paper's), 3e-4 for adamw
     warmup_steps: int = 1000
-    weight_decay: float = 0.0
+    beta1: Optional[float] = 0.9  # adafactor's first moment (the code's 0.9); None: none (1x less memory)
+    weight_decay: float = 0.0  # adamw: decoupled, times lr; adafactor: (1 - wd) * param per step (Flax)
     grad_clip: float = 0.0  # 0 disables clipping
 
 
@@ -171,7 +173,7 @@ class OptimConfig:
 class TrainConfig:
     max_steps: int = 500_000
     val_every: int = 1000  # optimiser steps between validations
-    val_steps: int = 400  # segments per lane in one validation pass
+    val_tokens: int = 1_638_400  # targets per validation in fit, the same for every row; the final pass reads all
     accumulate_grad_batches: int = 1
     precision: str = "32-true"
     devices: int = 1
@@ -190,6 +192,9 @@ class LogConfig:
     tags: Dict[str, str] = field(default_factory=dict)
     every_n_steps: int = 50  # optimiser steps between logged training metrics
     perf_warmup_steps: int = 50  # steps left out of perf/step_time_s (at most half of those run)
+    # Edges of the loss-by-position buckets in tokens from the document start; None: 8W, 32W, 128W with W
+    # the scale's window (the paper's 4k / 16k / 64k), the same for every row of a scale.
+    position_buckets: Optional[List[int]] = None
     progress_bar: bool = True
 
 
@@ -203,6 +208,8 @@ class DerivedConfig:
     lanes_per_rank: int = 0
     recurrent_layers: List[int] = field(default_factory=list)  # absolute indices
     knn_layers: List[int] = field(default_factory=list)  # absolute indices of the kNN memory layers
+    data_seed: int = 0  # data.seed, else train.seed
+    position_buckets: List[int] = field(default_factory=list)  # log.position_buckets, else the scale's
 
 
 @dataclass
@@ -426,7 +433,7 @@ _POSITIVE = (
     "model.d_ff", "model.num_layers", "model.window", "model.blocks_per_segment", "model.segment_len",
     "model.recurrent.num_states", "model.knn.memory_size", "model.knn.k", "model.attn.num_buckets",
     "model.attn.max_distance", "data.vocab_size", "data.tokens_per_step",
-    "optim.warmup_steps", "train.max_steps", "train.val_every", "train.val_steps",
+    "optim.warmup_steps", "train.max_steps", "train.val_every", "train.val_tokens",
     "train.accumulate_grad_batches", "train.devices",
 )
 
@@ -459,10 +466,14 @@ def resolve(cfg: RunConfig) -> RunConfig:
         if not 0.0 <= value < 1.0:
             raise ConfigError(f"'{path}' must be in [0, 1), got {value}")
     for path in ("data.num_workers", "train.seed", "data.seed", "optim.weight_decay", "optim.grad_clip"):
-        if _get(cfg, path) < 0:
-            raise ConfigError(f"'{path}' must be >= 0, got {_get(cfg, path)}")
+        value = _get(cfg, path)
+        if value is not None and value < 0:
+            raise ConfigError(f"'{path}' must be >= 0, got {value}")
     if cfg.optim.lr is not None and cfg.optim.lr <= 0:
         raise ConfigError(f"'optim.lr' must be > 0, got {cfg.optim.lr}")
+    if cfg.optim.beta1 is not None and not 0.0 <= cfg.optim.beta1 < 1.0:
+        raise ConfigError(f"'optim.beta1' must be in [0, 1) or null, got {cfg.optim.beta1}")
+    buckets = _position_buckets(cfg)
 
     m = cfg.model
     _check_registered(m)
@@ -494,8 +505,21 @@ def resolve(cfg: RunConfig) -> RunConfig:
         lanes_per_rank=lanes // world,
         recurrent_layers=sorted(recurrent_layers),
         knn_layers=sorted(knn_layers),
+        data_seed=cfg.train.seed if cfg.data.seed is None else cfg.data.seed,
+        position_buckets=buckets,
     )
     return cfg
+
+
+def _position_buckets(cfg: RunConfig) -> List[int]:
+    """Bucket edges of the loss by position: a function of the scale alone, never of a row's N or W, so
+    every row of a grid logs the same buckets (models.md 7.3)."""
+    edges = cfg.log.position_buckets
+    if edges is None:
+        return [8 * cfg.scale.window * 4**i for i in range(3)]  # 4096, 16384, 65536 at the paper's W = 512
+    if not edges or any(e <= 0 for e in edges) or any(b <= a for a, b in zip(edges, edges[1:])):
+        raise ConfigError(f"'log.position_buckets' must be increasing positive token counts, got {list(edges)}")
+    return list(edges)
 
 
 def _absolute_layers(path: str, indices: List[int], num_layers: int) -> List[int]:

@@ -7,7 +7,7 @@ stateless layer. A layer state kind is a frozen dataclass of tensors whose first
   (a learned initial state) only raises its per-lane `fresh` flag here; the owning layer substitutes the
   parameter at its next forward and clears the flag. Kinds whose fresh value is a constant may also set
   it here (the XL cache is zeroed at once).
-- `detach()`, `to_tensors()`, `from_tensors()` work field by field.
+- `detach()`, `lanes(index)`, `to_tensors()`, `from_tensors()` work field by field.
 
 A new kind is one `@register_state` dataclass here with a unique `kind` name (the checkpoint key).
 """
@@ -54,6 +54,10 @@ class LayerState:
 
     def detach(self: S) -> S:
         return replace(self, **{f.name: getattr(self, f.name).detach() for f in fields(self)})
+
+    def lanes(self: S, index: slice) -> S:
+        """The state of the lanes `index` selects (every field is lane-first)."""
+        return replace(self, **{f.name: getattr(self, f.name)[index] for f in fields(self)})
 
     def to_tensors(self) -> Dict[str, Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -188,6 +192,11 @@ class ModelState:
 
     def detach(self) -> "ModelState":
         return replace(self, layers=tuple(s if s is None else s.detach() for s in self.layers))
+
+    def lanes(self, index: slice) -> "ModelState":
+        """The state of the lanes `index` selects, say the first n of an evaluation batch that shrinks."""
+        layers = tuple(s if s is None else s.lanes(index) for s in self.layers)
+        return ModelState(layers=layers, batch_size=len(range(*index.indices(self.batch_size))))
 
     def to_tensors(self) -> Dict[str, Tensor]:
         """Flat tensors for checkpoints: `layers.<i>.<kind>.<field>` plus the layer count and lanes."""

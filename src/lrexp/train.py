@@ -1,9 +1,10 @@
 """`run(cfg) -> final metrics`: one training run, the one place a Trainer is built.
 
 Order: the MLflow run first (a store that cannot be written fails before any work, and every later
-failure is recorded on the run), then the data, the model and the Lightning objects, then `fit`, a final
-validation if the last step did not end with one, a test pass (`train.val_steps` segments per lane, like
-validation), and the `final/*` summary.
+failure is recorded on the run), then the data, the model and the Lightning objects, then `fit` (with
+validations of `train.val_tokens` targets), the final passes over the whole validation and test splits
+(`final/val_*`, `final/test_*`: every target of every document but its first, the same for every row of a
+grid, models.md 7.5), and the `final/*` summary.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lrexp import config as config_mod
 from lrexp.config import ConfigError, RunConfig
 from lrexp.data_modules import StreamDataModule, prepare
+from lrexp.data_modules.datamodule import eval_pass
 from lrexp.lit import checkpoint as ckpt_mod
 from lrexp.lit import tracking
 from lrexp.lit.module import LMModule
@@ -28,8 +30,8 @@ from lrexp.lit.seeding import StepSeedCallback
 from lrexp.lit.tbptt import TBPTTCallback
 from lrexp.model import build_model
 
-# Metrics summarised as final/* at the end of a run.
-_SUMMARY_PREFIXES = ("train/loss", "val/", "test/", "perf/")
+# Metrics summarised as final/* at the end of a run (the final passes log their own final/val_*, final/test_*).
+_SUMMARY_PREFIXES = ("train/loss", "perf/")
 
 
 class LastCheckpoint(ModelCheckpoint):
@@ -76,8 +78,6 @@ def build_trainer(
         # validation every val_every optimiser steps, counted over epochs (check_val_every_n_epoch=None)
         val_check_interval=t.val_every * t.accumulate_grad_batches,
         check_val_every_n_epoch=None,
-        limit_val_batches=t.val_steps,
-        limit_test_batches=t.val_steps,
         log_every_n_steps=cfg.log.every_n_steps,
         logger=logger if logger is not None else False,
         callbacks=[StepSeedCallback(t.seed), *callbacks, perf, last],
@@ -89,12 +89,23 @@ def build_trainer(
 
 
 def _summary(metrics: Dict[str, Any]) -> Dict[str, float]:
-    """val/bits_per_token -> final/val_bits_per_token; perf/step_time_s -> final/step_time_s."""
+    """train/loss -> final/train_loss; perf/step_time_s -> final/step_time_s."""
     return {
         "final/" + name.removeprefix("perf/").replace("/", "_"): float(value)
         for name, value in sorted(metrics.items())
         if name.startswith(_SUMMARY_PREFIXES)
     }
+
+
+def eval_tags(cfg: RunConfig, prepared) -> Dict[str, str]:
+    """Digests of the targets each evaluation scores, so a reader can check that runs match (models.md 7.5)."""
+    tags = {}
+    for name, split, budget in (("val", "validation", None), ("test", "test", None),
+                                ("val_budget", "validation", cfg.train.val_tokens)):
+        scored = eval_pass(prepared, split, budget)
+        tags[f"lrexp.eval.{name}_targets"] = str(scored.targets)
+        tags[f"lrexp.eval.{name}_docs_hash"] = scored.docs_hash
+    return tags
 
 
 def run(cfg: RunConfig, resume: Optional[str] = None) -> Dict[str, Any]:
@@ -114,7 +125,8 @@ def run(cfg: RunConfig, resume: Optional[str] = None) -> Dict[str, Any]:
         model = build_model(cfg, prepared.vocab_size)
         checkpoint_dir = ckpt_mod.run_dir(cfg, str(run_id))
         n_params = sum(p.numel() for p in model.parameters())
-        tracking.set_tags(logger, {"lrexp.backend": model.backend, "lrexp.checkpoint_dir": str(checkpoint_dir)})
+        tracking.set_tags(logger, {"lrexp.backend": model.backend, "lrexp.checkpoint_dir": str(checkpoint_dir),
+                                   **eval_tags(cfg, prepared)})
         tracking.log_artifact_dict(logger, prepared.meta, "data_meta.json")
 
         tbptt = TBPTTCallback()
@@ -128,16 +140,17 @@ def run(cfg: RunConfig, resume: Optional[str] = None) -> Dict[str, Any]:
         # Under ddp_fork / ddp_spawn the main process's trainer never sees the workers' step (it stays 0,
         # engineering.md 6; max_steps > 0 otherwise): the final checkpoint holds it.
         steps = trainer.global_step or ckpt_mod.saved_step(checkpoint_dir / ckpt_mod.LAST)
-        if module.last_val_step != steps:
-            trainer.validate(module, datamodule=datamodule, verbose=False)
-            metrics.update(trainer.callback_metrics)
-        trainer.test(module, datamodule=datamodule, verbose=False)  # test/*: the split the paper reports
-        metrics.update(trainer.callback_metrics)
-        final = _summary(metrics)
-        final["final/params"] = float(n_params)
-        final["final/steps"] = float(steps)
-        final["final/tokens_seen"] = float(steps * cfg.train.accumulate_grad_batches * cfg.data.tokens_per_step)
-        tracking.finish(logger, final, steps)
+        summary = _summary(metrics)
+        summary["final/params"] = float(n_params)
+        summary["final/steps"] = float(steps)
+        summary["final/tokens_seen"] = float(steps * cfg.train.accumulate_grad_batches * cfg.data.tokens_per_step)
+        # the final passes log final/val_* and final/test_* themselves
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+        passes = dict(trainer.callback_metrics)
+        trainer.test(module, datamodule=datamodule, verbose=False)  # the split the paper reports
+        passes.update(trainer.callback_metrics)
+        final = {**{k: float(v) for k, v in passes.items() if k.startswith("final/")}, **summary}
+        tracking.finish(logger, summary, steps)
     except BaseException as exc:
         tracking.fail(logger, exc)
         raise

@@ -44,7 +44,7 @@ def env(tmp_path_factory):
             "scale": "smoke",
             "data": {"corpus": str(corpus), "tokenizer": "bytes", "cache_dir": str(root / "data"),
                      "val_fraction": 0.25, "test_fraction": 0.25},
-            "train": {"max_steps": 3, "val_every": 3, "val_steps": 2, "accelerator": "cpu",
+            "train": {"max_steps": 3, "val_every": 3, "val_tokens": 256, "accelerator": "cpu",
                       "checkpoint_dir": str(root / "ckpt")},
             "log": {"tracking_uri": uri, "every_n_steps": 1, "perf_warmup_steps": 1},
         },

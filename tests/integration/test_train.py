@@ -17,6 +17,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from lrexp import config, train
+from lrexp.data_modules import prepare
 from lrexp.config import EXPERIMENTS
 from lrexp.lit import checkpoint as ckpt_mod
 from lrexp.lit import tracking
@@ -62,7 +63,7 @@ def env(tmp_path_factory):
             "train.accelerator=cpu",
             "train.max_steps=4",
             "train.val_every=2",
-            "train.val_steps=2",
+            "train.val_tokens=256",
         ],
     }
 
@@ -95,8 +96,13 @@ def test_every_row_runs_and_its_mlflow_run_holds_the_contract(env, row):
     for key in ("train/loss", "val/loss", "val/bits_per_token", "val/bits_per_byte", "val/ppl",
                 "perf/step_time_s", "perf/tokens_per_s", "perf/peak_mem_mb",
                 "final/val_bits_per_token", "final/val_bits_per_byte", "final/params", "final/tokens_seen",
-                "final/step_time_s"):
+                "final/step_time_s", "final/val_targets", "final/test_bits_per_token", "final/test_targets",
+                "val/targets"):
         assert key in metrics, key
+    for split in ("val", "test", "val_budget"):
+        assert tags[f"lrexp.eval.{split}_docs_hash"] and int(tags[f"lrexp.eval.{split}_targets"]) > 0
+    assert metrics["final/val_targets"] == int(tags["lrexp.eval.val_targets"])
+    assert metrics["val/targets"] == int(tags["lrexp.eval.val_budget_targets"]) == 256
     assert any(k.startswith("val/bits_per_token_by_pos/") for k in metrics)
     assert "val/answer_bits_per_token" not in metrics  # a text corpus has no probe answers
     assert metrics["final/tokens_seen"] == 4 * cfg.data.tokens_per_step
@@ -108,6 +114,32 @@ def test_every_row_runs_and_its_mlflow_run_holds_the_contract(env, row):
     assert {"config.yaml", "data_meta.json"} <= artifacts
     assert result["final/val_bits_per_token"] == metrics["final/val_bits_per_token"]
     assert Path(result["checkpoint"]).is_file()
+
+
+def test_rows_of_a_grid_are_scored_on_the_same_targets(env):
+    """models.md 7.5: XL (N = W, 16 lanes) and Slide (N = 8W, 2 lanes) score the same targets in the final passes
+    (every target of every document but its first) and in the validations during training."""
+    runs = {row: train.run(load(env, f"row={row}", "train.max_steps=2", "train.val_every=2")) for row in ("xl512", "slide13")}
+    metrics = {row: env["client"].get_run(r["run_id"]).data for row, r in runs.items()}
+    xl, slide = metrics["xl512"], metrics["slide13"]
+    assert xl.params["derived.segment_len"] != slide.params["derived.segment_len"]
+    prepared = prepare(load(env))
+    for split, key in (("validation", "val"), ("test", "test")):
+        lengths = prepared.split(split).doc_lengths()
+        expected = int(lengths.sum() - len(lengths))  # the split's tokens minus one per document
+        assert xl.metrics[f"final/{key}_targets"] == slide.metrics[f"final/{key}_targets"] == expected
+        assert xl.tags[f"lrexp.eval.{key}_docs_hash"] == slide.tags[f"lrexp.eval.{key}_docs_hash"]
+    assert xl.metrics["val/targets"] == slide.metrics["val/targets"] == 256
+    assert xl.tags["lrexp.eval.val_budget_docs_hash"] == slide.tags["lrexp.eval.val_budget_docs_hash"]
+    assert {k for k in xl.metrics if "_by_pos" in k} == {k for k in slide.metrics if "_by_pos" in k}
+
+
+def test_validations_are_logged_at_their_optimiser_step_and_the_last_loss_too(env):
+    result = train.run(load(env, "train.max_steps=5", "train.val_every=2", "log.every_n_steps=50"))
+    assert sorted(history(env, result["run_id"], "val/loss")) == [2, 4]
+    # the loss of update k is logged at step k - 1 (the updates before it), the last one too in a run shorter
+    # than log.every_n_steps
+    assert max(history(env, result["run_id"], "train/loss")) == 4
 
 
 @pytest.mark.parametrize("kind", ["XL", "Slide", "Rec"])
@@ -192,7 +224,7 @@ def test_a_failed_run_is_marked_failed_with_the_error(env, monkeypatch):
 
 
 def test_a_probe_run_logs_the_loss_on_its_answers(env):
-    cfg = load(env, "data.corpus=passkey", "data.probe.num_docs=40", "data.probe.distance=1", "train.val_steps=8")
+    cfg = load(env, "data.corpus=passkey", "data.probe.num_docs=40", "data.probe.distance=1", "train.val_tokens=2048")
     result = train.run(cfg)
     metrics = env["client"].get_run(result["run_id"]).data.metrics
     assert len(history(env, result["run_id"], "val/answer_bits_per_token")) == 2  # both validations

@@ -6,7 +6,8 @@ import pytest
 import torch
 from mlflow.utils.validation import _validate_metric_name
 
-from lrexp.lit.metrics import TokenStats, bucket_names, position_bucket_edges, token_nll
+from lrexp import config
+from lrexp.lit.metrics import TokenStats, bucket_names, token_nll
 
 
 def hand_batch():
@@ -34,7 +35,7 @@ def hand_nll(logits, labels, mask):
 
 def test_bits_per_byte_is_bits_per_token_times_tokens_over_bytes():
     logits, labels, mask, target_bytes, doc_pos = hand_batch()
-    stats = TokenStats(position_bucket_edges(64))
+    stats = TokenStats([64, 256, 1024])
     stats.update(token_nll(logits, labels, mask), mask, target_bytes, doc_pos)
     out = stats.compute()
     nlls = hand_nll(logits, labels, mask)
@@ -45,13 +46,27 @@ def test_bits_per_byte_is_bits_per_token_times_tokens_over_bytes():
     assert float(out["ppl"]) == pytest.approx(2 ** float(out["bits_per_token"]), rel=1e-6)
 
 
+def test_position_buckets_are_the_scales_for_every_row():
+    """models.md 7.3: the paper's 0-4k / 4k-16k / 16k-64k / >64k at paper scale, scaled by the scale's window
+    elsewhere, never by a row's N: XL:W (N = W) and Slide:13L (N = 8W) of one scale share them."""
+    paper = [config.load(overrides=["scale=paper", f"row={r}"]).derived.position_buckets for r in ("xl512", "slide13")]
+    assert paper == [[4096, 16384, 65536]] * 2
+    for scale in ("smoke", "tiny", "small"):
+        rows = {r: config.load(overrides=[f"scale={scale}", f"row={r}"]) for r in ("xl512", "xl2048", "slide13", "full")}
+        assert len({tuple(c.derived.position_buckets) for c in rows.values()}) == 1, scale
+        assert rows["xl512"].derived.segment_len != rows["slide13"].derived.segment_len
+    custom = config.load(overrides=["scale=smoke", "log.position_buckets=[100,1000]"])
+    assert custom.derived.position_buckets == [100, 1000]
+    with pytest.raises(config.ConfigError, match="log.position_buckets"):
+        config.load(overrides=["scale=smoke", "log.position_buckets=[100,50]"])
+
+
 def test_loss_by_position_uses_log_spaced_buckets():
-    assert position_bucket_edges(4096) == [4096, 16384, 65536]  # the paper's 0-4k / 4k-16k / 16k-64k / >64k
     assert bucket_names([64, 256, 1024]) == ["0-64", "64-256", "256-1024", "1024"]
     for name in bucket_names([64, 256, 1024]):  # a bad name would fail the run when it is first logged
         _validate_metric_name(f"val/bits_per_token_by_pos/{name}")
     logits, labels, mask, target_bytes, doc_pos = hand_batch()
-    stats = TokenStats(position_bucket_edges(64))
+    stats = TokenStats([64, 256, 1024])
     stats.update(token_nll(logits, labels, mask), mask, target_bytes, doc_pos)
     out = stats.compute()
     nlls = hand_nll(logits, labels, mask)  # positions 62, 63, 64, 65, 1000, 1500
@@ -80,7 +95,7 @@ def test_batches_are_weighted_by_tokens_not_averaged():
 
 def test_probe_answers_get_a_loss_of_their_own_and_text_corpora_none():
     logits, labels, mask, target_bytes, doc_pos = hand_batch()
-    stats = TokenStats(position_bucket_edges(64))
+    stats = TokenStats([64, 256, 1024])
     nll = token_nll(logits, labels, mask)
     stats.update(nll, mask, target_bytes, doc_pos)  # a text corpus: no answer flags
     assert "answer_bits_per_token" not in stats.compute()

@@ -30,6 +30,13 @@ class ToyState:
     def detach(self) -> "ToyState":
         return ToyState(self.h.detach())
 
+    @property
+    def batch_size(self) -> int:
+        return self.h.shape[0]
+
+    def lanes(self, index: slice) -> "ToyState":
+        return ToyState(self.h[index])
+
     def to_tensors(self) -> dict:
         return {"h": self.h}
 

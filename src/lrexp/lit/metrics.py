@@ -3,7 +3,8 @@
 Every number is a ratio of sums reduced over lanes, batches and ranks: summed NLL (nats), summed target
 tokens, summed target bytes. Averaging per-batch means would be wrong, because padded segments make batches
 unequal. The loss by position in the document uses log-spaced buckets of each target's offset from its
-document start, so a run shows whether long-range context is used. On a probe corpus the answer tokens get
+document start (edges from the scale, `derived.position_buckets`, so every row of a grid shares them), so a
+run shows whether long-range context is used. On a probe corpus the answer tokens get
 a loss of their own: the probe's measurement, which the filler around them would drown in the mean.
 """
 
@@ -18,12 +19,6 @@ from torch import Tensor
 from torchmetrics import Metric
 
 LN2 = math.log(2.0)
-
-
-def position_bucket_edges(segment_len: int, count: int = 3, base: int = 4) -> List[int]:
-    """Bucket edges N, 4N, 16N, ...: the paper's 0-4k / 4k-16k / 16k-64k / >64k for N = 4096, and several
-    buckets at every scale (N = 64 gives 0-64 / 64-256 / 256-1024 / >1024)."""
-    return [segment_len * base**i for i in range(count)]
 
 
 def bucket_names(edges: Sequence[int]) -> List[str]:
@@ -82,6 +77,7 @@ class TokenStats(Metric):
     def compute(self) -> Dict[str, Tensor]:
         loss = self.nll / self.tokens
         out = {
+            "targets": self.tokens,  # scored targets: equal across the rows of a grid in a final pass
             "loss": loss,
             "bits_per_token": loss / LN2,
             "bits_per_byte": self.nll / (LN2 * self.bytes),

@@ -2,21 +2,26 @@
 
 The carried state is not kept here: each step asks the `TBPTTCallback` for the state of its stage (already
 reset for lanes that start a document) and gives the new state back. The model's forward is pure.
+
+The validations inside `fit` log `val/*` (a fixed budget of targets, the curve); `trainer.validate` and
+`trainer.test` are the final passes over whole splits and log `final/val_*` and `final/test_*`, the numbers
+a grid compares (the data module picks the pass by the same rule).
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 
 from lrexp import config as config_mod
 from lrexp.config import RunConfig
 from lrexp.errors import UserError
 from lrexp.layers.memorizing import memory_stats, track_memory_stats
-from lrexp.lit.metrics import TokenStats, position_bucket_edges, token_nll
+from lrexp.lit.metrics import TokenStats, token_nll
 from lrexp.lit.optim import build_optimizer, build_scheduler
 from lrexp.lit.tbptt import TBPTTCallback
 
@@ -34,9 +39,8 @@ class LMModule(pl.LightningModule):
         self.model = model
         self.tbptt = tbptt
         self.vocab_size = vocab_size
-        edges = position_bucket_edges(cfg.derived.segment_len)
+        edges = cfg.derived.position_buckets
         self.stats = nn.ModuleDict({"val": TokenStats(edges), "test": TokenStats(edges)})
-        self.last_val_step: Optional[int] = None  # optimiser step of the last (non-sanity) validation
 
     def setup(self, stage: str) -> None:
         if not any(cb is self.tbptt for cb in self.trainer.callbacks):
@@ -76,6 +80,11 @@ class LMModule(pl.LightningModule):
             )
         batch_size = mask.shape[0]
         self.log("train/loss", global_loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
+        last = self.global_step + 1 == self.trainer.max_steps
+        if last and (self.global_step + 1) % self.trainer.log_every_n_steps and self.logger is not None:
+            # Lightning logs every log.every_n_steps only: the last update's loss too, so that a run shorter
+            # than the interval has one (micro-batches of that update: the last one's value stays)
+            self.logger.log_metrics({"train/loss": global_loss.item()}, step=self.global_step)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False,
                  batch_size=batch_size)
         for name, value in (memory_stats(self.model) if logged else {}).items():
@@ -88,8 +97,14 @@ class LMModule(pl.LightningModule):
 
     def _eval_epoch_end(self, stage: str) -> Dict[str, Tensor]:
         stats = self.stats[stage]
-        values = {f"{stage}/{name}": value.float() for name, value in stats.compute().items()}
+        final = self.trainer.state.fn != TrainerFn.FITTING
+        values = {}
+        for name, value in stats.compute().items():
+            # a final pass: final/val_bits_per_token, final/val_bits_per_token_by_pos_0-256, ...
+            values[f"final/{stage}_{name.replace('/', '_')}" if final else f"{stage}/{name}"] = value.float()
         stats.reset()
+        if not final:  # at the optimiser step it follows (Lightning's default is the step before it)
+            values["step"] = torch.tensor(float(self.global_step))
         # already reduced over ranks by torchmetrics; sync_dist only averages equal values (no warning)
         self.log_dict(values, sync_dist=True)
         return values
@@ -99,8 +114,6 @@ class LMModule(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val")
-        if not self.trainer.sanity_checking:
-            self.last_val_step = self.global_step
 
     def test_step(self, batch: Dict[str, Tensor], batch_idx: int) -> None:
         self._eval_step("test", batch)

@@ -4,8 +4,9 @@ The paper's schedule is lr(t) = min(t, w)/w * 1/sqrt(max(t, w)) with w warm-up s
 1/sqrt(w), then inverse square-root decay. With another peak p it is scaled by p * sqrt(w). The cosine
 schedule (the code's repository default) has the same warm-up and decays to 0 at `train.max_steps`.
 
-Adafactor is `torch.optim.Adafactor` with the settings that reproduce the code's relative step; it has no
-first moment (the deliberate deviation of models.md section 9, row 12).
+Adafactor is lrexp's own (`lit/adafactor.py`), stepping as the reference code's Flax Adafactor does, with
+its first moment (`optim.beta1`, 0.9 in the code). AdamW's peak lr defaults to 3e-4: Adafactor's
+1/sqrt(warmup) (0.03 at paper scale, 0.1 at tiny) is a relative step, far too large as an absolute one.
 """
 
 from __future__ import annotations
@@ -18,10 +19,16 @@ import torch
 from torch import nn
 
 from lrexp.config import RunConfig
+from lrexp.lit.adafactor import Adafactor
+
+
+ADAMW_LR = 3e-4
 
 
 def peak_lr(cfg: RunConfig) -> float:
-    return cfg.optim.lr if cfg.optim.lr is not None else 1.0 / math.sqrt(cfg.optim.warmup_steps)
+    if cfg.optim.lr is not None:
+        return cfg.optim.lr
+    return 1.0 / math.sqrt(cfg.optim.warmup_steps) if cfg.optim.name == "adafactor" else ADAMW_LR
 
 
 def lr_factor(step: int, *, schedule: str, warmup_steps: int, max_steps: int) -> float:
@@ -43,10 +50,7 @@ def build_optimizer(cfg: RunConfig, named_params: Iterable[tuple[str, nn.Paramet
     params = [(n, p) for n, p in named_params if p.requires_grad]
     lr = peak_lr(cfg)
     if cfg.optim.name == "adafactor":
-        return torch.optim.Adafactor(
-            [p for _, p in params], lr=lr, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0,
-            weight_decay=cfg.optim.weight_decay,
-        )
+        return Adafactor([p for _, p in params], lr=lr, beta1=cfg.optim.beta1, weight_decay=cfg.optim.weight_decay)
     if cfg.optim.name == "adamw":
         # no decay on gains and biases (1-d tensors): decaying a norm's scale towards 0 only hurts
         decay = [p for _, p in params if p.ndim >= 2]

@@ -55,6 +55,8 @@ class TBPTTCallback(pl.Callback):
             self._restored = None
         if state is None:
             state = pl_module.model.initial_state(doc_start.shape[0], doc_start.device)
+        if state.batch_size > doc_start.shape[0]:  # an evaluation batch shrinks as its lanes finish (a prefix)
+            state = state.lanes(slice(0, doc_start.shape[0]))
         self._states[stage] = state.reset_rows(doc_start)
 
     def _end_batch(self, stage: str) -> None:
