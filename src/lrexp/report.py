@@ -7,9 +7,15 @@ of one group (seeds) are averaged: mean ± sample standard deviation. Step time 
 a cell (`perf/step_time_s`, after warm-up) divided by that of the reference group the parent names
 (Table 1 divides by Slide:13L).
 
+Bits are those of the final passes over the whole validation and test splits, which score the same
+targets in every row (the `targets` column shows it). The difference to the reference group is paired by
+seed (equal seeds share data order and initialisation): the mean of the per-seed differences with its
+sample standard deviation, and `≈` where a 95% t interval over the pairs contains 0, so the seeds do not
+resolve it. With one seed no spread is known, and the table says so instead of printing digits.
+
 Output under `reports/<grid>/`: `table.md`, `table.csv`, `val_bits_per_token.png` (validation curves) and
-`loss_by_position.png` (final validation bits/token per bucket of position in the document); all are
-logged as artifacts of the parent run under `report/`.
+`loss_by_position.png` (final validation bits/token per bucket of position in the document, a band over
+seeds); all are logged as artifacts of the parent run under `report/`.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ REPORTS_DIR = PROJECT_ROOT / "reports"
 VAL_BPT = "val/bits_per_token"
 FINAL_BPT = "final/val_bits_per_token"
 FINAL_BPB = "final/val_bits_per_byte"
+FINAL_TEST_BPT = "final/test_bits_per_token"
+FINAL_TARGETS = "final/val_targets"
 FINAL_ANSWER = "final/val_answer_bits_per_token"  # probe corpora only
 FINAL_STEP_TIME = "final/step_time_s"
 FINAL_PARAMS = "final/params"
@@ -54,6 +62,7 @@ class CellRun:
     window: str
     metrics: Dict[str, float]
     error: Optional[str] = None
+    seed: Optional[str] = None
 
 
 @dataclass
@@ -81,6 +90,47 @@ class Stat:
         return out + (f" ± {self.std:.{digits}f}" if self.std is not None else "")
 
 
+# two-sided 95% quantiles of Student's t by degrees of freedom (pairs - 1); 1.96 beyond the table
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def t95(df: int) -> float:
+    return next((v for k, v in sorted(_T95.items()) if df <= k), 1.96)
+
+
+@dataclass
+class Delta:
+    """bits/token of a group minus the reference's, paired by seed."""
+
+    stat: Stat = field(default_factory=Stat)
+    is_reference: bool = False
+
+    @classmethod
+    def paired(cls, mine: Dict[str, float], ref: Dict[str, float]) -> "Delta":
+        seeds = sorted(set(mine) & set(ref))
+        return cls(Stat.of([mine[s] - ref[s] for s in seeds]))
+
+    @property
+    def resolved(self) -> Optional[bool]:
+        """Whether the seeds resolve the difference (a 95% t interval without 0); None: no spread known."""
+        s = self.stat
+        if s.mean is None or s.std is None:
+            return None
+        return abs(s.mean) > t95(s.n - 1) * s.std / s.n**0.5
+
+    def text(self) -> str:
+        if self.is_reference:
+            return "reference"
+        s = self.stat
+        if s.mean is None:
+            return "–"
+        if s.std is None:
+            return f"{s.mean:+.3f} (1 seed: no spread)"
+        mark = "" if self.resolved else "≈ "
+        return f"{mark}{s.mean:+.4f} ± {s.std:.4f} ({s.n} seeds)"
+
+
 @dataclass
 class GroupRow:
     group: str
@@ -92,6 +142,9 @@ class GroupRow:
     step_time_rel: Stat = field(default_factory=Stat)
     bits_per_token: Stat = field(default_factory=Stat)
     bits_per_byte: Stat = field(default_factory=Stat)
+    test_bits_per_token: Stat = field(default_factory=Stat)
+    targets: Stat = field(default_factory=Stat)
+    delta: Delta = field(default_factory=Delta)
     answer_bits: Stat = field(default_factory=Stat)
     params: Stat = field(default_factory=Stat)
     tokens_seen: Stat = field(default_factory=Stat)
@@ -182,6 +235,7 @@ def collect(client, parent) -> List[CellRun]:
                 window=params.get("model.window", "–"),
                 metrics=dict(run.data.metrics),
                 error=tags.get(grid_mod.TAG_ERROR),
+                seed=params.get(grid_mod.SEED_KEY),
             )
         )
     return sorted(cells, key=lambda c: (c.index, c.cell))
@@ -206,6 +260,8 @@ def aggregate(cells: List[CellRun], reference: Optional[str]) -> Tuple[List[Grou
         row = GroupRow(group, first.row, first.segment_len, first.window, members, stat(members, FINAL_STEP_TIME))
         row.bits_per_token = stat(members, FINAL_BPT)
         row.bits_per_byte = stat(members, FINAL_BPB)
+        row.test_bits_per_token = stat(members, FINAL_TEST_BPT)
+        row.targets = stat(members, FINAL_TARGETS)
         row.answer_bits = stat(members, FINAL_ANSWER)
         row.params = stat(members, FINAL_PARAMS)
         row.tokens_seen = stat(members, FINAL_TOKENS)
@@ -216,6 +272,13 @@ def aggregate(cells: List[CellRun], reference: Optional[str]) -> Tuple[List[Grou
     ref = ref or next((r for r in timed if r.row == "Slide:13L"), None) or (timed[0] if timed else None)
     for r in rows:
         r.step_time_rel = r.step_time_s.scaled(ref.step_time_s.mean if ref else None)
+    ref_bits = next((r for r in rows if r.group == reference), None) or ref
+    if ref_bits is not None:
+        by_seed = {c.seed: c.metrics[FINAL_BPT] for c in ref_bits.finished if FINAL_BPT in c.metrics}
+        for r in rows:
+            mine = {c.seed: c.metrics[FINAL_BPT] for c in r.finished if FINAL_BPT in c.metrics}
+            r.delta = Delta.paired(mine, by_seed)
+            r.delta.is_reference = r is ref_bits
     return rows, (ref.group if ref else None)
 
 
@@ -233,22 +296,42 @@ def _count(value: Optional[float]) -> str:
     return f"{value:.0f}"
 
 
-COLUMNS = ["cell", "row", "N", "W", "step time", "bits/token", "bits/byte", "params", "tokens seen", "seeds", "status"]
+COLUMNS = ["cell", "row", "N", "W", "step time", "bits/token", "Δ bits/token", "test bits/token", "bits/byte",
+           "targets", "params", "tokens seen", "seeds", "status"]
 ANSWER_COLUMN = "answer bits/token"  # after bits/byte, when a cell trained on a probe corpus
+
+
+def _bits(stat: Stat) -> str:
+    """Four decimals with a spread, three without: one seed's fourth digit means nothing."""
+    return stat.text(4) if stat.std is not None else stat.text(3)
 
 
 def table_lines(rows: List[GroupRow]) -> List[str]:
     answers = any(r.answer_bits.mean is not None for r in rows)
-    columns = [*COLUMNS[:7], ANSWER_COLUMN, *COLUMNS[7:]] if answers else COLUMNS
+    at = COLUMNS.index("bits/byte") + 1
+    columns = [*COLUMNS[:at], ANSWER_COLUMN, *COLUMNS[at:]] if answers else COLUMNS
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         cells = [
-            f"`{r.group}`", r.row, r.segment_len, r.window, r.step_time_rel.text(2), r.bits_per_token.text(4),
-            r.bits_per_byte.text(4), *([r.answer_bits.text(4)] if answers else []), _count(r.params.mean),
+            f"`{r.group}`", r.row, r.segment_len, r.window, r.step_time_rel.text(2), _bits(r.bits_per_token),
+            r.delta.text(), _bits(r.test_bits_per_token), _bits(r.bits_per_byte),
+            *([_bits(r.answer_bits)] if answers else []), _count(r.targets.mean), _count(r.params.mean),
             _count(r.tokens_seen.mean), f"{len(r.finished)}/{len(r.cells)}", r.status,
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def targets_note(rows: List[GroupRow]) -> str:
+    """Whether every finished cell scored the same number of validation targets."""
+    counts = {c.metrics.get(FINAL_TARGETS) for r in rows for c in r.finished}
+    if counts == {None} or not counts:
+        return "No cell logged its scored targets (runs from before the fair final pass)."
+    if len(counts) == 1:
+        return f"Every cell scored the same {int(counts.pop()):,} validation targets."
+    return ("Cells scored different numbers of validation targets (" + ", ".join(
+        "–" if c is None else f"{int(c):,}" for c in sorted(counts, key=lambda c: c or 0)) +
+        "): their bits are not comparable.")
 
 
 def markdown(name: str, parent, rows: List[GroupRow], reference: Optional[str], plots: List[str]) -> str:
@@ -268,8 +351,10 @@ def markdown(name: str, parent, rows: List[GroupRow], reference: Optional[str], 
         f"MLflow experiment `lrexp-{name}`, parent run `{parent.info.run_id}` ({parent.info.status}); "
         f"{finished} of {total} cell runs finished"
         + (f", {expected} cells in the grid" if expected and int(expected) != total else "")
-        + ". " + ref_note + " Seeds of a cell are averaged: mean ± sample std; bits are on the validation "
-        "split (lower is better).",
+        + ". " + ref_note + " Seeds of a cell are averaged: mean ± sample std; bits/token and bits/byte are "
+        "the final pass over the whole validation split, test bits/token over the test split (lower is better). "
+        + targets_note(rows) + " Δ bits/token: minus the reference, paired by seed; ≈ marks a difference "
+        "the seeds do not resolve (a 95% t interval over the pairs holds 0).",
         "",
         *table_lines(rows),
     ]
@@ -285,8 +370,9 @@ def markdown(name: str, parent, rows: List[GroupRow], reference: Optional[str], 
 def write_csv(rows: List[GroupRow], path: Path) -> None:
     header = [
         "cell", "row", "N", "W", "seeds_finished", "seeds", "status", "step_time_rel", "step_time_rel_std",
-        "step_time_s", "bits_per_token", "bits_per_token_std", "bits_per_byte", "bits_per_byte_std",
-        "answer_bits_per_token", "answer_bits_per_token_std", "params", "tokens_seen", "run_ids",
+        "step_time_s", "bits_per_token", "bits_per_token_std", "delta_bits_per_token", "delta_std", "delta_pairs",
+        "delta_resolved", "test_bits_per_token", "test_bits_per_token_std", "bits_per_byte", "bits_per_byte_std",
+        "answer_bits_per_token", "answer_bits_per_token_std", "targets", "params", "tokens_seen", "run_ids",
     ]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
@@ -295,8 +381,10 @@ def write_csv(rows: List[GroupRow], path: Path) -> None:
             w.writerow([
                 r.group, r.row, r.segment_len, r.window, len(r.finished), len(r.cells), r.status,
                 r.step_time_rel.mean, r.step_time_rel.std, r.step_time_s.mean, r.bits_per_token.mean,
-                r.bits_per_token.std, r.bits_per_byte.mean, r.bits_per_byte.std, r.answer_bits.mean,
-                r.answer_bits.std, r.params.mean, r.tokens_seen.mean, " ".join(c.run_id for c in r.cells),
+                r.bits_per_token.std, r.delta.stat.mean, r.delta.stat.std, r.delta.stat.n, r.delta.resolved,
+                r.test_bits_per_token.mean, r.test_bits_per_token.std, r.bits_per_byte.mean, r.bits_per_byte.std,
+                r.answer_bits.mean, r.answer_bits.std, r.targets.mean, r.params.mean, r.tokens_seen.mean,
+                " ".join(c.run_id for c in r.cells),
             ])
 
 
@@ -343,7 +431,8 @@ def _finish_plot(fig, ax, xlabel: str, path: Path) -> None:
 
 
 def plot_loss_by_position(rows: List[GroupRow], path: Path) -> bool:
-    """Final validation bits/token per bucket of position in the document, mean over seeds."""
+    """Final validation bits/token per bucket of position in the document: the mean over seeds, and a band
+    from the lowest to the highest seed."""
     from matplotlib.figure import Figure
 
     labels = sorted(
@@ -355,10 +444,17 @@ def plot_loss_by_position(rows: List[GroupRow], path: Path) -> bool:
     fig = Figure(figsize=(8, 5))
     ax = fig.add_subplot()
     for i, r in enumerate(rows):
-        means = [Stat.of([c.metrics.get(FINAL_POS_PREFIX + b) for c in r.finished]).mean for b in labels]
-        xs = [x for x, m in enumerate(means) if m is not None]
-        if xs:
-            ax.plot(xs, [means[x] for x in xs], color=f"C{i % 10}", marker="o", label=r.group)
+        values = [[c.metrics[FINAL_POS_PREFIX + b] for c in r.finished if FINAL_POS_PREFIX + b in c.metrics]
+                  for b in labels]
+        xs = [x for x, v in enumerate(values) if v]
+        if not xs:
+            continue
+        color = f"C{i % 10}"
+        seeds = max(len(values[x]) for x in xs)
+        ax.plot(xs, [statistics.fmean(values[x]) for x in xs], color=color, marker="o",
+                label=f"{r.group} ({seeds} seed{'s' if seeds > 1 else ''})")
+        if seeds > 1:
+            ax.fill_between(xs, [min(values[x]) for x in xs], [max(values[x]) for x in xs], color=color, alpha=0.2)
     ax.set_xticks(range(len(labels)), [_bucket_text(b) for b in labels])
     _finish_plot(fig, ax, "position of the target token in its document (tokens)", path)
     return True

@@ -36,6 +36,8 @@ def child(client, exp_id, parent_id, cell, group, index, status="FINISHED", metr
     run_id = client.create_run(exp_id, run_name=cell, tags=tags).info.run_id
     client.log_param(run_id, "derived.segment_len", "64")
     client.log_param(run_id, "model.window", group.split("=")[1])
+    if ",seed=" in cell:
+        client.log_param(run_id, "train.seed", cell.rsplit("=", 1)[1])
     for step, value in curve:
         client.log_metric(run_id, "val/bits_per_token", value, step=step)
     for k, v in (metrics or {}).items():
@@ -83,7 +85,9 @@ def test_table_seeds_failures_and_files(store, tmp_path):
     lines = rep.markdown.splitlines()
     table = [ln for ln in lines if ln.startswith("| `")]
     assert len(table) == 3
-    assert table[0].split(" | ")[4:10] == ["1.00 ± 0.47", "3.1000 ± 0.1414", "1.1000 ± 0.1414", "123k", "512", "2/2"]
+    assert table[0].split(" | ")[4:13] == ["1.00 ± 0.47", "3.1000 ± 0.1414", "+0.1000 ± 0.0000 (2 seeds)", "–",
+                                           "1.1000 ± 0.1414", "–", "123k", "512", "2/2"]
+    assert table[1].split(" | ")[6] == "reference"
     assert "relative to `window=8`" in rep.markdown and "4 of 5 cell runs finished, 6 cells in the grid" in rep.markdown
     assert "`window=16,seed=0` (FAILED" in rep.markdown and "ConfigError: bad value" in rep.markdown
 
@@ -148,7 +152,37 @@ def test_probe_cells_add_an_answer_column_to_table_and_csv(store, tmp_path):
         child(client, exp, pid, f"window=4,seed={seed}", "window=4", seed, metrics=metrics)
     rep = report.build("probe", tmp_path, uri=store["uri"])
     header, _, line = [ln for ln in rep.markdown.splitlines() if ln.startswith("|")][:3]
-    assert header.split(" | ")[5:9] == ["bits/token", "bits/byte", "answer bits/token", "params"]
-    assert line.split(" | ")[7] == "3.2000 ± 0.2828"
+    assert header.split(" | ")[5:11] == ["bits/token", "Δ bits/token", "test bits/token", "bits/byte",
+                                         "answer bits/token", "targets"]
+    assert line.split(" | ")[9] == "3.2000 ± 0.2828"
     with open(tmp_path / "table.csv") as f:
         assert float(next(csv.DictReader(f))["answer_bits_per_token"]) == pytest.approx(3.2)
+
+
+def test_differences_to_the_reference_are_paired_by_seed_and_marked_when_unresolved(store, tmp_path):
+    """Δ is the mean of per-seed differences: a shift shared by the seeds of both rows (data order, init)
+    cancels, so a small consistent gap is resolved while a larger noisy one is not; one seed has no spread."""
+    client = store["client"]
+    exp = client.create_experiment("lrexp-pairs", artifact_location=str(store["root"] / "art"))
+    pid = parent(client, exp, "pairs", reference="row=slide")
+    seeds = {0: 5.90, 1: 6.10, 2: 6.00}  # a seed spread of 0.1 around the reference
+    for s, ref in seeds.items():
+        child(client, exp, pid, f"row=slide,seed={s}", "row=slide", 0,
+              metrics={**finals(1.0, ref), "final/test_bits_per_token": ref + 0.1, "final/val_targets": 5000})
+        child(client, exp, pid, f"row=rec,seed={s}", "row=rec", 1,
+              metrics={**finals(1.0, ref - 0.03 + 0.001 * s), "final/val_targets": 5000})
+        child(client, exp, pid, f"row=xl,seed={s}", "row=xl", 2,
+              metrics={**finals(1.0, ref + (0.2, -0.15, 0.05)[s]), "final/val_targets": 5000})
+    child(client, exp, pid, "row=one,seed=0", "row=one", 3, metrics={**finals(1.0, 5.7), "final/val_targets": 5000})
+    rep = report.build("pairs", tmp_path, uri=store["uri"])
+    slide, rec, xl, one = rep.rows
+    assert rec.delta.stat.mean == pytest.approx(-0.029) and rec.delta.stat.n == 3 and rec.delta.resolved
+    assert xl.delta.stat.mean == pytest.approx(1 / 30) and not xl.delta.resolved
+    assert rec.bits_per_token.std > abs(rec.delta.stat.mean)  # unpaired, the seeds' spread would hide it
+    assert one.delta.resolved is None and one.delta.text() == "-0.200 (1 seed: no spread)"
+    assert slide.delta.text() == "reference" and slide.test_bits_per_token.mean == pytest.approx(6.1)
+    lines = {ln.split(" | ")[0]: ln.split(" | ") for ln in rep.markdown.splitlines() if ln.startswith("| `")}
+    assert lines["| `row=rec`"][6].startswith("-0.0290 ± 0.0010 (3 seeds)")
+    assert lines["| `row=xl`"][6].startswith("≈ +0.0333")
+    assert lines["| `row=one`"][5] == "5.700"  # three decimals without a spread
+    assert "Every cell scored the same 5,000 validation targets." in rep.markdown
