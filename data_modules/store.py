@@ -12,6 +12,7 @@ Layout of `<cache_dir>/<corpus>-<tokenizer>-<key>/`:
 
 The folder is built under a temporary name and renamed when complete, so a killed prepare is never
 mistaken for a finished one; a changed setting or corpus file gives another key, never a stale dataset.
+`datasets` reads table files into a scratch cache inside that folder, removed before the rename.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import shutil
 import sys
 import tempfile
 import time
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -31,12 +32,15 @@ import numpy as np
 
 from lrexp.config import PROJECT_ROOT, ConfigError, RunConfig
 from lrexp.data_modules import tokenizer as tok_mod
-from lrexp.data_modules.corpora import PROBES, SPLITS, Document, Listing, fingerprint_key, list_corpus, split_of
+from lrexp.data_modules.corpora import (
+    PROBES, SPLITS, Document, Listing, TableFile, fingerprint_key, list_corpus, split_of, table_documents,
+)
 from lrexp.data_modules.errors import DataError
 
 FORMAT_VERSION = 1
 META = "meta.json"
 _CHUNK = 256  # documents per encode_batch call
+_HF_SCRATCH = "hf_datasets"  # datasets' cache while a build reads table files; inside the partial folder
 
 
 # --------------------------------------------------------------------------------------------------
@@ -228,14 +232,12 @@ def _texts(docs: Sequence[Document]) -> Iterator[str]:
         yield _read_text(doc) or ""
 
 
-def _build(listing: Listing, cfg: RunConfig, key: str, final: Path) -> None:
-    started = time.perf_counter()
+def _split(docs: Sequence[Document], cfg: RunConfig) -> Tuple[Dict[str, List[Document]], List[str], int]:
+    """Pass 1: which documents are UTF-8 text, and their splits (no document in two splits); returns the
+    documents by split, the ids of those that are not UTF-8 and the number of empty ones."""
     d = cfg.data
-    docs = select_budget(listing.documents, d.max_bytes)
     if not docs:
         raise DataError(f"data.max_bytes={d.max_bytes} is smaller than every document of corpus '{d.corpus}'")
-
-    # Pass 1: which documents are UTF-8 text, and their splits (no document in two splits).
     by_split: Dict[str, List[Document]] = {s: [] for s in SPLITS}
     bad: List[str] = []
     empty = 0
@@ -260,25 +262,57 @@ def _build(listing: Listing, cfg: RunConfig, key: str, final: Path) -> None:
                 f"split '{split}' of corpus '{d.corpus}' has no documents ({total} in all); "
                 "raise data.val_fraction / data.test_fraction or add documents"
             )
+    return by_split, bad, empty
 
+
+def _tokenizer(cfg: RunConfig, train: Sequence[Document]) -> tok_mod.Tokenizer:
+    d = cfg.data
+    if d.tokenizer == "bytes":
+        return tok_mod.ByteTokenizer()
+    tok = tok_mod.train_bpe(_texts(train), len(train), d.vocab_size)
+    if tok.vocab_size < d.vocab_size:
+        raise DataError(
+            f"the train split of corpus '{d.corpus}' fills only {tok.vocab_size} of data.vocab_size="
+            f"{d.vocab_size} BPE tokens; lower data.vocab_size or use a larger corpus"
+        )
+    return tok
+
+
+def _progress(listing: Listing, cfg: RunConfig):
+    """The prepare's one progress bar (table files read, then documents tokenized, split by split), on a
+    terminal only (tqdm's disable=None) and not when log.progress_bar is off."""
+    from tqdm import tqdm
+
+    return tqdm(total=len(listing.tables), desc=listing.name, disable=None if cfg.log.progress_bar else True)
+
+
+def _reading(bar, name: str, table: TableFile) -> None:
+    bar.set_description(f"{name}: reading {table.split or 'files'}")
+    bar.update(1)
+
+
+def _build(listing: Listing, cfg: RunConfig, key: str, final: Path) -> None:
+    started = time.perf_counter()
+    d = cfg.data
     root = final.parent
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=root))
     try:
-        train = by_split["train"]
-        if d.tokenizer == "bytes":
-            tok = tok_mod.ByteTokenizer()
-        else:
-            tok = tok_mod.train_bpe(_texts(train), len(train), d.vocab_size)
-            if tok.vocab_size < d.vocab_size:
-                raise DataError(
-                    f"the train split of corpus '{d.corpus}' fills only {tok.vocab_size} of data.vocab_size="
-                    f"{d.vocab_size} BPE tokens; lower data.vocab_size or use a larger corpus"
-                )
-        tok.save(tmp)
-        np.save(tmp / "token_bytes.npy", tok.token_bytes())
-        dtype = "uint16" if tok.vocab_size <= 65535 else "uint32"
-        splits = {s: _write_split(tmp / s, by_split[s], tok, dtype, d.append_eos, listing.probe) for s in SPLITS}
+        with _progress(listing, cfg) as bar:
+            on_file = partial(_reading, bar, listing.name)
+            docs = listing.documents + table_documents(listing.tables, d.text_field, tmp / _HF_SCRATCH, on_file)
+            by_split, bad, empty = _split(select_budget(docs, d.max_bytes), cfg)
+            bar.total = len(listing.tables) + sum(len(v) for v in by_split.values())
+            bar.set_description(f"{listing.name}: {cfg.data.tokenizer} tokenizer")
+            tok = _tokenizer(cfg, by_split["train"])
+            tok.save(tmp)
+            np.save(tmp / "token_bytes.npy", tok.token_bytes())
+            dtype = "uint16" if tok.vocab_size <= 65535 else "uint32"
+            splits = {}
+            for s in SPLITS:
+                bar.set_description(f"{listing.name}: tokenizing {s}")
+                splits[s] = _write_split(tmp / s, by_split[s], tok, dtype, d.append_eos, listing.probe, bar)
+        shutil.rmtree(tmp / _HF_SCRATCH, ignore_errors=True)  # arrow copies and lock files: scratch only
         meta = {
             "format": FORMAT_VERSION,
             "key": key,
@@ -317,7 +351,7 @@ def _build(listing: Listing, cfg: RunConfig, key: str, final: Path) -> None:
 
 
 def _write_split(
-    folder: Path, docs: Sequence[Document], tok: tok_mod.Tokenizer, dtype: str, append_eos: bool, probe: bool
+    folder: Path, docs: Sequence[Document], tok: tok_mod.Tokenizer, dtype: str, append_eos: bool, probe: bool, bar
 ) -> Dict:
     folder.mkdir()
     offsets = [0]
@@ -338,6 +372,7 @@ def _write_split(
                     doc_bytes.append(len(text.encode("utf-8")))
                     if answer_file is not None:
                         answer_file.write(_answer_flags(doc.answers, len(ids)).tobytes())
+                bar.update(len(chunk))
     finally:
         if answer_file is not None:
             answer_file.close()

@@ -147,7 +147,9 @@ class DataConfig:
     val_fraction: float = 0.05  # of documents, by a stable hash of the document id
     test_fraction: float = 0.05
     exclude_tests: bool = True  # stdlib: leave out test packages and test_*.py
-    file_suffix: str = ".txt"  # directory corpora: files ending so ("" = all); .jsonl[.gz] / .parquet via `datasets`
+    # Directory corpora: "auto" reads the one format a folder holds (.txt, .jsonl[.gz] or .parquet files);
+    # otherwise the files ending so ("" = all); .jsonl[.gz] / .parquet are read via `datasets`.
+    file_suffix: str = "auto"
     text_field: str = "text"  # JSON-lines / parquet: the column holding each document
     probe: ProbeConfig = field(default_factory=ProbeConfig)
 
