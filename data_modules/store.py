@@ -3,7 +3,7 @@
 Layout of `<cache_dir>/<corpus>-<tokenizer>-<key>/`:
   meta.json            tokenizer (kind, hash, vocab), dtype, per-split counts, sources and licences, skips
   token_bytes.npy      int64 [V]: UTF-8 bytes of each id (0 for `<eos>`), for bits/byte
-  tokenizer.json       the trained BPE (absent for bytes)
+  tokenizer.json       the trained BPE or a copy of data.tokenizer_file (absent for bytes)
   <split>/tokens.bin   uint16 (V <= 65535) or uint32 memmap of every document, `<eos>` appended
   <split>/offsets.npy  int64 [D + 1]: document i is tokens[offsets[i]:offsets[i+1]]
   <split>/doc_bytes.npy int64 [D]: UTF-8 bytes of each document
@@ -132,7 +132,11 @@ def check_config(cfg: RunConfig) -> None:
         raise ConfigError("'data.val_fraction' + 'data.test_fraction' must leave documents for training")
     if d.max_bytes is not None and d.max_bytes <= 0:
         raise ConfigError(f"'data.max_bytes' must be > 0 (or null for no cap), got {d.max_bytes}")
-    if d.tokenizer == "bpe" and not 257 <= d.vocab_size < 2**32:
+    if d.tokenizer_file and d.tokenizer == "bytes":
+        raise ConfigError("'data.tokenizer_file' replaces the trained BPE; it cannot be used with data.tokenizer=bytes")
+    if d.tokenizer_file:
+        tok_mod.from_file(tokenizer_path(cfg))  # a missing or unreadable file: one line, before any reading
+    if d.tokenizer == "bpe" and not d.tokenizer_file and not 257 <= d.vocab_size < 2**32:
         raise ConfigError(f"'data.vocab_size' must be >= 257 (256 bytes + <eos>) for byte-level BPE, got {d.vocab_size}")
     if not d.text_field:
         raise ConfigError("'data.text_field' must not be empty")
@@ -144,6 +148,24 @@ def check_config(cfg: RunConfig) -> None:
         for name in ("distance", "num_docs", "num_pairs"):
             if getattr(d.probe, name) <= 0:
                 raise ConfigError(f"'data.probe.{name}' must be > 0, got {getattr(d.probe, name)}")
+
+
+def tokenizer_kind(cfg: RunConfig) -> str:
+    """"bytes", "bpe" (trained here) or "file" (data.tokenizer_file)."""
+    return "file" if cfg.data.tokenizer_file else cfg.data.tokenizer
+
+
+def tokenizer_path(cfg: RunConfig) -> Path:
+    return Path(cfg.data.tokenizer_file).expanduser()
+
+
+def vocab_size(cfg: RunConfig) -> int:
+    """The vocabulary the prepared corpus will have, before preparing it (a tokenizer file is loaded, and
+    one that cannot be is named in one line)."""
+    kind = tokenizer_kind(cfg)
+    if kind == "file":
+        return tok_mod.from_file(tokenizer_path(cfg)).vocab_size
+    return tok_mod.ByteTokenizer.vocab_size if kind == "bytes" else cfg.data.vocab_size
 
 
 def check_stream(prepared: Prepared, segment_len: int, total_lanes: int) -> None:
@@ -174,16 +196,19 @@ def cache_root(cfg: RunConfig) -> Path:
 
 def cache_key(listing: Listing, cfg: RunConfig) -> str:
     d = cfg.data
-    return fingerprint_key({
+    payload = {
         "format": FORMAT_VERSION,
         "corpus": listing.fingerprint,
         "tokenizer": d.tokenizer,
-        "vocab_size": d.vocab_size if d.tokenizer == "bpe" else None,
+        "vocab_size": d.vocab_size if tokenizer_kind(cfg) == "bpe" else None,
         "append_eos": d.append_eos,
         "max_bytes": d.max_bytes,
         "val_fraction": d.val_fraction,
         "test_fraction": d.test_fraction,
-    })
+    }
+    if d.tokenizer_file:  # its content, not its path: an edited file is another key, a moved one the same
+        payload["tokenizer_file"] = hashlib.sha256(tokenizer_path(cfg).read_bytes()).hexdigest()
+    return fingerprint_key(payload)
 
 
 def prepare(cfg: RunConfig) -> Prepared:
@@ -192,7 +217,7 @@ def prepare(cfg: RunConfig) -> Prepared:
     root = cache_root(cfg)
     listing = list_corpus(cfg, root)
     key = cache_key(listing, cfg)
-    final = root / f"{listing.name}-{cfg.data.tokenizer}-{key[:16]}"
+    final = root / f"{listing.name}-{tokenizer_kind(cfg)}-{key[:16]}"
     if not (final / META).is_file():
         _build(listing, cfg, key, final)
     prepared = Prepared(final)
@@ -267,8 +292,11 @@ def _split(docs: Sequence[Document], cfg: RunConfig) -> Tuple[Dict[str, List[Doc
 
 def _tokenizer(cfg: RunConfig, train: Sequence[Document]) -> tok_mod.Tokenizer:
     d = cfg.data
-    if d.tokenizer == "bytes":
+    kind = tokenizer_kind(cfg)
+    if kind == "bytes":
         return tok_mod.ByteTokenizer()
+    if kind == "file":
+        return tok_mod.from_file(tokenizer_path(cfg))
     tok = tok_mod.train_bpe(_texts(train), len(train), d.vocab_size)
     if tok.vocab_size < d.vocab_size:
         raise DataError(
@@ -303,7 +331,7 @@ def _build(listing: Listing, cfg: RunConfig, key: str, final: Path) -> None:
             docs = listing.documents + table_documents(listing.tables, d.text_field, tmp / _HF_SCRATCH, on_file)
             by_split, bad, empty = _split(select_budget(docs, d.max_bytes), cfg)
             bar.total = len(listing.tables) + sum(len(v) for v in by_split.values())
-            bar.set_description(f"{listing.name}: {cfg.data.tokenizer} tokenizer")
+            bar.set_description(f"{listing.name}: {tokenizer_kind(cfg)} tokenizer")
             tok = _tokenizer(cfg, by_split["train"])
             tok.save(tmp)
             np.save(tmp / "token_bytes.npy", tok.token_bytes())
@@ -319,7 +347,8 @@ def _build(listing: Listing, cfg: RunConfig, key: str, final: Path) -> None:
             "corpus": d.corpus,
             "name": listing.name,
             "fingerprint": listing.fingerprint,
-            "tokenizer": {"kind": tok.kind, "hash": tok.hash, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id},
+            "tokenizer": {"kind": tok.kind, "hash": tok.hash, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
+                          "file": d.tokenizer_file},
             "vocab_size": tok.vocab_size,
             "dtype": dtype,
             "append_eos": d.append_eos,

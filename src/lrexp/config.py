@@ -138,6 +138,9 @@ class DataConfig:
     corpus: str = "stdlib"  # a corpus name (`lrexp data prepare --help`) or a path
     tokenizer: Literal["bpe", "bytes"] = "bpe"
     vocab_size: int = 32128  # BPE only; the bytes tokenizer has a fixed vocabulary
+    # A `tokenizers` JSON file (T5's tokenizer.json, say) used instead of training the BPE; its vocabulary
+    # sets the model's (data.vocab_size is not read). Relative paths are under the working directory.
+    tokenizer_file: Optional[str] = None
     tokens_per_step: int = "${scale.tokens_per_step}"  # type: ignore[assignment]
     seed: int = 0
     append_eos: bool = True

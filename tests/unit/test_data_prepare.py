@@ -387,3 +387,61 @@ def test_cli_prepare_and_its_one_line_error(tmp_path):
                          timeout=120)
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "missing" in out.stderr
 
+
+# ---- a tokenizer file from disk ------------------------------------------------------------------------
+
+
+def t5_like_tokenizer(path: Path, texts, vocab_size: int = 200) -> Path:
+    """A SentencePiece-style unigram like T5's: Metaspace, </s> as its end token, appended by a post-processor."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"],
+                                      unk_token="<unk>", show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tok.save(str(path))
+    return path
+
+
+def test_a_tokenizer_file_replaces_the_bpe_and_keys_the_cache_by_its_content(tmp_path):
+    src = write_corpus(tmp_path / "corpus")
+    texts = [p.read_text() for p in src.iterdir()]
+    path = t5_like_tokenizer(tmp_path / "tokenizer.json", texts)
+    prepared = prepare(cfg_for(tmp_path, src, "data.tokenizer=bpe", f"data.tokenizer_file={path}"))
+    from tokenizers import Tokenizer
+
+    file_vocab = Tokenizer.from_file(str(path)).get_vocab_size()
+    assert prepared.vocab_size == file_vocab != config.load(overrides=["scale=smoke"]).data.vocab_size
+    assert prepared.dir.name.startswith("corpus-file-") and prepared.meta["tokenizer"]["file"] == str(path)
+    assert prepared.eos_id == 1  # T5's </s>
+    data = prepared.split("train")
+    for i in range(data.num_docs):  # the post-processor's </s> is not added: one end token per document
+        doc = data.doc(i)
+        assert doc[-1] == 1 and (doc == 1).sum() == 1
+    vocab = prepared.tokenizer.tokenizer.get_vocab()
+    word = next(t for t in sorted(vocab) if t.startswith("\u2581") and t[1:].isalpha())
+    assert prepared.token_bytes[vocab[word]] == len(word)  # "\u2581" stands for one byte, a space
+
+    t5_like_tokenizer(path, texts, vocab_size=60)  # same path, other content: another prepared corpus
+    again = prepare(cfg_for(tmp_path, src, "data.tokenizer=bpe", f"data.tokenizer_file={path}"))
+    assert again.dir != prepared.dir and again.vocab_size < prepared.vocab_size
+
+
+def test_a_bad_tokenizer_file_is_one_line(tmp_path):
+    src = write_corpus(tmp_path / "corpus")
+    with pytest.raises(DataError, match="data.tokenizer_file not found: .*missing.json"):
+        prepare(cfg_for(tmp_path, src, "data.tokenizer=bpe", f"data.tokenizer_file={tmp_path / 'missing.json'}"))
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(DataError, match=r"bad.json: not a tokenizers JSON file \("):
+        prepare(cfg_for(tmp_path, src, "data.tokenizer=bpe", f"data.tokenizer_file={tmp_path / 'bad.json'}"))
+    from tokenizers import Tokenizer, models
+
+    Tokenizer(models.WordLevel({"some": 0, "text": 1, "[UNK]": 2}, unk_token="[UNK]")).save(str(tmp_path / "no_eos.json"))
+    with pytest.raises(DataError, match="no_eos.json has no end-of-document token"):
+        prepare(cfg_for(tmp_path, src, "data.tokenizer=bpe", f"data.tokenizer_file={tmp_path / 'no_eos.json'}"))
+    with pytest.raises(ConfigError, match="cannot be used with data.tokenizer=bytes"):
+        prepare(cfg_for(tmp_path, src, f"data.tokenizer_file={tmp_path / 'bad.json'}"))
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())
