@@ -432,7 +432,7 @@ _POSITIVE = (
     "model.recurrent.num_states", "model.knn.memory_size", "model.knn.k", "model.attn.num_buckets",
     "model.attn.max_distance", "data.vocab_size", "data.tokens_per_step",
     "optim.warmup_steps", "train.max_steps", "train.val_every", "train.val_steps",
-    "train.accumulate_grad_batches", "train.devices",
+    "train.accumulate_grad_batches", "train.devices", "log.every_n_steps",
 )
 
 
@@ -463,7 +463,8 @@ def resolve(cfg: RunConfig) -> RunConfig:
         value = _get(cfg, path)
         if not 0.0 <= value < 1.0:
             raise ConfigError(f"'{path}' must be in [0, 1), got {value}")
-    for path in ("data.num_workers", "train.seed", "data.seed", "optim.weight_decay", "optim.grad_clip"):
+    for path in ("data.num_workers", "train.seed", "data.seed", "optim.weight_decay", "optim.grad_clip",
+                 "log.perf_warmup_steps"):
         if _get(cfg, path) < 0:
             raise ConfigError(f"'{path}' must be >= 0, got {_get(cfg, path)}")
     if cfg.optim.lr is not None and cfg.optim.lr <= 0:

@@ -1,9 +1,9 @@
 """`run(cfg) -> final metrics`: one training run, the one place a Trainer is built.
 
-Order: the MLflow run first (a store that cannot be written fails before any work, and every later
-failure is recorded on the run), then the data, the model and the Lightning objects, then `fit`, a final
-validation if the last step did not end with one, a test pass (`train.val_steps` segments per lane, like
-validation), and the `final/*` summary.
+Order: `check_run` (a config that cannot start fails in one line, in a second), the MLflow run (a store
+that cannot be written fails before any work, and every later failure is recorded on the run), then the
+data, the model and the Lightning objects, then `fit`, a final validation if the last step did not end with
+one, a test pass (`train.val_steps` segments per lane, like validation), and the `final/*` summary.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 
 from lrexp import config as config_mod
-from lrexp.config import ConfigError, RunConfig
+from lrexp.config import RunConfig
 from lrexp.data_modules import StreamDataModule, prepare
 from lrexp.lit import checkpoint as ckpt_mod
 from lrexp.lit import tracking
@@ -27,6 +27,7 @@ from lrexp.lit.perf import PerfCallback
 from lrexp.lit.seeding import StepSeedCallback
 from lrexp.lit.tbptt import TBPTTCallback
 from lrexp.model import build_model
+from lrexp.validate import check_run
 
 # Metrics summarised as final/* at the end of a run.
 _SUMMARY_PREFIXES = ("train/loss", "val/", "test/", "perf/")
@@ -42,13 +43,6 @@ class LastCheckpoint(ModelCheckpoint):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._should_skip_saving_checkpoint(trainer):  # skips when this step is already saved
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-
-
-def _check(cfg: RunConfig) -> None:
-    if cfg.log.every_n_steps <= 0:
-        raise ConfigError(f"'log.every_n_steps' must be > 0, got {cfg.log.every_n_steps}")
-    if cfg.log.perf_warmup_steps < 0:
-        raise ConfigError(f"'log.perf_warmup_steps' must be >= 0, got {cfg.log.perf_warmup_steps}")
 
 
 def build_trainer(
@@ -100,7 +94,7 @@ def _summary(metrics: Dict[str, Any]) -> Dict[str, float]:
 def run(cfg: RunConfig, resume: Optional[str] = None) -> Dict[str, Any]:
     """Train one run; returns {"run_id", "checkpoint", "final/...": value}. `resume`: a checkpoint file or
     run id; the run continues the same MLflow run, exactly when the world size is unchanged."""
-    _check(cfg)
+    check_run(cfg)  # before the MLflow run: a config that cannot start is one line, not a FAILED run
     info = ckpt_mod.read(ckpt_mod.locate(resume, cfg.train.checkpoint_dir)) if resume else None
     if info is not None:
         ckpt_mod.check_compatible(cfg, info)
