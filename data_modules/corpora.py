@@ -220,7 +220,7 @@ def _row_text(table, text_field: str, row: int) -> str:
     return value if isinstance(value, str) else ""
 
 
-def directory(path: Path, cfg: RunConfig, cache_root: Path) -> Listing:
+def directory(path: Path, cfg: RunConfig) -> Listing:
     """A PG19 layout (train/ validation/ test/ give the splits), any folder of files, or one file; the rows
     of table files are listed as `tables` and read only by a prepare that builds."""
     suffix = cfg.data.file_suffix
@@ -301,7 +301,7 @@ def list_corpus(cfg: RunConfig, cache_root: Path) -> Listing:
     if name in CORPORA:
         listing = CORPORA[name](cfg, cache_root)
     else:
-        listing = directory(_user_path(name), cfg, cache_root)
+        listing = directory(_user_path(name), cfg)
     if not listing.documents and not listing.tables:
         raise DataError(f"corpus '{name}' has no documents")
     return listing

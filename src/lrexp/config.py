@@ -184,6 +184,9 @@ class TrainConfig:
     strategy: str = "auto"
     seed: int = 0
     deterministic: bool = True  # deterministic algorithms, warning (not failing) on ops that have none
+    # CPU threads of torch's intra-op pool; null: $OMP_NUM_THREADS if set, else the CPUs this process may
+    # use shared by the train.devices ranks (more threads than cores make a step many times slower).
+    threads: Optional[int] = None
     checkpoint_dir: str = "checkpoints"  # <checkpoint_dir>/<MLflow run id>/last.ckpt; relative: project root
 
 
@@ -432,7 +435,7 @@ _POSITIVE = (
     "model.recurrent.num_states", "model.knn.memory_size", "model.knn.k", "model.attn.num_buckets",
     "model.attn.max_distance", "data.vocab_size", "data.tokens_per_step",
     "optim.warmup_steps", "train.max_steps", "train.val_every", "train.val_steps",
-    "train.accumulate_grad_batches", "train.devices", "log.every_n_steps",
+    "train.accumulate_grad_batches", "train.devices", "train.threads", "log.every_n_steps",
 )
 
 
