@@ -184,8 +184,8 @@ class TrainConfig:
     strategy: str = "auto"
     seed: int = 0
     deterministic: bool = True  # deterministic algorithms, warning (not failing) on ops that have none
-    # CPU threads of torch's intra-op pool; null: $OMP_NUM_THREADS if set, else the CPUs this process may
-    # use shared by the train.devices ranks (more threads than cores make a step many times slower).
+    # CPU threads of torch's intra-op pool; null: $OMP_NUM_THREADS if set, else all the CPUs this process may
+    # use but one, shared by the train.devices ranks (a thread more than the free cores costs several times).
     threads: Optional[int] = None
     checkpoint_dir: str = "checkpoints"  # <checkpoint_dir>/<MLflow run id>/last.ckpt; relative: project root
 

@@ -61,14 +61,18 @@ def usable_cpus() -> int:
 
 
 def cpu_threads(cfg: RunConfig) -> int:
-    """train.threads, else $OMP_NUM_THREADS, else the usable CPUs shared by this machine's ranks. Measured on
-    2 cores (tiny scale, s/step): 1 thread 0.149, 2 threads 0.106, 4 threads 1.49: never more than the cores."""
+    """train.threads, else $OMP_NUM_THREADS, else all usable CPUs but one, shared by this machine's ranks.
+
+    Measured at the tiny scale on 2 cores (s/step): idle, 1 thread 0.149, 2 threads 0.106, 4 threads 1.49;
+    with two other processes busy, 1 thread 0.148 and 2 threads 0.54 to 1.38. A thread too many costs
+    several times over (OpenMP threads wait on a preempted one), a thread too few at most 1/(cores - 1):
+    one core is left to the data loader, the logger and whoever else shares the machine."""
     if cfg.train.threads is not None:
         return cfg.train.threads
     env = os.environ.get("OMP_NUM_THREADS", "")
     if env.isdigit() and int(env) > 0:
         return int(env)
-    return max(1, usable_cpus() // cfg.train.devices)
+    return max(1, (usable_cpus() - 1) // cfg.train.devices)
 
 
 def build_trainer(

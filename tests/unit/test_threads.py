@@ -8,9 +8,11 @@ from lrexp import config, train
 @pytest.mark.parametrize("overrides,env,cpus,want", [
     (["train.threads=3"], "1", 2, 3),  # given: taken as it is
     ([], "5", 2, 5),  # the environment's choice
-    ([], None, 2, 2),  # the machine's CPUs
-    (["train.devices=2", "train.accelerator=cpu", "train.strategy=ddp"], None, 8, 4),  # shared by the ranks
+    ([], None, 2, 1),  # the machine's CPUs but one
+    ([], None, 9, 8),
+    (["train.devices=2", "train.accelerator=cpu", "train.strategy=ddp"], None, 9, 4),  # shared by the ranks
     (["train.devices=4", "data.tokens_per_step=512"], None, 2, 1),
+    ([], None, 1, 1),
 ])
 def test_threads_resolve(monkeypatch, overrides, env, cpus, want):
     if env is None:
