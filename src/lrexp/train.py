@@ -64,9 +64,10 @@ def cpu_threads(cfg: RunConfig) -> int:
     """train.threads, else $OMP_NUM_THREADS, else all usable CPUs but one, shared by this machine's ranks.
 
     Measured at the tiny scale on 2 cores (s/step): idle, 1 thread 0.149, 2 threads 0.106, 4 threads 1.49;
-    with two other processes busy, 1 thread 0.148 and 2 threads 0.54 to 1.38. A thread too many costs
-    several times over (OpenMP threads wait on a preempted one), a thread too few at most 1/(cores - 1):
-    one core is left to the data loader, the logger and whoever else shares the machine."""
+    with two other processes busy, 1 thread 0.148 and 2 threads 0.54 to 1.38. A thread more than the free
+    cores costs several times over (OpenMP threads wait on a preempted one), a thread fewer than the cores
+    at most cores / (cores - 1) (1.4 measured on 2): one core is left to the data loader, the logger and
+    whoever else shares the machine."""
     if cfg.train.threads is not None:
         return cfg.train.threads
     env = os.environ.get("OMP_NUM_THREADS", "")
