@@ -11,6 +11,7 @@ GRID ?= gates
 SCALE ?= tiny
 ARGS ?=
 PYTEST_ARGS ?=
+PORT ?= 5000
 
 export TOKENIZERS_PARALLELISM := false
 export HF_DATASETS_OFFLINE := 1
@@ -53,7 +54,7 @@ bench: $(STAMP)
 
 ui: $(STAMP)
 	$(VENV)/bin/mlflow ui --backend-store-uri "sqlite:///$(CURDIR)/mlflow.db" \
-		--default-artifact-root "$(CURDIR)/mlartifacts" --host 127.0.0.1 --port 5000
+		--default-artifact-root "$(CURDIR)/mlartifacts" --host 127.0.0.1 --port $(PORT)
 
 clean:
 	rm -rf runs reports checkpoints .pytest_cache build *.egg-info

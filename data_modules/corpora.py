@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import sysconfig
 from dataclasses import dataclass, field
 from functools import partial
@@ -43,6 +44,7 @@ class Listing:
     sources: List[Dict[str, str]]  # {"name", "licence", and "path" or "url"}
     probe: bool = False  # synthetic: per-token answer flags are stored
     notes: List[str] = field(default_factory=list)  # dropped duplicates and the like, for meta.json
+    tables: List["TableFile"] = field(default_factory=list)  # files whose rows are documents, read on a build
 
 
 def split_of(doc_id: str, val_fraction: float, test_fraction: float) -> str:
@@ -108,28 +110,109 @@ def stdlib(cfg: RunConfig, cache_root: Path) -> Listing:
 # User corpora: a PG19-layout folder, any folder of text files, JSON-lines / parquet tables
 # --------------------------------------------------------------------------------------------------
 
+AUTO_SUFFIX = "auto"
+# data.file_suffix=auto reads the one format a folder holds, told by the file endings; other files (a README,
+# PG19's metadata.csv) are left out, and two of these formats in one folder are ambiguous.
+_FORMATS = {
+    "text (.txt)": (".txt",),
+    "JSON-lines (.jsonl[.gz])": tuple(".jsonl" + c for c in ("", *_COMPRESSION)),
+    "parquet (.parquet)": (".parquet",),
+}
+# Hugging Face names split shards `train-00000-of-00004.parquet`: in a flat folder the split is in the name.
+_SHARD = re.compile(r"^(train|validation|test)-\d+-of-\d+\.")
+
+
+@dataclass
+class TableFile:
+    """A JSON-lines / parquet file whose rows are documents; read only when a prepare builds (`table_documents`)."""
+
+    path: Path
+    rel: str  # relative to the corpus root: the prefix of its rows' ids
+    split: Optional[str]
+
 
 def _table_kind(path: Path) -> Optional[str]:
     suffixes = [s for s in path.suffixes if s not in _COMPRESSION]
     return _TABLE_SUFFIXES.get(suffixes[-1]) if suffixes else None
 
 
-def _table_documents(path: Path, rel: str, text_field: str, hf_cache: Path) -> List[Document]:
-    """Rows of a JSON-lines / parquet file via the packaged `datasets` builders (offline, no scripts)."""
+def _select(path: Path, found: List[Path], suffix: str) -> List[Path]:
+    """The files of a folder to read: those ending in `suffix`, or under `auto` those of its one format."""
+    if suffix != AUTO_SUFFIX:
+        files = [p for p in found if p.name.endswith(suffix)]
+        if not files:
+            raise DataError(f"no files ending in '{suffix}' under {path} (set data.file_suffix)")
+        return files
+    present = {fmt: files for fmt, ends in _FORMATS.items() if (files := [p for p in found if p.name.endswith(ends)])}
+    if not present:
+        raise DataError(f"no .txt, .jsonl[.gz] or .parquet files under {path}; set data.file_suffix to the ending "
+                        "of its files ('' for all)")
+    if len(present) > 1:
+        have = " and ".join(f"{len(files)} {fmt}" for fmt, files in present.items())
+        raise DataError(f"{path} holds {have} files; set data.file_suffix to the ending of the ones to read")
+    return next(iter(present.values()))
+
+
+def corpus_files(path: Path, suffix: str) -> Tuple[Path, List[Path], bool]:
+    """(root, the files to read, whether train/ validation/ test/ folders give the splits): names and `stat`
+    only, cheap enough for every command to check a corpus folder before any work."""
+    if not path.exists():
+        raise DataError(f"corpus path not found: {path}")
+    if path.is_file():
+        return path.parent, [path], False
+    layout = (path / "train").is_dir()
+    tops = [path / s for s in SPLITS if (path / s).is_dir()] if layout else [path]
+    found = sorted(p for top in tops for p in top.rglob("*") if p.is_file())
+    return path, _select(path, found, suffix), layout
+
+
+def _file_split(rel: str, layout: bool) -> Optional[str]:
+    if layout:
+        return rel.split("/", 1)[0]
+    shard = _SHARD.match(rel.rsplit("/", 1)[-1])
+    return shard.group(1) if shard else None
+
+
+def table_documents(tables: List[TableFile], text_field: str, hf_cache: Path,
+                    on_file: Callable[[TableFile], None]) -> List[Document]:
+    """The rows of JSON-lines / parquet files as documents, via the packaged `datasets` builders (offline, no
+    scripts). `hf_cache` is scratch: the caller removes it, with the arrow copies and the `.lock` files
+    `datasets` leaves there. Its own progress bars (one per file, each labelled "train") are off: the
+    caller's one bar reports each file through `on_file`."""
+    if not tables:
+        return []
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from datasets import load_dataset  # heavy import, only for tables
+    import datasets  # heavy import, only for tables
 
+    was_enabled = not datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
     try:
-        table = load_dataset(_table_kind(path), data_files=str(path), split="train", cache_dir=str(hf_cache))
+        docs: List[Document] = []
+        for table in tables:
+            on_file(table)
+            docs.extend(_rows(table, text_field, hf_cache))
+        return docs
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+
+
+def _rows(table: TableFile, text_field: str, hf_cache: Path) -> List[Document]:
+    from datasets import load_dataset
+
+    kind = _table_kind(table.path)
+    try:
+        rows = load_dataset(kind, data_files=str(table.path), split="train", cache_dir=str(hf_cache))
     except Exception as exc:  # a malformed file: one line naming it
-        raise DataError(f"{path}: cannot be read as {_table_kind(path)} ({str(exc).splitlines()[0]})") from None
-    if text_field not in table.column_names:
+        raise DataError(f"{table.path}: cannot be read as {kind} ({str(exc).splitlines()[0]})") from None
+    if text_field not in rows.column_names:
         raise DataError(
-            f"{path}: no text field '{text_field}' (columns: {', '.join(table.column_names)}); set data.text_field"
+            f"{table.path}: no text field '{text_field}' (columns: {', '.join(rows.column_names)}); set data.text_field"
         )
-    column = table.select_columns([text_field])
-    return [Document(id=f"{rel}:{i}", read=partial(_row_text, column, text_field, i)) for i in range(len(column))]
+    column = rows.select_columns([text_field])
+    return [Document(id=f"{table.rel}:{i}", read=partial(_row_text, column, text_field, i), split=table.split)
+            for i in range(len(column))]
 
 
 def _row_text(table, text_field: str, row: int) -> str:
@@ -137,33 +220,20 @@ def _row_text(table, text_field: str, row: int) -> str:
     return value if isinstance(value, str) else ""
 
 
-def directory(path: Path, cfg: RunConfig, cache_root: Path) -> Listing:
-    """A PG19 layout (train/ validation/ test/ give the splits), any folder of files, or one file."""
-    if not path.exists():
-        raise DataError(f"corpus path not found: {path}")
+def directory(path: Path, cfg: RunConfig) -> Listing:
+    """A PG19 layout (train/ validation/ test/ give the splits), any folder of files, or one file; the rows
+    of table files are listed as `tables` and read only by a prepare that builds."""
     suffix = cfg.data.file_suffix
-    if path.is_file():
-        root, files, layout = path.parent, [path], None
-    else:
-        root = path
-        layout = [s for s in SPLITS if (path / s).is_dir()] if (path / "train").is_dir() else None
-        tops = [path / s for s in layout] if layout else [path]
-        files = sorted(p for top in tops for p in top.rglob("*") if p.is_file() and p.name.endswith(suffix))
-    if not files:
-        raise DataError(f"no files ending in '{suffix}' under {path} (set data.file_suffix)")
-
+    root, files, layout = corpus_files(path, suffix)
     docs: List[Document] = []
-    tables = False
+    tables: List[TableFile] = []
     for p in files:
         rel = p.relative_to(root).as_posix()
-        split = rel.split("/", 1)[0] if layout else None
         if _table_kind(p):
-            tables = True
-            for doc in _table_documents(p, rel, cfg.data.text_field, cache_root / "hf_datasets"):
-                doc.split = split
-                docs.append(doc)
+            tables.append(TableFile(p, rel, _file_split(rel, layout)))
         else:
-            docs.append(Document(id=rel, read=partial(Path.read_bytes, p), size=p.stat().st_size, split=split))
+            docs.append(Document(id=rel, read=partial(Path.read_bytes, p), size=p.stat().st_size,
+                                 split=_file_split(rel, layout)))
     fingerprint = {
         "corpus": "directory",
         "path": str(path.resolve()),
@@ -177,6 +247,7 @@ def directory(path: Path, cfg: RunConfig, cache_root: Path) -> Listing:
     return Listing(
         name=name,
         documents=docs,
+        tables=tables,
         fingerprint=fingerprint,
         sources=[{"name": path.resolve().name, "path": str(path.resolve()), "licence": "user corpus (not recorded)"}],
     )
@@ -209,19 +280,29 @@ CORPORA: Dict[str, Callable[[RunConfig, Path], Listing]] = {
 PROBES = ("passkey", "assoc_recall", "copy")
 
 
+def _user_path(name: str) -> Path:
+    """A corpus that is not a registered name: a path, relative to the working directory."""
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise DataError(f"corpus '{name}' is neither a known corpus ({', '.join(CORPORA)}) nor an existing path")
+    return path
+
+
+def check_source(cfg: RunConfig) -> None:
+    """What `list_corpus` would fail on, from names and `stat` alone: an unknown corpus, a folder without
+    files of one readable format."""
+    if cfg.data.corpus not in CORPORA:
+        corpus_files(_user_path(cfg.data.corpus), cfg.data.file_suffix)
+
+
 def list_corpus(cfg: RunConfig, cache_root: Path) -> Listing:
     """The documents of `cfg.data.corpus`: a registered name, else a path (relative to the working directory)."""
     name = cfg.data.corpus
     if name in CORPORA:
         listing = CORPORA[name](cfg, cache_root)
     else:
-        path = Path(name).expanduser()
-        if not path.exists():
-            raise DataError(
-                f"corpus '{name}' is neither a known corpus ({', '.join(CORPORA)}) nor an existing path"
-            )
-        listing = directory(path, cfg, cache_root)
-    if not listing.documents:
+        listing = directory(_user_path(name), cfg)
+    if not listing.documents and not listing.tables:
         raise DataError(f"corpus '{name}' has no documents")
     return listing
 

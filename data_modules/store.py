@@ -3,7 +3,7 @@
 Layout of `<cache_dir>/<corpus>-<tokenizer>-<key>/`:
   meta.json            tokenizer (kind, hash, vocab), dtype, per-split counts, sources and licences, skips
   token_bytes.npy      int64 [V]: UTF-8 bytes of each id (0 for `<eos>`), for bits/byte
-  tokenizer.json       the trained BPE (absent for bytes)
+  tokenizer.json       the trained BPE or a copy of data.tokenizer_file (absent for bytes)
   <split>/tokens.bin   uint16 (V <= 65535) or uint32 memmap of every document, `<eos>` appended
   <split>/offsets.npy  int64 [D + 1]: document i is tokens[offsets[i]:offsets[i+1]]
   <split>/doc_bytes.npy int64 [D]: UTF-8 bytes of each document
@@ -12,6 +12,7 @@ Layout of `<cache_dir>/<corpus>-<tokenizer>-<key>/`:
 
 The folder is built under a temporary name and renamed when complete, so a killed prepare is never
 mistaken for a finished one; a changed setting or corpus file gives another key, never a stale dataset.
+`datasets` reads table files into a scratch cache inside that folder, removed before the rename.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import shutil
 import sys
 import tempfile
 import time
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -31,12 +32,15 @@ import numpy as np
 
 from lrexp.config import PROJECT_ROOT, ConfigError, RunConfig
 from lrexp.data_modules import tokenizer as tok_mod
-from lrexp.data_modules.corpora import PROBES, SPLITS, Document, Listing, fingerprint_key, list_corpus, split_of
+from lrexp.data_modules.corpora import (
+    PROBES, SPLITS, Document, Listing, TableFile, fingerprint_key, list_corpus, split_of, table_documents,
+)
 from lrexp.data_modules.errors import DataError
 
 FORMAT_VERSION = 1
 META = "meta.json"
 _CHUNK = 256  # documents per encode_batch call
+_HF_SCRATCH = "hf_datasets"  # datasets' cache while a build reads table files; inside the partial folder
 
 
 # --------------------------------------------------------------------------------------------------
@@ -128,7 +132,11 @@ def check_config(cfg: RunConfig) -> None:
         raise ConfigError("'data.val_fraction' + 'data.test_fraction' must leave documents for training")
     if d.max_bytes is not None and d.max_bytes <= 0:
         raise ConfigError(f"'data.max_bytes' must be > 0 (or null for no cap), got {d.max_bytes}")
-    if d.tokenizer == "bpe" and not 257 <= d.vocab_size < 2**32:
+    if d.tokenizer_file and d.tokenizer == "bytes":
+        raise ConfigError("'data.tokenizer_file' replaces the trained BPE; it cannot be used with data.tokenizer=bytes")
+    if d.tokenizer_file:
+        tok_mod.from_file(tokenizer_path(cfg))  # a missing or unreadable file: one line, before any reading
+    if d.tokenizer == "bpe" and not d.tokenizer_file and not 257 <= d.vocab_size < 2**32:
         raise ConfigError(f"'data.vocab_size' must be >= 257 (256 bytes + <eos>) for byte-level BPE, got {d.vocab_size}")
     if not d.text_field:
         raise ConfigError("'data.text_field' must not be empty")
@@ -140,6 +148,24 @@ def check_config(cfg: RunConfig) -> None:
         for name in ("distance", "num_docs", "num_pairs"):
             if getattr(d.probe, name) <= 0:
                 raise ConfigError(f"'data.probe.{name}' must be > 0, got {getattr(d.probe, name)}")
+
+
+def tokenizer_kind(cfg: RunConfig) -> str:
+    """"bytes", "bpe" (trained here) or "file" (data.tokenizer_file)."""
+    return "file" if cfg.data.tokenizer_file else cfg.data.tokenizer
+
+
+def tokenizer_path(cfg: RunConfig) -> Path:
+    return Path(cfg.data.tokenizer_file).expanduser()
+
+
+def vocab_size(cfg: RunConfig) -> int:
+    """The vocabulary the prepared corpus will have, before preparing it (a tokenizer file is loaded, and
+    one that cannot be is named in one line)."""
+    kind = tokenizer_kind(cfg)
+    if kind == "file":
+        return tok_mod.from_file(tokenizer_path(cfg)).vocab_size
+    return tok_mod.ByteTokenizer.vocab_size if kind == "bytes" else cfg.data.vocab_size
 
 
 def check_stream(prepared: Prepared, segment_len: int, total_lanes: int) -> None:
@@ -170,16 +196,19 @@ def cache_root(cfg: RunConfig) -> Path:
 
 def cache_key(listing: Listing, cfg: RunConfig) -> str:
     d = cfg.data
-    return fingerprint_key({
+    payload = {
         "format": FORMAT_VERSION,
         "corpus": listing.fingerprint,
         "tokenizer": d.tokenizer,
-        "vocab_size": d.vocab_size if d.tokenizer == "bpe" else None,
+        "vocab_size": d.vocab_size if tokenizer_kind(cfg) == "bpe" else None,
         "append_eos": d.append_eos,
         "max_bytes": d.max_bytes,
         "val_fraction": d.val_fraction,
         "test_fraction": d.test_fraction,
-    })
+    }
+    if d.tokenizer_file:  # its content, not its path: an edited file is another key, a moved one the same
+        payload["tokenizer_file"] = hashlib.sha256(tokenizer_path(cfg).read_bytes()).hexdigest()
+    return fingerprint_key(payload)
 
 
 def prepare(cfg: RunConfig) -> Prepared:
@@ -188,7 +217,7 @@ def prepare(cfg: RunConfig) -> Prepared:
     root = cache_root(cfg)
     listing = list_corpus(cfg, root)
     key = cache_key(listing, cfg)
-    final = root / f"{listing.name}-{cfg.data.tokenizer}-{key[:16]}"
+    final = root / f"{listing.name}-{tokenizer_kind(cfg)}-{key[:16]}"
     if not (final / META).is_file():
         _build(listing, cfg, key, final)
     prepared = Prepared(final)
@@ -228,14 +257,12 @@ def _texts(docs: Sequence[Document]) -> Iterator[str]:
         yield _read_text(doc) or ""
 
 
-def _build(listing: Listing, cfg: RunConfig, key: str, final: Path) -> None:
-    started = time.perf_counter()
+def _split(docs: Sequence[Document], cfg: RunConfig) -> Tuple[Dict[str, List[Document]], List[str], int]:
+    """Pass 1: which documents are UTF-8 text, and their splits (no document in two splits); returns the
+    documents by split, the ids of those that are not UTF-8 and the number of empty ones."""
     d = cfg.data
-    docs = select_budget(listing.documents, d.max_bytes)
     if not docs:
         raise DataError(f"data.max_bytes={d.max_bytes} is smaller than every document of corpus '{d.corpus}'")
-
-    # Pass 1: which documents are UTF-8 text, and their splits (no document in two splits).
     by_split: Dict[str, List[Document]] = {s: [] for s in SPLITS}
     bad: List[str] = []
     empty = 0
@@ -260,32 +287,68 @@ def _build(listing: Listing, cfg: RunConfig, key: str, final: Path) -> None:
                 f"split '{split}' of corpus '{d.corpus}' has no documents ({total} in all); "
                 "raise data.val_fraction / data.test_fraction or add documents"
             )
+    return by_split, bad, empty
 
+
+def _tokenizer(cfg: RunConfig, train: Sequence[Document]) -> tok_mod.Tokenizer:
+    d = cfg.data
+    kind = tokenizer_kind(cfg)
+    if kind == "bytes":
+        return tok_mod.ByteTokenizer()
+    if kind == "file":
+        return tok_mod.from_file(tokenizer_path(cfg))
+    tok = tok_mod.train_bpe(_texts(train), len(train), d.vocab_size)
+    if tok.vocab_size < d.vocab_size:
+        raise DataError(
+            f"the train split of corpus '{d.corpus}' fills only {tok.vocab_size} of data.vocab_size="
+            f"{d.vocab_size} BPE tokens; lower data.vocab_size or use a larger corpus"
+        )
+    return tok
+
+
+def _progress(listing: Listing, cfg: RunConfig):
+    """The prepare's one progress bar (table files read, then documents tokenized, split by split), on a
+    terminal only (tqdm's disable=None) and not when log.progress_bar is off."""
+    from tqdm import tqdm
+
+    return tqdm(total=len(listing.tables), desc=listing.name, disable=None if cfg.log.progress_bar else True)
+
+
+def _reading(bar, name: str, table: TableFile) -> None:
+    bar.set_description(f"{name}: reading {table.split or 'files'}")
+    bar.update(1)
+
+
+def _build(listing: Listing, cfg: RunConfig, key: str, final: Path) -> None:
+    started = time.perf_counter()
+    d = cfg.data
     root = final.parent
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=root))
     try:
-        train = by_split["train"]
-        if d.tokenizer == "bytes":
-            tok = tok_mod.ByteTokenizer()
-        else:
-            tok = tok_mod.train_bpe(_texts(train), len(train), d.vocab_size)
-            if tok.vocab_size < d.vocab_size:
-                raise DataError(
-                    f"the train split of corpus '{d.corpus}' fills only {tok.vocab_size} of data.vocab_size="
-                    f"{d.vocab_size} BPE tokens; lower data.vocab_size or use a larger corpus"
-                )
-        tok.save(tmp)
-        np.save(tmp / "token_bytes.npy", tok.token_bytes())
-        dtype = "uint16" if tok.vocab_size <= 65535 else "uint32"
-        splits = {s: _write_split(tmp / s, by_split[s], tok, dtype, d.append_eos, listing.probe) for s in SPLITS}
+        with _progress(listing, cfg) as bar:
+            on_file = partial(_reading, bar, listing.name)
+            docs = listing.documents + table_documents(listing.tables, d.text_field, tmp / _HF_SCRATCH, on_file)
+            by_split, bad, empty = _split(select_budget(docs, d.max_bytes), cfg)
+            bar.total = len(listing.tables) + sum(len(v) for v in by_split.values())
+            bar.set_description(f"{listing.name}: {tokenizer_kind(cfg)} tokenizer")
+            tok = _tokenizer(cfg, by_split["train"])
+            tok.save(tmp)
+            np.save(tmp / "token_bytes.npy", tok.token_bytes())
+            dtype = "uint16" if tok.vocab_size <= 65535 else "uint32"
+            splits = {}
+            for s in SPLITS:
+                bar.set_description(f"{listing.name}: tokenizing {s}")
+                splits[s] = _write_split(tmp / s, by_split[s], tok, dtype, d.append_eos, listing.probe, bar)
+        shutil.rmtree(tmp / _HF_SCRATCH, ignore_errors=True)  # arrow copies and lock files: scratch only
         meta = {
             "format": FORMAT_VERSION,
             "key": key,
             "corpus": d.corpus,
             "name": listing.name,
             "fingerprint": listing.fingerprint,
-            "tokenizer": {"kind": tok.kind, "hash": tok.hash, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id},
+            "tokenizer": {"kind": tok.kind, "hash": tok.hash, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
+                          "file": d.tokenizer_file},
             "vocab_size": tok.vocab_size,
             "dtype": dtype,
             "append_eos": d.append_eos,
@@ -317,7 +380,7 @@ def _build(listing: Listing, cfg: RunConfig, key: str, final: Path) -> None:
 
 
 def _write_split(
-    folder: Path, docs: Sequence[Document], tok: tok_mod.Tokenizer, dtype: str, append_eos: bool, probe: bool
+    folder: Path, docs: Sequence[Document], tok: tok_mod.Tokenizer, dtype: str, append_eos: bool, probe: bool, bar
 ) -> Dict:
     folder.mkdir()
     offsets = [0]
@@ -338,6 +401,7 @@ def _write_split(
                     doc_bytes.append(len(text.encode("utf-8")))
                     if answer_file is not None:
                         answer_file.write(_answer_flags(doc.answers, len(ids)).tobytes())
+                bar.update(len(chunk))
     finally:
         if answer_file is not None:
             answer_file.close()

@@ -1,22 +1,31 @@
-"""Tokenizers: byte-level BPE trained with `tokenizers`, and raw bytes.
+"""Tokenizers: byte-level BPE trained with `tokenizers`, a `tokenizers` JSON file from disk, and raw bytes.
 
-Both map every id to a fixed byte string, so the per-id byte-length table (`token_bytes`) is exact:
-bits/byte = total NLL / (ln 2 x total bytes of the targets). The one special token, `<eos>`, has 0 bytes.
-In the byte-level alphabet every character stands for exactly one byte, so a BPE token's byte length is
-the length of its vocabulary string.
+Bytes and byte-level BPE map every id to a fixed byte string, so the per-id byte-length table
+(`token_bytes`) is exact: bits/byte = total NLL / (ln 2 x total bytes of the targets). The end-of-document
+token has 0 bytes. In the byte-level alphabet every character stands for exactly one byte, so a BPE token's
+byte length is the length of its vocabulary string. A file's model need not be byte-level (T5's is a
+SentencePiece unigram, whose normaliser drops newlines and maps unknown characters to <unk>): its table
+counts the text each vocabulary string stands for, so bits/byte is approximate there.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 from pathlib import Path
 from typing import Iterable, List, Sequence, Union
 
 import numpy as np
 
+from lrexp.data_modules.errors import DataError
+
 EOS = "<eos>"
+# A file's end-of-document token: the first of these in its vocabulary (ours, T5's and Llama's, GPT-2's).
+EOS_NAMES = (EOS, "</s>", "<|endoftext|>")
 BPE_FILE = "tokenizer.json"
+_BYTE_FALLBACK = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")  # SentencePiece's byte tokens
 
 
 class ByteTokenizer:
@@ -45,30 +54,36 @@ class ByteTokenizer:
         """Nothing to save: the vocabulary is fixed."""
 
 
-class BPETokenizer:
-    """Byte-level BPE (`tokenizers`): no UNK, exact decode, `<eos>` is id 0."""
+class HFTokenizer:
+    """A `tokenizers` model: the trained byte-level BPE (kind "bpe": no UNK, exact decode, `<eos>` is id 0) or a
+    tokenizer.json from disk (kind "file"), used as it is."""
 
-    kind = "bpe"
-
-    def __init__(self, tokenizer) -> None:
+    def __init__(self, tokenizer, kind: str = "bpe", source: str = "the trained BPE") -> None:
         self.tokenizer = tokenizer
-        self.eos_id = tokenizer.token_to_id(EOS)
+        self.kind = kind
+        eos = next((t for t in EOS_NAMES if tokenizer.token_to_id(t) is not None), None)
+        if eos is None:
+            raise DataError(f"{source} has no end-of-document token (one of {', '.join(EOS_NAMES)})")
+        self.eos_id = tokenizer.token_to_id(eos)
         self.vocab_size = tokenizer.get_vocab_size()
         self.hash = hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
 
     def encode_batch(self, texts: Sequence[str]) -> List[np.ndarray]:
-        return [np.asarray(e.ids, dtype=np.int64) for e in self.tokenizer.encode_batch(list(texts))]
+        # No post-processor tokens (T5's appends </s>): data.append_eos decides about the end of a document.
+        encoded = self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        return [np.asarray(e.ids, dtype=np.int64) for e in encoded]
 
     def encode(self, text: str) -> np.ndarray:
-        return np.asarray(self.tokenizer.encode(text).ids, dtype=np.int64)
+        return self.encode_batch([text])[0]
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
 
     def token_bytes(self) -> np.ndarray:
-        table = np.zeros(self.vocab_size, dtype=np.int64)  # [V]
+        byte_level = "ByteLevel" in _types(json.loads(self.tokenizer.to_str()).get("decoder"))
+        table = np.zeros(self.vocab_size, dtype=np.int64)  # [V]; added (special) tokens stay 0
         for token, idx in self.tokenizer.get_vocab(with_added_tokens=False).items():
-            table[idx] = len(token)
+            table[idx] = len(token) if byte_level else _text_bytes(token)
         table[self.eos_id] = 0
         return table
 
@@ -76,14 +91,31 @@ class BPETokenizer:
         self.tokenizer.save(str(folder / BPE_FILE))
 
 
-Tokenizer = Union[ByteTokenizer, BPETokenizer]
+def _types(node) -> set:
+    """Every "type" named in a tokenizer.json component (decoders nest in Sequence)."""
+    if isinstance(node, dict):
+        return {node.get("type")} | set().union(*(_types(v) for v in node.values()))
+    if isinstance(node, list):
+        return set().union(*(_types(v) for v in node))
+    return set()
 
 
-def train_bpe(texts: Iterable[str], num_texts: int, vocab_size: int) -> BPETokenizer:
-    from tokenizers import Tokenizer as HFTokenizer
+def _text_bytes(token: str) -> int:
+    """UTF-8 bytes a non-byte-level token stands for: SentencePiece's "▁" is a space and "<0x0A>" one byte,
+    WordPiece's "##" continuation prefix none."""
+    if _BYTE_FALLBACK.match(token):
+        return 1
+    return len(token.removeprefix("##").replace("▁", " ").encode("utf-8"))
+
+
+Tokenizer = Union[ByteTokenizer, HFTokenizer]
+
+
+def train_bpe(texts: Iterable[str], num_texts: int, vocab_size: int) -> HFTokenizer:
+    from tokenizers import Tokenizer as RustTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
-    tok = HFTokenizer(models.BPE())
+    tok = RustTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
@@ -94,15 +126,29 @@ def train_bpe(texts: Iterable[str], num_texts: int, vocab_size: int) -> BPEToken
     )
     with parallel_tokenizers():
         tok.train_from_iterator(texts, trainer=trainer, length=num_texts)
-    return BPETokenizer(tok)
+    return HFTokenizer(tok)
+
+
+def from_file(path: Path) -> HFTokenizer:
+    """`data.tokenizer_file`: a `tokenizers` JSON file (tokenizer.json), or one line saying why it cannot be."""
+    from tokenizers import Tokenizer as RustTokenizer
+
+    if not path.is_file():
+        raise DataError(f"data.tokenizer_file not found: {path}")
+    try:
+        tok = RustTokenizer.from_file(str(path))
+    except Exception as exc:  # the Rust error: unreadable JSON, an unknown model
+        raise DataError(f"data.tokenizer_file {path}: not a tokenizers JSON file ({str(exc).splitlines()[0]})") from None
+    return HFTokenizer(tok, kind="file", source=f"data.tokenizer_file {path}")
 
 
 def load(folder: Path, kind: str) -> Tokenizer:
+    """The tokenizer a prepared folder was built with (a file's copy is saved there too)."""
     if kind == "bytes":
         return ByteTokenizer()
-    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import Tokenizer as RustTokenizer
 
-    return BPETokenizer(HFTokenizer.from_file(str(folder / BPE_FILE)))
+    return HFTokenizer(RustTokenizer.from_file(str(folder / BPE_FILE)), kind=kind)
 
 
 class parallel_tokenizers:

@@ -139,6 +139,9 @@ class DataConfig:
     corpus: str = "stdlib"  # a corpus name (`lrexp data prepare --help`) or a path
     tokenizer: Literal["bpe", "bytes"] = "bpe"
     vocab_size: int = 32128  # BPE only; the bytes tokenizer has a fixed vocabulary
+    # A `tokenizers` JSON file (T5's tokenizer.json, say) used instead of training the BPE; its vocabulary
+    # sets the model's (data.vocab_size is not read). Relative paths are under the working directory.
+    tokenizer_file: Optional[str] = None
     tokens_per_step: int = "${scale.tokens_per_step}"  # type: ignore[assignment]
     seed: Optional[int] = None  # the training stream's shuffle; None: train.seed, so a seed axis varies both
     append_eos: bool = True
@@ -148,7 +151,9 @@ class DataConfig:
     val_fraction: float = 0.05  # of documents, by a stable hash of the document id
     test_fraction: float = 0.05
     exclude_tests: bool = True  # stdlib: leave out test packages and test_*.py
-    file_suffix: str = ".txt"  # directory corpora: files ending so ("" = all); .jsonl[.gz] / .parquet via `datasets`
+    # Directory corpora: "auto" reads the one format a folder holds (.txt, .jsonl[.gz] or .parquet files);
+    # otherwise the files ending so ("" = all); .jsonl[.gz] / .parquet are read via `datasets`.
+    file_suffix: str = "auto"
     text_field: str = "text"  # JSON-lines / parquet: the column holding each document
     probe: ProbeConfig = field(default_factory=ProbeConfig)
 
@@ -181,6 +186,9 @@ class TrainConfig:
     strategy: str = "auto"
     seed: int = 0
     deterministic: bool = True  # deterministic algorithms, warning (not failing) on ops that have none
+    # CPU threads of torch's intra-op pool; null: $OMP_NUM_THREADS if set, else all the CPUs this process may
+    # use but one, shared by the train.devices ranks (a thread more than the free cores costs several times).
+    threads: Optional[int] = None
     checkpoint_dir: str = "checkpoints"  # <checkpoint_dir>/<MLflow run id>/last.ckpt; relative: project root
 
 
@@ -434,7 +442,7 @@ _POSITIVE = (
     "model.recurrent.num_states", "model.knn.memory_size", "model.knn.k", "model.attn.num_buckets",
     "model.attn.max_distance", "data.vocab_size", "data.tokens_per_step",
     "optim.warmup_steps", "train.max_steps", "train.val_every", "train.val_tokens",
-    "train.accumulate_grad_batches", "train.devices",
+    "train.accumulate_grad_batches", "train.devices", "train.threads", "log.every_n_steps",
 )
 
 
@@ -465,7 +473,8 @@ def resolve(cfg: RunConfig) -> RunConfig:
         value = _get(cfg, path)
         if not 0.0 <= value < 1.0:
             raise ConfigError(f"'{path}' must be in [0, 1), got {value}")
-    for path in ("data.num_workers", "train.seed", "data.seed", "optim.weight_decay", "optim.grad_clip"):
+    for path in ("data.num_workers", "train.seed", "data.seed", "optim.weight_decay", "optim.grad_clip",
+                 "log.perf_warmup_steps"):
         value = _get(cfg, path)
         if value is not None and value < 0:
             raise ConfigError(f"'{path}' must be >= 0, got {value}")

@@ -5,10 +5,9 @@ import pytest
 import torch
 
 from lrexp import config
-from lrexp.attention import MaskSpec, attend
-from lrexp.layers.common import merge_heads
-from lrexp.layers.recurrent import RecurrentLayer
 from lrexp.model import build_model
+
+from oracles import reference_cell
 
 V = 64
 ROWS = [f"rec_{g}_{t}" for g in ("lstm", "fixed") for t in ("dual", "single", "skip")]
@@ -23,27 +22,6 @@ def _model(row, *overrides, seed=0):
 def _tokens(lanes, length, seed=1):
     return torch.randint(0, V, (lanes, length), generator=torch.Generator().manual_seed(seed))
 
-
-
-def reference_cell(cell: RecurrentLayer, x, c, k_prev, v_prev):
-    """The cell one block at a time, every attention dense with the reference backend: block t's tokens
-    attend to [previous block; block t] and to c_t, then c_t is updated (models.md 4.3-4.6, eval mode)."""
-    w, heads = cell.window, cell.num_heads
-    outputs = []
-    for xb in x.split(w, dim=1):  # [B, W, d]
-        h = cell.qkv.norm_input(xb)
-        q, k, v = cell.qkv.project(h)  # [B, H, W, D]
-        q2 = torch.nn.functional.normalize(cell.wq2(h).view(*h.shape[:2], heads, -1).transpose(1, 2), dim=-1, eps=0)
-        k2, v2 = torch.cat([k_prev, k], 2), torch.cat([v_prev, v], 2)  # [B, H, 2W, D]
-        a = attend(q, k2, v2, MaskSpec(window=w), bias=cell.rel_bias(w, 2 * w), scale=cell.scale(), backend="reference")
-        q_s, k_s, v_s, q_e = cell.state(c)
-        b = attend(q2, k_s, v_s, MaskSpec(causal=False), scale=cell.scale2(), backend="reference")
-        p = attend(q_s, k_s, v_s, MaskSpec(causal=False), scale=cell.state_scale(), backend="reference")
-        r = attend(q_e, k2, v2, MaskSpec(causal=False), scale=cell.state_scale2(), backend="reference")
-        outputs.append(cell.ffn(xb + cell.wo(merge_heads(torch.cat([a, b], 1)))))
-        c = cell.update(c, merge_heads(torch.cat([p, r], 1)))
-        k_prev, v_prev = k, v
-    return torch.cat(outputs, 1), c
 
 
 @pytest.mark.parametrize("row", ROWS)

@@ -1,18 +1,16 @@
 """Segmented == unsegmented for the XL, Slide and Full rows (models.md 12.3, 12.4; DESIGN.md principle 8).
 
-The oracle runs the model's weights over a whole stream in one pass, each layer one dense masked attention
-over [zero cache; stream] with the reference backend: no tiles, no carried state.
+The oracle (`oracles.dense_oracle`) runs the model's weights over a whole stream in one pass, each layer one
+dense masked attention over [zero cache; stream] with the reference backend: no tiles, no carried state.
 """
-
-import math
 
 import pytest
 import torch
 
 from lrexp import config
-from lrexp.attention import MaskSpec, attend
-from lrexp.layers.common import merge_heads
 from lrexp.model import build_model
+
+from oracles import dense_oracle
 
 V = 64
 
@@ -21,23 +19,6 @@ def _model(row, *overrides):
     cfg = config.load(overrides=["scale=smoke", f"row={row}", *overrides])
     torch.manual_seed(0)
     return build_model(cfg, V).eval(), cfg
-
-
-def dense_oracle(model, tokens):
-    """Logits [B, T, V] of the whole stream: layer by layer, one dense attention with the equivalent mask."""
-    x = model.embed(tokens)  # [B, T, d]
-    b, t = tokens.shape
-    for layer in model.layers:
-        q, k, v = layer.qkv(x)  # [B, H, T, D]
-        w = layer.window
-        if w is not None:  # the first document's XL cache: w zero slots in front of the stream
-            zeros = torch.zeros(b, q.shape[1], w, q.shape[-1])
-            k, v = torch.cat([zeros, k], 2), torch.cat([zeros, v], 2)  # [B, H, w + T, D]
-        mask = MaskSpec(window=w, include_self=layer.include_self)
-        o = attend(q, k, v, mask, bias=layer.rel_bias(t, k.shape[2]), scale=layer.scale(), backend="reference")
-        x = layer.ffn(x + layer.wo(merge_heads(o)))
-    return model.norm_f(x) @ model.embed.weight.t() / math.sqrt(V)
-
 
 
 @pytest.mark.parametrize("row,segments,overrides", [

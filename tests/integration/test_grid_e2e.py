@@ -2,8 +2,9 @@
 run; a cell that fails leaves the others alone and `--resume` then runs only that cell. And `--dry-run` of
 every grid in experiments/grids validates every cell.
 
-One grid of two cells, three steps each, on a byte-level corpus: the cell `file_suffix=.md` fails at first
-(its corpus folder holds no .md files), and succeeds on resume once they exist.
+One grid of two cells, three steps each, on a byte-level corpus: the cell `file_suffix=.md` passes the
+checks before the grid runs but fails in its run (its .md documents are all shorter than one segment), and
+succeeds on resume once they are long enough.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def env(tmp_path_factory):
     for i in range(16):
         text = " ".join(words[(i * j) % len(words)] for j in range(60 + 9 * i))
         (corpus / f"doc{i}.txt").write_text(text + "\n")
+        (corpus / f"doc{i}.md").write_text(f"note {i}\n")
     uri = f"sqlite:///{root}/mlflow.db"
     path = root / "smoke_grid.yaml"
     path.write_text(yaml.safe_dump({
@@ -72,9 +74,9 @@ def test_failing_cell_then_resume(env, capsys):
     ok, bad = kids["file_suffix=.txt"], kids["file_suffix=.md"]
     assert ok.info.status == "FINISHED" and ok.data.metrics["final/steps"] == 3
     assert ok.data.tags["lrexp.cell"] == "file_suffix=.txt" and ok.data.tags["lrexp.grid"] == "smoke_grid"
-    assert bad.info.status == "FAILED" and ".md" in bad.data.tags["lrexp.error"]
+    assert bad.info.status == "FAILED" and "larger than every document" in bad.data.tags["lrexp.error"]
 
-    for doc in env["corpus"].glob("*.txt"):  # now the failed cell's corpus exists
+    for doc in env["corpus"].glob("*.txt"):  # now the failed cell's documents are long enough
         shutil.copy(doc, doc.with_suffix(".md"))
     code = grid_cmd.run(_args(env["grid"], resume=True, **common))
     out = capsys.readouterr()

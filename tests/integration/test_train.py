@@ -109,6 +109,7 @@ def test_every_row_runs_and_its_mlflow_run_holds_the_contract(env, row):
     assert tags["lrexp.row"] == row_name(cfg)
     assert tags["lrexp.scale"] == "smoke" and tags["lrexp.git_sha"]
     assert tags["lrexp.backend"]
+    assert tags["lrexp.threads"] == os.environ["OMP_NUM_THREADS"] == str(torch.get_num_threads())  # conftest's
     assert tags["lrexp.grid"] == "tests" and tags["lrexp.cell"] == f"row={row}"
     artifacts = {a.path for a in env["client"].list_artifacts(result["run_id"])}
     assert {"config.yaml", "data_meta.json"} <= artifacts

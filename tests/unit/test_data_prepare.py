@@ -1,5 +1,6 @@
 """Corpora, tokenizers and the prepared store: exact round trips, exact byte counts, idempotent and never stale."""
 
+import gzip
 import io
 import json
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 from lrexp import config
 from lrexp.config import ConfigError
 from lrexp.data_modules import DataError, prepare, store
-from lrexp.data_modules import gutenberg
+from lrexp.data_modules import corpora, gutenberg
 from lrexp.data_modules.corpora import SPLITS, list_corpus, split_of
 from lrexp.data_modules.tokenizer import ByteTokenizer, train_bpe
 
@@ -174,6 +175,87 @@ def test_jsonl_and_parquet_with_a_text_field(tmp_path):
         prepare(cfg_for(tmp_path, folder, "data.file_suffix=.jsonl"))
 
 
+def write_table(path: Path, texts) -> None:
+    """JSON lines (gzipped for .gz) or parquet, one document per row in a "text" column."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".parquet":
+        pa = pytest.importorskip("pyarrow")
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"text": list(texts)}), path)
+        return
+    lines = "".join(json.dumps({"text": t}) + "\n" for t in texts).encode()
+    path.write_bytes(gzip.compress(lines) if path.suffix == ".gz" else lines)
+
+
+def all_texts(prepared) -> set:
+    return {prepared.tokenizer.decode(prepared.split(s).doc(i)) for s in SPLITS
+            for i in range(prepared.split(s).num_docs)}
+
+
+@pytest.mark.parametrize("ending", [".jsonl", ".jsonl.gz", ".parquet"])
+def test_a_folder_of_one_format_needs_no_flag(tmp_path, ending):
+    folder = tmp_path / "mycorpus"
+    texts = [f"row {i} " + "word " * (20 + 3 * i) for i in range(24)]
+    for part in range(3):
+        write_table(folder / f"part{part}{ending}", texts[part::3])
+    (folder / "README.md").write_text("not a document")  # other files are left out
+    prepared = prepare(cfg_for(tmp_path, folder))  # data.file_suffix is "auto" by default
+    assert all_texts(prepared) == set(texts) and prepared.meta["fingerprint"]["file_suffix"] == "auto"
+
+
+def test_a_folder_of_two_formats_is_one_line_naming_both(tmp_path):
+    folder = write_corpus(tmp_path / "mixed", n=12)
+    write_table(folder / "rows.jsonl", ["a row " * 30] * 4)
+    with pytest.raises(DataError, match=r"mixed holds 12 text \(\.txt\) and 1 JSON-lines .* set data.file_suffix"):
+        corpora.check_source(cfg_for(tmp_path, folder))
+    prepared = prepare(cfg_for(tmp_path, folder, "data.file_suffix=.txt"))
+    assert prepared.meta["documents"] == 12
+
+
+def test_hugging_face_shard_names_give_the_splits(tmp_path):
+    folder = tmp_path / "hf" / "data"
+    names = {"train-00000-of-00002": 6, "train-00001-of-00002": 6, "validation-00000-of-00001": 3,
+             "test-00000-of-00001": 3}
+    for name, n in names.items():
+        write_table(folder / f"{name}.jsonl", [f"{name} {i} " + "text " * 40 for i in range(n)])
+    prepared = prepare(cfg_for(tmp_path, folder))
+    for split in SPLITS:
+        ids = prepared.split(split).doc_ids()
+        assert ids and all(i.startswith(split + "-") for i in ids)
+    assert prepared.split("train").num_docs == 12
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_preparing_tables_shows_one_bar_with_the_splits_and_leaves_no_litter(tmp_path, monkeypatch):
+    root = tmp_path / "pg19"
+    for split in SPLITS:
+        for part in range(2):
+            write_table(root / split / f"books{part}.jsonl", [f"{split} book {part}.{i} " + "page " * 50
+                                                                for i in range(3)])
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    prepared = prepare(cfg_for(tmp_path, root))
+    shown = terminal.getvalue()
+    assert "Generating" not in shown  # datasets' own bars (one per file, each "train") are off
+    for split in SPLITS:
+        assert f"pg19: reading {split}" in shown and f"pg19: tokenizing {split}" in shown
+    assert prepared.meta["splits"]["validation"]["documents"] == 6
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [prepared.dir.name]  # no hf_datasets cache
+    assert not list((tmp_path / "cache").rglob("*.lock"))
+    assert datasets_bars_enabled()  # restored for the rest of the process
+
+
+def datasets_bars_enabled() -> bool:
+    import datasets
+
+    return not datasets.are_progress_bars_disabled()
+
+
 def test_stdlib_listing_excludes_tests_and_budget_is_a_stable_subset(tmp_path):
     cfg = cfg_for(tmp_path, "stdlib")
     docs = list_corpus(cfg, tmp_path).documents
@@ -257,8 +339,10 @@ def test_missing_path_and_empty_corpus(tmp_path):
     with pytest.raises(DataError, match="neither a known corpus"):
         prepare(cfg_for(tmp_path, tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match="no files ending in"):
+    with pytest.raises(DataError, match=r"no \.txt, \.jsonl\[\.gz\] or \.parquet files under .*empty"):
         prepare(cfg_for(tmp_path, tmp_path / "empty"))
+    with pytest.raises(DataError, match="no files ending in '.md'"):
+        prepare(cfg_for(tmp_path, tmp_path / "empty", "data.file_suffix=.md"))
 
 
 def test_non_utf8_files_are_skipped_and_counted_unless_all_are_bad(tmp_path, capsys):
@@ -302,3 +386,62 @@ def test_cli_prepare_and_its_one_line_error(tmp_path):
     out = subprocess.run(base + ["--path", str(tmp_path / "missing")] + opts, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "missing" in out.stderr
+
+
+# ---- a tokenizer file from disk ------------------------------------------------------------------------
+
+
+def t5_like_tokenizer(path: Path, texts, vocab_size: int = 200) -> Path:
+    """A SentencePiece-style unigram like T5's: Metaspace, </s> as its end token, appended by a post-processor."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"],
+                                      unk_token="<unk>", show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tok.save(str(path))
+    return path
+
+
+def test_a_tokenizer_file_replaces_the_bpe_and_keys_the_cache_by_its_content(tmp_path):
+    src = write_corpus(tmp_path / "corpus")
+    texts = [p.read_text() for p in src.iterdir()]
+    path = t5_like_tokenizer(tmp_path / "tokenizer.json", texts)
+    prepared = prepare(cfg_for(tmp_path, src, "data.tokenizer=bpe", f"data.tokenizer_file={path}"))
+    from tokenizers import Tokenizer
+
+    file_vocab = Tokenizer.from_file(str(path)).get_vocab_size()
+    assert prepared.vocab_size == file_vocab != config.load(overrides=["scale=smoke"]).data.vocab_size
+    assert prepared.dir.name.startswith("corpus-file-") and prepared.meta["tokenizer"]["file"] == str(path)
+    assert prepared.eos_id == 1  # T5's </s>
+    data = prepared.split("train")
+    for i in range(data.num_docs):  # the post-processor's </s> is not added: one end token per document
+        doc = data.doc(i)
+        assert doc[-1] == 1 and (doc == 1).sum() == 1
+    vocab = prepared.tokenizer.tokenizer.get_vocab()
+    word = next(t for t in sorted(vocab) if t.startswith("\u2581") and t[1:].isalpha())
+    assert prepared.token_bytes[vocab[word]] == len(word)  # "\u2581" stands for one byte, a space
+
+    t5_like_tokenizer(path, texts, vocab_size=60)  # same path, other content: another prepared corpus
+    again = prepare(cfg_for(tmp_path, src, "data.tokenizer=bpe", f"data.tokenizer_file={path}"))
+    assert again.dir != prepared.dir and again.vocab_size < prepared.vocab_size
+
+
+def test_a_bad_tokenizer_file_is_one_line(tmp_path):
+    src = write_corpus(tmp_path / "corpus")
+    with pytest.raises(DataError, match="data.tokenizer_file not found: .*missing.json"):
+        prepare(cfg_for(tmp_path, src, "data.tokenizer=bpe", f"data.tokenizer_file={tmp_path / 'missing.json'}"))
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(DataError, match=r"bad.json: not a tokenizers JSON file \("):
+        prepare(cfg_for(tmp_path, src, "data.tokenizer=bpe", f"data.tokenizer_file={tmp_path / 'bad.json'}"))
+    from tokenizers import Tokenizer, models
+
+    Tokenizer(models.WordLevel({"some": 0, "text": 1, "[UNK]": 2}, unk_token="[UNK]")).save(str(tmp_path / "no_eos.json"))
+    with pytest.raises(DataError, match="no_eos.json has no end-of-document token"):
+        prepare(cfg_for(tmp_path, src, "data.tokenizer=bpe", f"data.tokenizer_file={tmp_path / 'no_eos.json'}"))
+    with pytest.raises(ConfigError, match="cannot be used with data.tokenizer=bytes"):
+        prepare(cfg_for(tmp_path, src, f"data.tokenizer_file={tmp_path / 'bad.json'}"))
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())

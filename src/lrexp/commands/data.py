@@ -22,8 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--corpus", metavar="NAME", help=f"a named corpus: {', '.join(CORPORA)} (default: data.corpus)")
     source.add_argument(
         "--path", metavar="DIR",
-        help="a PG19-layout folder (train/ validation/ test/), a folder of text files (data.file_suffix), "
-             "or JSON-lines / parquet files with a data.text_field column",
+        help="a folder of .txt, .jsonl[.gz] or .parquet files (its one format is detected; data.file_suffix picks "
+             "files by ending instead), with train/ validation/ test/ folders for fixed splits",
     )
     add_config_arguments(prep)
 

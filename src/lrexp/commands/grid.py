@@ -72,11 +72,24 @@ def _dry_run(g) -> None:
     print("every cell's config is valid (dry run: nothing trained, nothing logged)")
 
 
+def _check_cells(g) -> None:
+    """Every cell as `lrexp train` will check it, before any runs: a dry run that passes means the cells start."""
+    from lrexp.grid import GridError
+    from lrexp.validate import check_run
+
+    for cell in g.cells:
+        try:
+            check_run(cell.config)
+        except UserError as exc:
+            raise GridError(f"grid {g.name}, cell {cell.id}: {exc}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     from lrexp import grid, report
 
     args = _late_options(args)
     g = grid.expand(args.name, args.overrides)
+    _check_cells(g)
     if args.dry_run:
         _dry_run(g)
         return 0

@@ -31,6 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lrexp.validate import check_run
+
     files, overrides = split_items(args.items)
-    print(config.to_yaml(config.load(files, overrides)), end="")
+    cfg = config.load(files, overrides)
+    check_run(cfg)  # valid means a run starts: the model and the corpus are checked too
+    print(config.to_yaml(cfg), end="")
     return 0

@@ -22,7 +22,7 @@ from lrexp.lit.module import CHECKPOINT_META_KEY
 LAST = "last.ckpt"
 # Keys that define the parameters, the carried state or the token ids: a checkpoint must agree on all.
 _MODEL_KEYS = ("model.",)
-_DATA_KEYS = ("data.tokenizer", "data.vocab_size")
+_DATA_KEYS = ("data.tokenizer", "data.vocab_size", "data.tokenizer_file")
 
 
 class CheckpointError(UserError, ValueError):
