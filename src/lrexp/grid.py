@@ -19,8 +19,10 @@ not a list) makes `key` an axis with these values and `key=v` on an axis key pin
 Running: one parent MLflow run per invocation in experiment `lrexp-<grid>`; each cell writes its config to
 `runs/<grid>/<cell>/config.yaml` and runs `python -m lrexp.cli train` on it, so DDP, memory and crashes stay
 inside the cell. The child run nests under the parent through the `mlflow.parentRunId` tag the cell's
-config carries. `--resume` continues the grid's latest parent and skips the cells that already FINISHED
-there with the same config hash (`lrexp.config_hash`).
+config carries. `--resume` continues the grid's latest parent (with that invocation's command-line
+overrides when none are given): a cell that FINISHED there with the same config hash (`lrexp.config_hash`)
+is skipped, one whose config differs only in `train.max_steps` (tag `lrexp.continue_hash`), trained for
+fewer steps, continues from its checkpoint in the same MLflow run, and any other trains.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ TAG_CELL = "lrexp.cell"
 TAG_GROUP = "lrexp.group"  # the cell id without the seed: the report's aggregation key
 TAG_INDEX = "lrexp.cell_index"  # the cell's position in the grid: the report's row order
 TAG_HASH = "lrexp.config_hash"
+TAG_CONTINUE = "lrexp.continue_hash"  # the config hash without train.max_steps: a run to train further
+TAG_OVERRIDES = "lrexp.overrides"  # JSON list of the invocation's command-line overrides, on the parent
 TAG_ROLE = "lrexp.role"  # "parent" on the grid's own run
 TAG_REFERENCE = "lrexp.reference"  # group id of the step-time reference, on the parent
 TAG_INVOKED = "lrexp.invoked_at"  # ms since the epoch of the latest invocation, on the parent
@@ -74,6 +78,7 @@ class Cell:
     overrides: List[str]  # what config.load received, in order
     config: RunConfig
     config_hash: str
+    continue_hash: str
 
     @property
     def dirname(self) -> str:
@@ -184,10 +189,13 @@ def _per_scale(value: Any, scale: Optional[str], where: str) -> Any:
     return value[scale]
 
 
-def config_hash(cfg: RunConfig) -> str:
-    """Identity of a cell's training: the resolved config without what the grid sets per invocation."""
+def config_hash(cfg: RunConfig, steps: bool = True) -> str:
+    """Identity of a cell's training: the resolved config without what the grid sets per invocation (and
+    without train.max_steps when `steps` is False: the runs that training longer continues)."""
     data = config.to_dict(cfg)
     data["log"] = {k: v for k, v in data["log"].items() if k not in ("tags", "run_name")}
+    if not steps:
+        data["train"] = {k: v for k, v in data["train"].items() if k != "max_steps"}
     text = json.dumps(data, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -304,7 +312,8 @@ def expand(name: str, overrides: Sequence[str] = ()) -> Grid:
         cfg.log.experiment = f"lrexp-{grid_name}"
         cfg.log.run_name = cell_id
         group = ",".join(p for k, p in zip(id_order, parts) if k != SEED_KEY) or "base"
-        cells.append(Cell(index, cell_id, group, values, cell_overrides, cfg, config_hash(cfg)))
+        cells.append(Cell(index, cell_id, group, values, cell_overrides, cfg, config_hash(cfg),
+                          config_hash(cfg, steps=False)))
 
     dirnames = [c.dirname for c in cells]
     for c in cells:
@@ -358,6 +367,7 @@ def cell_config(cell: Cell, grid: Grid, parent_id: str) -> RunConfig:
         TAG_GROUP: cell.group,
         TAG_INDEX: str(cell.index),
         TAG_HASH: cell.config_hash,
+        TAG_CONTINUE: cell.continue_hash,
     }
     return cfg
 
@@ -376,6 +386,42 @@ def write_cell(cfg: RunConfig, cell_dir: Path, grid: Grid, cell: Cell) -> Path:
 # --------------------------------------------------------------------------------------------------
 # Running
 # --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Finished:
+    """A finished cell run of a parent: what a resume skips or trains further."""
+
+    run_id: str
+    config_hash: str
+    continue_hash: Optional[str]
+    max_steps: int
+
+
+@dataclass
+class Step:
+    """What a resumed grid does with a cell: `skip` (FINISHED with this config), `continue` (the run trained
+    the same config for fewer steps: train it further) or `train`."""
+
+    cell: Cell
+    action: str
+    run_id: Optional[str] = None
+    from_step: int = 0
+
+
+def plan(grid: Grid, finished: Sequence[Finished]) -> List[Step]:
+    steps = []
+    for cell in grid.cells:
+        same = next((f for f in finished if f.config_hash == cell.config_hash), None)
+        shorter = next((f for f in finished if f.continue_hash == cell.continue_hash
+                        and f.max_steps < cell.config.train.max_steps), None)
+        if same is not None:
+            steps.append(Step(cell, "skip", same.run_id))
+        elif shorter is not None:
+            steps.append(Step(cell, "continue", shorter.run_id, shorter.max_steps))
+        else:
+            steps.append(Step(cell, "train"))
+    return steps
 
 
 @dataclass
@@ -400,8 +446,9 @@ def _last_line(path: Path) -> str:
     return lines[-1] if lines else ""
 
 
-def run_cell(config_path: Path) -> Tuple[int, Optional[Dict[str, Any]], str]:
-    """Train one cell as its own process; returns (exit status, final metrics or None, error line).
+def run_cell(config_path: Path, resume: Optional[str] = None) -> Tuple[int, Optional[Dict[str, Any]], str]:
+    """Train one cell as its own process (continuing run `resume` if given); returns (exit status, final
+    metrics or None, error line).
 
     stdout and stderr go to files beside the config; the last stdout line is the final metrics JSON.
     """
@@ -409,7 +456,7 @@ def run_cell(config_path: Path) -> Tuple[int, Optional[Dict[str, Any]], str]:
     out_path, err_path = cell_dir / "stdout.log", cell_dir / "stderr.log"
     with open(out_path, "w") as out, open(err_path, "w") as err:
         proc = subprocess.run(
-            [sys.executable, "-m", "lrexp.cli", "train", str(config_path)],
+            [sys.executable, "-m", "lrexp.cli", "train", *(["--resume", resume] if resume else []), str(config_path)],
             cwd=PROJECT_ROOT,
             stdout=out,
             stderr=err,
@@ -451,11 +498,7 @@ class Tracker:
         self.git_sha = tracking.git_sha()
 
     def parents(self) -> list:
-        return self.client.search_runs(
-            [self.experiment_id],
-            filter_string=f"tags.`{TAG_ROLE}` = 'parent' and tags.`{TAG_GRID}` = '{self.grid.name}'",
-            max_results=1000,
-        )
+        return _parents(self.client, self.experiment_id, self.grid.name)
 
     def open_parent(self, resume: bool) -> Tuple[str, bool]:
         """(parent run id, resumed?)"""
@@ -466,7 +509,7 @@ class Tracker:
             TAG_INVOKED: str(int(time.time() * 1000)),
             "lrexp.cells": str(len(self.grid.cells)),
             "lrexp.scale": self.grid.scale,
-            "lrexp.overrides": " ".join(self.grid.overrides),
+            TAG_OVERRIDES: json.dumps(self.grid.overrides),
             "lrexp.git_sha": self.git_sha,
         }
         previous = latest_parent(self.parents()) if resume else None
@@ -480,14 +523,8 @@ class Tracker:
         self.client.log_text(run.info.run_id, self.grid.text, "grid.yaml")
         return run.info.run_id, False
 
-    def finished_cells(self, parent_id: str) -> Dict[str, str]:
-        """config hash -> run id of the children of `parent_id` that FINISHED."""
-        runs = self.client.search_runs(
-            [self.experiment_id],
-            filter_string=f"tags.`{TAG_PARENT}` = '{parent_id}' and attributes.status = 'FINISHED'",
-            max_results=10000,
-        )
-        return {r.data.tags[TAG_HASH]: r.info.run_id for r in runs if TAG_HASH in r.data.tags}
+    def finished_cells(self, parent_id: str) -> List[Finished]:
+        return _finished(self.client, self.experiment_id, parent_id)
 
     def record_failure(self, parent_id: str, cell: Cell, since_ms: int, error: str) -> str:
         """Make sure the cell's failure is a FAILED child run carrying the error."""
@@ -524,6 +561,51 @@ class Outcome:
     results: List[CellResult]
 
 
+def _parents(client, experiment_id: str, name: str) -> list:
+    return client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{TAG_ROLE}` = 'parent' and tags.`{TAG_GRID}` = '{name}'",
+        max_results=1000,
+    )
+
+
+def _finished(client, experiment_id: str, parent_id: str) -> List[Finished]:
+    """The children of `parent_id` that FINISHED, newest first."""
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{TAG_PARENT}` = '{parent_id}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=10000,
+    )
+    return [
+        Finished(r.info.run_id, r.data.tags[TAG_HASH], r.data.tags.get(TAG_CONTINUE),
+                 int(r.data.params.get("train.max_steps", 0)))
+        for r in runs if TAG_HASH in r.data.tags
+    ]
+
+
+def previous_invocation(grid: Grid) -> Tuple[Optional[Any], List[Finished]]:
+    """The parent run `--resume` would continue and its finished cells; reads the store, writes nothing."""
+    from mlflow.tracking import MlflowClient
+
+    from lrexp.lit import tracking
+
+    client = MlflowClient(tracking.tracking_uri(grid.cells[0].config))
+    exp = client.get_experiment_by_name(f"lrexp-{grid.name}")
+    parent = latest_parent(_parents(client, exp.experiment_id, grid.name)) if exp is not None else None
+    return parent, (_finished(client, exp.experiment_id, parent.info.run_id) if parent is not None else [])
+
+
+def invocation_overrides(parent) -> List[str]:
+    """The command-line overrides a parent run was invoked with (JSON; older parents: space-separated)."""
+    text = parent.data.tags.get(TAG_OVERRIDES, "")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return text.split()
+    return [str(v) for v in value] if isinstance(value, list) else text.split()
+
+
 def latest_parent(parents: list):
     """The parent of the latest invocation (a resumed parent is older than its last invocation)."""
     if not parents:
@@ -536,7 +618,7 @@ def run(
     resume: bool = False,
     runs_dir: Optional[Path] = None,
     out: Optional[TextIO] = None,
-    run_cell_fn: Callable[[Path], Tuple[int, Optional[Dict[str, Any]], str]] = run_cell,
+    run_cell_fn: Callable[..., Tuple[int, Optional[Dict[str, Any]], str]] = run_cell,
 ) -> Outcome:
     """Run every cell in order, one result per cell. A failing cell is recorded and the grid goes on."""
     from lrexp.lit import tracking
@@ -545,7 +627,7 @@ def run(
     uri = tracking.tracking_uri(grid.cells[0].config)
     tracker = Tracker(uri, grid)
     parent_id, resumed = tracker.open_parent(resume)
-    done = tracker.finished_cells(parent_id) if resumed else {}
+    steps = plan(grid, tracker.finished_cells(parent_id) if resumed else [])
     folder = (runs_dir or RUNS_DIR) / grid.name
     n = len(grid.cells)
     print(
@@ -559,18 +641,20 @@ def run(
     durations: List[float] = []
     start = time.monotonic()
     try:
-        for cell in grid.cells:
+        for step in steps:
+            cell = step.cell
             i = f"[{cell.index + 1}/{n}]"
-            if cell.config_hash in done:
-                results.append(CellResult(cell, "SKIPPED", run_id=done[cell.config_hash]))
-                print(f"{i} {cell.id}: skipped, FINISHED in run {done[cell.config_hash]}", file=out, flush=True)
+            if step.action == "skip":
+                results.append(CellResult(cell, "SKIPPED", run_id=step.run_id))
+                print(f"{i} {cell.id}: skipped, FINISHED in run {step.run_id}", file=out, flush=True)
                 continue
             cfg = cell_config(cell, grid, parent_id)
             path = write_cell(cfg, folder / cell.dirname, grid, cell)
-            print(f"{i} {cell.id}: training (log: {path.parent}/stderr.log)", file=out, flush=True)
+            what = f"training on from step {step.from_step} in run {step.run_id}" if step.run_id else "training"
+            print(f"{i} {cell.id}: {what} (log: {path.parent}/stderr.log)", file=out, flush=True)
             t0, since_ms = time.monotonic(), int(time.time() * 1000)
             try:
-                code, metrics, error = run_cell_fn(path)
+                code, metrics, error = run_cell_fn(path, step.run_id)
             except KeyboardInterrupt:
                 tracker.record_failure(parent_id, cell, since_ms, "interrupted")
                 raise
@@ -584,7 +668,7 @@ def run(
                 result = CellResult(cell, "FAILED", run_id, seconds, error=error)
                 detail = f"error: {error}"
             results.append(result)
-            remaining = sum(1 for c in grid.cells[cell.index + 1:] if c.config_hash not in done)
+            remaining = sum(1 for s in steps[cell.index + 1:] if s.action != "skip")
             eta = remaining * sum(durations) / len(durations)
             print(
                 f"{i} {cell.id}: {result.status} in {_duration(seconds)}; {detail} | "

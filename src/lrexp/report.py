@@ -13,14 +13,17 @@ seed (equal seeds share data order and initialisation): the mean of the per-seed
 sample standard deviation, and `≈` where a 95% t interval over the pairs contains 0, so the seeds do not
 resolve it. With one seed no spread is known, and the table says so instead of printing digits.
 
-Output under `reports/<grid>/`: `table.md`, `table.csv`, `val_bits_per_token.png` (validation curves) and
+Output under `reports/<grid>/<parent run id>/` (one folder per invocation; `reports/<grid>/latest` points
+at the newest): `table.md`, `table.csv`, `val_bits_per_token.png` (validation curves) and
 `loss_by_position.png` (final validation bits/token per bucket of position in the document, a band over
-seeds); all are logged as artifacts of the parent run under `report/`.
+seeds); all are logged as artifacts of the parent run under `report/`. `build_runs` makes the same table
+of single runs (`lrexp train`), named by run id or by experiment, under `reports/runs/<digest>/`.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -334,10 +337,11 @@ def targets_note(rows: List[GroupRow]) -> str:
         "): their bits are not comparable.")
 
 
-def markdown(name: str, parent, rows: List[GroupRow], reference: Optional[str], plots: List[str]) -> str:
+def markdown(title: str, source: str, rows: List[GroupRow], reference: Optional[str], plots: List[str],
+             expected: Optional[str] = None) -> str:
+    """`source`: where the runs come from (the parent run, the experiment); `expected`: the grid's cell count."""
     finished = sum(len(r.finished) for r in rows)
     total = sum(len(r.cells) for r in rows)
-    expected = parent.data.tags.get("lrexp.cells")
     ref_row = next((r for r in rows if r.group == reference), None)
     ref_note = (
         f"Step time is the median seconds per optimiser step after warm-up, relative to `{reference}` "
@@ -346,10 +350,9 @@ def markdown(name: str, parent, rows: List[GroupRow], reference: Optional[str], 
         else "Step time: no finished cell logged one."
     )
     out = [
-        f"# Grid `{name}`",
+        f"# {title}",
         "",
-        f"MLflow experiment `lrexp-{name}`, parent run `{parent.info.run_id}` ({parent.info.status}); "
-        f"{finished} of {total} cell runs finished"
+        f"{source}; {finished} of {total} cell runs finished"
         + (f", {expected} cells in the grid" if expected and int(expected) != total else "")
         + ". " + ref_note + " Seeds of a cell are averaged: mean ± sample std; bits/token and bits/byte are "
         "the final pass over the whole validation split, test bits/token over the test split (lower is better). "
@@ -478,18 +481,83 @@ def build(
     if not cells:
         raise ReportError(f"parent run {parent.info.run_id} of grid '{name}' has no cell runs yet")
     rows, reference = aggregate(cells, parent.data.tags.get(grid_mod.TAG_REFERENCE))
+    source = f"MLflow experiment `lrexp-{name}`, parent run `{parent.info.run_id}` ({parent.info.status})"
+    out = Path(out_dir) if out_dir else _invocation_folder(REPORTS_DIR / name, parent.info.run_id)
+    text, files = _write(client, rows, reference, out, f"Grid `{name}`", source, parent.data.tags.get("lrexp.cells"))
+    for f in files:
+        client.log_artifact(parent.info.run_id, str(f), "report")
+    return Report(name, parent.info.run_id, reference, rows, cells, text, files)
 
-    out = Path(out_dir) if out_dir else REPORTS_DIR / name
+
+def _invocation_folder(grid_dir: Path, run_id: str) -> Path:
+    """`<grid>/<run id>/`, and `<grid>/latest` pointing at it: an ad-hoc invocation keeps the others'."""
+    out = grid_dir / run_id
+    out.mkdir(parents=True, exist_ok=True)
+    latest = grid_dir / "latest"
+    if latest.is_symlink() or latest.exists():
+        latest.unlink()
+    latest.symlink_to(run_id, target_is_directory=True)
+    return out
+
+
+def _write(client, rows: List[GroupRow], reference: Optional[str], out: Path, title: str, source: str,
+           expected: Optional[str] = None) -> Tuple[str, List[Path]]:
+    """The plots, table.md and table.csv in `out`; returns the markdown and the files written."""
     out.mkdir(parents=True, exist_ok=True)
     plots = []
     if plot_val_curves(client, rows, out / "val_bits_per_token.png"):
         plots.append("val_bits_per_token.png")
     if plot_loss_by_position(rows, out / "loss_by_position.png"):
         plots.append("loss_by_position.png")
-    text = markdown(name, parent, rows, reference, plots)
+    text = markdown(title, source, rows, reference, plots, expected)
     (out / "table.md").write_text(text)
     write_csv(rows, out / "table.csv")
-    files = [out / "table.md", out / "table.csv", *(out / p for p in plots)]
-    for f in files:
-        client.log_artifact(parent.info.run_id, str(f), "report")
-    return Report(name, parent.info.run_id, reference, rows, cells, text, files)
+    return text, [out / "table.md", out / "table.csv", *(out / p for p in plots)]
+
+
+def build_runs(
+    run_ids: Sequence[str] = (), experiment: Optional[str] = None, out_dir: Optional[Path] = None,
+    uri: Optional[str] = None, reference: Optional[str] = None,
+) -> Report:
+    """The table of single runs: the given run ids, or every run of `experiment` (its grid parents left
+    out), one line per run name (runs of one name with other seeds are averaged). The reference is the
+    line named `reference`, else Slide:13L's, else the first."""
+    from mlflow.tracking import MlflowClient
+
+    if uri is None:
+        from lrexp import config
+        from lrexp.lit import tracking
+
+        uri = tracking.tracking_uri(config.load())
+    client = MlflowClient(uri)
+    if experiment is not None:
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            raise ReportError(f"no MLflow experiment '{experiment}' in {uri}")
+        runs = [r for r in client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"],
+                                              max_results=10000)
+                if r.data.tags.get(grid_mod.TAG_ROLE) != "parent"]
+    else:
+        runs = []
+        for run_id in run_ids:
+            try:
+                runs.append(client.get_run(run_id))
+            except Exception:  # mlflow raises its own exception types for an unknown id
+                raise ReportError(f"no MLflow run '{run_id}' in {uri}") from None
+    if not runs:
+        raise ReportError(f"no runs to report in {experiment or 'the given ids'}")
+    cells = [
+        CellRun(cell=r.info.run_name or r.info.run_id, group=r.info.run_name or r.info.run_id, index=i,
+                status=r.info.status, run_id=r.info.run_id, row=r.data.tags.get("lrexp.row", "–"),
+                segment_len=r.data.params.get("derived.segment_len", "–"), window=r.data.params.get("model.window", "–"),
+                metrics=dict(r.data.metrics), error=r.data.tags.get(grid_mod.TAG_ERROR),
+                seed=r.data.params.get(grid_mod.SEED_KEY))
+        for i, r in enumerate(runs)
+    ]
+    rows, ref = aggregate(cells, reference)
+    ids = sorted(c.run_id for c in cells)
+    digest = hashlib.sha256(" ".join(ids).encode()).hexdigest()[:12]
+    out = Path(out_dir) if out_dir else REPORTS_DIR / "runs" / (experiment or digest)
+    title = f"Experiment `{experiment}`" if experiment else f"{len(ids)} runs"
+    text, files = _write(client, rows, ref, out, title, f"MLflow store `{uri}`")
+    return Report(experiment or "runs", "", ref, rows, cells, text, files)

@@ -95,6 +95,18 @@ def test_failing_cell_then_resume(env, capsys):
     assert all(c != "–" for c in cols)  # every column of the paper's table has a value
     assert {a.path for a in client.list_artifacts(pid, "report")} >= {"report/table.md", "report/table.csv"}
 
+    # trained longer: both cells continue from their checkpoints, in their runs (the real `train --resume`)
+    code = grid_cmd.run(_args(env["grid"], "train.max_steps=5", resume=True, **common))
+    out = capsys.readouterr()
+    assert code == 0, out.out + out.err
+    assert out.out.count("training on from step 3 in run") == 2
+    finished = {r.info.run_name: r for r in client.search_runs(
+        [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{pid}' and attributes.status = 'FINISHED'")}
+    assert finished["file_suffix=.txt"].info.run_id == ok.info.run_id
+    assert all(r.data.metrics["final/steps"] == 5 for r in finished.values())
+    steps = {m.step for m in client.get_metric_history(ok.info.run_id, "train/loss")}
+    assert steps == set(range(5))  # steps 0-2 from the first training, 3-4 from the continuation
+
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in grid.GRIDS_DIR.glob("*.yaml")))
 def test_dry_run_validates_every_cell(name, capsys):

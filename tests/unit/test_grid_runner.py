@@ -25,15 +25,24 @@ class FakeTrain:
         self.client = MlflowClient(uri)
         self.fail = fail  # cell id -> "before-run" (dies before creating its run) | "killed" (run left RUNNING)
         self.ran = []
+        self.resumed = {}  # cell id -> the run it continued
 
-    def __call__(self, path):
+    def __call__(self, path, resume=None):
         cfg = config.load([path])
         cell = cfg.log.run_name
         self.ran.append(cell)
         if self.fail.get(cell) == "before-run":
             return 1, None, "ModuleNotFoundError: No module named 'x'"
         exp = self.client.get_experiment_by_name(cfg.log.experiment)
-        run_id = self.client.create_run(exp.experiment_id, run_name=cell, tags=dict(cfg.log.tags)).info.run_id
+        if resume:  # as `lrexp train --resume`: the same run, its tags updated
+            self.resumed[cell] = resume
+            run_id = resume
+            self.client.update_run(run_id, status="RUNNING")
+            for k, v in cfg.log.tags.items():
+                self.client.set_tag(run_id, k, v)
+        else:
+            run_id = self.client.create_run(exp.experiment_id, run_name=cell, tags=dict(cfg.log.tags)).info.run_id
+            self.client.log_param(run_id, "train.max_steps", str(cfg.train.max_steps))
         if self.fail.get(cell) == "killed":
             return -9, None, "killed by signal 9"
         metrics = {"final/val_bits_per_token": 3.0 + cfg.model.window / 100, "final/step_time_s": 0.1}
@@ -103,9 +112,46 @@ def test_resume_runs_new_and_changed_cells(tmp_path, uri):
     again = grid.run(wider, resume=True, runs_dir=tmp_path / "runs", out=io.StringIO(), run_cell_fn=fake)
     assert again.parent_id == first.parent_id and fake.ran == ["window=2"]
     fake = FakeTrain(uri, {})
-    longer = make_grid(tmp_path, uri, "g2", "model.window=[4,8]", "train.max_steps=7")  # every config changed
-    grid.run(longer, resume=True, runs_dir=tmp_path / "runs", out=io.StringIO(), run_cell_fn=fake)
-    assert fake.ran == ["window=4", "window=8"]
+    changed = make_grid(tmp_path, uri, "g2", "model.window=[4,8]", "model.dropout=0.1")  # every config changed
+    grid.run(changed, resume=True, runs_dir=tmp_path / "runs", out=io.StringIO(), run_cell_fn=fake)
+    assert fake.ran == ["window=4", "window=8"] and fake.resumed == {}
+
+
+def test_resume_with_more_steps_trains_finished_cells_on_in_their_runs(tmp_path, uri):
+    g = make_grid(tmp_path, uri, "g4", "train.max_steps=5")
+    first = grid.run(g, runs_dir=tmp_path / "runs", out=io.StringIO(), run_cell_fn=FakeTrain(uri, {}))
+    runs = {r.cell.id: r.run_id for r in first.results}
+    fake = FakeTrain(uri, {})
+    out = io.StringIO()
+    longer = make_grid(tmp_path, uri, "g4", "train.max_steps=9", "model.window=[4,8,2]")
+    again = grid.run(longer, resume=True, runs_dir=tmp_path / "runs", out=out, run_cell_fn=fake)
+    assert fake.resumed == {"window=4": runs["window=4"], "window=8": runs["window=8"]}
+    assert fake.ran == ["window=4", "window=8", "window=2"]  # the new value trains from scratch
+    assert "window=4: training on from step 5 in run" in out.getvalue()
+    assert [r.run_id for r in again.results[:2]] == [runs["window=4"], runs["window=8"]]
+    steps = grid.plan(longer, grid.previous_invocation(longer)[1])
+    assert [s.action for s in steps] == ["skip", "skip", "skip"]  # now FINISHED at 9 steps
+    shorter = make_grid(tmp_path, uri, "g4", "train.max_steps=3")
+    assert [s.action for s in grid.plan(shorter, grid.previous_invocation(shorter)[1])] == ["train"] * 3
+
+
+def test_resume_dry_run_lists_the_resumed_invocations_cells(tmp_path, uri, capsys, monkeypatch):
+    from lrexp.cli import main
+
+    g = make_grid(tmp_path, uri, "g5", "model.window=[4,8]", "train.max_steps=5")
+    grid.run(g, runs_dir=tmp_path / "runs", out=io.StringIO(), run_cell_fn=FakeTrain(uri, {"window=8": "killed"}))
+    capsys.readouterr()
+    assert main(["grid", str(tmp_path / "g5.yaml"), "--resume", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "with its overrides: model.window=[4,8] train.max_steps=5" in out
+    lines = {ln.split()[1]: ln for ln in out.splitlines() if ln[:1].isdigit()}
+    assert set(lines) == {"window=4", "window=8"}  # not the file's three windows
+    assert "skip (FINISHED in run" in lines["window=4"] and lines["window=8"].rstrip().endswith("train")
+    assert main(["grid", str(tmp_path / "g5.yaml"), "--resume", "--dry-run", "train.max_steps=8"]) == 0
+    out = capsys.readouterr().out
+    assert "with its overrides: model.window=[4,8] train.max_steps=5, then train.max_steps=8" in out
+    lines = {ln.split()[1]: ln for ln in out.splitlines() if ln[:1].isdigit()}
+    assert "train on from step 5" in lines["window=4"] and lines["window=8"].rstrip().endswith("train")
 
 
 def test_resume_without_an_earlier_run_starts_a_parent(tmp_path, uri):

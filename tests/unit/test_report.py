@@ -186,3 +186,44 @@ def test_differences_to_the_reference_are_paired_by_seed_and_marked_when_unresol
     assert lines["| `row=xl`"][6].startswith("≈ +0.0333")
     assert lines["| `row=one`"][5] == "5.700"  # three decimals without a spread
     assert "Every cell scored the same 5,000 validation targets." in rep.markdown
+
+
+def test_each_invocation_keeps_its_report_folder_and_latest_points_at_the_newest(store, tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "REPORTS_DIR", tmp_path / "reports")
+    client = store["client"]
+    exp = client.create_experiment("lrexp-twice", artifact_location=str(store["root"] / "art"))
+    first = parent(client, exp, "twice", invoked=1_000)
+    child(client, exp, first, "a=1", "a=1", 0, metrics=finals(1.0, 3.0))
+    report.build("twice", uri=store["uri"])
+    second = parent(client, exp, "twice", invoked=2_000)
+    child(client, exp, second, "a=2", "a=2", 0, metrics=finals(1.0, 2.0))
+    rep = report.build("twice", uri=store["uri"])
+    folder = tmp_path / "reports" / "twice"
+    assert rep.files[0] == folder / second / "table.md"
+    assert "`a=1`" in (folder / first / "table.md").read_text()  # the ad-hoc run did not overwrite it
+    assert (folder / "latest").resolve() == (folder / second).resolve()
+
+
+def test_single_runs_compare_by_id_and_by_experiment(store, tmp_path):
+    client = store["client"]
+    exp = client.create_experiment("lrexp-singles", artifact_location=str(store["root"] / "art"))
+    ids = {}
+    for name, row, bpt in (("xl", "XL:512", 3.2), ("slide", "Slide:13L", 3.0), ("rec", "Rec:fixed:skip", 2.9)):
+        run_id = client.create_run(exp, run_name=name, tags={"lrexp.row": row}).info.run_id
+        client.log_param(run_id, "train.seed", "0")
+        for k, v in finals(0.5 if name == "slide" else 0.6, bpt).items():
+            client.log_metric(run_id, k, v, step=4)
+        client.set_terminated(run_id, "FINISHED")
+        ids[name] = run_id
+    by_id = report.build_runs([ids["xl"], ids["slide"]], out_dir=tmp_path / "ids", uri=store["uri"])
+    assert [r.group for r in by_id.rows] == ["xl", "slide"] and by_id.reference == "slide"
+    assert by_id.rows[0].delta.stat.mean == pytest.approx(0.2)
+    by_exp = report.build_runs(experiment="lrexp-singles", out_dir=tmp_path / "exp", uri=store["uri"],
+                               reference="rec")
+    assert [r.group for r in by_exp.rows] == ["xl", "slide", "rec"] and by_exp.reference == "rec"
+    assert by_exp.rows[1].step_time_rel.mean == pytest.approx(0.5 / 0.6)
+    assert (tmp_path / "exp" / "table.md").is_file()
+    with pytest.raises(ReportError, match="no MLflow run 'nope'"):
+        report.build_runs(["nope"], out_dir=tmp_path / "x", uri=store["uri"])
+    with pytest.raises(ReportError, match="no MLflow experiment 'gone'"):
+        report.build_runs(experiment="gone", out_dir=tmp_path / "x", uri=store["uri"])

@@ -19,7 +19,8 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--resume",
         action="store_true",
-        help="continue the grid's latest invocation: skip cells that FINISHED there with the same config",
+        help="continue the grid's latest invocation (its overrides, then any given now): skip cells that "
+        "FINISHED there with the same config, train on those that only had fewer train.max_steps",
     )
     parser.add_argument("--runs-dir", type=Path, help="cell configs and logs go to DIR/NAME/CELL/ (default: runs/)")
     parser.add_argument("--out", type=Path, help="report folder (default: reports/NAME)")
@@ -53,17 +54,24 @@ def _late_options(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def _dry_run(g) -> None:
+def _dry_run(g, steps=None) -> None:
+    """The cells; with `steps` (a --resume plan) what the resume does with each."""
     from lrexp.variants import row_name
 
     print(
         f"grid {g.name} ({g.path}): {len(g.cells)} cell{'s' * (len(g.cells) != 1)} at scale {g.scale}; "
         f"step-time reference: {g.reference}"
     )
-    header = ("#", "cell", "row", "N", "W", "lanes", "steps", "config hash")
+    header = ("#", "cell", "row", "N", "W", "lanes", "steps", "config hash", *(["on resume"] if steps else []))
+    actions = {
+        "skip": lambda s: f"skip (FINISHED in run {s.run_id})",
+        "continue": lambda s: f"train on from step {s.from_step} (run {s.run_id})",
+        "train": lambda s: "train",
+    }
     lines = [
         (str(c.index + 1), c.id, row_name(c.config), str(c.config.derived.segment_len), str(c.config.model.window),
-         str(c.config.derived.lanes), str(c.config.train.max_steps), c.config_hash)
+         str(c.config.derived.lanes), str(c.config.train.max_steps), c.config_hash,
+         *([actions[steps[c.index].action](steps[c.index])] if steps else []))
         for c in g.cells
     ]
     widths = [max(len(x) for x in col) for col in zip(header, *lines)]
@@ -89,9 +97,18 @@ def run(args: argparse.Namespace) -> int:
 
     args = _late_options(args)
     g = grid.expand(args.name, args.overrides)
+    steps = None
+    if args.resume:
+        parent, finished = grid.previous_invocation(g)
+        earlier = grid.invocation_overrides(parent) if parent is not None else []
+        if earlier:  # the invocation's own overrides first, the ones given now on top
+            g = grid.expand(args.name, [*earlier, *args.overrides])
+            print(f"resuming parent run {parent.info.run_id} with its overrides: {' '.join(earlier)}"
+                  + (f", then {' '.join(args.overrides)}" if args.overrides else ""))
+        steps = grid.plan(g, finished)
     _check_cells(g)
     if args.dry_run:
-        _dry_run(g)
+        _dry_run(g, steps)
         return 0
     outcome = grid.run(g, resume=args.resume, runs_dir=args.runs_dir)
     rep = report.build(g.name, args.out, parent_id=outcome.parent_id, uri=outcome.uri)
