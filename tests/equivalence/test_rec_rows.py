@@ -35,7 +35,7 @@ def reference_cell(cell: RecurrentLayer, x, c, k_prev, v_prev):
         q, k, v = cell.qkv.project(h)  # [B, H, W, D]
         q2 = torch.nn.functional.normalize(cell.wq2(h).view(*h.shape[:2], heads, -1).transpose(1, 2), dim=-1, eps=0)
         k2, v2 = torch.cat([k_prev, k], 2), torch.cat([v_prev, v], 2)  # [B, H, 2W, D]
-        a = attend(q, k2, v2, MaskSpec(window=w), bias=cell.rel_bias(w, 2 * w), scale=cell.scale(), backend="reference")
+        a = attend(q, k2, v2, MaskSpec(window=w), bias=cell.rel_bias(), scale=cell.scale(), backend="reference")
         q_s, k_s, v_s, q_e = cell.state(c)
         b = attend(q2, k_s, v_s, MaskSpec(causal=False), scale=cell.scale2(), backend="reference")
         p = attend(q_s, k_s, v_s, MaskSpec(causal=False), scale=cell.state_scale(), backend="reference")

@@ -34,7 +34,7 @@ def dense_oracle(model, tokens):
             zeros = torch.zeros(b, q.shape[1], w, q.shape[-1])
             k, v = torch.cat([zeros, k], 2), torch.cat([zeros, v], 2)  # [B, H, w + T, D]
         mask = MaskSpec(window=w, include_self=layer.include_self)
-        o = attend(q, k, v, mask, bias=layer.rel_bias(t, k.shape[2]), scale=layer.scale(), backend="reference")
+        o = attend(q, k, v, mask, bias=layer.rel_bias(), scale=layer.scale(), backend="reference")
         x = layer.ffn(x + layer.wo(merge_heads(o)))
     return model.norm_f(x) @ model.embed.weight.t() / math.sqrt(V)
 

@@ -1,0 +1,3 @@
+"""Attention with the lrexp semantics (models.md 3.2-3.4): `reference` is plain torch, the oracle and the
+`reference` backend; it takes `attend`'s backend arguments: (q, k, v, mask: MaskSpec, bias: BiasSpec | None,
+scale [H] | None, dropout_p)."""
