@@ -121,7 +121,7 @@ def _dense_window(q, k, v, k_prev, v_prev, w, rb, scale, include_self, prev_vali
                   bias=rb(), scale=scale, backend=backend)
 
 
-@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+@pytest.mark.parametrize("backend", ["reference", "sdpa", "triton"])
 @pytest.mark.parametrize("w,blocks,include_self,masked", [
     (1, 5, False, False), (3, 1, False, False), (3, 5, True, False), (5, 3, False, True), (7, 2, True, True),
 ])

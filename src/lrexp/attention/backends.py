@@ -8,9 +8,10 @@ parameters), never a dense mask or bias tensor, so a fused kernel can compute bo
 - `sdpa`: torch's scaled_dot_product_attention with s_h folded into q and the bias and mask in one additive
   float mask; the sink is one extra key of logit exactly -1000 and value 0, which adds exp(-1000 - m) to
   the denominator and nothing to the output.
-A *banded* backend computes a sliding window over a whole segment in O(T W) in one call, so
-`sliding_window_attention` hands it the segment instead of the [previous; current] block tiles the dense
-backends need. A backend that imports a package names it (`requires`), and resolving it checks the import.
+- `triton`: the fused kernel of `lrexp.kernels.attention` (CUDA, or CPU under TRITON_INTERPRET=1). It is
+  *banded*: a sliding window over a whole segment costs O(T W) in one call, so `sliding_window_attention`
+  hands it the segment instead of the [previous; current] block tiles the dense backends need. It requires
+  the triton package (Linux only), which resolving the backend checks.
 
 A backend is chosen by name once, at model build time (`resolve_backend`); there is no silent fallback.
 """
@@ -119,3 +120,10 @@ def _sdpa(q, k, v, mask, bias, scale, dropout_p):
     v_sink = torch.cat([v, zero.to(v.dtype)], dim=2)  # the sink's value is 0
     return F.scaled_dot_product_attention(q_s, k_sink, v_sink, attn_mask=add, dropout_p=dropout_p, scale=1.0)
 
+
+@register_backend("triton", banded=True, requires="triton")
+def _triton(q, k, v, mask, bias, scale, dropout_p):
+    """The fused kernel; imported on first use, since importing it defines the kernels (and needs triton)."""
+    from lrexp.kernels.attention.op import attention
+
+    return attention(q, k, v, mask, bias, scale, dropout_p)
