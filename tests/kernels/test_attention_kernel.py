@@ -5,6 +5,10 @@ shapes in fp32 and fp16; bf16 and large shapes run only on a GPU (marked `gpu`).
 """
 
 import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -177,3 +181,12 @@ def test_torch_compile_traces_through_the_kernel_on_gpu():
 
     torch.testing.assert_close(torch.compile(window, fullgraph=True)(q, k, v), window(q, k, v), atol=1e-3, rtol=0)
 
+
+def test_benchmark_smoke_mode_runs_every_candidate_under_the_interpreter():
+    script = Path(__file__).resolve().parents[2] / "bench" / "attention_kernels.py"
+    run = subprocess.run([sys.executable, str(script), "--smoke"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert run.returncode == 0, run.stderr
+    rows = [line.split("|")[1:-1] for line in run.stdout.splitlines() if line.startswith("| ") and "ms" not in line]
+    assert {row[2].strip() for row in rows} == {"triton", "sdpa tiles", "sdpa dense mask"}
+    assert all(float(row[5]) < 1e-5 for row in rows)  # every candidate's output against the reference
