@@ -140,7 +140,8 @@ def _program_head(Scale, Seed, Bias, Valid, H, Tq, Tk, Mv, D, L_BIAS: tl.constex
 
 def _configs(*shapes):
     """Autotune candidates (BLOCK_M, BLOCK_N, num_warps, num_stages); one under the interpreter, which cannot
-    benchmark (engineering.md 7). 16 is the smallest tile tl.dot takes on a GPU."""
+    benchmark (engineering.md 7): 32 x 32 tiles, so the tests' T <= 100 still span several blocks while the
+    interpreter's cost per tile op (not per element) stays low."""
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32})]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in shapes]

@@ -1,24 +1,19 @@
 """Every paper row runs on the Triton kernel: logits and parameter gradients equal the reference backend's
-(smoke scale, under the interpreter; DESIGN.md principle 8).
-
-The interpreter pays ~50 ms per kernel launch, and a recurrent or feedback row launches hundreds per step,
-so the default suite runs one row per kind of `attend` call (windowed with the XL prefix, dense Full, the
-cell's state attentions with memory_valid and its state reads, the kNN memory attention) and the full
-matrix of fifteen rows is `slow` (`make test-all`).
+(smoke scale, under the interpreter; DESIGN.md principle 8). The rows use every kind of `attend` call:
+windowed with the XL prefix, dense (Full), the cell's state attentions and state reads, Feedback's reads,
+the kNN memory attention; one more case hides the empty cache (memory_valid) and includes the query itself.
 """
-
-from pathlib import Path
 
 import pytest
 import torch
 
 from lrexp import config
+from lrexp.config import EXPERIMENTS
 from lrexp.model import build_model
 
 V = 64
-ROWS = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "experiments" / "rows").glob("*.yaml"))
-EVERY_ATTEND_CALL = [
-    ("xl512", ()), ("full", ()), ("mem64k", ()),
+ROWS = sorted(p.stem for p in (EXPERIMENTS / "rows").glob("*.yaml"))
+CASES = [(row, ()) for row in ROWS] + [
     ("rec_lstm_dual", ("model.attn.mask_empty_cache=true", "model.attn.window_includes_self=true")),
 ]
 
@@ -40,7 +35,8 @@ def _logits_and_grads(model, tokens, state):
     return logits, {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
 
 
-def check_row(row, overrides):
+@pytest.mark.parametrize("row,overrides", CASES)
+def test_row_on_triton_equals_reference(row, overrides):
     """Segment 2's logits and every parameter gradient of its loss, with the state the reference left after
     segment 1 and lane 0 starting a new document at segment 2 (a reset lane next to a carried one)."""
     reference, triton, n = _models(row, overrides)
@@ -54,14 +50,3 @@ def check_row(row, overrides):
     assert grads.keys() == ref_grads.keys()
     for name, grad in grads.items():
         torch.testing.assert_close(grad, ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
-
-
-@pytest.mark.parametrize("row,overrides", EVERY_ATTEND_CALL)
-def test_each_kind_of_attend_call_on_triton_equals_reference(row, overrides):
-    check_row(row, overrides)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("row", ROWS)
-def test_every_row_on_triton_equals_reference(row):
-    check_row(row, ())
