@@ -205,8 +205,8 @@ def attention_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DScale, DBias, Scale, Bi
     v = _load_rows(V, kv_base, offs_n, Tk, offs_d, D)  # [BN, BD]
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dscale = 0.0
-    far = 0.0  # the gradient of the last bucket, which every n >= L_BIAS - 1 shares: one atomic add, not many
+    dscale = tl.zeros([BLOCK_N], tl.float32)  # per key, summed once at the end
+    far = tl.zeros([BLOCK_N], tl.float32)  # the last bucket's gradient, shared by every n >= L_BIAS - 1: one add
     lo, hi = _query_range(start_n, shift, Tq, window, BLOCK_N, CAUSAL, HAS_WINDOW, NEAREST)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -219,15 +219,15 @@ def attention_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DScale, DBias, Scale, Bi
                                              HAS_WINDOW, NEAREST, HAS_BIAS, HAS_VALID, DROPOUT, IEEE)
         dv += _dot(tl.trans(pz), do, IEEE)
         dk += s * _dot(tl.trans(ds), q, IEEE)
-        dscale += tl.sum(tl.sum(ds * qk, 1), 0)
+        dscale += tl.sum(ds * qk, 0)
         if HAS_BIAS:
             tl.atomic_add(DBias + h * L_BIAS + tl.maximum(n, 0), s * ds, mask=visible & (n < L_BIAS - 1))
-            far += tl.sum(tl.sum(tl.where(visible & (n >= L_BIAS - 1), s * ds, 0.0), 1), 0)
+            far += tl.sum(tl.where(visible & (n >= L_BIAS - 1), s * ds, 0.0), 0)
     _store_rows(DK, kv_base, offs_n, Tk, offs_d, D, dk)
     _store_rows(DV, kv_base, offs_n, Tk, offs_d, D, dv)
-    tl.atomic_add(DScale + h, dscale)
+    tl.atomic_add(DScale + h, tl.sum(dscale, 0))
     if HAS_BIAS:
-        tl.atomic_add(DBias + h * L_BIAS + L_BIAS - 1, far)
+        tl.atomic_add(DBias + h * L_BIAS + L_BIAS - 1, tl.sum(far, 0))
 
 
 @triton.autotune(configs=_configs((64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2)), key=["D", "window", "Tk"])

@@ -159,6 +159,15 @@ def test_backend_without_triton_raises_at_resolve_time(monkeypatch):
         resolve_backend("triton")
 
 
+def test_the_kernels_compile_for_a_gpu_without_one():
+    """The interpreter runs code a GPU compiler may reject: compile the three kernels in bf16 with every feature
+    on for sm_90 (MLIR, LLVM and ptxas, no device needed)."""
+    run = subprocess.run([sys.executable, str(Path(__file__).with_name("compile_for_gpu.py"))], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert run.stdout.count("bytes of cubin") == 3
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("mask,t_mem", [(MaskSpec(window=512), 512), (MaskSpec(), 0), (MaskSpec(causal=False), 0)])
 def test_bf16_at_scale_matches_the_reference_on_gpu(mask, t_mem):
