@@ -67,9 +67,10 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, mask: MaskSpec, bias: Optional
 
 def _launch_args(q: Tensor, k: Tensor, scale: Tensor, table: Optional[Tensor], valid: Optional[Tensor],
                  causal: bool, window: int, include_self: bool, dropout_p: float) -> Tuple[tuple, tuple, dict]:
-    """The sizes and flags every kernel takes after its tensors: (positional, constexpr keywords). An absent
-    table or valid mask is replaced by `scale`, a pointer the kernel never reads (HAS_BIAS / HAS_VALID off)."""
-    b, h, t_q, d = q.shape
+    """What every kernel takes after its own tensors: (scale, table, valid), (dropout_p and the sizes), and the
+    constexpr keywords. An absent table or valid mask is replaced by `scale`, a pointer the kernel never reads
+    (HAS_BIAS / HAS_VALID off)."""
+    _, h, t_q, d = q.shape
     t_k = k.shape[2]
     tensors = (scale, scale if table is None else table, scale if valid is None else valid)
     sizes = (dropout_p, h, t_q, t_k, 0 if valid is None else valid.shape[1], window, d)
