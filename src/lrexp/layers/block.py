@@ -92,10 +92,9 @@ class AttentionLayer(nn.Module):
             o = attend(q, k, v, MaskSpec(include_self=self.include_self), bias=self.rel_bias(),
                        scale=self.scale(), backend=self.backend, dropout_p=p)  # [B, H, T, D]
         else:
-            w = self.window
             bias = None if self.rel_bias is None else self.rel_bias()
             o = sliding_window_attention(
-                q, k, v, state.k, state.v, window=w, bias=bias, scale=self.scale(),
+                q, k, v, state.k, state.v, window=self.window, bias=bias, scale=self.scale(),
                 include_self=self.include_self, prev_valid=~state.fresh if self.mask_empty_cache else None,
                 backend=self.backend, dropout_p=p,
             )  # [B, H, T, D]
