@@ -45,12 +45,14 @@ report: $(STAMP)
 	$(PY) -m lrexp.cli report $(GRID)
 
 # Step time of every row relative to Slide:13L, the data loader's share of a step and the kNN memory's
-# footprint, at SCALE, written under reports/bench/ (ARGS as for ablation). On a GPU machine these are the
+# footprint, at SCALE, written under reports/bench/ (ARGS as for ablation); the attention kernels against
+# SDPA and FlexAttention (without a GPU only its interpreter smoke check). On a GPU machine these are the
 # numbers to quote.
 bench: $(STAMP)
 	$(PY) bench/model_step_time.py scale=$(SCALE) $(ARGS)
 	$(PY) bench/data_throughput.py scale=$(SCALE) $(ARGS)
 	$(PY) bench/memorizing.py scale=$(SCALE) $(ARGS)
+	$(PY) bench/attention_kernels.py $(if $(shell command -v nvidia-smi 2>/dev/null),,--smoke)
 
 ui: $(STAMP)
 	$(VENV)/bin/mlflow ui --backend-store-uri "sqlite:///$(CURDIR)/mlflow.db" \

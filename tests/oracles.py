@@ -15,7 +15,7 @@ from lrexp.layers.recurrent import RecurrentLayer
 def dense_oracle(model, tokens):
     """Logits [B, T, V] of the whole stream: layer by layer, one dense attention with the equivalent mask."""
     x = model.embed(tokens)  # [B, T, d]
-    b, t = tokens.shape
+    b = tokens.shape[0]
     for layer in model.layers:
         q, k, v = layer.qkv(x)  # [B, H, T, D]
         w = layer.window
@@ -23,7 +23,7 @@ def dense_oracle(model, tokens):
             zeros = torch.zeros(b, q.shape[1], w, q.shape[-1])
             k, v = torch.cat([zeros, k], 2), torch.cat([zeros, v], 2)  # [B, H, w + T, D]
         mask = MaskSpec(window=w, include_self=layer.include_self)
-        o = attend(q, k, v, mask, bias=layer.rel_bias(t, k.shape[2]), scale=layer.scale(), backend="reference")
+        o = attend(q, k, v, mask, bias=layer.rel_bias(), scale=layer.scale(), backend="reference")
         x = layer.ffn(x + layer.wo(merge_heads(o)))
     return model.norm_f(x) @ model.embed.weight.t() / math.sqrt(model.vocab_size)
 
@@ -38,7 +38,7 @@ def reference_cell(cell: RecurrentLayer, x, c, k_prev, v_prev):
         q, k, v = cell.qkv.project(h)  # [B, H, W, D]
         q2 = torch.nn.functional.normalize(cell.wq2(h).view(*h.shape[:2], heads, -1).transpose(1, 2), dim=-1, eps=0)
         k2, v2 = torch.cat([k_prev, k], 2), torch.cat([v_prev, v], 2)  # [B, H, 2W, D]
-        a = attend(q, k2, v2, MaskSpec(window=w), bias=cell.rel_bias(w, 2 * w), scale=cell.scale(), backend="reference")
+        a = attend(q, k2, v2, MaskSpec(window=w), bias=cell.rel_bias(), scale=cell.scale(), backend="reference")
         q_s, k_s, v_s, q_e = cell.state(c)
         b = attend(q2, k_s, v_s, MaskSpec(causal=False), scale=cell.scale2(), backend="reference")
         p = attend(q_s, k_s, v_s, MaskSpec(causal=False), scale=cell.state_scale(), backend="reference")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lrexp.attention import (
-    BACKENDS, BackendError, MaskSpec, RelativePositionBias, attend, l2_normalize, relative_bucket,
+    BACKENDS, BackendError, BiasSpec, MaskSpec, RelativePositionBias, attend, l2_normalize, relative_bucket,
     resolve_backend, sliding_window_attention,
 )
 from lrexp.errors import UserError
@@ -26,11 +26,20 @@ def test_bucket_table_edges():
 
 def test_bias_is_bottom_right_aligned():
     rb = RelativePositionBias(num_heads=2)
-    tile = rb(4, 8)  # [H, W, 2W]
+    tile = rb().dense(4, 8)  # [H, W, 2W]
     # query i of the tile sits at key position W + i: the key just before it has distance 1
     for i in range(4):
         assert torch.equal(tile[:, i, 4 + i - 1], rb.table[:, 1])
         assert torch.equal(tile[:, i, 0], rb.table[:, 4 + i])
+
+
+@pytest.mark.parametrize("num_buckets,max_distance", [(32, 128), (32, 64), (16, 100), (8, 5)])
+def test_bias_by_distance_is_the_bucketed_table_at_every_distance(num_buckets, max_distance):
+    """Backends index BiasSpec.by_distance() at min(n, max_distance): the same value as the bucket of n."""
+    spec = BiasSpec(torch.randn(3, num_buckets), num_buckets, max_distance)
+    dense = spec.dense(1, 4 * max_distance)[:, 0]  # [H, Tk]: the query sees keys at n = Tk - 1 .. 0
+    n = torch.arange(4 * max_distance - 1, -1, -1)
+    torch.testing.assert_close(dense, spec.table[:, relative_bucket(n, num_buckets, max_distance)], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("include_self", [False, True])
@@ -48,7 +57,7 @@ def _rand(b, h, tq, tk, d, seed=0):
     q = l2_normalize(torch.randn(b, h, tq, d, generator=g))
     k = l2_normalize(torch.randn(b, h, tk, d, generator=g))
     v = torch.randn(b, h, tk, d, generator=g)
-    bias = torch.randn(h, tq, tk, generator=g)
+    bias = BiasSpec(torch.randn(h, 32, generator=g), 32, 128)
     scale = torch.tensor([3.0, -2.0, 0.5])[:h]
     return q, k, v, bias, scale
 
@@ -81,24 +90,26 @@ def test_fully_masked_row_outputs_zero_and_sink_bounds_the_denominator():
         assert torch.equal(out[0], torch.zeros_like(out[0]))
         assert out[1].abs().sum() > 0
     # logits far below -1000: the sink term dominates and the output shrinks towards 0
-    tiny = attend(q, k, v, MaskSpec(causal=False), bias=torch.full((3, 4, 4), -2000.0), scale=torch.ones(3),
-                  backend="reference")
+    far_below = BiasSpec(torch.full((3, 32), -2000.0), 32, 128)
+    tiny = attend(q, k, v, MaskSpec(causal=False), bias=far_below, scale=torch.ones(3), backend="reference")
     assert tiny.abs().max() < 1e-6
     torch.testing.assert_close(
-        attend(q, k, v, MaskSpec(causal=False), bias=torch.full((3, 4, 4), -2000.0), scale=torch.ones(3),
-               backend="sdpa"), tiny, atol=1e-6, rtol=0)
+        attend(q, k, v, MaskSpec(causal=False), bias=far_below, scale=torch.ones(3), backend="sdpa"),
+        tiny, atol=1e-6, rtol=0)
 
 
-def test_sdpa_gradients_match_reference():
+def test_gradients_of_every_backend_match_the_reference():
     q, k, v, bias, scale = _rand(1, 2, 6, 9, 4)
     grads = {}
     for backend in BACKENDS:
-        leaves = [t.clone().requires_grad_() for t in (q, k, v, bias, scale)]
-        out = attend(*leaves[:3], MaskSpec(window=3), bias=leaves[3], scale=leaves[4], backend=backend)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, bias.table, scale)]
+        out = attend(*leaves[:3], MaskSpec(window=3), bias=BiasSpec(leaves[3], 32, 128), scale=leaves[4],
+                     backend=backend)
         (out * torch.arange(out.numel()).view_as(out).sin()).sum().backward()
         grads[backend] = [t.grad for t in leaves]
-    for a, b in zip(grads["sdpa"], grads["reference"]):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for backend in BACKENDS:
+        for a, b in zip(grads[backend], grads["reference"]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def _dense_window(q, k, v, k_prev, v_prev, w, rb, scale, include_self, prev_valid, backend):
@@ -107,10 +118,10 @@ def _dense_window(q, k, v, k_prev, v_prev, w, rb, scale, include_self, prev_vali
     memory_valid = None if prev_valid is None else prev_valid[:, None].expand(-1, w)
     return attend(q, torch.cat([k_prev, k], 2), torch.cat([v_prev, v], 2),
                   MaskSpec(window=w, include_self=include_self, memory_valid=memory_valid),
-                  bias=rb(t, t + w), scale=scale, backend=backend)
+                  bias=rb(), scale=scale, backend=backend)
 
 
-@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+@pytest.mark.parametrize("backend", ["reference", "sdpa", "triton"])
 @pytest.mark.parametrize("w,blocks,include_self,masked", [
     (1, 5, False, False), (3, 1, False, False), (3, 5, True, False), (5, 3, False, True), (7, 2, True, True),
 ])
@@ -122,7 +133,7 @@ def test_blockwise_window_equals_dense_mask(backend, w, blocks, include_self, ma
     v_prev = torch.randn(b, h, w, d)
     rb = RelativePositionBias(h)
     prev_valid = torch.tensor([False, True]) if masked else None
-    out = sliding_window_attention(q, k, v, k_prev, v_prev, window=w, bias=rb(w, 2 * w), scale=scale,
+    out = sliding_window_attention(q, k, v, k_prev, v_prev, window=w, bias=rb(), scale=scale,
                                    include_self=include_self, prev_valid=prev_valid, backend=backend)
     ref = _dense_window(q, k, v, k_prev, v_prev, w, rb, scale, include_self, prev_valid, "reference")
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

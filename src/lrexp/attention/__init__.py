@@ -5,12 +5,12 @@ in lrexp; layers build on `sliding_window_attention`, `RelativePositionBias`, `l
 """
 
 from lrexp.attention.backends import BACKENDS, BackendError, attend, register_backend, resolve_backend
-from lrexp.attention.bias import RelativePositionBias, relative_bucket
+from lrexp.attention.bias import BiasSpec, RelativePositionBias, relative_bucket
 from lrexp.attention.mask import MaskError, MaskSpec
 from lrexp.attention.qk import HeadScale, l2_normalize
 from lrexp.attention.window import sliding_window_attention
 
 __all__ = [
-    "BACKENDS", "BackendError", "HeadScale", "MaskError", "MaskSpec", "RelativePositionBias", "attend",
+    "BACKENDS", "BackendError", "BiasSpec", "HeadScale", "MaskError", "MaskSpec", "RelativePositionBias", "attend",
     "l2_normalize", "register_backend", "relative_bucket", "resolve_backend", "sliding_window_attention",
 ]

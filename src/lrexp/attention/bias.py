@@ -1,8 +1,15 @@
-"""T5-style relative position bias: unidirectional buckets, one table per layer (models.md 3.3)."""
+"""T5-style relative position bias: unidirectional buckets, one table per layer (models.md 3.3).
+
+Backends receive the bias as a `BiasSpec` (the table and its bucket parameters), never as a dense
+[H, T_q, T_k] tensor (DESIGN.md principle 2): the reference and SDPA backends materialise it, the Triton
+kernel looks it up per tile. Queries are aligned with the last keys (bottom-right, as in `MaskSpec`), so
+query i of T_q and key j of T_k are n = T_k - T_q + i - j apart.
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -22,8 +29,30 @@ def relative_bucket(n: Tensor, num_buckets: int = 32, max_distance: int = 128) -
     return torch.where(n < exact, n, far.clamp(max=num_buckets - 1))
 
 
+@dataclass(frozen=True, eq=False)
+class BiasSpec:
+    """b_h(bucket(n)) as a value: the table [H, num_buckets] (a parameter: gradients flow into it)."""
+
+    table: Tensor  # [H, num_buckets]
+    num_buckets: int
+    max_distance: int
+
+    def by_distance(self) -> Tensor:
+        """The bias at every distance n = 0 .. max_distance [H, max_distance + 1]; every n >= max_distance is in
+        the last bucket, so b(n) = by_distance()[:, min(n, max_distance)]. Exact against `relative_bucket` by
+        construction, which an in-kernel float log (approximate on GPUs) would not be."""
+        n = torch.arange(self.max_distance + 1, device=self.table.device)
+        return self.table[:, relative_bucket(n, self.num_buckets, self.max_distance)]  # [H, max_distance + 1]
+
+    def dense(self, t_q: int, t_k: int) -> Tensor:
+        """Bias [H, t_q, t_k] for t_q queries at the end of t_k keys."""
+        q_pos = torch.arange(t_q, device=self.table.device)[:, None] + (t_k - t_q)  # [t_q, 1]
+        n = q_pos - torch.arange(t_k, device=self.table.device)[None, :]  # [t_q, t_k]
+        return self.by_distance()[:, n.clamp(0, self.max_distance)]  # [H, t_q, t_k]
+
+
 class RelativePositionBias(nn.Module):
-    """b_h(bucket(n)), a table [H, num_buckets]; queries aligned with the last keys (bottom-right)."""
+    """The layer's table [H, num_buckets]; calling it gives the `BiasSpec` that `attend` takes."""
 
     def __init__(self, num_heads: int, num_buckets: int = 32, max_distance: int = 128) -> None:
         super().__init__()
@@ -35,9 +64,5 @@ class RelativePositionBias(nn.Module):
     def reset_parameters(self) -> None:
         nn.init.normal_(self.table, std=(1.0 / self.num_buckets) ** 0.5)  # N(0, 1/32): not material
 
-    def forward(self, t_q: int, t_k: int) -> Tensor:
-        """Bias [H, t_q, t_k] for t_q queries at the end of t_k keys."""
-        q_pos = torch.arange(t_q, device=self.table.device)[:, None] + (t_k - t_q)  # [t_q, 1]
-        n = q_pos - torch.arange(t_k, device=self.table.device)[None, :]  # [t_q, t_k]
-        buckets = relative_bucket(n, self.num_buckets, self.max_distance)  # [t_q, t_k]
-        return self.table[:, buckets]  # [H, t_q, t_k]
+    def forward(self) -> BiasSpec:
+        return BiasSpec(self.table, self.num_buckets, self.max_distance)

@@ -40,10 +40,16 @@ class MaskSpec:
         if self.memory_valid is not None and (self.memory_valid.dtype != torch.bool or self.memory_valid.dim() != 2):
             raise MaskError("MaskSpec.memory_valid must be a bool tensor [batch, memory_len]")
 
-    def visible(self, t_q: int, t_k: int, device: torch.device) -> Tensor:
-        """Dense boolean mask [B or 1, t_q, t_k]: True where query i may attend to key j."""
+    def check(self, t_q: int, t_k: int) -> None:
+        """Raise a `MaskError` when this mask cannot apply to t_q queries over t_k keys."""
         if self.causal and t_q > t_k:
             raise MaskError(f"a causal mask needs at least as many keys as queries, got {t_q} queries, {t_k} keys")
+        if self.memory_valid is not None and self.memory_valid.shape[1] > t_k:
+            raise MaskError(f"memory_valid covers {self.memory_valid.shape[1]} keys but there are only {t_k}")
+
+    def visible(self, t_q: int, t_k: int, device: torch.device) -> Tensor:
+        """Dense boolean mask [B or 1, t_q, t_k]: True where query i may attend to key j."""
+        self.check(t_q, t_k)
         if self.causal:
             q_pos = torch.arange(t_q, device=device)[:, None] + (t_k - t_q)  # [t_q, 1]
             n = q_pos - torch.arange(t_k, device=device)[None, :]  # [t_q, t_k] distance back to key j
@@ -56,8 +62,6 @@ class MaskSpec:
         vis = vis[None]  # [1, t_q, t_k]
         if self.memory_valid is not None:
             b, m = self.memory_valid.shape
-            if m > t_k:
-                raise MaskError(f"memory_valid covers {m} keys but there are only {t_k}")
             rest = torch.ones(b, t_k - m, dtype=torch.bool, device=device)
             key_ok = torch.cat([self.memory_valid.to(device), rest], dim=1)  # [B, t_k]
             vis = vis & key_ok[:, None, :]  # [B, t_q, t_k]

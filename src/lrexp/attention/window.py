@@ -2,8 +2,9 @@
 
 The segment [B, H, N, D] is cut into N/W blocks of W queries; block t attends to the 2W keys
 [K_{t-1}; K_t] under the tile mask (query i sees key j iff i <= j <= W+i-1, bias distance n = W+i-j).
-The previous block of block 0 is the XL cache. All tiles run as one batched `attend` of [B*N/W, H, W, 2W]:
-no N x N mask is ever built.
+The previous block of block 0 is the XL cache. For the dense backends all tiles run as one batched
+`attend` of [B*N/W, H, W, 2W]: no N x N mask is ever built. A banded backend (the Triton kernel) gets the
+segment itself, N queries over [cache; segment] with the same window mask, which is the same function.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from lrexp.attention.backends import BackendError, attend
+from lrexp.attention.backends import BACKENDS, BackendError, attend, resolve_backend
+from lrexp.attention.bias import BiasSpec
 from lrexp.attention.mask import MaskSpec
 
 
@@ -25,7 +27,7 @@ def sliding_window_attention(
     v_prev: Tensor,
     *,
     window: int,
-    bias: Optional[Tensor] = None,
+    bias: Optional[BiasSpec] = None,
     scale: Optional[Tensor] = None,
     include_self: bool = False,
     prev_valid: Optional[Tensor] = None,
@@ -34,8 +36,8 @@ def sliding_window_attention(
 ) -> Tensor:
     """Output [B, H, N, D] of q, k, v [B, H, N, D] with block 0's previous keys k_prev, v_prev [B, H, W, D].
 
-    bias is the tile bias [H, W, 2W] (`RelativePositionBias(W, 2W)`); prev_valid [B] bool marks lanes whose
-    k_prev/v_prev are real keys (None: all are; False hides them, `attn.mask_empty_cache`).
+    bias is the layer's T5 bias; prev_valid [B] bool marks lanes whose k_prev/v_prev are real keys (None: all
+    are; False hides them, `attn.mask_empty_cache`).
     """
     b, h, n, d = q.shape
     w = window
@@ -44,6 +46,11 @@ def sliding_window_attention(
     if k_prev.shape != (b, h, w, d) or v_prev.shape != (b, h, w, d):
         raise BackendError(f"previous block must be [{b}, {h}, {w}, {d}], got {tuple(k_prev.shape)}")
     blocks = n // w
+    if BACKENDS[resolve_backend(backend)].banded:
+        memory_valid = None if prev_valid is None else prev_valid[:, None].expand(b, w)  # [B, W]
+        return attend(q, torch.cat([k_prev.to(k.dtype), k], 2), torch.cat([v_prev.to(v.dtype), v], 2),
+                      MaskSpec(window=w, include_self=include_self, memory_valid=memory_valid),
+                      bias=bias, scale=scale, backend=backend, dropout_p=dropout_p)  # [B, H, N, D]
 
     def tiles(x: Tensor) -> Tensor:
         return x.reshape(b, h, blocks, w, x.shape[-1]).transpose(1, 2)  # [B, nb, H, W, D]

@@ -86,17 +86,15 @@ class AttentionLayer(nn.Module):
 
         A windowed layer whose `rel_bias` is None (the kNN memory layer under `knn.local_position_bias=false`)
         attends without the T5 bias."""
-        t = x.shape[1]
         q, k, v = self.qkv(x)  # [B, H, T, D] each
         p = self.dropout if self.training else 0.0
         if self.window is None:
-            o = attend(q, k, v, MaskSpec(include_self=self.include_self), bias=self.rel_bias(t, t),
+            o = attend(q, k, v, MaskSpec(include_self=self.include_self), bias=self.rel_bias(),
                        scale=self.scale(), backend=self.backend, dropout_p=p)  # [B, H, T, D]
         else:
-            w = self.window
-            bias = None if self.rel_bias is None else self.rel_bias(w, 2 * w)  # [H, W, 2W]
+            bias = None if self.rel_bias is None else self.rel_bias()
             o = sliding_window_attention(
-                q, k, v, state.k, state.v, window=w, bias=bias, scale=self.scale(),
+                q, k, v, state.k, state.v, window=self.window, bias=bias, scale=self.scale(),
                 include_self=self.include_self, prev_valid=~state.fresh if self.mask_empty_cache else None,
                 backend=self.backend, dropout_p=p,
             )  # [B, H, T, D]

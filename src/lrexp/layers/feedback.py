@@ -45,7 +45,7 @@ class StateReadingLayer(AttentionLayer):
         q, k, v = self.qkv.project(h)  # [B, H, T, D] each
         q2 = l2_normalize(split_heads(self.wq2(h), self.num_heads))  # [B, H, T, D]
         a = sliding_window_attention(
-            q, k, v, state.k, state.v, window=w, bias=self.rel_bias(w, 2 * w), scale=self.scale(),
+            q, k, v, state.k, state.v, window=w, bias=self.rel_bias(), scale=self.scale(),
             include_self=self.include_self, prev_valid=~state.fresh if self.mask_empty_cache else None,
             backend=self.backend, dropout_p=self.dropout if self.training else 0.0,
         )  # [B, H, T, D]

@@ -1,0 +1,263 @@
+"""Triton JIT functions of the fused attention (the semantics of `reference.py`), flash-style.
+
+One program owns a block of queries (forward, dQ) or of keys (dK, dV) of one (lane, head) and walks only the
+key (query) blocks its mask can reach: the band of the window, the causal triangle, or everything. Nothing
+of size Tq x Tk is stored; the forward keeps the row statistic lse = m + log(l) [B, H, Tq] for the backward.
+
+Indexing: queries sit at the end of the keys (bottom-right), so query i and key j are n = shift + i - j
+apart, shift = Tk - Tq. Key j is visible to query i iff
+  causal: NEAREST <= n (NEAREST = 0 with include_self, else 1), and with a window n <= window - 1 + NEAREST;
+  memory_valid: j >= Mv or valid[b, j].
+Softmax: the running max starts at the sink's logit -1000 and the running sum at the sink's exp(0) = 1, which
+is exactly the reference's m = max(max_j a_ij, -1000) and its extra denominator term; masked logits are
+-inf, so exp gives 0 and a row with no visible key keeps l = 1 and acc = 0: output 0, never NaN.
+Dropout keeps p_ij with probability 1 - p (Philox on the element's flat index), scaled by 1 / (1 - p), after
+the normaliser is accumulated, as `F.dropout` on the normalised probabilities does; the backward redraws
+the same bits from the same seed.
+"""
+
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+from lrexp.kernels.attention.reference import SINK_LOGIT
+
+SINK = tl.constexpr(SINK_LOGIT)
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    """a @ b in fp32 accumulation, a cast to b's dtype; fp32 tiles stay fp32 (GPUs would use tf32)."""
+    if IEEE:
+        out = tl.dot(a.to(b.dtype), b, input_precision="ieee")
+    else:
+        out = tl.dot(a.to(b.dtype), b)
+    return out
+
+
+INTERPRET = isinstance(_dot, InterpretedFunction)  # how TRITON_INTERPRET was when these kernels were defined
+
+
+@triton.jit
+def _load_rows(Ptr, base, offs, T, offs_d, D):
+    """Rows offs [R] of a [.., T, D] tensor at base, as a [R, BLOCK_D] tile: 0 past T and past D (the padding to
+    a power of two, which adds nothing to a dot product)."""
+    mask = (offs[:, None] < T) & (offs_d[None, :] < D)
+    return tl.load(Ptr + base + offs[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_rows(Ptr, base, offs, T, offs_d, D, x):
+    """Store the [R, BLOCK_D] tile x at rows offs of a [.., T, D] tensor (fp32 accumulators in its dtype)."""
+    mask = (offs[:, None] < T) & (offs_d[None, :] < D)
+    tl.store(Ptr + base + offs[:, None] * D + offs_d[None, :], x.to(Ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _tile_logits(q, k, offs_m, offs_n, bias_row, valid_row, shift, Tq, Tk, Mv, window,
+                 L_BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, NEAREST: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, HAS_VALID: tl.constexpr, IEEE: tl.constexpr):
+    """q . k + b [BM, BN] of one tile (before the scale), which entries the mask keeps, and the distances n."""
+    qk = _dot(q, tl.trans(k), IEEE)  # [BM, BN]
+    n = shift + offs_m[:, None] - offs_n[None, :]  # [BM, BN]
+    if HAS_BIAS:
+        qk += tl.load(bias_row + tl.minimum(tl.maximum(n, 0), L_BIAS - 1))
+    visible = (offs_m[:, None] < Tq) & (offs_n[None, :] < Tk)
+    if CAUSAL:
+        visible &= n >= NEAREST
+        if HAS_WINDOW:
+            visible &= n <= window - 1 + NEAREST
+    if HAS_VALID:
+        key_ok = tl.load(valid_row + offs_n, mask=offs_n < Mv, other=1) != 0  # [BN]
+        visible &= key_ok[None, :]
+    return qk, visible, n
+
+
+@triton.jit
+def _keep(seed, bh, offs_m, offs_n, Tq, Tk, p_drop):
+    """Dropout's keep mask [BM, BN]: one Philox draw per (lane, head, query, key), the same in every kernel."""
+    flat = (bh.to(tl.int64) * Tq + offs_m[:, None]) * Tk + offs_n[None, :]  # [BM, BN]
+    return tl.rand(seed, flat) >= p_drop
+
+
+@triton.jit
+def _key_range(start_m, shift, Tk, window, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr,
+               HAS_WINDOW: tl.constexpr, NEAREST: tl.constexpr):
+    """[lo, hi): the keys any query of the block start_m .. start_m + BLOCK_M - 1 can see."""
+    lo = 0
+    hi = Tk
+    if CAUSAL:
+        hi = tl.minimum(Tk, shift + start_m + BLOCK_M - NEAREST)
+        if HAS_WINDOW:
+            lo = tl.maximum(0, shift + start_m - (window - 1 + NEAREST))
+    return lo, hi
+
+
+@triton.jit
+def _query_range(start_n, shift, Tq, window, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                 HAS_WINDOW: tl.constexpr, NEAREST: tl.constexpr):
+    """[lo, hi): the queries that can see any key of the block start_n .. start_n + BLOCK_N - 1."""
+    lo = 0
+    hi = Tq
+    if CAUSAL:
+        lo = tl.maximum(0, start_n - shift + NEAREST)
+        if HAS_WINDOW:
+            hi = tl.minimum(Tq, start_n + BLOCK_N - shift + window - 1 + NEAREST)
+    return lo, hi
+
+
+@triton.jit
+def _tile_grads(q, k, v, do, lse, delta, s, seed, bh, offs_m, offs_n, bias_row, valid_row, p_drop, shift,
+                Tq, Tk, Mv, window, L_BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                NEAREST: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_VALID: tl.constexpr, DROPOUT: tl.constexpr,
+                IEEE: tl.constexpr):
+    """One tile of the backward: q . k + b, the mask, the distances, the dropped probabilities P Z and
+    dA = dL/da [BM, BN]. With P = exp(a - lse): dP = Z dO v^T (Z the dropout scale, 0 or 1 / (1 - p)) and
+    dA = P (dP - Delta), Delta_i = dO_i . O_i."""
+    qk, visible, n = _tile_logits(q, k, offs_m, offs_n, bias_row, valid_row, shift, Tq, Tk, Mv, window,
+                                  L_BIAS, CAUSAL, HAS_WINDOW, NEAREST, HAS_BIAS, HAS_VALID, IEEE)
+    p = tl.exp(tl.where(visible, s * qk, float("-inf")) - lse[:, None])  # [BM, BN]
+    dp = _dot(do, tl.trans(v), IEEE)  # [BM, BN]
+    pz = p
+    if DROPOUT:
+        z = tl.where(_keep(seed, bh, offs_m, offs_n, Tq, Tk, p_drop), 1.0 / (1.0 - p_drop), 0.0)
+        pz = p * z
+        dp = dp * z
+    return qk, visible, n, pz, p * (dp - delta[:, None])
+
+
+@triton.jit
+def _program_head(Scale, Seed, Bias, Valid, H, Tq, Tk, Mv, D, L_BIAS: tl.constexpr):
+    """What every program reads of its (lane, head) = program_id(1): bh, the offsets of its q and k rows, the
+    alignment shift = Tk - Tq, s_h, the dropout seed, its bias row and its lane's memory_valid row."""
+    bh = tl.program_id(1)
+    h = bh % H
+    q_base = bh.to(tl.int64) * Tq * D
+    kv_base = bh.to(tl.int64) * Tk * D
+    return (bh, q_base, kv_base, Tk - Tq, tl.load(Scale + h), tl.load(Seed), Bias + h * L_BIAS,
+            Valid + (bh // H) * Mv)
+
+
+# Tq as well: the kNN memory attention has one query per row, where 16-query blocks waste the least
+KEY = ["D", "window", "Tq", "Tk"]
+
+
+def _configs(*shapes):
+    """Autotune candidates (BLOCK_M, BLOCK_N, num_warps, num_stages); one under the interpreter, which cannot
+    benchmark (engineering.md 7): 32 x 32 tiles, so the tests' T <= 100 still span several blocks while the
+    interpreter's cost per tile op (not per element) stays low."""
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32})]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in shapes]
+
+
+@triton.autotune(configs=_configs((64, 64, 4, 2), (128, 64, 8, 3), (64, 32, 4, 3), (128, 32, 4, 2), (16, 64, 4, 2)),
+                 key=KEY)
+@triton.jit
+def attention_fwd(Q, K, V, O, LSE, Scale, Bias, Valid, Seed, p_drop, H, Tq, Tk, Mv, window, D,
+                  L_BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, NEAREST: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, HAS_VALID: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+                  BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """O [B, H, Tq, D] and lse [B, H, Tq] of one block of queries; grid (cdiv(Tq, BLOCK_M), B * H)."""
+    bh, q_base, kv_base, shift, s, seed, bias_row, valid_row = _program_head(Scale, Seed, Bias, Valid, H, Tq, Tk,
+                                                                              Mv, D, L_BIAS)
+    start_m = tl.program_id(0) * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_rows(Q, q_base, offs_m, Tq, offs_d, D)  # [BM, BD]
+    m_i = tl.full([BLOCK_M], SINK, tl.float32)
+    l_i = tl.full([BLOCK_M], 1.0, tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    lo, hi = _key_range(start_m, shift, Tk, window, BLOCK_M, CAUSAL, HAS_WINDOW, NEAREST)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(K, kv_base, offs_n, Tk, offs_d, D)  # [BN, BD]
+        v = _load_rows(V, kv_base, offs_n, Tk, offs_d, D)  # [BN, BD]
+        qk, visible, n = _tile_logits(q, k, offs_m, offs_n, bias_row, valid_row, shift, Tq, Tk, Mv, window,
+                                      L_BIAS, CAUSAL, HAS_WINDOW, NEAREST, HAS_BIAS, HAS_VALID, IEEE)
+        a = tl.where(visible, s * qk, float("-inf"))  # [BM, BN]
+        m_new = tl.maximum(m_i, tl.max(a, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(a - m_new[:, None])  # [BM, BN]
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            p = tl.where(_keep(seed, bh, offs_m, offs_n, Tq, Tk, p_drop), p / (1.0 - p_drop), 0.0)
+        acc = acc * alpha[:, None] + _dot(p, v, IEEE)
+        m_i = m_new
+    _store_rows(O, q_base, offs_m, Tq, offs_d, D, acc / l_i[:, None])
+    tl.store(LSE + bh.to(tl.int64) * Tq + offs_m, m_i + tl.log(l_i), mask=offs_m < Tq)
+
+
+# the candidates are benchmarked on the real buffers: the atomically accumulated ones restart from 0 each time
+@triton.autotune(configs=_configs((64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (16, 64, 4, 2)), key=KEY,
+                 reset_to_zero=["DScale", "DBias"])
+@triton.jit
+def attention_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DScale, DBias, Scale, Bias, Valid, Seed, p_drop,
+                       H, Tq, Tk, Mv, window, D,
+                       L_BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, NEAREST: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, HAS_VALID: tl.constexpr, DROPOUT: tl.constexpr,
+                       IEEE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dK = s dA^T q and dV = (P Z)^T dO of one block of keys, and this block's share of ds_h = sum dA (q . k + b)
+    and of the bias gradient db(n) = s sum_{n_ij = n} dA_ij (fp32 atomic adds); grid (cdiv(Tk, BLOCK_N), B * H)."""
+    bh, q_base, kv_base, shift, s, seed, bias_row, valid_row = _program_head(Scale, Seed, Bias, Valid, H, Tq, Tk,
+                                                                              Mv, D, L_BIAS)
+    h = bh % H
+    start_n = tl.program_id(0) * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = _load_rows(K, kv_base, offs_n, Tk, offs_d, D)  # [BN, BD]
+    v = _load_rows(V, kv_base, offs_n, Tk, offs_d, D)  # [BN, BD]
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dscale = tl.zeros([BLOCK_N], tl.float32)  # per key, summed once at the end
+    far = tl.zeros([BLOCK_N], tl.float32)  # the last bucket's gradient, shared by every n >= L_BIAS - 1: one add
+    lo, hi = _query_range(start_n, shift, Tq, window, BLOCK_N, CAUSAL, HAS_WINDOW, NEAREST)
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q = _load_rows(Q, q_base, offs_m, Tq, offs_d, D)  # [BM, BD]
+        do = _load_rows(DO, q_base, offs_m, Tq, offs_d, D)  # [BM, BD]
+        lse = tl.load(LSE + bh.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=0.0)  # [BM]
+        delta = tl.load(Delta + bh.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=0.0)  # [BM]
+        qk, visible, n, pz, ds = _tile_grads(q, k, v, do, lse, delta, s, seed, bh, offs_m, offs_n, bias_row,
+                                             valid_row, p_drop, shift, Tq, Tk, Mv, window, L_BIAS, CAUSAL,
+                                             HAS_WINDOW, NEAREST, HAS_BIAS, HAS_VALID, DROPOUT, IEEE)
+        dv += _dot(tl.trans(pz), do, IEEE)
+        dk += s * _dot(tl.trans(ds), q, IEEE)
+        dscale += tl.sum(ds * qk, 0)
+        if HAS_BIAS:
+            tl.atomic_add(DBias + h * L_BIAS + tl.maximum(n, 0), s * ds, mask=visible & (n < L_BIAS - 1))
+            far += tl.sum(tl.where(visible & (n >= L_BIAS - 1), s * ds, 0.0), 0)
+    _store_rows(DK, kv_base, offs_n, Tk, offs_d, D, dk)
+    _store_rows(DV, kv_base, offs_n, Tk, offs_d, D, dv)
+    tl.atomic_add(DScale + h, tl.sum(dscale, 0))
+    if HAS_BIAS:
+        tl.atomic_add(DBias + h * L_BIAS + L_BIAS - 1, tl.sum(far, 0))
+
+
+@triton.autotune(configs=_configs((64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (16, 64, 4, 2)), key=KEY)
+@triton.jit
+def attention_bwd_dq(Q, K, V, DO, LSE, Delta, DQ, Scale, Bias, Valid, Seed, p_drop, H, Tq, Tk, Mv, window, D,
+                     L_BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, NEAREST: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, HAS_VALID: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dQ = s dA K of one block of queries (dA as in `_tile_grads`); grid (cdiv(Tq, BLOCK_M), B * H)."""
+    bh, q_base, kv_base, shift, s, seed, bias_row, valid_row = _program_head(Scale, Seed, Bias, Valid, H, Tq, Tk,
+                                                                              Mv, D, L_BIAS)
+    start_m = tl.program_id(0) * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_rows(Q, q_base, offs_m, Tq, offs_d, D)  # [BM, BD]
+    do = _load_rows(DO, q_base, offs_m, Tq, offs_d, D)  # [BM, BD]
+    lse = tl.load(LSE + bh.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=0.0)  # [BM]
+    delta = tl.load(Delta + bh.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=0.0)  # [BM]
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    lo, hi = _key_range(start_m, shift, Tk, window, BLOCK_M, CAUSAL, HAS_WINDOW, NEAREST)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(K, kv_base, offs_n, Tk, offs_d, D)  # [BN, BD]
+        v = _load_rows(V, kv_base, offs_n, Tk, offs_d, D)  # [BN, BD]
+        _, _, _, _, ds = _tile_grads(q, k, v, do, lse, delta, s, seed, bh, offs_m, offs_n, bias_row, valid_row,
+                                     p_drop, shift, Tq, Tk, Mv, window, L_BIAS, CAUSAL, HAS_WINDOW, NEAREST,
+                                     HAS_BIAS, HAS_VALID, DROPOUT, IEEE)
+        dq += s * _dot(ds, k, IEEE)
+    _store_rows(DQ, q_base, offs_m, Tq, offs_d, D, dq)

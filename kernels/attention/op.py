@@ -1,0 +1,135 @@
+"""The Triton attention as a torch op: input checks, launches, autograd, and `torch.compile` registration.
+
+`attention(q, k, v, mask, bias, scale, dropout_p)` takes `attend`'s backend arguments and returns what
+`reference.attention_reference` returns. The kernels see the mask as its fields (causal, window,
+include_self, memory_valid) and the bias as `BiasSpec.by_distance()` [H, max_distance + 1], which they index
+at min(n, max_distance) per tile. `lrexp::attention` and `lrexp::attention_backward` are `triton_op`s, so
+`torch.compile` traces into the kernels on a GPU (under the interpreter only eager mode runs).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+
+from lrexp.attention.backends import BackendError
+from lrexp.attention.bias import BiasSpec
+from lrexp.attention.mask import MaskSpec
+from lrexp.kernels.attention.kernel import INTERPRET, attention_bwd_dkdv, attention_bwd_dq, attention_fwd
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 128  # a [BLOCK, 128] fp32 tile per operand is what the GPU configs are sized for
+
+
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: MaskSpec, bias: Optional[BiasSpec], scale: Optional[Tensor],
+    dropout_p: float,
+) -> Tensor:
+    """Output [B, H, Tq, D] of q [B, H, Tq, D] over k, v [B, H, Tk, D] (`attend`'s `triton` backend)."""
+    check_inputs(q, k, v, mask, bias, scale)
+    h = q.shape[1]
+    scale = torch.ones(h, device=q.device) if scale is None else scale.float()  # [H]
+    table = None if bias is None else bias.by_distance().float().contiguous()  # [H, L]
+    valid = None if mask.memory_valid is None else mask.memory_valid.to(torch.int8).contiguous()  # [B, Mv]
+    # a tensor, not a Python int: drawing it needs no host sync and torch.compile traces it
+    seed = (torch.randint(0, 2**62, (1,), device=q.device) if dropout_p > 0
+            else torch.zeros(1, dtype=torch.int64, device=q.device))
+    out, _ = torch.ops.lrexp.attention(q.contiguous(), k.contiguous(), v.contiguous(), scale, table, valid, seed,
+                                       mask.causal, mask.window or 0, mask.include_self, float(dropout_p))
+    return out
+
+
+def check_inputs(q: Tensor, k: Tensor, v: Tensor, mask: MaskSpec, bias: Optional[BiasSpec],
+                 scale: Optional[Tensor]) -> None:
+    """One `BackendError` naming the first limit the inputs break (shapes were checked by `attend`)."""
+    if q.dtype not in DTYPES or not q.dtype == k.dtype == v.dtype:
+        raise BackendError(f"the triton attention backend takes q, k, v of one dtype among float16, bfloat16 and "
+                           f"float32; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if INTERPRET and q.dtype == torch.bfloat16:
+        raise BackendError("bfloat16 is computed wrongly under the Triton interpreter (TRITON_INTERPRET=1, "
+                           "triton#4972): use float16 or float32 on CPU, bfloat16 on a GPU")
+    if q.shape[-1] > MAX_HEAD_DIM:
+        raise BackendError(f"the triton attention backend supports head dims up to {MAX_HEAD_DIM}, got {q.shape[-1]}")
+    named = {"q": q, "k": k, "v": v, "scale": scale, "bias table": None if bias is None else bias.table,
+             "memory_valid": mask.memory_valid}
+    devices = {name: t.device for name, t in named.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        raise BackendError("the triton attention backend needs every input on one device; got "
+                           + ", ".join(f"{name} on {device}" for name, device in devices.items()))
+    if q.device.type != "cuda" and not INTERPRET:
+        raise BackendError(f"the triton attention backend runs on CUDA tensors (or on CPU with TRITON_INTERPRET=1 "
+                           f"set before lrexp is imported); got {q.device}")
+
+
+def _launch_args(q: Tensor, k: Tensor, scale: Tensor, table: Optional[Tensor], valid: Optional[Tensor],
+                 causal: bool, window: int, include_self: bool, dropout_p: float) -> Tuple[tuple, tuple, dict]:
+    """What every kernel takes after its own tensors: (scale, table, valid), (dropout_p and the sizes), and the
+    constexpr keywords. An absent table or valid mask is replaced by `scale`, a pointer the kernel never reads
+    (HAS_BIAS / HAS_VALID off)."""
+    _, h, t_q, d = q.shape
+    t_k = k.shape[2]
+    tensors = (scale, scale if table is None else table, scale if valid is None else valid)
+    sizes = (dropout_p, h, t_q, t_k, 0 if valid is None else valid.shape[1], window, d)
+    flags = dict(
+        L_BIAS=1 if table is None else table.shape[1], CAUSAL=causal, HAS_WINDOW=window > 0,
+        NEAREST=0 if include_self else 1, HAS_BIAS=table is not None, HAS_VALID=valid is not None,
+        DROPOUT=dropout_p > 0, IEEE=q.dtype == torch.float32, BLOCK_D=max(16, triton.next_power_of_2(d)),
+    )
+    return tensors, sizes, flags
+
+
+@triton_op("lrexp::attention", mutates_args=())
+def _attention(
+    q: Tensor, k: Tensor, v: Tensor, scale: Tensor, table: Optional[Tensor], valid: Optional[Tensor], seed: Tensor,
+    causal: bool, window: int, include_self: bool, dropout_p: float,
+) -> Tuple[Tensor, Tensor]:
+    """(out [B, H, Tq, D], lse [B, H, Tq] fp32) for contiguous q [B, H, Tq, D], k, v [B, H, Tk, D]."""
+    b, h, t_q, _ = q.shape
+    out = torch.empty_like(q)
+    lse = torch.empty(b, h, t_q, device=q.device, dtype=torch.float32)
+    tensors, sizes, flags = _launch_args(q, k, scale, table, valid, causal, window, include_self, dropout_p)
+    wrap_triton(attention_fwd)[lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]), b * h)](
+        q, k, v, out, lse, *tensors, seed, *sizes, **flags)
+    return out, lse
+
+
+@triton_op("lrexp::attention_backward", mutates_args=())
+def _attention_backward(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: Tensor,
+    table: Optional[Tensor], valid: Optional[Tensor], seed: Tensor, causal: bool, window: int, include_self: bool,
+    dropout_p: float,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, d scale [H], d table [H, L], empty without a table), all fp32 but dq, dk, dv."""
+    b, h, t_q, _ = q.shape
+    t_k = k.shape[2]
+    delta = (grad_out.float() * out.float()).sum(-1)  # [B, H, Tq]: sum_j P_ij dP_ij = dO_i . O_i, dropout included
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dscale = torch.zeros_like(scale)  # [H], accumulated atomically
+    dtable = torch.zeros_like(table) if table is not None else scale.new_zeros(0)  # [H, L], accumulated atomically
+    tensors, sizes, flags = _launch_args(q, k, scale, table, valid, causal, window, include_self, dropout_p)
+    dbias = dtable if table is not None else dscale  # never written without a table (HAS_BIAS off)
+    wrap_triton(attention_bwd_dkdv)[lambda meta: (triton.cdiv(t_k, meta["BLOCK_N"]), b * h)](
+        q, k, v, grad_out, lse, delta, dk, dv, dscale, dbias, *tensors, seed, *sizes, **flags)
+    wrap_triton(attention_bwd_dq)[lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]), b * h)](
+        q, k, v, grad_out, lse, delta, dq, *tensors, seed, *sizes, **flags)
+    return dq, dk, dv, dscale, dtable
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, scale, table, valid, seed, causal, window, include_self, dropout_p = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], scale, table, valid, seed)
+    ctx.flags = (causal, window, include_self, dropout_p)
+
+
+def _backward(ctx, grad_out: Tensor, _grad_lse: Tensor):
+    q, k, v, out, lse, scale, table, valid, seed = ctx.saved_tensors
+    dq, dk, dv, dscale, dtable = torch.ops.lrexp.attention_backward(
+        grad_out.contiguous(), q, k, v, out, lse, scale, table, valid, seed, *ctx.flags)
+    return dq, dk, dv, dscale, (None if table is None else dtable), None, None, None, None, None, None
+
+
+_attention.register_autograd(_backward, setup_context=_setup_context)
