@@ -3,7 +3,8 @@
 The dataset is map-style, indexed by step x total_lanes + lane, and builds a whole batch at once
 (`__getitems__`); a rank-aware batch sampler gives rank r the lanes [r*B, (r+1)*B) step by step, so the
 trainer must not wrap it (`Trainer(use_distributed_sampler=False)`). Every rank computes the same global
-schedule and takes the same number of steps.
+schedule and takes the same number of steps. With `train.lane_groups` G, a step is G micro-batches, lane
+groups [r*B + g*B/G, r*B + (g+1)*B/G), all at the same stream step.
 
 Training reads an endless stream (epoch after epoch, each a fresh shuffle) and has no length: the trainer
 stops at `max_steps`, and the cursor (`state_dict`) is the number of training batches consumed, so a resumed
@@ -19,8 +20,9 @@ end (`TBPTTCallback` narrows the state to match).
 
 Batch (a dict of tensors, B = lanes of this rank, N = segment length):
   tokens, labels int64 [B, N]; loss_mask bool [B, N]; target_bytes, doc_pos int64 [B, N] (0 where masked);
-  doc_start bool [B]; lane, doc_id int64 [B] (doc_id -1 on padding steps); for probe corpora also
-  answer_mask bool [B, N] (labels that are answer tokens).
+  doc_start bool [B]; lane, doc_id int64 [B] (doc_id -1 on padding steps); step_targets int64 [] (the targets
+  of every lane of every rank at this step: the denominator of an exact token mean over micro-batches and
+  ranks); for probe corpora also answer_mask bool [B, N] (labels that are answer tokens).
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ class SegmentDataset(Dataset):
         self.token_bytes = token_bytes  # [V]
         self.cross_segment_target = cross_segment_target
         self.doc_ends = split.offsets[1:] if doc_ends is None else doc_ends  # [D]
+        self._step_targets = (-1, 0)  # (step, its targets): the lane groups of a step ask in turn
 
     def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
         """A batch of one lane (the DataLoader calls `__getitems__` with every lane of a step)."""
@@ -81,14 +84,13 @@ class SegmentDataset(Dataset):
         doc_id = np.full(B, -1, dtype=np.int64)  # [B]
         flags = self.split.answer
         answer = np.zeros((B, N), dtype=bool) if flags is not None else None  # [B, N]
-        stream, offsets = self.split.tokens, self.split.offsets
+        stream = self.split.tokens
         for i, index in enumerate(indices):
             step, lane[i] = divmod(int(index), self.total_lanes)
-            doc, seg = self.locator.locate(int(lane[i]), step)
-            if doc < 0:
+            read = self._read(int(lane[i]), step)
+            if read is None:
                 continue  # a padding step of an evaluation lane
-            start = int(offsets[doc]) + seg * N
-            k = min(N + 1, int(self.doc_ends[doc]) - start)  # tokens read: k - 1 targets, the rest is padding
+            doc, seg, start, k = read  # k tokens read: k - 1 targets, the rest is padding
             window = stream[start: start + k].astype(np.int64)  # [k]
             tokens[i, : k - 1] = window[:-1]
             labels[i, : k - 1] = window[1:]
@@ -112,7 +114,28 @@ class SegmentDataset(Dataset):
         }
         if answer is not None:
             batch["answer_mask"] = torch.from_numpy(answer & loss_mask)
+        batch["step_targets"] = torch.tensor(self.step_targets(step))
         return batch
+
+    def _read(self, lane: int, step: int) -> Optional[tuple]:
+        """(document, segment, first token, tokens read) of `lane` at `step`, None on a padding step."""
+        doc, seg = self.locator.locate(lane, step)
+        if doc < 0:
+            return None
+        start = int(self.split.offsets[doc]) + seg * self.segment_len
+        return doc, seg, start, min(self.segment_len + 1, int(self.doc_ends[doc]) - start)
+
+    def step_targets(self, step: int) -> int:
+        """Targets of every lane at `step`, computed from the schedule alone (no tokens read)."""
+        if self._step_targets[0] != step:
+            total = 0
+            for lane in range(self.total_lanes):
+                read = self._read(lane, step)
+                if read is not None:
+                    targets = read[3] - 1
+                    total += targets - (targets == self.segment_len and not self.cross_segment_target)
+            self._step_targets = (step, total)
+        return self._step_targets[1]
 
 
 def whole_batch(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -121,22 +144,26 @@ def whole_batch(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 
 
 class LaneBatchSampler(Sampler[List[int]]):
-    """The endless training stream: rank `rank`'s lanes [rank*B, (rank+1)*B) at each step, step-major.
+    """The endless training stream: rank `rank`'s lanes [rank*B, (rank+1)*B) at each step, step-major, in
+    `groups` micro-batches of B / groups lanes each.
 
-    It continues from `position` (the cursor, advanced as batches are drawn), so a second iteration or a
-    restored cursor picks up where it stands.
+    It continues from `position` (the cursor in micro-batches, advanced as batches are drawn), so a second
+    iteration or a restored cursor picks up where it stands.
     """
 
-    def __init__(self, total_lanes: int, lanes_per_rank: int, rank: int, position: int = 0):
+    def __init__(self, total_lanes: int, lanes_per_rank: int, rank: int, groups: int = 1, position: int = 0):
         self.total_lanes = total_lanes
-        self.lanes = range(rank * lanes_per_rank, (rank + 1) * lanes_per_rank)
+        self.first = rank * lanes_per_rank
+        self.per_group = lanes_per_rank // groups
+        self.groups = groups
         self.position = position
 
     def __iter__(self) -> Iterator[List[int]]:
         while True:
-            step = self.position
+            step, group = divmod(self.position, self.groups)
             self.position += 1
-            yield [step * self.total_lanes + lane for lane in self.lanes]
+            first = self.first + group * self.per_group
+            yield [step * self.total_lanes + lane for lane in range(first, first + self.per_group)]
 
 
 class EvalBatchSampler(Sampler[List[int]]):
@@ -221,7 +248,9 @@ class StreamDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         stream = TrainStream(self._segments("train"), self.total_lanes, self.cfg.derived.data_seed)
-        self._train_sampler = LaneBatchSampler(self.total_lanes, self.lanes_per_rank, self.rank, self._cursor)
+        self._train_sampler = LaneBatchSampler(
+            self.total_lanes, self.lanes_per_rank, self.rank, self.cfg.train.lane_groups, self._cursor
+        )
         return self._loader("train", stream, self._train_sampler)
 
     def val_dataloader(self) -> DataLoader:

@@ -64,7 +64,10 @@ class ScaleConfig:
     num_layers: int = 12
     window: int = 512
     num_states: int = 512
-    tokens_per_step: int = 4096  # lanes x segment_len per optimiser step, equal across rows
+    # Lanes per optimiser step of the rows with N = 8W (Slide, Rec, Feedback, Full) over all devices: the
+    # paper's 32 (32 devices x 1 lane). Tokens per step are lanes x 8W in every row, so XL:W reads 8x more
+    # lanes (256), XL:2W 4x (128), XL:4W 2x (64): lanes, not only tokens, decide how diverse a step is.
+    lanes: int = 32
     memory_size: int = 65536  # kNN memory entries per (lane, head) of the Memorizing row (models.md 6)
     knn_k: int = 128  # neighbours retrieved per query and head
 
@@ -142,7 +145,7 @@ class DataConfig:
     # A `tokenizers` JSON file (T5's tokenizer.json, say) used instead of training the BPE; its vocabulary
     # sets the model's (data.vocab_size is not read). Relative paths are under the working directory.
     tokenizer_file: Optional[str] = None
-    tokens_per_step: int = "${scale.tokens_per_step}"  # type: ignore[assignment]
+    tokens_per_step: int = "${mul:${scale.lanes},${mul:8,${scale.window}}}"  # type: ignore[assignment]
     seed: Optional[int] = None  # the training stream's shuffle; None: train.seed, so a seed axis varies both
     append_eos: bool = True
     cache_dir: str = "data_cache"  # relative paths are under the project root
@@ -179,7 +182,11 @@ class TrainConfig:
     max_steps: int = 500_000
     val_every: int = 1000  # optimiser steps between validations
     val_tokens: int = 1_638_400  # targets per validation in fit, the same for every row; the final pass reads all
-    accumulate_grad_batches: int = 1
+    # Micro-batches per optimiser step, each a group of the rank's lanes at the same stream position with
+    # its own carried state: one step over G groups of B lanes is one step over G x B lanes (for devices
+    # that cannot hold every lane at once)
+    lane_groups: int = 1
+    offload_state: bool = False  # keep the carried state of the groups not being processed on the CPU
     precision: str = "32-true"
     devices: int = 1
     accelerator: str = "auto"
@@ -214,6 +221,7 @@ class DerivedConfig:
     head_dim: int = 0
     lanes: int = 0  # over all ranks
     lanes_per_rank: int = 0
+    lanes_per_group: int = 0  # lanes of one micro-batch
     recurrent_layers: List[int] = field(default_factory=list)  # absolute indices
     knn_layers: List[int] = field(default_factory=list)  # absolute indices of the kNN memory layers
     data_seed: int = 0  # data.seed, else train.seed
@@ -437,12 +445,12 @@ def flatten(cfg: RunConfig, sep: str = ".") -> Dict[str, Any]:
 
 _POSITIVE = (
     "scale.d_model", "scale.num_heads", "scale.d_ff", "scale.num_layers", "scale.window", "scale.num_states",
-    "scale.tokens_per_step", "scale.memory_size", "scale.knn_k", "model.d_model", "model.num_heads",
+    "scale.lanes", "scale.memory_size", "scale.knn_k", "model.d_model", "model.num_heads",
     "model.d_ff", "model.num_layers", "model.window", "model.blocks_per_segment", "model.segment_len",
     "model.recurrent.num_states", "model.knn.memory_size", "model.knn.k", "model.attn.num_buckets",
     "model.attn.max_distance", "data.vocab_size", "data.tokens_per_step",
     "optim.warmup_steps", "train.max_steps", "train.val_every", "train.val_tokens",
-    "train.accumulate_grad_batches", "train.devices", "train.threads", "log.every_n_steps",
+    "train.lane_groups", "train.devices", "train.threads", "log.every_n_steps",
 )
 
 
@@ -503,15 +511,17 @@ def resolve(cfg: RunConfig) -> RunConfig:
             f"'data.tokens_per_step' ({tps}) must be a multiple of the segment length ({segment_len})"
         )
     lanes = tps // segment_len
-    world = cfg.train.devices
-    if lanes % world:
-        raise ConfigError(f"{lanes} lanes (tokens_per_step / segment_len) do not divide over {world} devices")
+    world, groups = cfg.train.devices, cfg.train.lane_groups
+    if lanes % (world * groups):
+        raise ConfigError(f"{lanes} lanes (tokens_per_step / segment_len) do not divide over {world} device(s) "
+                          f"x {groups} lane group(s) ('train.devices', 'train.lane_groups')")
 
     cfg.derived = DerivedConfig(
         segment_len=segment_len,
         head_dim=m.d_model // m.num_heads,
         lanes=lanes,
         lanes_per_rank=lanes // world,
+        lanes_per_group=lanes // (world * groups),
         recurrent_layers=sorted(recurrent_layers),
         knn_layers=sorted(knn_layers),
         data_seed=cfg.train.seed if cfg.data.seed is None else cfg.data.seed,

@@ -7,7 +7,8 @@ stateless layer. A layer state kind is a frozen dataclass of tensors whose first
   (a learned initial state) only raises its per-lane `fresh` flag here; the owning layer substitutes the
   parameter at its next forward and clears the flag. Kinds whose fresh value is a constant may also set
   it here (the XL cache is zeroed at once).
-- `detach()`, `lanes(index)`, `to_tensors()`, `from_tensors()` work field by field.
+- `detach()`, `lanes(index)`, `cat(parts)`, `to(device)`, `to_tensors()`, `from_tensors()` work field by
+  field.
 
 A new kind is one `@register_state` dataclass here with a unique `kind` name (the checkpoint key).
 """
@@ -15,7 +16,7 @@ A new kind is one `@register_state` dataclass here with a unique `kind` name (th
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import ClassVar, Dict, Optional, Tuple, Type, TypeVar
+from typing import ClassVar, Dict, Optional, Sequence, Tuple, Type, TypeVar
 
 import torch
 from torch import Tensor
@@ -58,6 +59,14 @@ class LayerState:
     def lanes(self: S, index: slice) -> S:
         """The state of the lanes `index` selects (every field is lane-first)."""
         return replace(self, **{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
+    def to(self: S, device) -> S:
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    @classmethod
+    def cat(cls: Type[S], parts: Sequence[S]) -> S:
+        """One state of the lanes of `parts`, in order."""
+        return replace(parts[0], **{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(cls)})
 
     def to_tensors(self) -> Dict[str, Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -197,6 +206,21 @@ class ModelState:
         """The state of the lanes `index` selects, say the first n of an evaluation batch that shrinks."""
         layers = tuple(s if s is None else s.lanes(index) for s in self.layers)
         return ModelState(layers=layers, batch_size=len(range(*index.indices(self.batch_size))))
+
+    def split(self, parts: int) -> Tuple["ModelState", ...]:
+        """`parts` states of equal consecutive lane groups (the inverse of `cat`)."""
+        size = self.batch_size // parts
+        return tuple(self.lanes(slice(i * size, (i + 1) * size)) for i in range(parts))
+
+    @classmethod
+    def cat(cls, parts: Sequence["ModelState"]) -> "ModelState":
+        """One state of the lanes of `parts`, in order (lane groups into the rank's lanes)."""
+        layers = tuple(None if s is None else type(s).cat([p.layers[i] for p in parts])
+                       for i, s in enumerate(parts[0].layers))
+        return cls(layers=layers, batch_size=sum(p.batch_size for p in parts))
+
+    def to(self, device) -> "ModelState":
+        return replace(self, layers=tuple(s if s is None else s.to(device) for s in self.layers))
 
     def to_tensors(self) -> Dict[str, Tensor]:
         """Flat tensors for checkpoints: `layers.<i>.<kind>.<field>` plus the layer count and lanes."""

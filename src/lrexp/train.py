@@ -82,8 +82,7 @@ def build_trainer(
     cfg: RunConfig, logger: Optional[MLFlowLogger], checkpoint_dir: Path, callbacks: Sequence[pl.Callback]
 ) -> pl.Trainer:
     t = cfg.train
-    tokens_per_step = cfg.data.tokens_per_step * t.accumulate_grad_batches
-    perf = PerfCallback(tokens_per_step, warmup_steps=cfg.log.perf_warmup_steps)
+    perf = PerfCallback(cfg.data.tokens_per_step, warmup_steps=cfg.log.perf_warmup_steps)
     last = LastCheckpoint(
         dirpath=checkpoint_dir,  # explicit: with MLflow under DDP only rank 0 knows the run (Lightning#19932)
         save_top_k=0,
@@ -97,11 +96,11 @@ def build_trainer(
         strategy=t.strategy,
         precision=t.precision,
         max_steps=t.max_steps,
-        accumulate_grad_batches=t.accumulate_grad_batches,
+        accumulate_grad_batches=t.lane_groups,  # one micro-batch per lane group
         gradient_clip_val=cfg.optim.grad_clip or None,
         gradient_clip_algorithm="norm",
         # validation every val_every optimiser steps, counted over epochs (check_val_every_n_epoch=None)
-        val_check_interval=t.val_every * t.accumulate_grad_batches,
+        val_check_interval=t.val_every * t.lane_groups,
         check_val_every_n_epoch=None,
         log_every_n_steps=cfg.log.every_n_steps,
         logger=logger if logger is not None else False,
@@ -156,7 +155,7 @@ def run(cfg: RunConfig, resume: Optional[str] = None) -> Dict[str, Any]:
                                    "lrexp.threads": str(threads), **eval_tags(cfg, prepared)})
         tracking.log_artifact_dict(logger, prepared.meta, "data_meta.json")
 
-        tbptt = TBPTTCallback()
+        tbptt = TBPTTCallback(cfg.train.lane_groups, cfg.train.offload_state)
         module = LMModule(cfg, model, tbptt, prepared.vocab_size)
         datamodule = StreamDataModule(cfg)
         trainer = build_trainer(cfg, logger, checkpoint_dir, [tbptt])
@@ -170,7 +169,7 @@ def run(cfg: RunConfig, resume: Optional[str] = None) -> Dict[str, Any]:
         summary = _summary(metrics)
         summary["final/params"] = float(n_params)
         summary["final/steps"] = float(steps)
-        summary["final/tokens_seen"] = float(steps * cfg.train.accumulate_grad_batches * cfg.data.tokens_per_step)
+        summary["final/tokens_seen"] = float(steps * cfg.data.tokens_per_step)
         # the final passes log final/val_* and final/test_* themselves
         trainer.validate(module, datamodule=datamodule, verbose=False)
         passes = dict(trainer.callback_metrics)

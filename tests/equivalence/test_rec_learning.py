@@ -26,7 +26,7 @@ from lrexp.model import build_model
 
 VOCAB, KEY, QUERY, FIRST_DIGIT, FIRST_FILLER = 32, 1, 2, 3, 13
 OVERRIDES = ["scale=smoke", "scale.num_layers=3", "model.window=4", "model.blocks_per_segment=10", "model.dropout=0",
-             "scale.tokens_per_step=320"]
+             "data.tokens_per_step=320"]
 SEGMENTS, LANES, STEPS, LR = 3, 8, 800, 3e-3  # ~45 s on 2 CPU cores: no `slow` mark
 CHANCE_BITS = math.log2(10)
 

@@ -199,14 +199,6 @@ def test_validation_mid_epoch_leaves_training_bit_identical(env, kind):
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-@pytest.mark.parametrize("kind", ["XL", "Rec"])
-def test_accumulate_two_trains(env, kind):
-    result = train.run(load(env, f"row={_row_named(kind)}", "train.accumulate_grad_batches=2",
-                            "train.max_steps=2"))
-    assert result["final/steps"] == 2
-    assert result["final/tokens_seen"] == 2 * 2 * 128
-
-
 def test_a_failed_run_is_marked_failed_with_the_error(env, monkeypatch):
     def broken(cfg):
         raise ValueError("the data module broke")

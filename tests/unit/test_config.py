@@ -27,8 +27,20 @@ def test_paper_scale_sizes():
     cfg = config.load(overrides=["scale=paper", "model.recurrent.layers=[-3]"])
     m = cfg.model
     assert (m.num_layers, m.d_model, m.num_heads, m.d_ff, m.window) == (12, 1024, 8, 1024 * 4, 512)
-    assert cfg.derived.segment_len == 4096 and cfg.derived.lanes == 1
+    assert cfg.derived.segment_len == 4096 and cfg.derived.lanes == 32  # 32 devices x 1 lane in the paper
+    assert cfg.data.tokens_per_step == 131072
     assert cfg.derived.recurrent_layers == [9]  # layer 10 of 12, 1-based
+
+
+@pytest.mark.parametrize("scale", ["tiny", "small", "paper"])
+def test_every_scale_keeps_the_papers_lanes_at_equal_tokens(scale):
+    """32 lanes for the N = 8W rows, 256 for XL:W, 128 for XL:2W, 64 for XL:4W; tokens per step equal."""
+    lanes = {row: config.load(overrides=[f"scale={scale}", f"row={row}"]).derived.lanes
+             for row in ("slide13", "rec_fixed_skip", "fb_fixed_skip", "full", "xl512", "mem64k", "xl1024", "xl2048")}
+    assert lanes == {"slide13": 32, "rec_fixed_skip": 32, "fb_fixed_skip": 32, "full": 32, "xl512": 256,
+                     "mem64k": 256, "xl1024": 128, "xl2048": 64}
+    grouped = config.load(overrides=[f"scale={scale}", "row=xl512", "train.devices=4", "train.lane_groups=8"])
+    assert (grouped.derived.lanes_per_rank, grouped.derived.lanes_per_group) == (64, 8)
 
 
 def test_override_and_file_order(tmp_path: Path):
@@ -94,7 +106,7 @@ def test_bad_type():
         ("model.window=0", "'model.window' must be > 0"),
         ("model.recurrent.num_states=-1", "must be > 0"),
         ("data.tokens_per_step=100", "multiple of the segment length"),
-        ("train.devices=3", "do not divide over 3 devices"),
+        ("train.devices=3", "do not divide over 3 device(s) x 1 lane group(s)"),
         ("model.dropout=1.5", "[0, 1)"),
     ],
 )

@@ -50,7 +50,7 @@ def take(loader, n):
 
 def lane_view(batches, row):
     """One lane's stream: (doc_id, tokens, labels, loss_mask, doc_start, doc_pos) per step."""
-    return [{k: b[k][row] for k in b} for b in batches]
+    return [{k: b[k][row] for k in b if b[k].dim()} for b in batches]
 
 
 def lane_streams(batches):
@@ -58,7 +58,7 @@ def lane_streams(batches):
     streams = {}
     for b in batches:
         for row, lane in enumerate(b["lane"].tolist()):
-            streams.setdefault(lane, []).append({k: b[k][row] for k in b})
+            streams.setdefault(lane, []).append({k: b[k][row] for k in b if b[k].dim()})
     return streams
 
 
@@ -189,7 +189,8 @@ def test_ranks_are_disjoint_cover_all_lanes_and_take_equal_steps(corpus, world_s
         val = list(dm.val_dataloader())
         for mine, ref in zip(train, ref_train):
             for key in mine:
-                assert torch.equal(mine[key], ref[key][rows]), key  # rank r = rows of the global batch
+                want = ref[key] if key == "step_targets" else ref[key][rows]  # a step's: the same on every rank
+                assert torch.equal(mine[key], want), key  # rank r = rows of the global batch
         ref_lanes = lane_streams(ref_val)
         for lane, steps in lane_streams(val).items():  # evaluation: lane i on rank i mod world
             assert lane % world_size == rank
@@ -307,3 +308,17 @@ def test_train_seed_shuffles_the_stream_unless_data_seed_pins_it(corpus):
     assert first_docs("train.seed=0") != first_docs("train.seed=1")
     assert first_docs("train.seed=0", "data.seed=7") == first_docs("train.seed=1", "data.seed=7")
     assert first_docs("train.seed=7") == first_docs("train.seed=0", "data.seed=7")
+
+
+def test_lane_groups_split_each_step_and_step_targets_count_every_lane(corpus):
+    """train.lane_groups=2: micro-batches (step 0, lanes 0-1), (step 0, lanes 2-3), (step 1, lanes 0-1), ...,
+    the same segments as the ungrouped stream; step_targets is the step's targets over all lanes."""
+    whole = take(module(cfg_for(corpus, 4)).train_dataloader(), 6)
+    groups = take(module(cfg_for(corpus, 4, 1, "train.lane_groups=2")).train_dataloader(), 12)
+    for t, step in enumerate(whole):
+        first, second = groups[2 * t], groups[2 * t + 1]
+        assert first["lane"].tolist() == [0, 1] and second["lane"].tolist() == [2, 3]
+        for key in ("tokens", "labels", "loss_mask", "doc_start", "doc_id"):
+            assert torch.equal(torch.cat([first[key], second[key]]), step[key]), key
+        assert int(step["step_targets"]) == int(step["loss_mask"].sum())
+        assert int(first["step_targets"]) == int(second["step_targets"]) == int(step["step_targets"])

@@ -37,6 +37,10 @@ class ToyState:
     def lanes(self, index: slice) -> "ToyState":
         return ToyState(self.h[index])
 
+    @classmethod
+    def cat(cls, parts) -> "ToyState":
+        return ToyState(torch.cat([p.h for p in parts]))
+
     def to_tensors(self) -> dict:
         return {"h": self.h}
 
@@ -82,6 +86,7 @@ def toy_batches(steps: int, seed: int, first_doc_start: bool = True) -> list:
             "doc_pos": torch.arange(N).repeat(B, 1) + t * N,
             "lane": torch.arange(B),
             "doc_id": torch.arange(B),
+            "step_targets": mask.sum(),
         })
     return out
 
@@ -127,13 +132,13 @@ class Probe(pl.Callback):
         self.train_around_val.append(self._train_h())
 
     def _train_h(self):
-        state = self.tbptt._states["train"]
+        state = self.tbptt._groups[0]
         return None if state is None else state.h.clone()
 
 
 def fit(steps=6, val_every=100, accumulate=1, model=None, extra=(), overrides=()):
-    cfg = config.load(overrides=["scale=smoke", f"train.accumulate_grad_batches={accumulate}", *overrides])
-    tbptt = TBPTTCallback()
+    cfg = config.load(overrides=["scale=smoke", f"train.lane_groups={accumulate}", *overrides])
+    tbptt = TBPTTCallback(accumulate)
     probe = Probe(tbptt)
     module = LMModule(cfg, model or ToyLM(), tbptt, V)
     trainer = pl.Trainer(
@@ -172,7 +177,7 @@ def test_mid_epoch_validation_leaves_train_state_bit_identical():
 
 
 class GradProbe(pl.Callback):
-    """Under accumulation: the state a micro-batch starts from has no graph; the one it produced had."""
+    """Over lane groups: the state a micro-batch starts from has no graph; the one it produced had."""
 
     def __init__(self) -> None:
         self.start_has_graph, self.produced_graph = [], []
@@ -184,7 +189,7 @@ class GradProbe(pl.Callback):
         self.produced_graph.append(pl_module.tbptt.state("train").h.requires_grad)
 
 
-def test_accumulate_two_detaches_between_micro_batches():
+def test_two_lane_groups_detach_between_micro_batches():
     grad = GradProbe()
     trainer, _, probe = fit(steps=3, accumulate=2, extra=[grad])
     assert trainer.global_step == 3 and len(probe.train_start) == 6

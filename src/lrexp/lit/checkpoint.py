@@ -96,6 +96,11 @@ def check_compatible(cfg: RunConfig, info: CheckpointInfo, vocab_size: Optional[
     if diffs:
         shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
         raise CheckpointError(f"checkpoint {info.path} is from another model config: {shown}")
+    # Lightning counts micro-batches (data cursor, accumulation phase): another grouping would misplace both
+    there = theirs.get("train.lane_groups", 1)
+    if ours["train.lane_groups"] != there:
+        raise CheckpointError(f"checkpoint {info.path} was trained with train.lane_groups={there}, this run has "
+                              f"{ours['train.lane_groups']}: resume with the same lane groups")
 
 
 def resume_config_dict(info: CheckpointInfo) -> Dict[str, Any]:

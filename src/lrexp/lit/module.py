@@ -67,8 +67,13 @@ class LMModule(pl.LightningModule):
         if logged:
             track_memory_stats(self.model, False)
         nll_sum, count = nll.sum(), mask.sum()
-        # The gradient is this rank's token mean; the logged loss is token-weighted over all ranks.
-        loss = nll_sum / count.clamp(min=1)
+        # The gradient is the token mean over every lane of the step: Lightning divides each micro-batch's
+        # loss by the lane groups and DDP averages over ranks, so scaling by both leaves the sum over this
+        # micro-batch divided by the step's targets over all groups and ranks. One step over G groups of B
+        # lanes is then one step over G x B lanes, whatever their padding.
+        trainer = self.trainer
+        scale = trainer.accumulate_grad_batches * trainer.world_size
+        loss = nll_sum * scale / batch["step_targets"].clamp(min=1)
         totals = self.trainer.strategy.reduce(
             torch.stack([nll_sum.detach(), count.to(nll_sum.dtype)]), reduce_op="sum"
         )  # [2]

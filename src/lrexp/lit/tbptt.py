@@ -8,15 +8,17 @@ asks for the state of its stage and hands back the new one:
 - one store per stage: train, val and test never share a state, so a validation in the middle of an epoch
   (or the sanity check) leaves the training state untouched; val and test start fresh at each epoch;
 - at batch start, lanes flagged `doc_start` get a fresh state (`state.reset_rows`);
-- after every batch the state is detached, so the truncation length is one segment, also between the
-  micro-batches of `accumulate_grad_batches` (backward would hit a freed graph otherwise);
-- the training state goes into the checkpoint, gathered from every rank, so a resumed run with the same
-  world size and lanes continues exactly; otherwise every lane restarts with a fresh state and a warning.
+- after every batch the state is detached, so the truncation length is one segment;
+- with `train.lane_groups` G, an optimiser step is G micro-batches, each a group of the rank's lanes with
+  a state of its own (optionally kept on the CPU while the other groups run: `train.offload_state`);
+- the training state goes into the checkpoint in lane order (the groups joined), gathered from every rank,
+  so a resumed run with the same world size and lanes continues exactly, whatever its lane groups;
+  otherwise every lane restarts with a fresh state and a warning.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
@@ -28,41 +30,54 @@ CHECKPOINT_KEY = "lrexp_carried_state"
 
 
 class TBPTTCallback(pl.Callback):
-    def __init__(self) -> None:
-        self._states: Dict[str, Optional[ModelState]] = {"train": None, "val": None, "test": None}
+    def __init__(self, lane_groups: int = 1, offload: bool = False) -> None:
+        self._groups: List[Optional[ModelState]] = [None] * lane_groups  # training state per lane group
+        self._group = 0  # the lane group of the current training micro-batch
+        self._offload = offload
+        self._states: Dict[str, Optional[ModelState]] = {"val": None, "test": None}
         self._restored: Optional[Dict[str, Tensor]] = None  # this rank's train state from a checkpoint
 
     # ---- used by the LightningModule ----------------------------------------------------------------
 
     def state(self, stage: str) -> ModelState:
         """The carried state for this batch of `stage`, already reset for lanes that start a document."""
-        state = self._states[stage]
+        state = self._groups[self._group] if stage == "train" else self._states[stage]
         if state is None:
             raise RuntimeError(f"no {stage} state: TBPTTCallback must be in Trainer(callbacks=...)")
         return state
 
     def update(self, stage: str, state: ModelState) -> None:
         """The state after this batch; detached at batch end, once backward has used the graph."""
-        self._states[stage] = state
+        if stage == "train":
+            self._groups[self._group] = state
+        else:
+            self._states[stage] = state
 
     # ---- lifecycle ----------------------------------------------------------------------------------
 
     def _begin_batch(self, stage: str, pl_module: pl.LightningModule, batch: Dict[str, Tensor]) -> None:
         doc_start = batch["doc_start"]  # [B] bool, on the device already
-        state = self._states[stage]
-        if state is None and stage == "train" and self._restored is not None:
-            state = ModelState.from_tensors({k: v.to(doc_start.device) for k, v in self._restored.items()})
-            self._restored = None
+        if stage == "train":
+            derived = pl_module.cfg.derived
+            self._group = int(batch["lane"][0]) % derived.lanes_per_rank // derived.lanes_per_group
+            if self._restored is not None:  # the rank's lanes in order: one state per group
+                whole = ModelState.from_tensors({k: v.to(doc_start.device) for k, v in self._restored.items()})
+                self._groups = list(whole.split(len(self._groups)))
+                self._restored = None
+        state = self._groups[self._group] if stage == "train" else self._states[stage]
         if state is None:
             state = pl_module.model.initial_state(doc_start.shape[0], doc_start.device)
         if state.batch_size > doc_start.shape[0]:  # an evaluation batch shrinks as its lanes finish (a prefix)
             state = state.lanes(slice(0, doc_start.shape[0]))
-        self._states[stage] = state.reset_rows(doc_start)
+        if stage == "train" and self._offload:
+            state = state.to(doc_start.device)
+        self.update(stage, state.reset_rows(doc_start))
 
     def _end_batch(self, stage: str) -> None:
-        state = self._states[stage]
+        state = self._groups[self._group] if stage == "train" else self._states[stage]
         if state is not None:
-            self._states[stage] = state.detach()
+            state = state.detach()
+            self.update(stage, state.to("cpu") if stage == "train" and self._offload else state)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._begin_batch("train", pl_module, batch)
@@ -98,7 +113,9 @@ class TBPTTCallback(pl.Callback):
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: Dict[str, Any]) -> None:
         # Runs on every rank (only rank 0's dict is written), so the gather below is a valid collective.
-        state = self._states["train"]
+        # Checkpoints fall between optimiser steps, when every lane group has run.
+        groups = self._groups
+        state = type(groups[0]).cat(groups) if all(g is not None for g in groups) else None
         tensors = None
         if state is not None:
             tensors = {}
@@ -115,7 +132,7 @@ class TBPTTCallback(pl.Callback):
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: Dict[str, Any]) -> None:
         saved = checkpoint.get(CHECKPOINT_KEY)
         self._restored = None
-        self._states["train"] = None
+        self._groups = [None] * len(self._groups)
         if saved is None or saved["tensors"] is None:
             return
         here = (trainer.world_size, pl_module.cfg.derived.lanes_per_rank)
