@@ -14,7 +14,10 @@ Evaluation scores one fixed set of (document, position) targets per pass, whatev
 (models.md 7.5), and always scores the segment-boundary target (its input token is in the segment, so the
 model can predict it; `loss.cross_segment_target` is a training choice). The validations during `fit` read
 the first `train.val_tokens` targets of the fixed document order; `trainer.validate` and `trainer.test`
-(the run's final numbers) read the whole split. An evaluation batch holds only the lanes still reading:
+(the run's final numbers) read the whole split. A segment-invariant row (its logits do not depend on where
+the stream is cut) reads segments of `derived.eval_segment_len` (8 x the scale's window) in
+`derived.eval_lanes_per_rank` lanes: XL's pass then takes as few sequential steps as Slide's. An
+evaluation batch holds only the lanes still reading:
 lanes are sorted longest first, so they form a prefix of this rank's lanes and the batch shrinks at their
 end (`TBPTTCallback` narrows the state to match).
 
@@ -251,7 +254,7 @@ class StreamDataModule(pl.LightningDataModule):
         self._train_sampler = LaneBatchSampler(
             self.total_lanes, self.lanes_per_rank, self.rank, self.cfg.train.lane_groups, self._cursor
         )
-        return self._loader("train", stream, self._train_sampler)
+        return self._loader("train", stream, self._train_sampler, self.total_lanes, self.segment_len)
 
     def val_dataloader(self) -> DataLoader:
         """The validations inside `fit` read `train.val_tokens` targets; `trainer.validate` the whole split."""
@@ -303,22 +306,24 @@ class StreamDataModule(pl.LightningDataModule):
         """One evaluation pass over `split` (see `eval_pass`), boundary targets scored."""
         data = self.prepared.split(split)
         lengths = self.eval_pass(split, budget).lengths
-        schedule = eval_schedule(num_segments(lengths, self.segment_len), self.total_lanes)
+        n, lanes = self.cfg.derived.eval_segment_len, self.cfg.derived.eval_lanes_per_rank * self.world_size
+        schedule = eval_schedule(num_segments(lengths, n), lanes)
         sampler = EvalBatchSampler(schedule, self.world_size, self.rank)
-        return self._loader(split, schedule, sampler, data.offsets[:-1] + lengths)
+        return self._loader(split, schedule, sampler, lanes, n, data.offsets[:-1] + lengths)
 
     def _segments(self, split: str) -> np.ndarray:
         return num_segments(self.prepared.split(split).doc_lengths(), self.segment_len)
 
     def _loader(
-        self, split: str, locator: Union[TrainStream, Schedule], sampler: Sampler, doc_ends: Optional[np.ndarray] = None
+        self, split: str, locator: Union[TrainStream, Schedule], sampler: Sampler, total_lanes: int,
+        segment_len: int, doc_ends: Optional[np.ndarray] = None,
     ) -> DataLoader:
         evaluating = doc_ends is not None
         dataset = SegmentDataset(
             self.prepared.split(split),
             locator,
-            self.total_lanes,
-            self.segment_len,
+            total_lanes,
+            segment_len,
             self.prepared.eos_id,
             self.prepared.token_bytes,
             cross_segment_target=evaluating or self.cfg.loss.cross_segment_target,

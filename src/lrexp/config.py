@@ -222,6 +222,10 @@ class DerivedConfig:
     lanes: int = 0  # over all ranks
     lanes_per_rank: int = 0
     lanes_per_group: int = 0  # lanes of one micro-batch
+    # Evaluation's segment length and lanes per rank: a segment-invariant row reads segments of 8 x the
+    # scale's window (the paper's N) whatever its N, at the same tokens per step; the others their own N.
+    eval_segment_len: int = 0
+    eval_lanes_per_rank: int = 0
     recurrent_layers: List[int] = field(default_factory=list)  # absolute indices
     knn_layers: List[int] = field(default_factory=list)  # absolute indices of the kNN memory layers
     data_seed: int = 0  # data.seed, else train.seed
@@ -516,12 +520,19 @@ def resolve(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"{lanes} lanes (tokens_per_step / segment_len) do not divide over {world} device(s) "
                           f"x {groups} lane group(s) ('train.devices', 'train.lane_groups')")
 
+    from lrexp.variants import VARIANTS
+
+    eval_len = segment_len
+    if VARIANTS[m.variant].segment_invariant:
+        eval_len = segment_len * max(1, 8 * cfg.scale.window // segment_len)
     cfg.derived = DerivedConfig(
         segment_len=segment_len,
         head_dim=m.d_model // m.num_heads,
         lanes=lanes,
         lanes_per_rank=lanes // world,
         lanes_per_group=lanes // (world * groups),
+        eval_segment_len=eval_len,
+        eval_lanes_per_rank=max(1, tps // eval_len // world),
         recurrent_layers=sorted(recurrent_layers),
         knn_layers=sorted(knn_layers),
         data_seed=cfg.train.seed if cfg.data.seed is None else cfg.data.seed,

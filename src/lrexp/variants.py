@@ -25,16 +25,20 @@ class VariantError(UserError, ValueError):
 class Variant:
     layers: Callable[["RunConfig"], List[LayerSpec]]  # the stack, bottom first
     row_name: Callable[["RunConfig"], str]  # the paper's row name at this config's sizes
+    # Its logits do not depend on where a stream is cut into segments (every layer windowed with the previous
+    # keys carried, any recurrent state carried exactly): evaluation may then read longer segments than
+    # training, the same function at fewer sequential steps. Checked for every row in the equivalence tests.
+    segment_invariant: bool = False
 
 
 VARIANTS: Dict[str, Variant] = {}
 
 
 def register_variant(name: str, layers: Callable[["RunConfig"], List[LayerSpec]],
-                     row_name: Callable[["RunConfig"], str]) -> None:
+                     row_name: Callable[["RunConfig"], str], segment_invariant: bool = False) -> None:
     if name in VARIANTS:
         raise ValueError(f"variant '{name}' is registered twice")
-    VARIANTS[name] = Variant(layers, row_name)
+    VARIANTS[name] = Variant(layers, row_name, segment_invariant)
 
 
 def get_variant(name: str) -> Variant:
@@ -63,9 +67,9 @@ def dense_stack(cfg: "RunConfig") -> List[LayerSpec]:
 
 
 # XL:W has N = W, so every block boundary is a cache boundary; Slide:LL has N = 8W with the same window.
-register_variant("xl", sliding_stack, lambda cfg: f"XL:{cfg.model.window}")
-register_variant("slide", sliding_stack, lambda cfg: f"Slide:{cfg.model.num_layers}L")
-register_variant("full", dense_stack, lambda cfg: "Full")
+register_variant("xl", sliding_stack, lambda cfg: f"XL:{cfg.model.window}", segment_invariant=True)
+register_variant("slide", sliding_stack, lambda cfg: f"Slide:{cfg.model.num_layers}L", segment_invariant=True)
+register_variant("full", dense_stack, lambda cfg: "Full")  # attends within its segment only
 
 
 def _with_cells(cfg: "RunConfig", other: str) -> List[LayerSpec]:
@@ -91,8 +95,8 @@ def _gates(cfg: "RunConfig") -> str:
     return f"{cfg.model.recurrent.gate}:{cfg.model.recurrent.topology}"
 
 
-register_variant("rec", recurrent_stack, lambda cfg: f"Rec:{_gates(cfg)}")
-register_variant("feedback", feedback_stack, lambda cfg: f"Feedback:{_gates(cfg)}")
+register_variant("rec", recurrent_stack, lambda cfg: f"Rec:{_gates(cfg)}", segment_invariant=True)
+register_variant("feedback", feedback_stack, lambda cfg: f"Feedback:{_gates(cfg)}", segment_invariant=True)
 
 
 def memorizing_stack(cfg: "RunConfig") -> List[LayerSpec]:
@@ -109,5 +113,6 @@ def _memory_label(size: int) -> str:
     return f"{size // 1024}k" if size % 1024 == 0 else str(size)
 
 
+# not segment-invariant: the memory takes a segment's keys only after the segment
 register_variant("memorizing", memorizing_stack,
                  lambda cfg: f"Memorizing Trans. {_memory_label(cfg.model.knn.memory_size)}")
