@@ -71,8 +71,7 @@ class LMModule(pl.LightningModule):
         # loss by the lane groups and DDP averages over ranks, so scaling by both leaves the sum over this
         # micro-batch divided by the step's targets over all groups and ranks. One step over G groups of B
         # lanes is then one step over G x B lanes, whatever their padding.
-        trainer = self.trainer
-        scale = trainer.accumulate_grad_batches * trainer.world_size
+        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size
         loss = nll_sum * scale / batch["step_targets"].clamp(min=1)
         totals = self.trainer.strategy.reduce(
             torch.stack([nll_sum.detach(), count.to(nll_sum.dtype)]), reduce_op="sum"

@@ -12,8 +12,8 @@ asks for the state of its stage and hands back the new one:
 - with `train.lane_groups` G, an optimiser step is G micro-batches, each a group of the rank's lanes with
   a state of its own (optionally kept on the CPU while the other groups run: `train.offload_state`);
 - the training state goes into the checkpoint in lane order (the groups joined), gathered from every rank,
-  so a resumed run with the same world size and lanes continues exactly, whatever its lane groups;
-  otherwise every lane restarts with a fresh state and a warning.
+  so a resumed run with the same world size and lanes continues exactly; otherwise every lane restarts
+  with a fresh state and a warning.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class TBPTTCallback(pl.Callback):
 
     def state(self, stage: str) -> ModelState:
         """The carried state for this batch of `stage`, already reset for lanes that start a document."""
-        state = self._groups[self._group] if stage == "train" else self._states[stage]
+        state = self._current(stage)
         if state is None:
             raise RuntimeError(f"no {stage} state: TBPTTCallback must be in Trainer(callbacks=...)")
         return state
@@ -52,6 +52,9 @@ class TBPTTCallback(pl.Callback):
             self._groups[self._group] = state
         else:
             self._states[stage] = state
+
+    def _current(self, stage: str) -> Optional[ModelState]:
+        return self._groups[self._group] if stage == "train" else self._states[stage]
 
     # ---- lifecycle ----------------------------------------------------------------------------------
 
@@ -64,7 +67,7 @@ class TBPTTCallback(pl.Callback):
                 whole = ModelState.from_tensors({k: v.to(doc_start.device) for k, v in self._restored.items()})
                 self._groups = list(whole.split(len(self._groups)))
                 self._restored = None
-        state = self._groups[self._group] if stage == "train" else self._states[stage]
+        state = self._current(stage)
         if state is None:
             state = pl_module.model.initial_state(doc_start.shape[0], doc_start.device)
         if state.batch_size > doc_start.shape[0]:  # an evaluation batch shrinks as its lanes finish (a prefix)
@@ -74,7 +77,7 @@ class TBPTTCallback(pl.Callback):
         self.update(stage, state.reset_rows(doc_start))
 
     def _end_batch(self, stage: str) -> None:
-        state = self._groups[self._group] if stage == "train" else self._states[stage]
+        state = self._current(stage)
         if state is not None:
             state = state.detach()
             self.update(stage, state.to("cpu") if stage == "train" and self._offload else state)
