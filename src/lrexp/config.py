@@ -188,9 +188,10 @@ class TrainConfig:
     lane_groups: int = 1
     offload_state: bool = False  # keep the carried state of the groups not being processed on the CPU
     precision: str = "32-true"
-    devices: int = 1
+    devices: int = 1  # per node; the lanes are sharded over devices x num_nodes ranks
+    num_nodes: int = 1
     accelerator: str = "auto"
-    strategy: str = "auto"
+    strategy: str = "auto"  # ddp on more than one device (nccl on GPUs, gloo on CPUs); ddp_fork in notebooks/tests
     seed: int = 0
     deterministic: bool = True  # deterministic algorithms, warning (not failing) on ops that have none
     # CPU threads of torch's intra-op pool; null: $OMP_NUM_THREADS if set, else all the CPUs this process may
@@ -454,7 +455,7 @@ _POSITIVE = (
     "model.recurrent.num_states", "model.knn.memory_size", "model.knn.k", "model.attn.num_buckets",
     "model.attn.max_distance", "data.vocab_size", "data.tokens_per_step",
     "optim.warmup_steps", "train.max_steps", "train.val_every", "train.val_tokens",
-    "train.lane_groups", "train.devices", "train.threads", "log.every_n_steps",
+    "train.lane_groups", "train.devices", "train.num_nodes", "train.threads", "log.every_n_steps",
 )
 
 
@@ -515,10 +516,10 @@ def resolve(cfg: RunConfig) -> RunConfig:
             f"'data.tokens_per_step' ({tps}) must be a multiple of the segment length ({segment_len})"
         )
     lanes = tps // segment_len
-    world, groups = cfg.train.devices, cfg.train.lane_groups
+    world, groups = cfg.train.devices * cfg.train.num_nodes, cfg.train.lane_groups
     if lanes % (world * groups):
-        raise ConfigError(f"{lanes} lanes (tokens_per_step / segment_len) do not divide over {world} device(s) "
-                          f"x {groups} lane group(s) ('train.devices', 'train.lane_groups')")
+        raise ConfigError(f"{lanes} lanes (tokens_per_step / segment_len) do not divide over {world} rank(s) "
+                          f"x {groups} lane group(s) ('train.devices' x 'train.num_nodes', 'train.lane_groups')")
 
     from lrexp.variants import VARIANTS
 

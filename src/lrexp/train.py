@@ -93,6 +93,7 @@ def build_trainer(
     return pl.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
+        num_nodes=t.num_nodes,
         strategy=t.strategy,
         precision=t.precision,
         max_steps=t.max_steps,

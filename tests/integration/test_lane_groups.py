@@ -1,4 +1,5 @@
-"""Lane groups (`train.lane_groups`): an optimiser step over G groups of B lanes is one step over G x B lanes.
+"""Lane groups (`train.lane_groups`) and ranks (`train.devices`): an optimiser step over G groups or G ranks of
+B lanes is one step over G x B lanes.
 
 The paper's 32 lanes per step need not fit on one device at once: each group is a micro-batch with its own
 carried state, and the loss of every micro-batch is divided by the targets of the whole step, so the
@@ -83,5 +84,26 @@ def test_offloaded_group_states_change_nothing(env):
 
 
 def test_lanes_must_divide_over_devices_and_groups(env):
-    with pytest.raises(config.ConfigError, match=r"4 lanes .* do not divide over 1 device\(s\) x 3 lane group"):
+    with pytest.raises(config.ConfigError, match=r"4 lanes .* do not divide over 1 rank\(s\) x 3 lane group"):
         config.load(overrides=[*env["base"], "train.lane_groups=3"])
+
+
+def test_two_ranks_of_b_lanes_step_as_2b_lanes(env):
+    """DDP on 2 CPU ranks (ddp_fork): the same parameters as one process reading all 4 lanes, each rank's
+    carried state its own lanes' rows (DDP's buffer broadcast cannot clobber it), one MLflow run."""
+    from mlflow.tracking import MlflowClient
+
+    whole = run(env)
+    ranks = run(env, "train.devices=2", "train.strategy=ddp_fork")
+    (w_params, w_state), (r_params, r_state) = saved(whole), saved(ranks)
+    assert_close(r_params, w_params, TOL)
+    lanes = {k: v for k, v in r_state.items() if k.startswith("layers.")}  # not the layer count, batch size
+    for key, value in lanes.items():  # [ranks, 2, ...] against [1, 4, ...]: rank r holds lanes 2r, 2r + 1
+        assert value.shape[:2] == (2, 2)
+        torch.testing.assert_close(value.flatten(0, 1), w_state[key].flatten(0, 1), rtol=0, atol=TOL, msg=key)
+    c = r_state["layers.1.recurrent.c"]
+    assert not torch.equal(c[0], c[1])  # the ranks carry different documents
+    client = MlflowClient(config.load(overrides=env["base"]).log.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("lrexp-groups").experiment_id],
+                              filter_string="params.`train.devices` = '2'")
+    assert [r.info.run_id for r in runs] == [ranks["run_id"]] and runs[0].info.status == "FINISHED"

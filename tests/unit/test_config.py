@@ -106,7 +106,8 @@ def test_bad_type():
         ("model.window=0", "'model.window' must be > 0"),
         ("model.recurrent.num_states=-1", "must be > 0"),
         ("data.tokens_per_step=100", "multiple of the segment length"),
-        ("train.devices=3", "do not divide over 3 device(s) x 1 lane group(s)"),
+        ("train.devices=3", "do not divide over 3 rank(s) x 1 lane group(s)"),
+        ("train.num_nodes=3", "do not divide over 3 rank(s) x 1 lane group(s)"),
         ("model.dropout=1.5", "[0, 1)"),
     ],
 )
