@@ -153,10 +153,16 @@ def test_unsupported_inputs_raise_one_clear_error(change, message):
 
 
 def test_backend_without_triton_raises_at_resolve_time(monkeypatch):
+    from lrexp.attention import backends
+
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else find_spec(name, *a))
-    with pytest.raises(UserError, match="'triton' needs the 'triton' package, which is not importable"):
-        resolve_backend("triton")
+    backends._importable.cache_clear()  # looked up once per process
+    try:
+        with pytest.raises(UserError, match="'triton' needs the 'triton' package, which is not importable"):
+            resolve_backend("triton")
+    finally:
+        backends._importable.cache_clear()
 
 
 def test_the_kernels_compile_for_a_gpu_without_one():

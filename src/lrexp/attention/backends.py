@@ -18,6 +18,7 @@ A backend is chosen by name once, at model build time (`resolve_backend`); there
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
@@ -61,12 +62,18 @@ def register_backend(
     return wrap
 
 
+@functools.lru_cache(maxsize=None)
+def _importable(package: str) -> bool:
+    """Looked up once: `attend` resolves its backend on every call, a hot path."""
+    return importlib.util.find_spec(package) is not None
+
+
 def resolve_backend(name: str) -> str:
     """The backend's registered name, or a one-line error: unknown name, or its package is not importable."""
     if name not in BACKENDS:
         raise BackendError(f"unknown attention backend '{name}'; available: {', '.join(sorted(BACKENDS))}")
     requires = BACKENDS[name].requires
-    if requires is not None and importlib.util.find_spec(requires) is None:
+    if requires is not None and not _importable(requires):
         raise BackendError(f"attention backend '{name}' needs the '{requires}' package, which is not importable "
                            f"here (it is Linux-only); use model.attn.backend=sdpa")
     return name
