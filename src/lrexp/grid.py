@@ -43,26 +43,16 @@ import yaml
 
 from lrexp import config
 from lrexp.config import EXPERIMENTS, PROJECT_ROOT, ConfigError, RunConfig
+from lrexp.runs import (
+    FINAL_BPT, SEED_KEY, TAG_CELL, TAG_CONTINUE, TAG_ERROR, TAG_GRID, TAG_GROUP, TAG_HASH, TAG_INDEX, TAG_INVOKED,
+    TAG_OVERRIDES, TAG_PARENT, TAG_REFERENCE, TAG_ROLE, latest_parent, parents,
+)
 
 GRIDS_DIR = EXPERIMENTS / "grids"
 RUNS_DIR = PROJECT_ROOT / "runs"
-SEED_KEY = "train.seed"
 REFERENCE_ROW = "slide13"  # Table 1 normalises step time by Slide:13L
 _FILE_KEYS = ("description", "base", "axes", "seeds", "reference")
 
-# Tags the grid puts on runs (the cell's through its config's log.tags, which `lrexp train` logs).
-TAG_PARENT = "mlflow.parentRunId"
-TAG_GRID = "lrexp.grid"
-TAG_CELL = "lrexp.cell"
-TAG_GROUP = "lrexp.group"  # the cell id without the seed: the report's aggregation key
-TAG_INDEX = "lrexp.cell_index"  # the cell's position in the grid: the report's row order
-TAG_HASH = "lrexp.config_hash"
-TAG_CONTINUE = "lrexp.continue_hash"  # the config hash without train.max_steps: a run to train further
-TAG_OVERRIDES = "lrexp.overrides"  # JSON list of the invocation's command-line overrides, on the parent
-TAG_ROLE = "lrexp.role"  # "parent" on the grid's own run
-TAG_REFERENCE = "lrexp.reference"  # group id of the step-time reference, on the parent
-TAG_INVOKED = "lrexp.invoked_at"  # ms since the epoch of the latest invocation, on the parent
-TAG_ERROR = "lrexp.error"
 
 
 class GridError(ConfigError):
@@ -497,9 +487,6 @@ class Tracker:
         )
         self.git_sha = tracking.git_sha()
 
-    def parents(self) -> list:
-        return _parents(self.client, self.experiment_id, self.grid.name)
-
     def open_parent(self, resume: bool) -> Tuple[str, bool]:
         """(parent run id, resumed?)"""
         tags = {
@@ -512,7 +499,7 @@ class Tracker:
             TAG_OVERRIDES: json.dumps(self.grid.overrides),
             "lrexp.git_sha": self.git_sha,
         }
-        previous = latest_parent(self.parents()) if resume else None
+        previous = latest_parent(parents(self.client, self.experiment_id, self.grid.name)) if resume else None
         if previous is not None:
             run_id = previous.info.run_id
             self.client.update_run(run_id, status="RUNNING")
@@ -561,14 +548,6 @@ class Outcome:
     results: List[CellResult]
 
 
-def _parents(client, experiment_id: str, name: str) -> list:
-    return client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.`{TAG_ROLE}` = 'parent' and tags.`{TAG_GRID}` = '{name}'",
-        max_results=1000,
-    )
-
-
 def _finished(client, experiment_id: str, parent_id: str) -> List[Finished]:
     """The children of `parent_id` that FINISHED, newest first."""
     runs = client.search_runs(
@@ -592,7 +571,7 @@ def previous_invocation(grid: Grid) -> Tuple[Optional[Any], List[Finished]]:
 
     client = MlflowClient(tracking.tracking_uri(grid.cells[0].config))
     exp = client.get_experiment_by_name(f"lrexp-{grid.name}")
-    parent = latest_parent(_parents(client, exp.experiment_id, grid.name)) if exp is not None else None
+    parent = latest_parent(parents(client, exp.experiment_id, grid.name)) if exp is not None else None
     return parent, (_finished(client, exp.experiment_id, parent.info.run_id) if parent is not None else [])
 
 
@@ -604,13 +583,6 @@ def invocation_overrides(parent) -> List[str]:
     except json.JSONDecodeError:
         return text.split()
     return [str(v) for v in value] if isinstance(value, list) else text.split()
-
-
-def latest_parent(parents: list):
-    """The parent of the latest invocation (a resumed parent is older than its last invocation)."""
-    if not parents:
-        return None
-    return max(parents, key=lambda r: int(r.data.tags.get(TAG_INVOKED, r.info.start_time)))
 
 
 def run(
@@ -684,7 +656,5 @@ def run(
 
 
 def _metric_note(metrics: Dict[str, Any]) -> str:
-    from lrexp.report import FINAL_BPT  # report imports this module
-
     bpt = metrics.get(FINAL_BPT)
     return f"val bits/token {bpt:.4f}" if isinstance(bpt, (int, float)) else "no val bits/token"

@@ -116,7 +116,7 @@ def test_cell_file_reloads_to_the_same_config(tmp_path):
     assert loaded.derived.segment_len == 64 and loaded.model.window == 16
     assert loaded.log.tags == {
         "mlflow.parentRunId": "p123", "lrexp.grid": "g", "lrexp.cell": "window=16", "lrexp.group": "window=16",
-        "lrexp.cell_index": "1", "lrexp.config_hash": cell.config_hash,
+        "lrexp.cell_index": "1", "lrexp.config_hash": cell.config_hash, "lrexp.continue_hash": cell.continue_hash,
     }
     assert loaded.log.run_name == "window=16" and loaded.log.experiment == "lrexp-g"
     assert cell.config.log.tags == {}  # the expanded cell is not changed by adding the tags
@@ -133,9 +133,9 @@ def test_hash_ignores_only_per_invocation_fields(tmp_path):
 
 
 def test_dirname_is_safe():
-    cell = grid.Cell(0, "corpus=/tmp/a b/c,window=4", "g", {}, [], None, "h")  # type: ignore[arg-type]
+    cell = grid.Cell(0, "corpus=/tmp/a b/c,window=4", "g", {}, [], None, "h", "h")  # type: ignore[arg-type]
     assert cell.dirname == "corpus-_tmp_a_b_c,window-4"
-    long = grid.Cell(0, "x=" + "a" * 300, "g", {}, [], None, "h")  # type: ignore[arg-type]
+    long = grid.Cell(0, "x=" + "a" * 300, "g", {}, [], None, "h", "h")  # type: ignore[arg-type]
     assert len(long.dirname) <= 120
 
 

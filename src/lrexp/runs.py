@@ -1,0 +1,40 @@
+"""What the grid runner writes to MLflow and the report reads back: one home for both (neither imports the
+other). Tag names on grid runs, the summary metric the runner prints, and how a grid's invocations (its
+parent runs) are found.
+"""
+
+from __future__ import annotations
+
+SEED_KEY = "train.seed"  # the seeds axis of a grid; the report pairs cells by it
+
+# Tags the grid puts on runs (the cell's through its config's log.tags, which `lrexp train` logs).
+TAG_PARENT = "mlflow.parentRunId"
+TAG_GRID = "lrexp.grid"
+TAG_CELL = "lrexp.cell"
+TAG_GROUP = "lrexp.group"  # the cell id without the seed: the report's aggregation key
+TAG_INDEX = "lrexp.cell_index"  # the cell's position in the grid: the report's row order
+TAG_HASH = "lrexp.config_hash"
+TAG_CONTINUE = "lrexp.continue_hash"  # the config hash without train.max_steps: a run to train further
+TAG_OVERRIDES = "lrexp.overrides"  # JSON list of the invocation's command-line overrides, on the parent
+TAG_ROLE = "lrexp.role"  # "parent" on the grid's own run
+TAG_REFERENCE = "lrexp.reference"  # group id of the step-time reference, on the parent
+TAG_INVOKED = "lrexp.invoked_at"  # ms since the epoch of the latest invocation, on the parent
+TAG_ERROR = "lrexp.error"
+
+FINAL_BPT = "final/val_bits_per_token"  # logged by `lrexp train` (train.py)
+
+
+def parents(client, experiment_id: str, grid: str) -> list:
+    """Every parent run (invocation) of the grid in its experiment."""
+    return client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{TAG_ROLE}` = 'parent' and tags.`{TAG_GRID}` = '{grid}'",
+        max_results=1000,
+    )
+
+
+def latest_parent(runs: list):
+    """The parent of the latest invocation (a resumed parent is older than its last invocation)."""
+    if not runs:
+        return None
+    return max(runs, key=lambda r: int(r.data.tags.get(TAG_INVOKED, r.info.start_time)))
