@@ -12,7 +12,7 @@ import os
 import sys
 from typing import List, Optional
 
-from lrexp.errors import UserError
+from lrexp.errors import Interrupted, UserError
 
 # name -> (module, one-line help)
 COMMANDS = {
@@ -44,6 +44,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UserError as exc:
         print(f"lrexp {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:
+        print(f"lrexp {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print(f"lrexp {args.command}: interrupted", file=sys.stderr)
         return 130

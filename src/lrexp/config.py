@@ -197,6 +197,8 @@ class TrainConfig:
     # use but one, shared by the train.devices ranks (a thread more than the free cores costs several times).
     threads: Optional[int] = None
     checkpoint_dir: str = "checkpoints"  # <checkpoint_dir>/<MLflow run id>/last.ckpt; relative: project root
+    checkpoint_every: Optional[int] = None  # optimiser steps between saves of last.ckpt; null: train.val_every
+    checkpoint_minutes: Optional[float] = None  # also save when this many minutes passed since the last save
 
 
 @dataclass
@@ -450,7 +452,8 @@ _POSITIVE = (
     "model.recurrent.num_states", "model.knn.memory_size", "model.knn.k", "model.attn.num_buckets",
     "model.attn.max_distance", "data.vocab_size", "data.tokens_per_step",
     "optim.warmup_steps", "train.max_steps", "train.val_every", "train.val_tokens",
-    "train.lane_groups", "train.devices", "train.threads", "log.every_n_steps",
+    "train.lane_groups", "train.devices", "train.threads", "train.checkpoint_every", "train.checkpoint_minutes",
+    "log.every_n_steps",
 )
 
 

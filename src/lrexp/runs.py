@@ -5,6 +5,11 @@ parent runs) are found.
 
 from __future__ import annotations
 
+import os
+import socket
+from pathlib import Path
+from typing import Dict, Mapping
+
 SEED_KEY = "train.seed"  # the seeds axis of a grid; the report pairs cells by it
 
 # Tags the grid puts on runs (the cell's through its config's log.tags, which `lrexp train` logs).
@@ -20,6 +25,11 @@ TAG_ROLE = "lrexp.role"  # "parent" on the grid's own run
 TAG_REFERENCE = "lrexp.reference"  # group id of the step-time reference, on the parent
 TAG_INVOKED = "lrexp.invoked_at"  # ms since the epoch of the latest invocation, on the parent
 TAG_ERROR = "lrexp.error"
+TAG_CHECKPOINT_DIR = "lrexp.checkpoint_dir"  # on every training run: where its last.ckpt is
+# On every run while its process works (`lrexp train`'s, the grid's parent): a run left RUNNING by a process
+# that is gone (killed hard, its machine lost) is told apart from one still training.
+TAG_PID = "lrexp.pid"
+TAG_HOST = "lrexp.host"
 
 FINAL_BPT = "final/val_bits_per_token"  # logged by `lrexp train` (train.py)
 
@@ -38,3 +48,25 @@ def latest_parent(runs: list):
     if not runs:
         return None
     return max(runs, key=lambda r: int(r.data.tags.get(TAG_INVOKED, r.info.start_time)))
+
+
+def process_tags() -> Dict[str, str]:
+    return {TAG_PID: str(os.getpid()), TAG_HOST: socket.gethostname()}
+
+
+def process_alive(tags: Mapping[str, str]) -> bool:
+    """Whether the process that tagged a run still runs. Only a process on this machine can be checked; one
+    elsewhere counts as gone (resume a grid once nothing of it runs anywhere)."""
+    if tags.get(TAG_HOST) != socket.gethostname() or not tags.get(TAG_PID, "").isdigit():
+        return False
+    pid = int(tags[TAG_PID])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's
+        return True
+    try:  # a killed process whose parent died too stays a zombie until someone reaps it: it has ended
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):  # no /proc (not Linux)
+        return True

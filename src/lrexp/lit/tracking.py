@@ -25,7 +25,8 @@ from mlflow.entities import RunTag
 
 from lrexp import config as config_mod
 from lrexp.config import PROJECT_ROOT, RunConfig
-from lrexp.errors import UserError
+from lrexp.errors import Interrupted, UserError
+from lrexp.runs import TAG_ERROR
 from lrexp.variants import row_name
 
 _SQLITE = "sqlite:///"
@@ -95,13 +96,16 @@ def open_run(cfg: RunConfig, resume_run_id: Optional[str] = None) -> MLFlowLogge
         raise TrackingError(f"cannot open {what} the MLflow tracking store {uri}: {_one_line(exc)}") from None
     try:
         if resume_run_id:
-            recorded = client.get_run(run_id).data.params
+            earlier = client.get_run(run_id).data
+            recorded = earlier.params
             changed = {
                 f"lrexp.resume.{k}": str(v)[:250]
                 for k, v in config_mod.flatten(cfg).items()
                 if k in recorded and recorded[k] != str(v)[:250]
             }
             client.update_run(run_id, status="RUNNING")
+            if TAG_ERROR in earlier.tags:  # why an earlier attempt stopped, no longer true
+                client.delete_tag(run_id, TAG_ERROR)
             set_tags(logger, {**tags, **changed})
         else:
             logger.log_hyperparams(config_mod.flatten(cfg))
@@ -130,14 +134,19 @@ def finish(logger: MLFlowLogger, final: Mapping[str, float], step: int) -> None:
 
 
 def fail(logger: MLFlowLogger, exc: BaseException) -> None:
-    """FAILED with the error as the `lrexp.error` tag; never hides the original error."""
+    """FAILED with the error as the `lrexp.error` tag, or KILLED when a signal stopped the run (its
+    checkpoint, if any, continues it); never hides the original error."""
     if rank_zero_only.rank != 0:
         return
     try:
         client = logger.experiment
-        # Lightning turns Ctrl+C inside fit into SystemExit(1)
-        error = "interrupted" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else _one_line(exc)
-        client.set_tag(logger.run_id, "lrexp.error", error[:5000])
-        client.set_terminated(logger.run_id, "FAILED")
+        if isinstance(exc, Interrupted):
+            status, error = "KILLED", str(exc)
+        elif isinstance(exc, (KeyboardInterrupt, SystemExit)):  # Lightning turns Ctrl+C inside fit into SystemExit
+            status, error = "KILLED", "interrupted"
+        else:
+            status, error = "FAILED", _one_line(exc)
+        client.set_tag(logger.run_id, TAG_ERROR, error[:5000])
+        client.set_terminated(logger.run_id, status)
     except Exception:  # the store itself may be what failed; the caller re-raises the original error
         pass
