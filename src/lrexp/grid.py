@@ -21,8 +21,13 @@ Running: one parent MLflow run per invocation in experiment `lrexp-<grid>`; each
 inside the cell. The child run nests under the parent through the `mlflow.parentRunId` tag the cell's
 config carries. `--resume` continues the grid's latest parent (with that invocation's command-line
 overrides when none are given): a cell that FINISHED there with the same config hash (`lrexp.config_hash`)
-is skipped, one whose config differs only in `train.max_steps` (tag `lrexp.continue_hash`), trained for
-fewer steps, continues from its checkpoint in the same MLflow run, and any other trains.
+is skipped; one with a run of the same config up to `train.max_steps` (tag `lrexp.continue_hash`), that
+FINISHED with fewer steps or was stopped (FAILED, KILLED, left RUNNING by a dead process) after a checkpoint,
+continues from that checkpoint in the same MLflow run; any other trains.
+
+A SIGTERM or SIGINT is passed on to the running cell, which saves a checkpoint at the end of its optimiser
+step and ends its run KILLED; the grid then stops without starting another cell, marks its parent KILLED
+and prints the command that resumes it.
 """
 
 from __future__ import annotations
@@ -43,10 +48,14 @@ import yaml
 
 from lrexp import config
 from lrexp.config import EXPERIMENTS, PROJECT_ROOT, ConfigError, RunConfig
+from lrexp.errors import Interrupted
 from lrexp.runs import (
-    FINAL_BPT, SEED_KEY, TAG_CELL, TAG_CONTINUE, TAG_ERROR, TAG_GRID, TAG_GROUP, TAG_HASH, TAG_INDEX, TAG_INVOKED,
-    TAG_OVERRIDES, TAG_PARENT, TAG_REFERENCE, TAG_ROLE, latest_parent, parents,
+    FINAL_BPT, SEED_KEY, TAG_CELL, TAG_CHECKPOINT_DIR, TAG_CONTINUE, TAG_ERROR, TAG_GRID, TAG_GROUP, TAG_HASH,
+    TAG_INDEX, TAG_INVOKED, TAG_OVERRIDES, TAG_PARENT, TAG_PID, TAG_REFERENCE, TAG_ROLE, latest_parent, parents,
+    process_alive, process_tags,
 )
+from lrexp.signals import StopSignals
+from lrexp.signals import name as signal_name
 
 GRIDS_DIR = EXPERIMENTS / "grids"
 RUNS_DIR = PROJECT_ROOT / "runs"
@@ -379,19 +388,21 @@ def write_cell(cfg: RunConfig, cell_dir: Path, grid: Grid, cell: Cell) -> Path:
 
 
 @dataclass
-class Finished:
-    """A finished cell run of a parent: what a resume skips or trains further."""
+class Attempt:
+    """A cell run of a parent: what a resume skips, trains further or continues."""
 
     run_id: str
+    status: str  # FINISHED, FAILED, KILLED, RUNNING
     config_hash: str
     continue_hash: Optional[str]
-    max_steps: int
+    steps: Optional[int]  # FINISHED: the steps it trained; else the step of its last.ckpt, None without one
+    alive: bool = False  # RUNNING in a process that still runs
 
 
 @dataclass
 class Step:
-    """What a resumed grid does with a cell: `skip` (FINISHED with this config), `continue` (the run trained
-    the same config for fewer steps: train it further) or `train`."""
+    """What a resumed grid does with a cell: `skip` (FINISHED with this config), `continue` (a run of the same
+    config, FINISHED with fewer steps or stopped after a checkpoint: train it on from there) or `train`."""
 
     cell: Cell
     action: str
@@ -399,16 +410,22 @@ class Step:
     from_step: int = 0
 
 
-def plan(grid: Grid, finished: Sequence[Finished]) -> List[Step]:
+def plan(grid: Grid, attempts: Sequence[Attempt]) -> List[Step]:
+    """`attempts` newest first. Of the runs a cell may continue, the one furthest on does."""
     steps = []
     for cell in grid.cells:
-        same = next((f for f in finished if f.config_hash == cell.config_hash), None)
-        shorter = next((f for f in finished if f.continue_hash == cell.continue_hash
-                        and f.max_steps < cell.config.train.max_steps), None)
+        max_steps = cell.config.train.max_steps
+        same = next((a for a in attempts if a.status == "FINISHED" and a.config_hash == cell.config_hash), None)
+        onward = [
+            a for a in attempts
+            if a.continue_hash == cell.continue_hash and a.steps is not None
+            and (a.steps < max_steps if a.status == "FINISHED" else a.steps <= max_steps)
+        ]
         if same is not None:
             steps.append(Step(cell, "skip", same.run_id))
-        elif shorter is not None:
-            steps.append(Step(cell, "continue", shorter.run_id, shorter.max_steps))
+        elif onward:
+            best = max(onward, key=lambda a: a.steps)
+            steps.append(Step(cell, "continue", best.run_id, best.steps))
         else:
             steps.append(Step(cell, "train"))
     return steps
@@ -417,7 +434,7 @@ def plan(grid: Grid, finished: Sequence[Finished]) -> List[Step]:
 @dataclass
 class CellResult:
     cell: Cell
-    status: str  # FINISHED, FAILED, SKIPPED
+    status: str  # FINISHED, FAILED, KILLED, SKIPPED
     run_id: Optional[str] = None
     seconds: float = 0.0
     error: Optional[str] = None
@@ -436,24 +453,35 @@ def _last_line(path: Path) -> str:
     return lines[-1] if lines else ""
 
 
-def run_cell(config_path: Path, resume: Optional[str] = None) -> Tuple[int, Optional[Dict[str, Any]], str]:
+def run_cell(
+    config_path: Path, resume: Optional[str] = None, stop: Optional[StopSignals] = None
+) -> Tuple[int, Optional[Dict[str, Any]], str]:
     """Train one cell as its own process (continuing run `resume` if given); returns (exit status, final
-    metrics or None, error line).
+    metrics or None, error line). A signal `stop` catches while it trains is passed on to it: the cell saves
+    a checkpoint, ends its run KILLED and exits.
 
     stdout and stderr go to files beside the config; the last stdout line is the final metrics JSON.
     """
     cell_dir = config_path.parent
     out_path, err_path = cell_dir / "stdout.log", cell_dir / "stderr.log"
     with open(out_path, "w") as out, open(err_path, "w") as err:
-        proc = subprocess.run(
+        proc = subprocess.Popen(
             [sys.executable, "-m", "lrexp.cli", "train", *(["--resume", resume] if resume else []), str(config_path)],
             cwd=PROJECT_ROOT,
             stdout=out,
             stderr=err,
             env=os.environ.copy(),
-            check=False,
         )
-    if proc.returncode == 0:
+        if stop is not None:
+            stop.on_signal = proc.send_signal
+            if stop.received is not None:  # it came while the process started
+                proc.send_signal(stop.received)
+        try:
+            returncode = proc.wait()
+        finally:
+            if stop is not None:
+                stop.on_signal = None
+    if returncode == 0:
         try:
             result = json.loads(_last_line(out_path))
             if isinstance(result, dict) and result.get("run_id"):
@@ -461,14 +489,14 @@ def run_cell(config_path: Path, resume: Optional[str] = None) -> Tuple[int, Opti
         except json.JSONDecodeError:
             pass
         return 0, None, "the train command printed no final metrics line"
-    if proc.returncode < 0:
-        return proc.returncode, None, f"killed by signal {-proc.returncode}"
-    return proc.returncode, None, _last_line(err_path) or f"exit status {proc.returncode}"
+    if returncode < 0:
+        return returncode, None, f"killed by signal {-returncode}"
+    return returncode, None, _last_line(err_path) or f"exit status {returncode}"
 
 
 class Tracker:
-    """The grid's own MLflow bookkeeping: the experiment, the parent run, and cells that died too early
-    (or too hard) to mark their run FAILED themselves."""
+    """The grid's own MLflow bookkeeping: the experiment, the parent run, cells that died too early (or too
+    hard) to end their run themselves, and runs left RUNNING by processes that are gone."""
 
     def __init__(self, uri: str, grid: Grid) -> None:
         from mlflow.tracking import MlflowClient
@@ -487,8 +515,10 @@ class Tracker:
         )
         self.git_sha = tracking.git_sha()
 
-    def open_parent(self, resume: bool) -> Tuple[str, bool]:
-        """(parent run id, resumed?)"""
+    def open_parent(self, resume: bool) -> Tuple[str, Optional[List[Attempt]]]:
+        """(parent run id, its cell runs newest first when resumed, else None). Nothing is taken over while a
+        process of the grid still runs; runs left RUNNING by processes that are gone end KILLED (a resume
+        continues them from their checkpoints, if they have one), so none stays RUNNING."""
         tags = {
             TAG_ROLE: "parent",
             TAG_GRID: self.grid.name,
@@ -498,40 +528,56 @@ class Tracker:
             "lrexp.scale": self.grid.scale,
             TAG_OVERRIDES: json.dumps(self.grid.overrides),
             "lrexp.git_sha": self.git_sha,
+            **process_tags(),
         }
         previous = latest_parent(parents(self.client, self.experiment_id, self.grid.name)) if resume else None
-        if previous is not None:
-            run_id = previous.info.run_id
-            self.client.update_run(run_id, status="RUNNING")
-            for k, v in tags.items():
-                self.client.set_tag(run_id, k, v)
-            return run_id, True
-        run = self.client.create_run(self.experiment_id, run_name=f"grid:{self.grid.name}", tags=tags)
-        self.client.log_text(run.info.run_id, self.grid.text, "grid.yaml")
-        return run.info.run_id, False
+        if previous is None:
+            run = self.client.create_run(self.experiment_id, run_name=f"grid:{self.grid.name}", tags=tags)
+            self.client.log_text(run.info.run_id, self.grid.text, "grid.yaml")
+            return run.info.run_id, None
+        run_id = previous.info.run_id
+        if previous.info.status == "RUNNING" and process_alive(previous.data.tags):
+            raise GridError(f"grid {self.grid.name} is still running (process {previous.data.tags[TAG_PID]}, "
+                            f"parent run {run_id}); stop it before resuming")
+        attempts = _attempts(self.client, self.experiment_id, run_id)
+        for a in attempts:
+            if a.alive:
+                raise GridError(f"a cell of grid {self.grid.name} is still training (run {a.run_id}); "
+                                f"stop it before resuming")
+        for a in attempts:
+            if a.status == "RUNNING":
+                self.client.set_tag(a.run_id, TAG_ERROR, "its process ended without ending the run")
+                self.client.set_terminated(a.run_id, "KILLED")
+                a.status = "KILLED"
+        self.client.update_run(run_id, status="RUNNING")
+        for k, v in tags.items():
+            self.client.set_tag(run_id, k, v)
+        return run_id, attempts
 
-    def finished_cells(self, parent_id: str) -> List[Finished]:
-        return _finished(self.client, self.experiment_id, parent_id)
-
-    def record_failure(self, parent_id: str, cell: Cell, since_ms: int, error: str) -> str:
-        """Make sure the cell's failure is a FAILED child run carrying the error."""
-        runs = self.client.search_runs(
-            [self.experiment_id],
-            filter_string=f"tags.`{TAG_PARENT}` = '{parent_id}' and tags.`{TAG_HASH}` = '{cell.config_hash}'",
-            order_by=["attributes.start_time DESC"],
-            max_results=1,
-        )
-        if runs and runs[0].info.start_time >= since_ms:
-            run = runs[0]
-            if TAG_ERROR not in run.data.tags:
+    def record_end(self, parent_id: str, cell: Cell, since_ms: int, error: str, status: str = "FAILED",
+                   run_id: Optional[str] = None) -> str:
+        """Make sure a cell that did not finish is a child run with `status` (FAILED, or KILLED when a signal
+        stopped it) carrying the error: the run it continued (`run_id`), else the run it started, else a new
+        one. A run the cell ended itself keeps its own status and error."""
+        if run_id is not None:
+            run = self.client.get_run(run_id)
+        else:
+            runs = self.client.search_runs(
+                [self.experiment_id],
+                filter_string=f"tags.`{TAG_PARENT}` = '{parent_id}' and tags.`{TAG_HASH}` = '{cell.config_hash}'",
+                order_by=["attributes.start_time DESC"],
+                max_results=1,
+            )
+            run = runs[0] if runs and runs[0].info.start_time >= since_ms else None
+        if run is not None:
+            if run.info.status not in ("FAILED", "KILLED"):
                 self.client.set_tag(run.info.run_id, TAG_ERROR, error[:5000])
-            if run.info.status != "FAILED":
-                self.client.set_terminated(run.info.run_id, "FAILED")
+                self.client.set_terminated(run.info.run_id, status)
             return run.info.run_id
         # it died before creating its run (a crash at start-up, an import error, a kill)
         tags = dict(cell_config(cell, self.grid, parent_id).log.tags)
         run = self.client.create_run(self.experiment_id, run_name=cell.id, tags={**tags, TAG_ERROR: error[:5000]})
-        self.client.set_terminated(run.info.run_id, "FAILED")
+        self.client.set_terminated(run.info.run_id, status)
         return run.info.run_id
 
     def close_parent(self, parent_id: str, results: List[CellResult], interrupted: bool = False) -> None:
@@ -548,23 +594,45 @@ class Outcome:
     results: List[CellResult]
 
 
-def _finished(client, experiment_id: str, parent_id: str) -> List[Finished]:
-    """The children of `parent_id` that FINISHED, newest first."""
+def _checkpoint_step(tags: Dict[str, str]) -> Optional[int]:
+    """The step of a run's last.ckpt; None without a readable one (the cell then starts over)."""
+    if TAG_CHECKPOINT_DIR not in tags:
+        return None
+    from lrexp.lit.checkpoint import LAST, saved_step  # torch: only for runs that train(ed)
+
+    path = Path(tags[TAG_CHECKPOINT_DIR]) / LAST
+    if not path.is_file():
+        return None
+    try:
+        return saved_step(path)
+    except Exception:  # torch and zip errors alike: a file cut short by a kill is no checkpoint
+        return None
+
+
+def _attempts(client, experiment_id: str, parent_id: str) -> List[Attempt]:
+    """The children of `parent_id`, newest first."""
     runs = client.search_runs(
         [experiment_id],
-        filter_string=f"tags.`{TAG_PARENT}` = '{parent_id}' and attributes.status = 'FINISHED'",
+        filter_string=f"tags.`{TAG_PARENT}` = '{parent_id}'",
         order_by=["attributes.start_time DESC"],
         max_results=10000,
     )
-    return [
-        Finished(r.info.run_id, r.data.tags[TAG_HASH], r.data.tags.get(TAG_CONTINUE),
-                 int(r.data.params.get("train.max_steps", 0)))
-        for r in runs if TAG_HASH in r.data.tags
-    ]
+    found = []
+    for r in runs:
+        tags, status = r.data.tags, r.info.status
+        if TAG_HASH not in tags:
+            continue
+        if status == "FINISHED":  # params are immutable: a run trained on records its new steps as a tag
+            steps: Optional[int] = int(tags.get("lrexp.resume.train.max_steps", r.data.params.get("train.max_steps", 0)))
+        else:
+            steps = _checkpoint_step(tags)
+        found.append(Attempt(r.info.run_id, status, tags[TAG_HASH], tags.get(TAG_CONTINUE), steps,
+                             alive=status == "RUNNING" and process_alive(tags)))
+    return found
 
 
-def previous_invocation(grid: Grid) -> Tuple[Optional[Any], List[Finished]]:
-    """The parent run `--resume` would continue and its finished cells; reads the store, writes nothing."""
+def previous_invocation(grid: Grid) -> Tuple[Optional[Any], List[Attempt]]:
+    """The parent run `--resume` would continue and its cell runs; reads the store, writes nothing."""
     from mlflow.tracking import MlflowClient
 
     from lrexp.lit import tracking
@@ -572,7 +640,7 @@ def previous_invocation(grid: Grid) -> Tuple[Optional[Any], List[Finished]]:
     client = MlflowClient(tracking.tracking_uri(grid.cells[0].config))
     exp = client.get_experiment_by_name(f"lrexp-{grid.name}")
     parent = latest_parent(parents(client, exp.experiment_id, grid.name)) if exp is not None else None
-    return parent, (_finished(client, exp.experiment_id, parent.info.run_id) if parent is not None else [])
+    return parent, (_attempts(client, exp.experiment_id, parent.info.run_id) if parent is not None else [])
 
 
 def invocation_overrides(parent) -> List[str]:
@@ -585,6 +653,11 @@ def invocation_overrides(parent) -> List[str]:
     return [str(v) for v in value] if isinstance(value, list) else text.split()
 
 
+def resume_command(grid: Grid) -> str:
+    where = grid.name if grid.path.parent == GRIDS_DIR else str(grid.path)
+    return f"lrexp grid {where} --resume"
+
+
 def run(
     grid: Grid,
     resume: bool = False,
@@ -592,14 +665,17 @@ def run(
     out: Optional[TextIO] = None,
     run_cell_fn: Callable[..., Tuple[int, Optional[Dict[str, Any]], str]] = run_cell,
 ) -> Outcome:
-    """Run every cell in order, one result per cell. A failing cell is recorded and the grid goes on."""
+    """Run every cell in order, one result per cell. A failing cell is recorded and the grid goes on; a
+    SIGTERM or SIGINT is passed on to the running cell (which saves a checkpoint and ends KILLED), then the
+    grid stops without starting another cell, its parent run KILLED, and raises `Interrupted`."""
     from lrexp.lit import tracking
 
     out = out or sys.stdout  # read now: the default at definition time would miss a redirected stdout
     uri = tracking.tracking_uri(grid.cells[0].config)
     tracker = Tracker(uri, grid)
-    parent_id, resumed = tracker.open_parent(resume)
-    steps = plan(grid, tracker.finished_cells(parent_id) if resumed else [])
+    parent_id, attempts = tracker.open_parent(resume)
+    resumed = attempts is not None
+    steps = plan(grid, attempts or [])
     folder = (runs_dir or RUNS_DIR) / grid.name
     n = len(grid.cells)
     print(
@@ -612,8 +688,10 @@ def run(
     results: List[CellResult] = []
     durations: List[float] = []
     start = time.monotonic()
-    try:
+    with StopSignals() as stop:
         for step in steps:
+            if stop.received is not None:
+                break
             cell = step.cell
             i = f"[{cell.index + 1}/{n}]"
             if step.action == "skip":
@@ -625,19 +703,16 @@ def run(
             what = f"training on from step {step.from_step} in run {step.run_id}" if step.run_id else "training"
             print(f"{i} {cell.id}: {what} (log: {path.parent}/stderr.log)", file=out, flush=True)
             t0, since_ms = time.monotonic(), int(time.time() * 1000)
-            try:
-                code, metrics, error = run_cell_fn(path, step.run_id)
-            except KeyboardInterrupt:
-                tracker.record_failure(parent_id, cell, since_ms, "interrupted")
-                raise
+            code, metrics, error = run_cell_fn(path, step.run_id, stop=stop)
             seconds = time.monotonic() - t0
             durations.append(seconds)
             if metrics is not None:
                 result = CellResult(cell, "FINISHED", metrics["run_id"], seconds, metrics=metrics)
                 detail = _metric_note(metrics)
             else:
-                run_id = tracker.record_failure(parent_id, cell, since_ms, error)
-                result = CellResult(cell, "FAILED", run_id, seconds, error=error)
+                status = "FAILED" if stop.received is None else "KILLED"
+                run_id = tracker.record_end(parent_id, cell, since_ms, error, status, step.run_id)
+                result = CellResult(cell, status, run_id, seconds, error=error)
                 detail = f"error: {error}"
             results.append(result)
             remaining = sum(1 for s in steps[cell.index + 1:] if s.action != "skip")
@@ -648,10 +723,11 @@ def run(
                 file=out,
                 flush=True,
             )
-    except KeyboardInterrupt:
-        tracker.close_parent(parent_id, results, interrupted=True)
-        raise
-    tracker.close_parent(parent_id, results)
+        tracker.close_parent(parent_id, results, interrupted=stop.received is not None)
+    if stop.received is not None:
+        done = sum(1 for r in results if r.status in ("FINISHED", "SKIPPED"))
+        raise Interrupted(stop.received, f"stopped by {signal_name(stop.received)} with {done} of {n} cells done; "
+                                         f"continue with: {resume_command(grid)}")
     return Outcome(uri, parent_id, results)
 
 

@@ -20,7 +20,8 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
         "--resume",
         action="store_true",
         help="continue the grid's latest invocation (its overrides, then any given now): skip cells that "
-        "FINISHED there with the same config, train on those that only had fewer train.max_steps",
+        "FINISHED there with the same config, train on those that only had fewer train.max_steps or were "
+        "stopped after a checkpoint",
     )
     parser.add_argument("--runs-dir", type=Path, help="cell configs and logs go to DIR/NAME/CELL/ (default: runs/)")
     parser.add_argument("--out", type=Path, help="report folder (default: reports/NAME)")
