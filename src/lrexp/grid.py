@@ -506,13 +506,7 @@ class Tracker:
         self.uri = uri
         self.grid = grid
         self.client = MlflowClient(uri)
-        name = f"lrexp-{grid.name}"
-        exp = self.client.get_experiment_by_name(name)
-        self.experiment_id = (
-            exp.experiment_id
-            if exp is not None
-            else self.client.create_experiment(name, artifact_location=tracking.artifact_location(uri))
-        )
+        self.experiment_id = tracking.experiment_id(self.client, f"lrexp-{grid.name}", uri)
         self.git_sha = tracking.git_sha()
 
     def open_parent(self, resume: bool) -> Tuple[str, Optional[List[Attempt]]]:

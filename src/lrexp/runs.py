@@ -9,6 +9,7 @@ import os
 import socket
 from pathlib import Path
 from typing import Dict, Mapping
+from urllib.parse import quote
 
 SEED_KEY = "train.seed"  # the seeds axis of a grid; the report pairs cells by it
 
@@ -70,3 +71,15 @@ def process_alive(tags: Mapping[str, str]) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):  # no /proc (not Linux)
         return True
+
+
+def latest_invocation(client):
+    """The parent run of the latest grid invocation in the store, of any grid; None without one."""
+    ids = [e.experiment_id for e in client.search_experiments()]
+    return latest_parent(client.search_runs(ids, f"tags.`{TAG_ROLE}` = 'parent'", max_results=1000)) if ids else None
+
+
+def runs_url(base: str, parent) -> str:
+    """The MLflow UI page of a grid invocation's cell runs."""
+    search = quote(f"tags.`{TAG_PARENT}` = '{parent.info.run_id}'")
+    return f"{base.rstrip('/')}/#/experiments/{parent.info.experiment_id}/runs?searchFilter={search}"

@@ -111,6 +111,7 @@ def test_every_row_runs_and_its_mlflow_run_holds_the_contract(env, row):
     assert metrics["final/tokens_seen"] == 4 * cfg.data.tokens_per_step
     assert tags["lrexp.row"] == row_name(cfg)
     assert tags["lrexp.scale"] == "smoke" and tags["lrexp.git_sha"]
+    assert env["client"].get_experiment_by_name("lrexp-tests").tags["mlflow.experimentKind"] == "custom_model_development"
     assert tags["lrexp.backend"]
     assert tags["lrexp.threads"] == os.environ["OMP_NUM_THREADS"] == str(torch.get_num_threads())  # conftest's
     assert tags["lrexp.grid"] == "tests" and tags["lrexp.cell"] == f"row={row}"

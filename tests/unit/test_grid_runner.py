@@ -238,3 +238,25 @@ def test_runs_left_running_by_dead_processes_are_taken_over_or_killed(tmp_path, 
     stale = client.get_run(runs["window=16"])
     assert stale.info.status == "KILLED" and "ended without ending the run" in stale.data.tags["lrexp.error"]
     assert client.get_run(runs["window=8"]).info.status == "FINISHED"
+
+
+def test_experiments_are_tagged_as_model_training_and_make_ui_names_the_latest_grids_runs(
+    tmp_path, uri, capsys, monkeypatch
+):
+    from lrexp.cli import main
+
+    client = MlflowClient(uri)
+    client.create_experiment("lrexp-g8")  # made by an older lrexp: no kind yet
+    g = make_grid(tmp_path, uri, "g8")
+    outcome = grid.run(g, runs_dir=tmp_path / "runs", out=io.StringIO(), run_cell_fn=FakeTrain(uri, {}))
+    exp = client.get_experiment_by_name("lrexp-g8")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the runs table
+
+    served = []
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setattr(os, "execv", lambda path, argv: served.append(argv))
+    main(["ui", "--port", "5123"])
+    line = capsys.readouterr().out
+    assert (f"the latest grid (g8): http://127.0.0.1:5123/#/experiments/{exp.experiment_id}/runs?searchFilter="
+            f"tags.%60mlflow.parentRunId%60%20%3D%20%27{outcome.parent_id}%27") in line
+    assert served[0][1:3] == ["ui", "--backend-store-uri"] and served[0][-2:] == ["--port", "5123"]

@@ -8,6 +8,7 @@
 - Params are the flattened resolved config, logged once (MLflow params are immutable); the YAML goes in as
   the `config.yaml` artifact. A resumed run keeps its params; values that changed are recorded as
   `lrexp.resume.<key>` tags.
+- Every experiment lrexp creates is tagged `mlflow.experimentKind=custom_model_development` (DESIGN.md 6).
 - A store that cannot be written fails here, before any data or model work, with one line.
 """
 
@@ -22,6 +23,7 @@ from typing import Any, Dict, Mapping, Optional
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 from mlflow.entities import RunTag
+from mlflow.tracking import MlflowClient
 
 from lrexp import config as config_mod
 from lrexp.config import PROJECT_ROOT, RunConfig
@@ -30,6 +32,7 @@ from lrexp.runs import TAG_ERROR
 from lrexp.variants import row_name
 
 _SQLITE = "sqlite:///"
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 class TrackingError(UserError, RuntimeError):
@@ -45,6 +48,23 @@ def artifact_location(uri: str) -> Optional[str]:
     if uri.startswith(_SQLITE):
         return str(Path(uri[len(_SQLITE):]).resolve().parent / "mlartifacts")
     return None
+
+
+def experiment_id(client, name: str, uri: str) -> str:
+    """The experiment's id, created if missing, and tagged as model training (`mlflow.experimentKind`): the
+    MLflow 3 UI opens an experiment without that tag on its GenAI overview, not on its runs."""
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location(uri), tags=EXPERIMENT_KIND)
+        except Exception:  # another process created it first (cells started at once): theirs is as good
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    for key, value in EXPERIMENT_KIND.items():
+        if exp.tags.get(key) != value:
+            client.set_experiment_tag(exp.experiment_id, key, value)
+    return exp.experiment_id
 
 
 def git_sha() -> str:
@@ -79,6 +99,8 @@ def open_run(cfg: RunConfig, resume_run_id: Optional[str] = None) -> MLFlowLogge
     uri = tracking_uri(cfg)
     tags = run_tags(cfg)
     try:  # the client opens (and for sqlite creates) the store right away
+        if rank_zero_only.rank == 0:
+            experiment_id(MlflowClient(uri), cfg.log.experiment, uri)
         logger = MLFlowLogger(
             experiment_name=cfg.log.experiment,
             run_name=cfg.log.run_name,
