@@ -213,6 +213,7 @@ class LogConfig:
     # the scale's window (the paper's 4k / 16k / 64k), the same for every row of a scale.
     position_buckets: Optional[List[int]] = None
     progress_bar: bool = True
+    progress_file: Optional[str] = None  # JSON rewritten every few seconds with step, loss, tokens/s (lit/progress.py)
 
 
 @dataclass

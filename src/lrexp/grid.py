@@ -54,6 +54,7 @@ from lrexp.runs import (
     TAG_INDEX, TAG_INVOKED, TAG_OVERRIDES, TAG_PARENT, TAG_PID, TAG_REFERENCE, TAG_ROLE, latest_parent, parents,
     process_alive, process_tags,
 )
+from lrexp.live import LiveLine, duration
 from lrexp.signals import StopSignals
 from lrexp.signals import name as signal_name
 
@@ -192,7 +193,7 @@ def config_hash(cfg: RunConfig, steps: bool = True) -> str:
     """Identity of a cell's training: the resolved config without what the grid sets per invocation (and
     without train.max_steps when `steps` is False: the runs that training longer continues)."""
     data = config.to_dict(cfg)
-    data["log"] = {k: v for k, v in data["log"].items() if k not in ("tags", "run_name")}
+    data["log"] = {k: v for k, v in data["log"].items() if k not in ("tags", "run_name", "progress_file")}
     if not steps:
         data["train"] = {k: v for k, v in data["train"].items() if k != "max_steps"}
     text = json.dumps(data, sort_keys=True, default=str)
@@ -441,24 +442,20 @@ class CellResult:
     metrics: Dict[str, Any] = field(default_factory=dict)
 
 
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
-
-
 def _last_line(path: Path) -> str:
     lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
     return lines[-1] if lines else ""
 
 
 def run_cell(
-    config_path: Path, resume: Optional[str] = None, stop: Optional[StopSignals] = None
+    config_path: Path,
+    resume: Optional[str] = None,
+    stop: Optional[StopSignals] = None,
+    watch: Optional[Callable[[], None]] = None,
 ) -> Tuple[int, Optional[Dict[str, Any]], str]:
     """Train one cell as its own process (continuing run `resume` if given); returns (exit status, final
     metrics or None, error line). A signal `stop` catches while it trains is passed on to it: the cell saves
-    a checkpoint, ends its run KILLED and exits.
+    a checkpoint, ends its run KILLED and exits. `watch` is called about twice a second while it trains.
 
     stdout and stderr go to files beside the config; the last stdout line is the final metrics JSON.
     """
@@ -477,7 +474,13 @@ def run_cell(
             if stop.received is not None:  # it came while the process started
                 proc.send_signal(stop.received)
         try:
-            returncode = proc.wait()
+            while True:
+                try:
+                    returncode = proc.wait(timeout=0.5)
+                    break
+                except subprocess.TimeoutExpired:
+                    if watch is not None:
+                        watch()
         finally:
             if stop is not None:
                 stop.on_signal = None
@@ -693,11 +696,17 @@ def run(
                 print(f"{i} {cell.id}: skipped, FINISHED in run {step.run_id}", file=out, flush=True)
                 continue
             cfg = cell_config(cell, grid, parent_id)
+            progress = folder / cell.dirname / "progress.json"
+            progress.unlink(missing_ok=True)  # an earlier attempt's
+            cfg.log.progress_file = str(progress)
             path = write_cell(cfg, folder / cell.dirname, grid, cell)
             what = f"training on from step {step.from_step} in run {step.run_id}" if step.run_id else "training"
             print(f"{i} {cell.id}: {what} (log: {path.parent}/stderr.log)", file=out, flush=True)
+            later = sum(1 for s in steps[cell.index + 1:] if s.action != "skip")
+            live = LiveLine(out, i, progress, later, sum(durations) / len(durations) if durations else None)
             t0, since_ms = time.monotonic(), int(time.time() * 1000)
-            code, metrics, error = run_cell_fn(path, step.run_id, stop=stop)
+            code, metrics, error = run_cell_fn(path, step.run_id, stop=stop, watch=live.update)
+            live.close()
             seconds = time.monotonic() - t0
             durations.append(seconds)
             if metrics is not None:
@@ -709,11 +718,10 @@ def run(
                 result = CellResult(cell, status, run_id, seconds, error=error)
                 detail = f"error: {error}"
             results.append(result)
-            remaining = sum(1 for s in steps[cell.index + 1:] if s.action != "skip")
-            eta = remaining * sum(durations) / len(durations)
+            eta = later * sum(durations) / len(durations)
             print(
-                f"{i} {cell.id}: {result.status} in {_duration(seconds)}; {detail} | "
-                f"elapsed {_duration(time.monotonic() - start)}, ETA {_duration(eta)}",
+                f"{i} {cell.id}: {result.status} in {duration(seconds)}; {detail} | "
+                f"elapsed {duration(time.monotonic() - start)}, ETA {duration(eta)}",
                 file=out,
                 flush=True,
             )

@@ -28,6 +28,7 @@ from lrexp.lit import checkpoint as ckpt_mod
 from lrexp.lit import tracking
 from lrexp.lit.module import LMModule
 from lrexp.lit.perf import PerfCallback
+from lrexp.lit.progress import ProgressFile
 from lrexp.lit.saving import LastCheckpoint
 from lrexp.lit.seeding import StepSeedCallback
 from lrexp.lit.tbptt import TBPTTCallback
@@ -74,6 +75,7 @@ def build_trainer(
 ) -> pl.Trainer:
     t = cfg.train
     perf = PerfCallback(cfg.data.tokens_per_step, warmup_steps=cfg.log.perf_warmup_steps)
+    progress = [ProgressFile(Path(cfg.log.progress_file), cfg.data.tokens_per_step)] if cfg.log.progress_file else []
     return pl.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
@@ -88,7 +90,7 @@ def build_trainer(
         check_val_every_n_epoch=None,
         log_every_n_steps=cfg.log.every_n_steps,
         logger=logger if logger is not None else False,
-        callbacks=[StepSeedCallback(t.seed), *callbacks, perf, last],
+        callbacks=[StepSeedCallback(t.seed), *callbacks, perf, *progress, last],
         use_distributed_sampler=False,  # the data module deals whole lanes to ranks itself
         deterministic="warn" if t.deterministic else False,  # warn, not fail, on ops without one (GPU)
         enable_progress_bar=cfg.log.progress_bar,

@@ -36,7 +36,7 @@ class FakeTrain:
         self.ran = []
         self.resumed = {}  # cell id -> the run it continued
 
-    def __call__(self, path, resume=None, stop=None):
+    def __call__(self, path, resume=None, stop=None, watch=None):
         cfg = config.load([path])
         cell = cfg.log.run_name
         self.ran.append(cell)
