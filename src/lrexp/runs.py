@@ -80,6 +80,10 @@ def latest_invocation(client):
 
 
 def runs_url(base: str, parent) -> str:
-    """The MLflow UI page of a grid invocation's cell runs."""
+    """The MLflow UI page of a grid invocation's cell runs. `workflowType=machine_learning`: the 3.17 UI
+    shows an experiment as GenAI or model training by its GenAI / Model training switch (from this parameter,
+    else the browser's last choice, GenAI at first), whatever the experiment's `mlflow.experimentKind` says
+    (checked headless on 3.17.2: without it, an lrexp experiment opens on the GenAI overview)."""
     search = quote(f"tags.`{TAG_PARENT}` = '{parent.info.run_id}'")
-    return f"{base.rstrip('/')}/#/experiments/{parent.info.experiment_id}/runs?searchFilter={search}"
+    return (f"{base.rstrip('/')}/#/experiments/{parent.info.experiment_id}/runs"
+            f"?workflowType=machine_learning&searchFilter={search}")

@@ -257,6 +257,7 @@ def test_experiments_are_tagged_as_model_training_and_make_ui_names_the_latest_g
     monkeypatch.setattr(os, "execv", lambda path, argv: served.append(argv))
     main(["ui", "--port", "5123"])
     line = capsys.readouterr().out
-    assert (f"the latest grid (g8): http://127.0.0.1:5123/#/experiments/{exp.experiment_id}/runs?searchFilter="
+    assert (f"the latest grid (g8): http://127.0.0.1:5123/#/experiments/{exp.experiment_id}/runs"
+            "?workflowType=machine_learning&searchFilter="
             f"tags.%60mlflow.parentRunId%60%20%3D%20%27{outcome.parent_id}%27") in line
     assert served[0][1:3] == ["ui", "--backend-store-uri"] and served[0][-2:] == ["--port", "5123"]
