@@ -411,25 +411,25 @@ class Step:
     from_step: int = 0
 
 
+def plan_cell(cell: Cell, attempts: Sequence[Attempt]) -> Step:
+    """`attempts` newest first. Of the runs the cell may continue, the one furthest on does."""
+    max_steps = cell.config.train.max_steps
+    same = next((a for a in attempts if a.status == "FINISHED" and a.config_hash == cell.config_hash), None)
+    onward = [
+        a for a in attempts
+        if a.continue_hash == cell.continue_hash and a.steps is not None
+        and (a.steps < max_steps if a.status == "FINISHED" else a.steps <= max_steps)
+    ]
+    if same is not None:
+        return Step(cell, "skip", same.run_id)
+    if onward:
+        best = max(onward, key=lambda a: a.steps)
+        return Step(cell, "continue", best.run_id, best.steps)
+    return Step(cell, "train")
+
+
 def plan(grid: Grid, attempts: Sequence[Attempt]) -> List[Step]:
-    """`attempts` newest first. Of the runs a cell may continue, the one furthest on does."""
-    steps = []
-    for cell in grid.cells:
-        max_steps = cell.config.train.max_steps
-        same = next((a for a in attempts if a.status == "FINISHED" and a.config_hash == cell.config_hash), None)
-        onward = [
-            a for a in attempts
-            if a.continue_hash == cell.continue_hash and a.steps is not None
-            and (a.steps < max_steps if a.status == "FINISHED" else a.steps <= max_steps)
-        ]
-        if same is not None:
-            steps.append(Step(cell, "skip", same.run_id))
-        elif onward:
-            best = max(onward, key=lambda a: a.steps)
-            steps.append(Step(cell, "continue", best.run_id, best.steps))
-        else:
-            steps.append(Step(cell, "train"))
-    return steps
+    return [plan_cell(cell, attempts) for cell in grid.cells]
 
 
 @dataclass
@@ -516,7 +516,21 @@ class Tracker:
         """(parent run id, its cell runs newest first when resumed, else None). Nothing is taken over while a
         process of the grid still runs; runs left RUNNING by processes that are gone end KILLED (a resume
         continues them from their checkpoints, if they have one), so none stays RUNNING."""
-        tags = {
+        previous = latest_parent(parents(self.client, self.experiment_id, self.grid.name)) if resume else None
+        if previous is None:
+            return self.new_parent(), None
+        run_id = previous.info.run_id
+        if previous.info.status == "RUNNING" and process_alive(previous.data.tags):
+            raise GridError(f"grid {self.grid.name} is still running (process {previous.data.tags[TAG_PID]}, "
+                            f"parent run {run_id}); stop it before resuming")
+        attempts = self.settle(_attempts(self.client, self.experiment_id, run_id))
+        self.client.update_run(run_id, status="RUNNING")
+        for k, v in self._parent_tags().items():
+            self.client.set_tag(run_id, k, v)
+        return run_id, attempts
+
+    def _parent_tags(self) -> Dict[str, str]:
+        return {
             TAG_ROLE: "parent",
             TAG_GRID: self.grid.name,
             TAG_REFERENCE: self.grid.reference,
@@ -527,16 +541,26 @@ class Tracker:
             "lrexp.git_sha": self.git_sha,
             **process_tags(),
         }
-        previous = latest_parent(parents(self.client, self.experiment_id, self.grid.name)) if resume else None
-        if previous is None:
-            run = self.client.create_run(self.experiment_id, run_name=f"grid:{self.grid.name}", tags=tags)
-            self.client.log_text(run.info.run_id, self.grid.text, "grid.yaml")
-            return run.info.run_id, None
-        run_id = previous.info.run_id
-        if previous.info.status == "RUNNING" and process_alive(previous.data.tags):
-            raise GridError(f"grid {self.grid.name} is still running (process {previous.data.tags[TAG_PID]}, "
-                            f"parent run {run_id}); stop it before resuming")
-        attempts = _attempts(self.client, self.experiment_id, run_id)
+
+    def new_parent(self) -> str:
+        """A new invocation: its parent run, RUNNING, with the grid file as an artifact."""
+        run = self.client.create_run(self.experiment_id, run_name=f"grid:{self.grid.name}", tags=self._parent_tags())
+        self.client.log_text(run.info.run_id, self.grid.text, "grid.yaml")
+        return run.info.run_id
+
+    def parent(self, run_id: str):
+        """A parent run of this grid, named by its id (`--cell` joins it)."""
+        try:
+            run = self.client.get_run(run_id)
+        except Exception:  # mlflow raises its own exception types for an unknown id
+            raise GridError(f"no MLflow run '{run_id}' in {self.uri}") from None
+        if run.data.tags.get(TAG_ROLE) != "parent" or run.data.tags.get(TAG_GRID) != self.grid.name:
+            raise GridError(f"run {run_id} is not a parent run of grid {self.grid.name}")
+        return run
+
+    def settle(self, attempts: List[Attempt]) -> List[Attempt]:
+        """Refuse while one of the runs still trains; end those left RUNNING by a process that is gone
+        KILLED, so none stays RUNNING (a resume continues them from their checkpoints, if they have one)."""
         for a in attempts:
             if a.alive:
                 raise GridError(f"a cell of grid {self.grid.name} is still training (run {a.run_id}); "
@@ -546,10 +570,12 @@ class Tracker:
                 self.client.set_tag(a.run_id, TAG_ERROR, "its process ended without ending the run")
                 self.client.set_terminated(a.run_id, "KILLED")
                 a.status = "KILLED"
-        self.client.update_run(run_id, status="RUNNING")
-        for k, v in tags.items():
-            self.client.set_tag(run_id, k, v)
-        return run_id, attempts
+        return attempts
+
+    def cell_attempts(self, parent_id: str, cell: Cell) -> List[Attempt]:
+        """The cell's own runs under the parent, settled (others may be training right now, elsewhere)."""
+        found = _attempts(self.client, self.experiment_id, parent_id)
+        return self.settle([a for a in found if a.continue_hash == cell.continue_hash])
 
     def record_end(self, parent_id: str, cell: Cell, since_ms: int, error: str, status: str = "FAILED",
                    run_id: Optional[str] = None) -> str:
@@ -582,6 +608,23 @@ class Tracker:
         self.client.set_tag(parent_id, "lrexp.failed_cells", str(len(failed)))
         status = "KILLED" if interrupted else ("FAILED" if failed else "FINISHED")
         self.client.set_terminated(parent_id, status)
+
+    def close_fanned_out(self, parent_id: str) -> None:
+        """After a `--cell`: the parent ends once every cell has ended (FINISHED when all finished, else
+        FAILED); while one has not, it stays RUNNING. Cells end in any order, each on its own machine."""
+        attempts = _attempts(self.client, self.experiment_id, parent_id)
+        ends = []
+        for cell in self.grid.cells:
+            mine = [a.status for a in attempts if a.continue_hash == cell.continue_hash]
+            if any(a.status == "FINISHED" and a.config_hash == cell.config_hash for a in attempts):
+                ends.append("FINISHED")
+            elif not mine or mine[0] == "RUNNING":
+                return
+            else:
+                ends.append(mine[0])
+        failed = sum(1 for e in ends if e != "FINISHED")
+        self.client.set_tag(parent_id, "lrexp.failed_cells", str(failed))
+        self.client.set_terminated(parent_id, "FAILED" if failed else "FINISHED")
 
 
 @dataclass
@@ -632,9 +675,7 @@ def previous_invocation(grid: Grid) -> Tuple[Optional[Any], List[Attempt]]:
     """The parent run `--resume` would continue and its cell runs; reads the store, writes nothing."""
     from mlflow.tracking import MlflowClient
 
-    from lrexp.lit import tracking
-
-    client = MlflowClient(tracking.tracking_uri(grid.cells[0].config))
+    client = MlflowClient(tracking_uri_of(grid))
     exp = client.get_experiment_by_name(f"lrexp-{grid.name}")
     parent = latest_parent(parents(client, exp.experiment_id, grid.name)) if exp is not None else None
     return parent, (_attempts(client, exp.experiment_id, parent.info.run_id) if parent is not None else [])
@@ -655,6 +696,73 @@ def resume_command(grid: Grid) -> str:
     return f"lrexp grid {where} --resume"
 
 
+class _Runner:
+    """Trains cells of one invocation, one after another, and prints a line as each starts and ends (and the
+    live line in between)."""
+
+    def __init__(self, grid: Grid, tracker: Tracker, parent_id: str, runs_dir: Optional[Path], out: TextIO,
+                 run_cell_fn: Callable[..., Tuple[int, Optional[Dict[str, Any]], str]], stop: StopSignals) -> None:
+        self.grid, self.tracker, self.parent_id = grid, tracker, parent_id
+        self.folder = (runs_dir or RUNS_DIR) / grid.name
+        self.out, self.run_cell_fn, self.stop = out, run_cell_fn, stop
+        self.durations: List[float] = []
+        self.start = time.monotonic()
+
+    def say(self, text: str) -> None:
+        print(text, file=self.out, flush=True)
+
+    def step(self, step: Step, later: int) -> CellResult:
+        """`later`: the cells still to train after this one (for the ETA)."""
+        cell = step.cell
+        i = f"[{cell.index + 1}/{len(self.grid.cells)}]"
+        if step.action == "skip":
+            self.say(f"{i} {cell.id}: skipped, FINISHED in run {step.run_id}")
+            return CellResult(cell, "SKIPPED", run_id=step.run_id)
+        cfg = cell_config(cell, self.grid, self.parent_id)
+        progress = self.folder / cell.dirname / "progress.json"
+        progress.unlink(missing_ok=True)  # an earlier attempt's
+        cfg.log.progress_file = str(progress)
+        path = write_cell(cfg, self.folder / cell.dirname, self.grid, cell)
+        what = f"training on from step {step.from_step} in run {step.run_id}" if step.run_id else "training"
+        self.say(f"{i} {cell.id}: {what} (log: {path.parent}/stderr.log)")
+        mean = sum(self.durations) / len(self.durations) if self.durations else None
+        live = LiveLine(self.out, i, progress, later, mean)
+        t0, since_ms = time.monotonic(), int(time.time() * 1000)
+        code, metrics, error = self.run_cell_fn(path, step.run_id, stop=self.stop, watch=live.update)
+        live.close()
+        seconds = time.monotonic() - t0
+        self.durations.append(seconds)
+        if metrics is not None:
+            result = CellResult(cell, "FINISHED", metrics["run_id"], seconds, metrics=metrics)
+            detail = _metric_note(metrics)
+        else:
+            status = "FAILED" if self.stop.received is None else "KILLED"
+            run_id = self.tracker.record_end(self.parent_id, cell, since_ms, error, status, step.run_id)
+            result = CellResult(cell, status, run_id, seconds, error=error)
+            detail = f"error: {error}"
+        eta = later * sum(self.durations) / len(self.durations)
+        self.say(f"{i} {cell.id}: {result.status} in {duration(seconds)}; {detail} | "
+                 f"elapsed {duration(time.monotonic() - self.start)}, ETA {duration(eta)}")
+        return result
+
+
+def tracking_uri_of(grid: Grid) -> str:
+    from lrexp.lit import tracking
+
+    return tracking.tracking_uri(grid.cells[0].config)
+
+
+def _open(grid: Grid, out: Optional[TextIO]) -> Tuple[Tracker, TextIO]:
+    # stdout read now: the default at definition time would miss a redirected stdout
+    return Tracker(tracking_uri_of(grid), grid), out or sys.stdout
+
+
+def _stopped(signum: int, results: List[CellResult], total: int, command: str) -> Interrupted:
+    done = sum(1 for r in results if r.status in ("FINISHED", "SKIPPED"))
+    return Interrupted(signum, f"stopped by {signal_name(signum)} with {done} of {total} cell{'s' * (total != 1)} "
+                               f"done; continue with: {command}")
+
+
 def run(
     grid: Grid,
     resume: bool = False,
@@ -665,72 +773,49 @@ def run(
     """Run every cell in order, one result per cell. A failing cell is recorded and the grid goes on; a
     SIGTERM or SIGINT is passed on to the running cell (which saves a checkpoint and ends KILLED), then the
     grid stops without starting another cell, its parent run KILLED, and raises `Interrupted`."""
-    from lrexp.lit import tracking
-
-    out = out or sys.stdout  # read now: the default at definition time would miss a redirected stdout
-    uri = tracking.tracking_uri(grid.cells[0].config)
-    tracker = Tracker(uri, grid)
+    tracker, out = _open(grid, out)
     parent_id, attempts = tracker.open_parent(resume)
-    resumed = attempts is not None
     steps = plan(grid, attempts or [])
-    folder = (runs_dir or RUNS_DIR) / grid.name
     n = len(grid.cells)
-    print(
-        f"grid {grid.name}: {n} cell{'s' * (n != 1)}, scale {grid.scale}, MLflow experiment lrexp-{grid.name}, "
-        f"parent run {parent_id}" + (" (resumed)" if resumed else "") + f", logs under {folder}",
-        file=out,
-        flush=True,
-    )
-
-    results: List[CellResult] = []
-    durations: List[float] = []
-    start = time.monotonic()
     with StopSignals() as stop:
-        for step in steps:
+        runner = _Runner(grid, tracker, parent_id, runs_dir, out, run_cell_fn, stop)
+        runner.say(f"grid {grid.name}: {n} cell{'s' * (n != 1)}, scale {grid.scale}, MLflow experiment "
+                   f"lrexp-{grid.name}, parent run {parent_id}" + (" (resumed)" if attempts is not None else "")
+                   + f", logs under {runner.folder}")
+        results: List[CellResult] = []
+        for k, step in enumerate(steps):
             if stop.received is not None:
                 break
-            cell = step.cell
-            i = f"[{cell.index + 1}/{n}]"
-            if step.action == "skip":
-                results.append(CellResult(cell, "SKIPPED", run_id=step.run_id))
-                print(f"{i} {cell.id}: skipped, FINISHED in run {step.run_id}", file=out, flush=True)
-                continue
-            cfg = cell_config(cell, grid, parent_id)
-            progress = folder / cell.dirname / "progress.json"
-            progress.unlink(missing_ok=True)  # an earlier attempt's
-            cfg.log.progress_file = str(progress)
-            path = write_cell(cfg, folder / cell.dirname, grid, cell)
-            what = f"training on from step {step.from_step} in run {step.run_id}" if step.run_id else "training"
-            print(f"{i} {cell.id}: {what} (log: {path.parent}/stderr.log)", file=out, flush=True)
-            later = sum(1 for s in steps[cell.index + 1:] if s.action != "skip")
-            live = LiveLine(out, i, progress, later, sum(durations) / len(durations) if durations else None)
-            t0, since_ms = time.monotonic(), int(time.time() * 1000)
-            code, metrics, error = run_cell_fn(path, step.run_id, stop=stop, watch=live.update)
-            live.close()
-            seconds = time.monotonic() - t0
-            durations.append(seconds)
-            if metrics is not None:
-                result = CellResult(cell, "FINISHED", metrics["run_id"], seconds, metrics=metrics)
-                detail = _metric_note(metrics)
-            else:
-                status = "FAILED" if stop.received is None else "KILLED"
-                run_id = tracker.record_end(parent_id, cell, since_ms, error, status, step.run_id)
-                result = CellResult(cell, status, run_id, seconds, error=error)
-                detail = f"error: {error}"
-            results.append(result)
-            eta = later * sum(durations) / len(durations)
-            print(
-                f"{i} {cell.id}: {result.status} in {duration(seconds)}; {detail} | "
-                f"elapsed {duration(time.monotonic() - start)}, ETA {duration(eta)}",
-                file=out,
-                flush=True,
-            )
+            results.append(runner.step(step, later=sum(1 for s in steps[k + 1:] if s.action != "skip")))
         tracker.close_parent(parent_id, results, interrupted=stop.received is not None)
     if stop.received is not None:
-        done = sum(1 for r in results if r.status in ("FINISHED", "SKIPPED"))
-        raise Interrupted(stop.received, f"stopped by {signal_name(stop.received)} with {done} of {n} cells done; "
-                                         f"continue with: {resume_command(grid)}")
-    return Outcome(uri, parent_id, results)
+        raise _stopped(stop.received, results, n, resume_command(grid))
+    return Outcome(tracker.uri, parent_id, results)
+
+
+def run_one(
+    grid: Grid,
+    cell: Cell,
+    parent_id: str,
+    runs_dir: Optional[Path] = None,
+    out: Optional[TextIO] = None,
+    run_cell_fn: Callable[..., Tuple[int, Optional[Dict[str, Any]], str]] = run_cell,
+) -> CellResult:
+    """`--cell`: one cell under the invocation's parent, as `--resume` would treat it (skipped when it
+    FINISHED there, continued when it stopped after a checkpoint: a scheduler may simply start it again).
+    The parent ends when its last cell does, whichever process that is."""
+    tracker, out = _open(grid, out)
+    tracker.parent(parent_id)
+    step = plan_cell(cell, tracker.cell_attempts(parent_id, cell))
+    tracker.client.update_run(parent_id, status="RUNNING")
+    with StopSignals() as stop:
+        runner = _Runner(grid, tracker, parent_id, runs_dir, out, run_cell_fn, stop)
+        runner.say(f"grid {grid.name}, cell {cell.index + 1} of {len(grid.cells)}, parent run {parent_id}")
+        result = runner.step(step, later=0)
+    tracker.close_fanned_out(parent_id)
+    if stop.received is not None:
+        raise _stopped(stop.received, [result], 1, "the same --cell command")
+    return result
 
 
 def _metric_note(metrics: Dict[str, Any]) -> str:

@@ -261,3 +261,39 @@ def test_experiments_are_tagged_as_model_training_and_make_ui_names_the_latest_g
             "?workflowType=machine_learning&searchFilter="
             f"tags.%60mlflow.parentRunId%60%20%3D%20%27{outcome.parent_id}%27") in line
     assert served[0][1:3] == ["ui", "--backend-store-uri"] and served[0][-2:] == ["--port", "5123"]
+
+
+def test_cells_fanned_out_to_a_scheduler_join_one_parent_which_ends_with_the_last(tmp_path, uri, capsys, monkeypatch):
+    from lrexp.cli import main
+
+    g = make_grid(tmp_path, uri, "g9", "train.max_steps=5")
+    path = str(tmp_path / "g9.yaml")
+    monkeypatch.delenv("LREXP_GRID_PARENT", raising=False)
+    assert main(["grid", path, "--list"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["window=4", "window=8", "window=16"]
+    assert main(["grid", path, "--cell", "2"]) == 2
+    assert "--cell needs the invocation's parent run: --parent RUN_ID or $LREXP_GRID_PARENT" in capsys.readouterr().err
+    assert main(["grid", path, "--new-parent", "train.max_steps=5"]) == 0
+    parent_id = capsys.readouterr().out.strip()
+    monkeypatch.setenv("LREXP_GRID_PARENT", parent_id)
+    assert main(["grid", path, "--list"]) == 0  # with the parent's overrides
+    assert capsys.readouterr().out.splitlines() == ["window=4", "window=8", "window=16"]
+    assert main(["grid", path, "--cell", "window=3"]) == 2
+    assert "grid g9 has no cell 'window=3'" in capsys.readouterr().err
+
+    client = MlflowClient(uri)
+    fake = FakeTrain(uri, {"window=8": "signal"})  # a preempted job of the array...
+    with pytest.raises(Interrupted, match="continue with: the same --cell command"):
+        grid.run_one(g, g.cells[1], parent_id, runs_dir=tmp_path / "runs", out=io.StringIO(), run_cell_fn=fake)
+    fake = FakeTrain(uri, {})
+    for cell in (g.cells[1], g.cells[0]):  # ...started again by the scheduler, and another job
+        assert grid.run_one(g, cell, parent_id, runs_dir=tmp_path / "runs", out=io.StringIO(),
+                            run_cell_fn=fake).status == "FINISHED"
+        assert client.get_run(parent_id).info.status == "RUNNING"  # window=16 has not run yet
+    assert list(fake.resumed) == ["window=8"]  # from its checkpoint
+    grid.run_one(g, g.cells[2], parent_id, runs_dir=tmp_path / "runs", out=io.StringIO(), run_cell_fn=fake)
+    assert client.get_run(parent_id).info.status == "FINISHED"
+    again = grid.run_one(g, g.cells[2], parent_id, runs_dir=tmp_path / "runs", out=io.StringIO(), run_cell_fn=fake)
+    assert again.status == "SKIPPED" and len(fake.ran) == 3
+    rep = report.build("g9", tmp_path / "report", uri=uri)
+    assert rep.parent_id == parent_id and [r.status for r in rep.rows] == ["FINISHED"] * 3
