@@ -23,6 +23,7 @@ from lrexp.data_modules import prepare
 from lrexp.errors import Interrupted
 from lrexp.config import EXPERIMENTS
 from lrexp.lit import checkpoint as ckpt_mod
+from lrexp.lit import saving
 from lrexp.lit import tracking
 from lrexp.variants import row_name
 
@@ -280,3 +281,20 @@ def test_a_signal_saves_at_the_end_of_the_step_marks_the_run_killed_and_resume_i
         assert history(env, run_id, key) == history(env, whole["run_id"], key), key
     a, b = weights(whole), weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("overrides, steps", [
+    pytest.param(["train.checkpoint_every=3"], [3, 4], marks=pytest.mark.slow),  # and at the end
+    (["train.checkpoint_every=100", "train.checkpoint_minutes=1e-9"], [1, 2, 3, 4]),  # minutes: every step here
+])
+def test_checkpoint_cadence_has_its_own_keys(env, monkeypatch, overrides, steps):
+    saved = []
+    save = saving.LastCheckpoint._save_last_checkpoint
+
+    def counted(self, trainer, candidates):
+        saved.append(trainer.global_step)
+        save(self, trainer, candidates)
+
+    monkeypatch.setattr(saving.LastCheckpoint, "_save_last_checkpoint", counted)
+    train.run(load(env, *overrides))  # 4 steps, validations every 2
+    assert saved == steps
