@@ -663,7 +663,8 @@ def _attempts(client, experiment_id: str, parent_id: str) -> List[Attempt]:
         if TAG_HASH not in tags:
             continue
         if status == "FINISHED":  # params are immutable: a run trained on records its new steps as a tag
-            steps: Optional[int] = int(tags.get("lrexp.resume.train.max_steps", r.data.params.get("train.max_steps", 0)))
+            steps: Optional[int] = int(tags.get("lrexp.resume.train.max_steps",
+                                                r.data.params.get("train.max_steps", 0)))
         else:
             steps = _checkpoint_step(tags)
         found.append(Attempt(r.info.run_id, status, tags[TAG_HASH], tags.get(TAG_CONTINUE), steps,

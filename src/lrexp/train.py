@@ -159,7 +159,8 @@ def run(cfg: RunConfig, resume: Optional[str] = None) -> Dict[str, Any]:
             trainer = build_trainer(cfg, logger, last, [tbptt])
             trainer.fit(module, datamodule=datamodule, ckpt_path=info.path if info else None, weights_only=True)
             if signals.received is not None:  # during the last step: its checkpoint is saved
-                raise Interrupted(signals.received, f"stopped by {name(signals.received)} at step {trainer.global_step}")
+                signum = signals.received
+                raise Interrupted(signum, f"stopped by {name(signum)} at step {trainer.global_step}")
             metrics = dict(trainer.callback_metrics)
             # Rank 0's run id names the folder on every rank (ModelCheckpoint broadcasts its dirpath).
             checkpoint_dir = Path(trainer.checkpoint_callback.dirpath)

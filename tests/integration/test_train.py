@@ -112,7 +112,8 @@ def test_every_row_runs_and_its_mlflow_run_holds_the_contract(env, row):
     assert metrics["final/tokens_seen"] == 4 * cfg.data.tokens_per_step
     assert tags["lrexp.row"] == row_name(cfg)
     assert tags["lrexp.scale"] == "smoke" and tags["lrexp.git_sha"]
-    assert env["client"].get_experiment_by_name("lrexp-tests").tags["mlflow.experimentKind"] == "custom_model_development"
+    kind = env["client"].get_experiment_by_name("lrexp-tests").tags["mlflow.experimentKind"]
+    assert kind == "custom_model_development"  # the UI's runs table, not the GenAI overview
     assert tags["lrexp.backend"]
     assert tags["lrexp.threads"] == os.environ["OMP_NUM_THREADS"] == str(torch.get_num_threads())  # conftest's
     assert tags["lrexp.grid"] == "tests" and tags["lrexp.cell"] == f"row={row}"
@@ -263,7 +264,8 @@ def test_a_signal_saves_at_the_end_of_the_step_marks_the_run_killed_and_resume_i
     whole = train.run(load(env, *overrides))
     build = train.build_trainer
     with monkeypatch.context() as m:
-        m.setattr(train, "build_trainer", lambda cfg, logger, last, cbs: build(cfg, logger, last, [*cbs, SignalAt(2, signum)]))
+        m.setattr(train, "build_trainer",
+                  lambda cfg, logger, last, cbs: build(cfg, logger, last, [*cbs, SignalAt(2, signum)]))
         with pytest.raises(Interrupted, match=f"stopped by {signal.Signals(signum).name} at step 2") as stopped:
             train.run(load(env, *overrides, "log.run_name=stopped"))
     assert stopped.value.exit_code == 128 + signum and "continue with: lrexp train --resume" in str(stopped.value)

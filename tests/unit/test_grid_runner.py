@@ -272,6 +272,7 @@ def test_cells_fanned_out_to_a_scheduler_join_one_parent_which_ends_with_the_las
     assert main(["grid", path, "--list"]) == 0
     assert capsys.readouterr().out.splitlines() == ["window=4", "window=8", "window=16"]
     assert main(["grid", path, "--cell", "2"]) == 2
+    assert main(["grid", path, "--cell", "2", "--dry-run"]) == 2
     assert "--cell needs the invocation's parent run: --parent RUN_ID or $LREXP_GRID_PARENT" in capsys.readouterr().err
     assert main(["grid", path, "--new-parent", "train.max_steps=5"]) == 0
     parent_id = capsys.readouterr().out.strip()

@@ -147,6 +147,9 @@ def run(args: argparse.Namespace) -> int:
 
     args = _late_options(args)
     if args.list or args.new_parent or args.cell:
+        if args.dry_run or args.resume:
+            raise UserError("--list, --new-parent and --cell take no --dry-run or --resume (a --cell resumes its "
+                            "cell by itself)")
         return _fan_out(args)
     g = grid.expand(args.name, args.overrides)
     steps = None

@@ -6,10 +6,11 @@ more steps starts from). Never inside an optimiser step: with `train.lane_groups
 micro-batches, and a checkpoint between them would lose the gradients accumulated so far.
 
 A signal during training is kept; at the end of the current optimiser step the checkpoint is written and
-training stops by raising `Interrupted` (at the next batch, or after fit when that was the last step), so that `lrexp train --resume RUN_ID` continues exactly where it
-stopped. A signal outside training (data preparation, the final passes) stops at once (`train.run`). While
-training, our handler replaces Lightning's SIGTERM handler, which would stop at the end of any micro-batch
-and after one more validation; Lightning puts the handlers it found back when fit ends.
+training stops by raising `Interrupted` (as the next batch starts, or after fit when that was the last
+step), so that `lrexp train --resume RUN_ID` continues exactly where it stopped. A signal outside training
+(data preparation, the final passes) stops at once (`train.run`). While training, our handler replaces
+Lightning's SIGTERM handler, which would stop at the end of any micro-batch; Lightning puts the handlers
+it found back when fit ends.
 """
 
 from __future__ import annotations
