@@ -54,9 +54,9 @@ bench: $(STAMP)
 	$(PY) bench/memorizing.py scale=$(SCALE) $(ARGS)
 	$(PY) bench/attention_kernels.py $(if $(shell command -v nvidia-smi 2>/dev/null),,--smoke)
 
+# Prints the address of the latest grid's runs first; the store is $MLFLOW_TRACKING_URI or ./mlflow.db.
 ui: $(STAMP)
-	$(VENV)/bin/mlflow ui --backend-store-uri "sqlite:///$(CURDIR)/mlflow.db" \
-		--default-artifact-root "$(CURDIR)/mlartifacts" --host 127.0.0.1 --port $(PORT)
+	$(PY) -m lrexp.cli ui --port $(PORT)
 
 clean:
 	rm -rf runs reports checkpoints .pytest_cache build *.egg-info

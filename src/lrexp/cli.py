@@ -12,7 +12,7 @@ import os
 import sys
 from typing import List, Optional
 
-from lrexp.errors import UserError
+from lrexp.errors import Interrupted, UserError
 
 # name -> (module, one-line help)
 COMMANDS = {
@@ -20,6 +20,7 @@ COMMANDS = {
     "grid": ("lrexp.commands.grid", "train every cell of an ablation grid (one MLflow child run each), then report"),
     "report": ("lrexp.commands.report", "a grid's comparison table (markdown + CSV) and plots, from MLflow"),
     "train": ("lrexp.commands.train", "train one run, logged to MLflow; prints the final metrics as JSON"),
+    "ui": ("lrexp.commands.ui", "the MLflow UI over the project's store; prints the latest grid's runs page"),
     "data": ("lrexp.commands.data", "prepare a corpus: tokens + offsets + meta, cached (`lrexp data prepare`)"),
 }
 
@@ -44,6 +45,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UserError as exc:
         print(f"lrexp {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:
+        print(f"lrexp {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print(f"lrexp {args.command}: interrupted", file=sys.stderr)
         return 130

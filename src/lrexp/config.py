@@ -198,6 +198,8 @@ class TrainConfig:
     # use but one, shared by the train.devices ranks (a thread more than the free cores costs several times).
     threads: Optional[int] = None
     checkpoint_dir: str = "checkpoints"  # <checkpoint_dir>/<MLflow run id>/last.ckpt; relative: project root
+    checkpoint_every: Optional[int] = None  # optimiser steps between saves of last.ckpt; null: train.val_every
+    checkpoint_minutes: Optional[float] = None  # also save when this many minutes passed since the last save
 
 
 @dataclass
@@ -212,6 +214,7 @@ class LogConfig:
     # the scale's window (the paper's 4k / 16k / 64k), the same for every row of a scale.
     position_buckets: Optional[List[int]] = None
     progress_bar: bool = True
+    progress_file: Optional[str] = None  # JSON rewritten every few seconds with step, loss, tokens/s (lit/progress.py)
 
 
 @dataclass
@@ -455,7 +458,8 @@ _POSITIVE = (
     "model.recurrent.num_states", "model.knn.memory_size", "model.knn.k", "model.attn.num_buckets",
     "model.attn.max_distance", "data.vocab_size", "data.tokens_per_step",
     "optim.warmup_steps", "train.max_steps", "train.val_every", "train.val_tokens",
-    "train.lane_groups", "train.devices", "train.num_nodes", "train.threads", "log.every_n_steps",
+    "train.lane_groups", "train.devices", "train.num_nodes", "train.threads", "train.checkpoint_every",
+    "train.checkpoint_minutes", "log.every_n_steps",
 )
 
 

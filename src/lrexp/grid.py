@@ -21,8 +21,13 @@ Running: one parent MLflow run per invocation in experiment `lrexp-<grid>`; each
 inside the cell. The child run nests under the parent through the `mlflow.parentRunId` tag the cell's
 config carries. `--resume` continues the grid's latest parent (with that invocation's command-line
 overrides when none are given): a cell that FINISHED there with the same config hash (`lrexp.config_hash`)
-is skipped, one whose config differs only in `train.max_steps` (tag `lrexp.continue_hash`), trained for
-fewer steps, continues from its checkpoint in the same MLflow run, and any other trains.
+is skipped; one with a run of the same config up to `train.max_steps` (tag `lrexp.continue_hash`), that
+FINISHED with fewer steps or was stopped (FAILED, KILLED, left RUNNING by a dead process) after a checkpoint,
+continues from that checkpoint in the same MLflow run; any other trains.
+
+A SIGTERM or SIGINT is passed on to the running cell, which saves a checkpoint at the end of its optimiser
+step and ends its run KILLED; the grid then stops without starting another cell, marks its parent KILLED
+and prints the command that resumes it.
 """
 
 from __future__ import annotations
@@ -43,26 +48,21 @@ import yaml
 
 from lrexp import config
 from lrexp.config import EXPERIMENTS, PROJECT_ROOT, ConfigError, RunConfig
+from lrexp.errors import Interrupted
+from lrexp.runs import (
+    FINAL_BPT, SEED_KEY, TAG_CELL, TAG_CHECKPOINT_DIR, TAG_CONTINUE, TAG_ERROR, TAG_GRID, TAG_GROUP, TAG_HASH,
+    TAG_INDEX, TAG_INVOKED, TAG_OVERRIDES, TAG_PARENT, TAG_PID, TAG_REFERENCE, TAG_ROLE, latest_parent, parents,
+    process_alive, process_tags,
+)
+from lrexp.live import LiveLine, duration
+from lrexp.signals import StopSignals
+from lrexp.signals import name as signal_name
 
 GRIDS_DIR = EXPERIMENTS / "grids"
 RUNS_DIR = PROJECT_ROOT / "runs"
-SEED_KEY = "train.seed"
 REFERENCE_ROW = "slide13"  # Table 1 normalises step time by Slide:13L
 _FILE_KEYS = ("description", "base", "axes", "seeds", "reference")
 
-# Tags the grid puts on runs (the cell's through its config's log.tags, which `lrexp train` logs).
-TAG_PARENT = "mlflow.parentRunId"
-TAG_GRID = "lrexp.grid"
-TAG_CELL = "lrexp.cell"
-TAG_GROUP = "lrexp.group"  # the cell id without the seed: the report's aggregation key
-TAG_INDEX = "lrexp.cell_index"  # the cell's position in the grid: the report's row order
-TAG_HASH = "lrexp.config_hash"
-TAG_CONTINUE = "lrexp.continue_hash"  # the config hash without train.max_steps: a run to train further
-TAG_OVERRIDES = "lrexp.overrides"  # JSON list of the invocation's command-line overrides, on the parent
-TAG_ROLE = "lrexp.role"  # "parent" on the grid's own run
-TAG_REFERENCE = "lrexp.reference"  # group id of the step-time reference, on the parent
-TAG_INVOKED = "lrexp.invoked_at"  # ms since the epoch of the latest invocation, on the parent
-TAG_ERROR = "lrexp.error"
 
 
 class GridError(ConfigError):
@@ -193,7 +193,7 @@ def config_hash(cfg: RunConfig, steps: bool = True) -> str:
     """Identity of a cell's training: the resolved config without what the grid sets per invocation (and
     without train.max_steps when `steps` is False: the runs that training longer continues)."""
     data = config.to_dict(cfg)
-    data["log"] = {k: v for k, v in data["log"].items() if k not in ("tags", "run_name")}
+    data["log"] = {k: v for k, v in data["log"].items() if k not in ("tags", "run_name", "progress_file")}
     if not steps:
         data["train"] = {k: v for k, v in data["train"].items() if k != "max_steps"}
     text = json.dumps(data, sort_keys=True, default=str)
@@ -389,19 +389,21 @@ def write_cell(cfg: RunConfig, cell_dir: Path, grid: Grid, cell: Cell) -> Path:
 
 
 @dataclass
-class Finished:
-    """A finished cell run of a parent: what a resume skips or trains further."""
+class Attempt:
+    """A cell run of a parent: what a resume skips, trains further or continues."""
 
     run_id: str
+    status: str  # FINISHED, FAILED, KILLED, RUNNING
     config_hash: str
     continue_hash: Optional[str]
-    max_steps: int
+    steps: Optional[int]  # FINISHED: the steps it trained; else the step of its last.ckpt, None without one
+    alive: bool = False  # RUNNING in a process that still runs
 
 
 @dataclass
 class Step:
-    """What a resumed grid does with a cell: `skip` (FINISHED with this config), `continue` (the run trained
-    the same config for fewer steps: train it further) or `train`."""
+    """What a resumed grid does with a cell: `skip` (FINISHED with this config), `continue` (a run of the same
+    config, FINISHED with fewer steps or stopped after a checkpoint: train it on from there) or `train`."""
 
     cell: Cell
     action: str
@@ -409,36 +411,35 @@ class Step:
     from_step: int = 0
 
 
-def plan(grid: Grid, finished: Sequence[Finished]) -> List[Step]:
-    steps = []
-    for cell in grid.cells:
-        same = next((f for f in finished if f.config_hash == cell.config_hash), None)
-        shorter = next((f for f in finished if f.continue_hash == cell.continue_hash
-                        and f.max_steps < cell.config.train.max_steps), None)
-        if same is not None:
-            steps.append(Step(cell, "skip", same.run_id))
-        elif shorter is not None:
-            steps.append(Step(cell, "continue", shorter.run_id, shorter.max_steps))
-        else:
-            steps.append(Step(cell, "train"))
-    return steps
+def plan_cell(cell: Cell, attempts: Sequence[Attempt]) -> Step:
+    """`attempts` newest first. Of the runs the cell may continue, the one furthest on does."""
+    max_steps = cell.config.train.max_steps
+    same = next((a for a in attempts if a.status == "FINISHED" and a.config_hash == cell.config_hash), None)
+    onward = [
+        a for a in attempts
+        if a.continue_hash == cell.continue_hash and a.steps is not None
+        and (a.steps < max_steps if a.status == "FINISHED" else a.steps <= max_steps)
+    ]
+    if same is not None:
+        return Step(cell, "skip", same.run_id)
+    if onward:
+        best = max(onward, key=lambda a: a.steps)
+        return Step(cell, "continue", best.run_id, best.steps)
+    return Step(cell, "train")
+
+
+def plan(grid: Grid, attempts: Sequence[Attempt]) -> List[Step]:
+    return [plan_cell(cell, attempts) for cell in grid.cells]
 
 
 @dataclass
 class CellResult:
     cell: Cell
-    status: str  # FINISHED, FAILED, SKIPPED
+    status: str  # FINISHED, FAILED, KILLED, SKIPPED
     run_id: Optional[str] = None
     seconds: float = 0.0
     error: Optional[str] = None
     metrics: Dict[str, Any] = field(default_factory=dict)
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
 def _last_line(path: Path) -> str:
@@ -446,24 +447,44 @@ def _last_line(path: Path) -> str:
     return lines[-1] if lines else ""
 
 
-def run_cell(config_path: Path, resume: Optional[str] = None) -> Tuple[int, Optional[Dict[str, Any]], str]:
+def run_cell(
+    config_path: Path,
+    resume: Optional[str] = None,
+    stop: Optional[StopSignals] = None,
+    watch: Optional[Callable[[], None]] = None,
+) -> Tuple[int, Optional[Dict[str, Any]], str]:
     """Train one cell as its own process (continuing run `resume` if given); returns (exit status, final
-    metrics or None, error line).
+    metrics or None, error line). A signal `stop` catches while it trains is passed on to it: the cell saves
+    a checkpoint, ends its run KILLED and exits. `watch` is called about twice a second while it trains.
 
     stdout and stderr go to files beside the config; the last stdout line is the final metrics JSON.
     """
     cell_dir = config_path.parent
     out_path, err_path = cell_dir / "stdout.log", cell_dir / "stderr.log"
     with open(out_path, "w") as out, open(err_path, "w") as err:
-        proc = subprocess.run(
+        proc = subprocess.Popen(
             [sys.executable, "-m", "lrexp.cli", "train", *(["--resume", resume] if resume else []), str(config_path)],
             cwd=PROJECT_ROOT,
             stdout=out,
             stderr=err,
             env=os.environ.copy(),
-            check=False,
         )
-    if proc.returncode == 0:
+        if stop is not None:
+            stop.on_signal = proc.send_signal
+            if stop.received is not None:  # it came while the process started
+                proc.send_signal(stop.received)
+        try:
+            while True:
+                try:
+                    returncode = proc.wait(timeout=0.5)
+                    break
+                except subprocess.TimeoutExpired:
+                    if watch is not None:
+                        watch()
+        finally:
+            if stop is not None:
+                stop.on_signal = None
+    if returncode == 0:
         try:
             result = json.loads(_last_line(out_path))
             if isinstance(result, dict) and result.get("run_id"):
@@ -471,14 +492,14 @@ def run_cell(config_path: Path, resume: Optional[str] = None) -> Tuple[int, Opti
         except json.JSONDecodeError:
             pass
         return 0, None, "the train command printed no final metrics line"
-    if proc.returncode < 0:
-        return proc.returncode, None, f"killed by signal {-proc.returncode}"
-    return proc.returncode, None, _last_line(err_path) or f"exit status {proc.returncode}"
+    if returncode < 0:
+        return returncode, None, f"killed by signal {-returncode}"
+    return returncode, None, _last_line(err_path) or f"exit status {returncode}"
 
 
 class Tracker:
-    """The grid's own MLflow bookkeeping: the experiment, the parent run, and cells that died too early
-    (or too hard) to mark their run FAILED themselves."""
+    """The grid's own MLflow bookkeeping: the experiment, the parent run, cells that died too early (or too
+    hard) to end their run themselves, and runs left RUNNING by processes that are gone."""
 
     def __init__(self, uri: str, grid: Grid) -> None:
         from mlflow.tracking import MlflowClient
@@ -488,21 +509,28 @@ class Tracker:
         self.uri = uri
         self.grid = grid
         self.client = MlflowClient(uri)
-        name = f"lrexp-{grid.name}"
-        exp = self.client.get_experiment_by_name(name)
-        self.experiment_id = (
-            exp.experiment_id
-            if exp is not None
-            else self.client.create_experiment(name, artifact_location=tracking.artifact_location(uri))
-        )
+        self.experiment_id = tracking.experiment_id(self.client, f"lrexp-{grid.name}", uri)
         self.git_sha = tracking.git_sha()
 
-    def parents(self) -> list:
-        return _parents(self.client, self.experiment_id, self.grid.name)
+    def open_parent(self, resume: bool) -> Tuple[str, Optional[List[Attempt]]]:
+        """(parent run id, its cell runs newest first when resumed, else None). Nothing is taken over while a
+        process of the grid still runs; runs left RUNNING by processes that are gone end KILLED (a resume
+        continues them from their checkpoints, if they have one), so none stays RUNNING."""
+        previous = latest_parent(parents(self.client, self.experiment_id, self.grid.name)) if resume else None
+        if previous is None:
+            return self.new_parent(), None
+        run_id = previous.info.run_id
+        if previous.info.status == "RUNNING" and process_alive(previous.data.tags):
+            raise GridError(f"grid {self.grid.name} is still running (process {previous.data.tags[TAG_PID]}, "
+                            f"parent run {run_id}); stop it before resuming")
+        attempts = self.settle(_attempts(self.client, self.experiment_id, run_id))
+        self.client.update_run(run_id, status="RUNNING")
+        for k, v in self._parent_tags().items():
+            self.client.set_tag(run_id, k, v)
+        return run_id, attempts
 
-    def open_parent(self, resume: bool) -> Tuple[str, bool]:
-        """(parent run id, resumed?)"""
-        tags = {
+    def _parent_tags(self) -> Dict[str, str]:
+        return {
             TAG_ROLE: "parent",
             TAG_GRID: self.grid.name,
             TAG_REFERENCE: self.grid.reference,
@@ -511,40 +539,68 @@ class Tracker:
             "lrexp.scale": self.grid.scale,
             TAG_OVERRIDES: json.dumps(self.grid.overrides),
             "lrexp.git_sha": self.git_sha,
+            **process_tags(),
         }
-        previous = latest_parent(self.parents()) if resume else None
-        if previous is not None:
-            run_id = previous.info.run_id
-            self.client.update_run(run_id, status="RUNNING")
-            for k, v in tags.items():
-                self.client.set_tag(run_id, k, v)
-            return run_id, True
-        run = self.client.create_run(self.experiment_id, run_name=f"grid:{self.grid.name}", tags=tags)
+
+    def new_parent(self) -> str:
+        """A new invocation: its parent run, RUNNING, with the grid file as an artifact."""
+        run = self.client.create_run(self.experiment_id, run_name=f"grid:{self.grid.name}", tags=self._parent_tags())
         self.client.log_text(run.info.run_id, self.grid.text, "grid.yaml")
-        return run.info.run_id, False
+        return run.info.run_id
 
-    def finished_cells(self, parent_id: str) -> List[Finished]:
-        return _finished(self.client, self.experiment_id, parent_id)
+    def parent(self, run_id: str):
+        """A parent run of this grid, named by its id (`--cell` joins it)."""
+        try:
+            run = self.client.get_run(run_id)
+        except Exception:  # mlflow raises its own exception types for an unknown id
+            raise GridError(f"no MLflow run '{run_id}' in {self.uri}") from None
+        if run.data.tags.get(TAG_ROLE) != "parent" or run.data.tags.get(TAG_GRID) != self.grid.name:
+            raise GridError(f"run {run_id} is not a parent run of grid {self.grid.name}")
+        return run
 
-    def record_failure(self, parent_id: str, cell: Cell, since_ms: int, error: str) -> str:
-        """Make sure the cell's failure is a FAILED child run carrying the error."""
-        runs = self.client.search_runs(
-            [self.experiment_id],
-            filter_string=f"tags.`{TAG_PARENT}` = '{parent_id}' and tags.`{TAG_HASH}` = '{cell.config_hash}'",
-            order_by=["attributes.start_time DESC"],
-            max_results=1,
-        )
-        if runs and runs[0].info.start_time >= since_ms:
-            run = runs[0]
-            if TAG_ERROR not in run.data.tags:
+    def settle(self, attempts: List[Attempt]) -> List[Attempt]:
+        """Refuse while one of the runs still trains; end those left RUNNING by a process that is gone
+        KILLED, so none stays RUNNING (a resume continues them from their checkpoints, if they have one)."""
+        for a in attempts:
+            if a.alive:
+                raise GridError(f"a cell of grid {self.grid.name} is still training (run {a.run_id}); "
+                                f"stop it before resuming")
+        for a in attempts:
+            if a.status == "RUNNING":
+                self.client.set_tag(a.run_id, TAG_ERROR, "its process ended without ending the run")
+                self.client.set_terminated(a.run_id, "KILLED")
+                a.status = "KILLED"
+        return attempts
+
+    def cell_attempts(self, parent_id: str, cell: Cell) -> List[Attempt]:
+        """The cell's own runs under the parent, settled (others may be training right now, elsewhere)."""
+        found = _attempts(self.client, self.experiment_id, parent_id)
+        return self.settle([a for a in found if a.continue_hash == cell.continue_hash])
+
+    def record_end(self, parent_id: str, cell: Cell, since_ms: int, error: str, status: str = "FAILED",
+                   run_id: Optional[str] = None) -> str:
+        """Make sure a cell that did not finish is a child run with `status` (FAILED, or KILLED when a signal
+        stopped it) carrying the error: the run it continued (`run_id`), else the run it started, else a new
+        one. A run the cell ended itself keeps its own status and error."""
+        if run_id is not None:
+            run = self.client.get_run(run_id)
+        else:
+            runs = self.client.search_runs(
+                [self.experiment_id],
+                filter_string=f"tags.`{TAG_PARENT}` = '{parent_id}' and tags.`{TAG_HASH}` = '{cell.config_hash}'",
+                order_by=["attributes.start_time DESC"],
+                max_results=1,
+            )
+            run = runs[0] if runs and runs[0].info.start_time >= since_ms else None
+        if run is not None:
+            if run.info.status not in ("FAILED", "KILLED"):
                 self.client.set_tag(run.info.run_id, TAG_ERROR, error[:5000])
-            if run.info.status != "FAILED":
-                self.client.set_terminated(run.info.run_id, "FAILED")
+                self.client.set_terminated(run.info.run_id, status)
             return run.info.run_id
         # it died before creating its run (a crash at start-up, an import error, a kill)
         tags = dict(cell_config(cell, self.grid, parent_id).log.tags)
         run = self.client.create_run(self.experiment_id, run_name=cell.id, tags={**tags, TAG_ERROR: error[:5000]})
-        self.client.set_terminated(run.info.run_id, "FAILED")
+        self.client.set_terminated(run.info.run_id, status)
         return run.info.run_id
 
     def close_parent(self, parent_id: str, results: List[CellResult], interrupted: bool = False) -> None:
@@ -552,6 +608,23 @@ class Tracker:
         self.client.set_tag(parent_id, "lrexp.failed_cells", str(len(failed)))
         status = "KILLED" if interrupted else ("FAILED" if failed else "FINISHED")
         self.client.set_terminated(parent_id, status)
+
+    def close_fanned_out(self, parent_id: str) -> None:
+        """After a `--cell`: the parent ends once every cell has ended (FINISHED when all finished, else
+        FAILED); while one has not, it stays RUNNING. Cells end in any order, each on its own machine."""
+        attempts = _attempts(self.client, self.experiment_id, parent_id)
+        ends = []
+        for cell in self.grid.cells:
+            mine = [a.status for a in attempts if a.continue_hash == cell.continue_hash]
+            if any(a.status == "FINISHED" and a.config_hash == cell.config_hash for a in attempts):
+                ends.append("FINISHED")
+            elif not mine or mine[0] == "RUNNING":
+                return
+            else:
+                ends.append(mine[0])
+        failed = sum(1 for e in ends if e != "FINISHED")
+        self.client.set_tag(parent_id, "lrexp.failed_cells", str(failed))
+        self.client.set_terminated(parent_id, "FAILED" if failed else "FINISHED")
 
 
 @dataclass
@@ -561,39 +634,52 @@ class Outcome:
     results: List[CellResult]
 
 
-def _parents(client, experiment_id: str, name: str) -> list:
-    return client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.`{TAG_ROLE}` = 'parent' and tags.`{TAG_GRID}` = '{name}'",
-        max_results=1000,
-    )
+def _checkpoint_step(tags: Dict[str, str]) -> Optional[int]:
+    """The step of a run's last.ckpt; None without a readable one (the cell then starts over)."""
+    if TAG_CHECKPOINT_DIR not in tags:
+        return None
+    from lrexp.lit.checkpoint import LAST, saved_step  # torch: only for runs that train(ed)
+
+    path = Path(tags[TAG_CHECKPOINT_DIR]) / LAST
+    if not path.is_file():
+        return None
+    try:
+        return saved_step(path)
+    except Exception:  # torch and zip errors alike: a file cut short by a kill is no checkpoint
+        return None
 
 
-def _finished(client, experiment_id: str, parent_id: str) -> List[Finished]:
-    """The children of `parent_id` that FINISHED, newest first."""
+def _attempts(client, experiment_id: str, parent_id: str) -> List[Attempt]:
+    """The children of `parent_id`, newest first."""
     runs = client.search_runs(
         [experiment_id],
-        filter_string=f"tags.`{TAG_PARENT}` = '{parent_id}' and attributes.status = 'FINISHED'",
+        filter_string=f"tags.`{TAG_PARENT}` = '{parent_id}'",
         order_by=["attributes.start_time DESC"],
         max_results=10000,
     )
-    return [
-        Finished(r.info.run_id, r.data.tags[TAG_HASH], r.data.tags.get(TAG_CONTINUE),
-                 int(r.data.params.get("train.max_steps", 0)))
-        for r in runs if TAG_HASH in r.data.tags
-    ]
+    found = []
+    for r in runs:
+        tags, status = r.data.tags, r.info.status
+        if TAG_HASH not in tags:
+            continue
+        if status == "FINISHED":  # params are immutable: a run trained on records its new steps as a tag
+            steps: Optional[int] = int(tags.get("lrexp.resume.train.max_steps",
+                                                r.data.params.get("train.max_steps", 0)))
+        else:
+            steps = _checkpoint_step(tags)
+        found.append(Attempt(r.info.run_id, status, tags[TAG_HASH], tags.get(TAG_CONTINUE), steps,
+                             alive=status == "RUNNING" and process_alive(tags)))
+    return found
 
 
-def previous_invocation(grid: Grid) -> Tuple[Optional[Any], List[Finished]]:
-    """The parent run `--resume` would continue and its finished cells; reads the store, writes nothing."""
+def previous_invocation(grid: Grid) -> Tuple[Optional[Any], List[Attempt]]:
+    """The parent run `--resume` would continue and its cell runs; reads the store, writes nothing."""
     from mlflow.tracking import MlflowClient
 
-    from lrexp.lit import tracking
-
-    client = MlflowClient(tracking.tracking_uri(grid.cells[0].config))
+    client = MlflowClient(tracking_uri_of(grid))
     exp = client.get_experiment_by_name(f"lrexp-{grid.name}")
-    parent = latest_parent(_parents(client, exp.experiment_id, grid.name)) if exp is not None else None
-    return parent, (_finished(client, exp.experiment_id, parent.info.run_id) if parent is not None else [])
+    parent = latest_parent(parents(client, exp.experiment_id, grid.name)) if exp is not None else None
+    return parent, (_attempts(client, exp.experiment_id, parent.info.run_id) if parent is not None else [])
 
 
 def invocation_overrides(parent) -> List[str]:
@@ -606,11 +692,76 @@ def invocation_overrides(parent) -> List[str]:
     return [str(v) for v in value] if isinstance(value, list) else text.split()
 
 
-def latest_parent(parents: list):
-    """The parent of the latest invocation (a resumed parent is older than its last invocation)."""
-    if not parents:
-        return None
-    return max(parents, key=lambda r: int(r.data.tags.get(TAG_INVOKED, r.info.start_time)))
+def resume_command(grid: Grid) -> str:
+    where = grid.name if grid.path.parent == GRIDS_DIR else str(grid.path)
+    return f"lrexp grid {where} --resume"
+
+
+class _Runner:
+    """Trains cells of one invocation, one after another, and prints a line as each starts and ends (and the
+    live line in between)."""
+
+    def __init__(self, grid: Grid, tracker: Tracker, parent_id: str, runs_dir: Optional[Path], out: TextIO,
+                 run_cell_fn: Callable[..., Tuple[int, Optional[Dict[str, Any]], str]], stop: StopSignals) -> None:
+        self.grid, self.tracker, self.parent_id = grid, tracker, parent_id
+        self.folder = (runs_dir or RUNS_DIR) / grid.name
+        self.out, self.run_cell_fn, self.stop = out, run_cell_fn, stop
+        self.durations: List[float] = []
+        self.start = time.monotonic()
+
+    def say(self, text: str) -> None:
+        print(text, file=self.out, flush=True)
+
+    def step(self, step: Step, later: int) -> CellResult:
+        """`later`: the cells still to train after this one (for the ETA)."""
+        cell = step.cell
+        i = f"[{cell.index + 1}/{len(self.grid.cells)}]"
+        if step.action == "skip":
+            self.say(f"{i} {cell.id}: skipped, FINISHED in run {step.run_id}")
+            return CellResult(cell, "SKIPPED", run_id=step.run_id)
+        cfg = cell_config(cell, self.grid, self.parent_id)
+        progress = self.folder / cell.dirname / "progress.json"
+        progress.unlink(missing_ok=True)  # an earlier attempt's
+        cfg.log.progress_file = str(progress)
+        path = write_cell(cfg, self.folder / cell.dirname, self.grid, cell)
+        what = f"training on from step {step.from_step} in run {step.run_id}" if step.run_id else "training"
+        self.say(f"{i} {cell.id}: {what} (log: {path.parent}/stderr.log)")
+        mean = sum(self.durations) / len(self.durations) if self.durations else None
+        live = LiveLine(self.out, i, progress, later, mean)
+        t0, since_ms = time.monotonic(), int(time.time() * 1000)
+        code, metrics, error = self.run_cell_fn(path, step.run_id, stop=self.stop, watch=live.update)
+        live.close()
+        seconds = time.monotonic() - t0
+        self.durations.append(seconds)
+        if metrics is not None:
+            result = CellResult(cell, "FINISHED", metrics["run_id"], seconds, metrics=metrics)
+            detail = _metric_note(metrics)
+        else:
+            status = "FAILED" if self.stop.received is None else "KILLED"
+            run_id = self.tracker.record_end(self.parent_id, cell, since_ms, error, status, step.run_id)
+            result = CellResult(cell, status, run_id, seconds, error=error)
+            detail = f"error: {error}"
+        eta = later * sum(self.durations) / len(self.durations)
+        self.say(f"{i} {cell.id}: {result.status} in {duration(seconds)}; {detail} | "
+                 f"elapsed {duration(time.monotonic() - self.start)}, ETA {duration(eta)}")
+        return result
+
+
+def tracking_uri_of(grid: Grid) -> str:
+    from lrexp.lit import tracking
+
+    return tracking.tracking_uri(grid.cells[0].config)
+
+
+def _open(grid: Grid, out: Optional[TextIO]) -> Tuple[Tracker, TextIO]:
+    # stdout read now: the default at definition time would miss a redirected stdout
+    return Tracker(tracking_uri_of(grid), grid), out or sys.stdout
+
+
+def _stopped(signum: int, results: List[CellResult], total: int, command: str) -> Interrupted:
+    done = sum(1 for r in results if r.status in ("FINISHED", "SKIPPED"))
+    return Interrupted(signum, f"stopped by {signal_name(signum)} with {done} of {total} cell{'s' * (total != 1)} "
+                               f"done; continue with: {command}")
 
 
 def run(
@@ -620,71 +771,54 @@ def run(
     out: Optional[TextIO] = None,
     run_cell_fn: Callable[..., Tuple[int, Optional[Dict[str, Any]], str]] = run_cell,
 ) -> Outcome:
-    """Run every cell in order, one result per cell. A failing cell is recorded and the grid goes on."""
-    from lrexp.lit import tracking
-
-    out = out or sys.stdout  # read now: the default at definition time would miss a redirected stdout
-    uri = tracking.tracking_uri(grid.cells[0].config)
-    tracker = Tracker(uri, grid)
-    parent_id, resumed = tracker.open_parent(resume)
-    steps = plan(grid, tracker.finished_cells(parent_id) if resumed else [])
-    folder = (runs_dir or RUNS_DIR) / grid.name
+    """Run every cell in order, one result per cell. A failing cell is recorded and the grid goes on; a
+    SIGTERM or SIGINT is passed on to the running cell (which saves a checkpoint and ends KILLED), then the
+    grid stops without starting another cell, its parent run KILLED, and raises `Interrupted`."""
+    tracker, out = _open(grid, out)
+    parent_id, attempts = tracker.open_parent(resume)
+    steps = plan(grid, attempts or [])
     n = len(grid.cells)
-    print(
-        f"grid {grid.name}: {n} cell{'s' * (n != 1)}, scale {grid.scale}, MLflow experiment lrexp-{grid.name}, "
-        f"parent run {parent_id}" + (" (resumed)" if resumed else "") + f", logs under {folder}",
-        file=out,
-        flush=True,
-    )
+    with StopSignals() as stop:
+        runner = _Runner(grid, tracker, parent_id, runs_dir, out, run_cell_fn, stop)
+        runner.say(f"grid {grid.name}: {n} cell{'s' * (n != 1)}, scale {grid.scale}, MLflow experiment "
+                   f"lrexp-{grid.name}, parent run {parent_id}" + (" (resumed)" if attempts is not None else "")
+                   + f", logs under {runner.folder}")
+        results: List[CellResult] = []
+        for k, step in enumerate(steps):
+            if stop.received is not None:
+                break
+            results.append(runner.step(step, later=sum(1 for s in steps[k + 1:] if s.action != "skip")))
+        tracker.close_parent(parent_id, results, interrupted=stop.received is not None)
+    if stop.received is not None:
+        raise _stopped(stop.received, results, n, resume_command(grid))
+    return Outcome(tracker.uri, parent_id, results)
 
-    results: List[CellResult] = []
-    durations: List[float] = []
-    start = time.monotonic()
-    try:
-        for step in steps:
-            cell = step.cell
-            i = f"[{cell.index + 1}/{n}]"
-            if step.action == "skip":
-                results.append(CellResult(cell, "SKIPPED", run_id=step.run_id))
-                print(f"{i} {cell.id}: skipped, FINISHED in run {step.run_id}", file=out, flush=True)
-                continue
-            cfg = cell_config(cell, grid, parent_id)
-            path = write_cell(cfg, folder / cell.dirname, grid, cell)
-            what = f"training on from step {step.from_step} in run {step.run_id}" if step.run_id else "training"
-            print(f"{i} {cell.id}: {what} (log: {path.parent}/stderr.log)", file=out, flush=True)
-            t0, since_ms = time.monotonic(), int(time.time() * 1000)
-            try:
-                code, metrics, error = run_cell_fn(path, step.run_id)
-            except KeyboardInterrupt:
-                tracker.record_failure(parent_id, cell, since_ms, "interrupted")
-                raise
-            seconds = time.monotonic() - t0
-            durations.append(seconds)
-            if metrics is not None:
-                result = CellResult(cell, "FINISHED", metrics["run_id"], seconds, metrics=metrics)
-                detail = _metric_note(metrics)
-            else:
-                run_id = tracker.record_failure(parent_id, cell, since_ms, error)
-                result = CellResult(cell, "FAILED", run_id, seconds, error=error)
-                detail = f"error: {error}"
-            results.append(result)
-            remaining = sum(1 for s in steps[cell.index + 1:] if s.action != "skip")
-            eta = remaining * sum(durations) / len(durations)
-            print(
-                f"{i} {cell.id}: {result.status} in {_duration(seconds)}; {detail} | "
-                f"elapsed {_duration(time.monotonic() - start)}, ETA {_duration(eta)}",
-                file=out,
-                flush=True,
-            )
-    except KeyboardInterrupt:
-        tracker.close_parent(parent_id, results, interrupted=True)
-        raise
-    tracker.close_parent(parent_id, results)
-    return Outcome(uri, parent_id, results)
+
+def run_one(
+    grid: Grid,
+    cell: Cell,
+    parent_id: str,
+    runs_dir: Optional[Path] = None,
+    out: Optional[TextIO] = None,
+    run_cell_fn: Callable[..., Tuple[int, Optional[Dict[str, Any]], str]] = run_cell,
+) -> CellResult:
+    """`--cell`: one cell under the invocation's parent, as `--resume` would treat it (skipped when it
+    FINISHED there, continued when it stopped after a checkpoint: a scheduler may simply start it again).
+    The parent ends when its last cell does, whichever process that is."""
+    tracker, out = _open(grid, out)
+    tracker.parent(parent_id)
+    step = plan_cell(cell, tracker.cell_attempts(parent_id, cell))
+    tracker.client.update_run(parent_id, status="RUNNING")
+    with StopSignals() as stop:
+        runner = _Runner(grid, tracker, parent_id, runs_dir, out, run_cell_fn, stop)
+        runner.say(f"grid {grid.name}, cell {cell.index + 1} of {len(grid.cells)}, parent run {parent_id}")
+        result = runner.step(step, later=0)
+    tracker.close_fanned_out(parent_id)
+    if stop.received is not None:
+        raise _stopped(stop.received, [result], 1, "the same --cell command")
+    return result
 
 
 def _metric_note(metrics: Dict[str, Any]) -> str:
-    from lrexp.report import FINAL_BPT  # report imports this module
-
     bpt = metrics.get(FINAL_BPT)
     return f"val bits/token {bpt:.4f}" if isinstance(bpt, (int, float)) else "no val bits/token"

@@ -29,15 +29,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from lrexp import grid as grid_mod
 from lrexp.config import PROJECT_ROOT
 from lrexp.errors import UserError
+from lrexp.runs import (
+    FINAL_BPT, SEED_KEY, TAG_CELL, TAG_ERROR, TAG_GROUP, TAG_INDEX, TAG_PARENT, TAG_REFERENCE, TAG_ROLE, latest_parent,
+    parents,
+)
 
 REPORTS_DIR = PROJECT_ROOT / "reports"
 
 # Metric names the training command logs (src/lrexp/train.py, src/lrexp/lit/).
 VAL_BPT = "val/bits_per_token"
-FINAL_BPT = "final/val_bits_per_token"
 FINAL_BPB = "final/val_bits_per_byte"
 FINAL_TEST_BPT = "final/test_bits_per_token"
 FINAL_TARGETS = "final/val_targets"
@@ -195,15 +197,10 @@ def find_parent(client, name: str, parent_id: Optional[str] = None):
         )
     if parent_id:
         run = client.get_run(parent_id)
-        if run.data.tags.get(grid_mod.TAG_ROLE) != "parent" or run.info.experiment_id != exp.experiment_id:
+        if run.data.tags.get(TAG_ROLE) != "parent" or run.info.experiment_id != exp.experiment_id:
             raise ReportError(f"run {parent_id} is not a parent run of grid '{name}'")
         return run
-    parents = client.search_runs(
-        [exp.experiment_id],
-        filter_string=f"tags.`{grid_mod.TAG_ROLE}` = 'parent' and tags.`{grid_mod.TAG_GRID}` = '{name}'",
-        max_results=1000,
-    )
-    parent = grid_mod.latest_parent(parents)
+    parent = latest_parent(parents(client, exp.experiment_id, name))
     if parent is None:
         raise ReportError(f"experiment 'lrexp-{name}' holds no grid parent run; run `lrexp grid {name}` first")
     return parent
@@ -213,13 +210,13 @@ def collect(client, parent) -> List[CellRun]:
     """One run per cell: the latest FINISHED child, else the latest child; in grid order."""
     children = client.search_runs(
         [parent.info.experiment_id],
-        filter_string=f"tags.`{grid_mod.TAG_PARENT}` = '{parent.info.run_id}'",
+        filter_string=f"tags.`{TAG_PARENT}` = '{parent.info.run_id}'",
         order_by=["attributes.start_time DESC"],
         max_results=10000,
     )
     picked: Dict[str, object] = {}
     for run in children:  # newest first
-        cell = run.data.tags.get(grid_mod.TAG_CELL, run.info.run_name)
+        cell = run.data.tags.get(TAG_CELL, run.info.run_name)
         have = picked.get(cell)
         if have is None or (have.info.status != "FINISHED" and run.info.status == "FINISHED"):
             picked[cell] = run
@@ -229,16 +226,16 @@ def collect(client, parent) -> List[CellRun]:
         cells.append(
             CellRun(
                 cell=cell,
-                group=tags.get(grid_mod.TAG_GROUP, cell),
-                index=int(tags.get(grid_mod.TAG_INDEX, 10**9)),
+                group=tags.get(TAG_GROUP, cell),
+                index=int(tags.get(TAG_INDEX, 10**9)),
                 status=run.info.status,
                 run_id=run.info.run_id,
                 row=tags.get("lrexp.row", "–"),
                 segment_len=params.get("derived.segment_len", "–"),
                 window=params.get("model.window", "–"),
                 metrics=dict(run.data.metrics),
-                error=tags.get(grid_mod.TAG_ERROR),
-                seed=params.get(grid_mod.SEED_KEY),
+                error=tags.get(TAG_ERROR),
+                seed=params.get(SEED_KEY),
             )
         )
     return sorted(cells, key=lambda c: (c.index, c.cell))
@@ -480,7 +477,7 @@ def build(
     cells = collect(client, parent)
     if not cells:
         raise ReportError(f"parent run {parent.info.run_id} of grid '{name}' has no cell runs yet")
-    rows, reference = aggregate(cells, parent.data.tags.get(grid_mod.TAG_REFERENCE))
+    rows, reference = aggregate(cells, parent.data.tags.get(TAG_REFERENCE))
     source = f"MLflow experiment `lrexp-{name}`, parent run `{parent.info.run_id}` ({parent.info.status})"
     out = Path(out_dir) if out_dir else _invocation_folder(REPORTS_DIR / name, parent.info.run_id)
     text, files = _write(client, rows, reference, out, f"Grid `{name}`", source, parent.data.tags.get("lrexp.cells"))
@@ -536,7 +533,7 @@ def build_runs(
             raise ReportError(f"no MLflow experiment '{experiment}' in {uri}")
         runs = [r for r in client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"],
                                               max_results=10000)
-                if r.data.tags.get(grid_mod.TAG_ROLE) != "parent"]
+                if r.data.tags.get(TAG_ROLE) != "parent"]
     else:
         runs = []
         for run_id in run_ids:
@@ -550,8 +547,8 @@ def build_runs(
         CellRun(cell=r.info.run_name or r.info.run_id, group=r.info.run_name or r.info.run_id, index=i,
                 status=r.info.status, run_id=r.info.run_id, row=r.data.tags.get("lrexp.row", "–"),
                 segment_len=r.data.params.get("derived.segment_len", "–"), window=r.data.params.get("model.window", "–"),
-                metrics=dict(r.data.metrics), error=r.data.tags.get(grid_mod.TAG_ERROR),
-                seed=r.data.params.get(grid_mod.SEED_KEY))
+                metrics=dict(r.data.metrics), error=r.data.tags.get(TAG_ERROR),
+                seed=r.data.params.get(SEED_KEY))
         for i, r in enumerate(runs)
     ]
     rows, ref = aggregate(cells, reference)

@@ -17,36 +17,28 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 
 from lrexp import config as config_mod
 from lrexp.config import RunConfig
+from lrexp.errors import Interrupted
 from lrexp.data_modules import StreamDataModule, prepare
 from lrexp.data_modules.datamodule import eval_pass
 from lrexp.lit import checkpoint as ckpt_mod
 from lrexp.lit import tracking
 from lrexp.lit.module import LMModule
 from lrexp.lit.perf import PerfCallback
+from lrexp.lit.progress import ProgressFile
+from lrexp.lit.saving import LastCheckpoint
 from lrexp.lit.seeding import StepSeedCallback
 from lrexp.lit.tbptt import TBPTTCallback
 from lrexp.model import build_model
+from lrexp.runs import TAG_CHECKPOINT_DIR, process_tags
+from lrexp.signals import StopSignals, name
 from lrexp.validate import check_run
 
 # Metrics summarised as final/* at the end of a run (the final passes log their own final/val_*, final/test_*).
 _SUMMARY_PREFIXES = ("train/loss", "perf/")
-
-
-class LastCheckpoint(ModelCheckpoint):
-    """`last.ckpt` every `every_n_train_steps` steps and once more when training ends.
-
-    ModelCheckpoint alone saves at the end only when max_steps is a multiple of the interval; the final
-    state is what `--resume` with more steps starts from.
-    """
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._should_skip_saving_checkpoint(trainer):  # skips when this step is already saved
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 def usable_cpus() -> int:
@@ -79,17 +71,11 @@ def cpu_threads(cfg: RunConfig) -> int:
 
 
 def build_trainer(
-    cfg: RunConfig, logger: Optional[MLFlowLogger], checkpoint_dir: Path, callbacks: Sequence[pl.Callback]
+    cfg: RunConfig, logger: Optional[MLFlowLogger], last: LastCheckpoint, callbacks: Sequence[pl.Callback]
 ) -> pl.Trainer:
     t = cfg.train
     perf = PerfCallback(cfg.data.tokens_per_step, warmup_steps=cfg.log.perf_warmup_steps)
-    last = LastCheckpoint(
-        dirpath=checkpoint_dir,  # explicit: with MLflow under DDP only rank 0 knows the run (Lightning#19932)
-        save_top_k=0,
-        save_last=True,
-        every_n_train_steps=t.val_every,
-        enable_version_counter=False,  # a resumed run overwrites its own last.ckpt
-    )
+    progress = [ProgressFile(Path(cfg.log.progress_file), cfg.data.tokens_per_step)] if cfg.log.progress_file else []
     return pl.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
@@ -105,11 +91,11 @@ def build_trainer(
         check_val_every_n_epoch=None,
         log_every_n_steps=cfg.log.every_n_steps,
         logger=logger if logger is not None else False,
-        callbacks=[StepSeedCallback(t.seed), *callbacks, perf, last],
+        callbacks=[StepSeedCallback(t.seed), *callbacks, perf, *progress, last],
         use_distributed_sampler=False,  # the data module deals whole lanes to ranks itself
         deterministic="warn" if t.deterministic else False,  # warn, not fail, on ops without one (GPU)
         enable_progress_bar=cfg.log.progress_bar,
-        default_root_dir=checkpoint_dir,
+        default_root_dir=last.dirpath,
     )
 
 
@@ -144,43 +130,64 @@ def run(cfg: RunConfig, resume: Optional[str] = None) -> Dict[str, Any]:
         ckpt_mod.check_compatible(cfg, info)
     logger = tracking.open_run(cfg, resume_run_id=info.run_id if info else None)
     run_id = logger.run_id
-    try:
-        pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
-        prepared = prepare(cfg)
-        if info is not None:
-            ckpt_mod.check_compatible(cfg, info, prepared.vocab_size)
-        model = build_model(cfg, prepared.vocab_size)
-        checkpoint_dir = ckpt_mod.run_dir(cfg, str(run_id))
-        n_params = sum(p.numel() for p in model.parameters())
-        tracking.set_tags(logger, {"lrexp.backend": model.backend, "lrexp.checkpoint_dir": str(checkpoint_dir),
-                                   "lrexp.threads": str(threads), **eval_tags(cfg, prepared)})
-        tracking.log_artifact_dict(logger, prepared.meta, "data_meta.json")
+    checkpoint_dir = ckpt_mod.run_dir(cfg, str(run_id))
+    last: Optional[LastCheckpoint] = None
 
-        tbptt = TBPTTCallback(cfg.train.lane_groups, cfg.train.offload_state)
-        module = LMModule(cfg, model, tbptt, prepared.vocab_size)
-        datamodule = StreamDataModule(cfg)
-        trainer = build_trainer(cfg, logger, checkpoint_dir, [tbptt])
-        trainer.fit(module, datamodule=datamodule, ckpt_path=info.path if info else None, weights_only=True)
-        metrics = dict(trainer.callback_metrics)
-        # Rank 0's run id names the folder on every rank (ModelCheckpoint broadcasts its dirpath).
-        checkpoint_dir = Path(trainer.checkpoint_callback.dirpath)
-        # Under ddp_fork / ddp_spawn the main process's trainer never sees the workers' step (it stays 0,
-        # engineering.md 6; max_steps > 0 otherwise): the final checkpoint holds it.
-        steps = trainer.global_step or ckpt_mod.saved_step(checkpoint_dir / ckpt_mod.LAST)
-        summary = _summary(metrics)
-        summary["final/params"] = float(n_params)
-        summary["final/steps"] = float(steps)
-        summary["final/tokens_seen"] = float(steps * cfg.data.tokens_per_step)
-        # the final passes log final/val_* and final/test_* themselves
-        trainer.validate(module, datamodule=datamodule, verbose=False)
-        passes = dict(trainer.callback_metrics)
-        trainer.test(module, datamodule=datamodule, verbose=False)  # the split the paper reports
-        passes.update(trainer.callback_metrics)
-        final = {**{k: float(v) for k, v in passes.items() if k.startswith("final/")}, **summary}
-        tracking.finish(logger, summary, steps)
-    except BaseException as exc:
-        tracking.fail(logger, exc)
-        raise
+    def stop_unless_training(signum: int) -> None:
+        # while training, `last` stops at the end of the optimiser step with a checkpoint; elsewhere at once
+        if last is None or not last.training:
+            raise Interrupted(signum, f"stopped by {name(signum)}")
+
+    with StopSignals(stop_unless_training) as signals:
+        try:
+            # first: a grid's --resume tells a run that still trains from one left RUNNING by a dead process
+            tracking.set_tags(logger, {TAG_CHECKPOINT_DIR: str(checkpoint_dir), **process_tags()})
+            pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
+            prepared = prepare(cfg)
+            if info is not None:
+                ckpt_mod.check_compatible(cfg, info, prepared.vocab_size)
+            model = build_model(cfg, prepared.vocab_size)
+            n_params = sum(p.numel() for p in model.parameters())
+            tracking.set_tags(logger, {"lrexp.backend": model.backend, "lrexp.threads": str(threads),
+                                       **eval_tags(cfg, prepared)})
+            tracking.log_artifact_dict(logger, prepared.meta, "data_meta.json")
+
+            tbptt = TBPTTCallback(cfg.train.lane_groups, cfg.train.offload_state)
+            module = LMModule(cfg, model, tbptt, prepared.vocab_size)
+            datamodule = StreamDataModule(cfg)
+            t = cfg.train
+            last = LastCheckpoint(checkpoint_dir, t.checkpoint_every or t.val_every, t.checkpoint_minutes, signals)
+            trainer = build_trainer(cfg, logger, last, [tbptt])
+            trainer.fit(module, datamodule=datamodule, ckpt_path=info.path if info else None, weights_only=True)
+            if signals.received is not None:  # during the last step: its checkpoint is saved
+                signum = signals.received
+                raise Interrupted(signum, f"stopped by {name(signum)} at step {trainer.global_step}")
+            metrics = dict(trainer.callback_metrics)
+            # Rank 0's run id names the folder on every rank (ModelCheckpoint broadcasts its dirpath).
+            checkpoint_dir = Path(trainer.checkpoint_callback.dirpath)
+            # Under ddp_fork / ddp_spawn the main process's trainer never sees the workers' step (it stays 0,
+            # engineering.md 6; max_steps > 0 otherwise): the final checkpoint holds it.
+            steps = trainer.global_step or ckpt_mod.saved_step(checkpoint_dir / ckpt_mod.LAST)
+            summary = _summary(metrics)
+            summary["final/params"] = float(n_params)
+            summary["final/steps"] = float(steps)
+            summary["final/tokens_seen"] = float(steps * cfg.data.tokens_per_step)
+            # the final passes log final/val_* and final/test_* themselves
+            trainer.validate(module, datamodule=datamodule, verbose=False)
+            passes = dict(trainer.callback_metrics)
+            trainer.test(module, datamodule=datamodule, verbose=False)  # the split the paper reports
+            passes.update(trainer.callback_metrics)
+            final = {**{k: float(v) for k, v in passes.items() if k.startswith("final/")}, **summary}
+            tracking.finish(logger, summary, steps)
+        except Interrupted as exc:
+            hint = (f"continue with: lrexp train --resume {run_id}" if (checkpoint_dir / ckpt_mod.LAST).is_file()
+                    else "no checkpoint yet: train it again")
+            stopped = Interrupted(exc.signum, f"{exc}; {hint}")
+            tracking.fail(logger, stopped)
+            raise stopped from None
+        except BaseException as exc:
+            tracking.fail(logger, exc)
+            raise
     return {"run_id": run_id, "checkpoint": str(checkpoint_dir / ckpt_mod.LAST), **final}
 
 

@@ -10,6 +10,7 @@ succeeds on resume once they are long enough.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
@@ -23,7 +24,8 @@ from lrexp.commands import grid as grid_cmd
 
 
 def _args(name, *overrides, **kw):
-    ns = argparse.Namespace(name=name, overrides=list(overrides), dry_run=False, resume=False, runs_dir=None, out=None)
+    ns = argparse.Namespace(name=name, overrides=list(overrides), dry_run=False, resume=False, runs_dir=None, out=None,
+                            list=False, new_parent=False, cell=None, parent=None)
     for k, v in kw.items():
         setattr(ns, k, v)
     return ns
@@ -75,6 +77,8 @@ def test_failing_cell_then_resume(env, capsys):
     assert ok.info.status == "FINISHED" and ok.data.metrics["final/steps"] == 3
     assert ok.data.tags["lrexp.cell"] == "file_suffix=.txt" and ok.data.tags["lrexp.grid"] == "smoke_grid"
     assert bad.info.status == "FAILED" and "larger than every document" in bad.data.tags["lrexp.error"]
+    progress = json.loads((root / "runs" / "smoke_grid" / "file_suffix-.txt" / "progress.json").read_text())
+    assert progress["step"] == progress["max_steps"] == 3 and progress["tokens_per_s"] > 0  # what the live line shows
 
     for doc in env["corpus"].glob("*.txt"):  # now the failed cell's documents are long enough
         shutil.copy(doc, doc.with_suffix(".md"))

@@ -8,18 +8,22 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
 from lrexp import config, train
 from lrexp.data_modules import prepare
+from lrexp.errors import Interrupted
 from lrexp.config import EXPERIMENTS
 from lrexp.lit import checkpoint as ckpt_mod
+from lrexp.lit import saving
 from lrexp.lit import tracking
 from lrexp.variants import row_name
 
@@ -108,6 +112,8 @@ def test_every_row_runs_and_its_mlflow_run_holds_the_contract(env, row):
     assert metrics["final/tokens_seen"] == 4 * cfg.data.tokens_per_step
     assert tags["lrexp.row"] == row_name(cfg)
     assert tags["lrexp.scale"] == "smoke" and tags["lrexp.git_sha"]
+    kind = env["client"].get_experiment_by_name("lrexp-tests").tags["mlflow.experimentKind"]
+    assert kind == "custom_model_development"  # the UI's runs table, not the GenAI overview
     assert tags["lrexp.backend"]
     assert tags["lrexp.threads"] == os.environ["OMP_NUM_THREADS"] == str(torch.get_num_threads())  # conftest's
     assert tags["lrexp.grid"] == "tests" and tags["lrexp.cell"] == f"row={row}"
@@ -238,3 +244,59 @@ def test_checkpoint_from_another_model_config_is_refused(env):
     other = load(env, "model.d_ff=96", "model.num_layers=3")
     with pytest.raises(ckpt_mod.CheckpointError, match=r"model\.d_ff=64 there, 96 here.*model\.num_layers=4"):
         train.run(other, resume=first["run_id"])
+
+
+class SignalAt(pl.Callback):
+    """Sends the process a signal as micro-batch `batch` starts: with two lane groups, inside optimiser step 2."""
+
+    def __init__(self, batch: int, signum: int) -> None:
+        self.batch, self.signum = batch, signum
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == self.batch:
+            os.kill(os.getpid(), self.signum)
+
+
+# SIGTERM end to end, through a grid: test_grid_interrupt.py
+@pytest.mark.parametrize("signum", [pytest.param(signal.SIGTERM, marks=pytest.mark.slow), signal.SIGINT])
+def test_a_signal_saves_at_the_end_of_the_step_marks_the_run_killed_and_resume_is_exact(env, monkeypatch, signum):
+    overrides = [f"row={_row_named('Rec')}", "train.lane_groups=2", "train.checkpoint_every=100"]
+    whole = train.run(load(env, *overrides))
+    build = train.build_trainer
+    with monkeypatch.context() as m:
+        m.setattr(train, "build_trainer",
+                  lambda cfg, logger, last, cbs: build(cfg, logger, last, [*cbs, SignalAt(2, signum)]))
+        with pytest.raises(Interrupted, match=f"stopped by {signal.Signals(signum).name} at step 2") as stopped:
+            train.run(load(env, *overrides, "log.run_name=stopped"))
+    assert stopped.value.exit_code == 128 + signum and "continue with: lrexp train --resume" in str(stopped.value)
+    run = env["client"].search_runs(
+        [env["client"].get_experiment_by_name("lrexp-tests").experiment_id],
+        filter_string="tags.`mlflow.runName` = 'stopped'", order_by=["attributes.start_time DESC"])[0]
+    assert run.info.status == "KILLED" and "at step 2" in run.data.tags["lrexp.error"]
+    run_id = run.info.run_id
+    assert ckpt_mod.saved_step(ckpt_mod.locate(run_id, env["root"] / "ckpt")) == 2  # the step's end, not mid-step
+    cfg, _ = train.resume_config(run_id, [], [f"train.checkpoint_dir={env['root'] / 'ckpt'}"])
+    resumed = train.run(cfg, resume=run_id)
+    after = env["client"].get_run(run_id)
+    assert after.info.status == "FINISHED" and "lrexp.error" not in after.data.tags
+    for key in ("train/loss", "val/loss", "val/bits_per_byte"):
+        assert history(env, run_id, key) == history(env, whole["run_id"], key), key
+    a, b = weights(whole), weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("overrides, steps", [
+    pytest.param(["train.checkpoint_every=3"], [3, 4], marks=pytest.mark.slow),  # and at the end
+    (["train.checkpoint_every=100", "train.checkpoint_minutes=1e-9"], [1, 2, 3, 4]),  # minutes: every step here
+])
+def test_checkpoint_cadence_has_its_own_keys(env, monkeypatch, overrides, steps):
+    saved = []
+    save = saving.LastCheckpoint._save_last_checkpoint
+
+    def counted(self, trainer, candidates):
+        saved.append(trainer.global_step)
+        save(self, trainer, candidates)
+
+    monkeypatch.setattr(saving.LastCheckpoint, "_save_last_checkpoint", counted)
+    train.run(load(env, *overrides))  # 4 steps, validations every 2
+    assert saved == steps

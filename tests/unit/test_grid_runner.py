@@ -5,12 +5,19 @@ lines, and --resume."""
 from __future__ import annotations
 
 import io
+import os
+import signal
+import socket
+import subprocess
+from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
 from lrexp import config, grid, report
+from lrexp.errors import Interrupted
 
 
 @pytest.fixture(scope="module")
@@ -23,11 +30,13 @@ class FakeTrain:
 
     def __init__(self, uri: str, fail: dict):
         self.client = MlflowClient(uri)
-        self.fail = fail  # cell id -> "before-run" (dies before creating its run) | "killed" (run left RUNNING)
+        # cell id -> "before-run" (dies before creating its run) | "killed" (run left RUNNING) | "signal" (the
+        # grid gets a SIGTERM while the cell trains: it saves a checkpoint at step 2 and ends its run KILLED)
+        self.fail = fail
         self.ran = []
         self.resumed = {}  # cell id -> the run it continued
 
-    def __call__(self, path, resume=None):
+    def __call__(self, path, resume=None, stop=None, watch=None):
         cfg = config.load([path])
         cell = cfg.log.run_name
         self.ran.append(cell)
@@ -45,6 +54,11 @@ class FakeTrain:
             self.client.log_param(run_id, "train.max_steps", str(cfg.train.max_steps))
         if self.fail.get(cell) == "killed":
             return -9, None, "killed by signal 9"
+        if self.fail.get(cell) == "signal":
+            save_checkpoint(self.client, run_id, cfg.train.checkpoint_dir, 2)
+            os.kill(os.getpid(), signal.SIGTERM)
+            self.client.set_terminated(run_id, "KILLED")
+            return 143, None, "stopped by SIGTERM at step 2"
         metrics = {"final/val_bits_per_token": 3.0 + cfg.model.window / 100, "final/step_time_s": 0.1}
         for k, v in metrics.items():
             self.client.log_metric(run_id, k, v)
@@ -52,10 +66,18 @@ class FakeTrain:
         return 0, {"run_id": run_id, **metrics}, ""
 
 
+def save_checkpoint(client, run_id, checkpoint_dir, step):
+    """What `lrexp train` leaves for a resume: the run's checkpoint folder as a tag, last.ckpt in it."""
+    folder = Path(checkpoint_dir) / run_id
+    folder.mkdir(parents=True)
+    torch.save({"global_step": step}, folder / "last.ckpt")
+    client.set_tag(run_id, "lrexp.checkpoint_dir", str(folder))
+
+
 def make_grid(tmp_path, uri, name, *overrides):
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump({
-        "base": {"scale": "smoke", "log.tracking_uri": uri},
+        "base": {"scale": "smoke", "log.tracking_uri": uri, "train.checkpoint_dir": str(tmp_path / "ckpt")},
         "axes": {"model.window": [4, 8, 16]},
     }))
     return grid.expand(str(path), list(overrides))
@@ -159,3 +181,120 @@ def test_resume_without_an_earlier_run_starts_a_parent(tmp_path, uri):
     fake = FakeTrain(uri, {})
     outcome = grid.run(g, resume=True, runs_dir=tmp_path / "runs", out=io.StringIO(), run_cell_fn=fake)
     assert len(fake.ran) == 3 and MlflowClient(uri).get_run(outcome.parent_id).info.status == "FINISHED"
+
+
+def test_a_signal_stops_the_grid_after_its_cell_and_resume_continues_that_cell_from_its_checkpoint(tmp_path, uri):
+    g = make_grid(tmp_path, uri, "g6")
+    fake = FakeTrain(uri, {"window=8": "signal"})
+    out = io.StringIO()
+    with pytest.raises(Interrupted, match=r"stopped by SIGTERM with 1 of 3 cells done; continue with: lrexp grid "
+                                          r"\S+g6.yaml --resume") as stopped:
+        grid.run(g, runs_dir=tmp_path / "runs", out=out, run_cell_fn=fake)
+    assert stopped.value.exit_code == 143
+    assert fake.ran == ["window=4", "window=8"]  # the third cell never started
+    client = MlflowClient(uri)
+    parent = grid.previous_invocation(g)[0]
+    assert parent.info.status == "KILLED"
+    assert children(client, parent.info.run_id) == {("window=4", "FINISHED", None), ("window=8", "KILLED", None)}
+    assert "[2/3] window=8: KILLED" in out.getvalue()
+    stopped_run = next(r.run_id for r in grid.previous_invocation(g)[1] if r.status == "KILLED")
+
+    steps = grid.plan(g, grid.previous_invocation(g)[1])
+    assert [(s.action, s.run_id, s.from_step) for s in steps[1:]] == [("continue", stopped_run, 2), ("train", None, 0)]
+    fake = FakeTrain(uri, {})
+    out = io.StringIO()
+    grid.run(g, resume=True, runs_dir=tmp_path / "runs", out=out, run_cell_fn=fake)
+    assert fake.ran == ["window=8", "window=16"] and fake.resumed == {"window=8": stopped_run}
+    assert "window=8: training on from step 2 in run" in out.getvalue()
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+
+
+def test_runs_left_running_by_dead_processes_are_taken_over_or_killed(tmp_path, uri):
+    """The grid and its cell killed hard (SIGKILL, a lost machine): parent and cells stay RUNNING."""
+    g = make_grid(tmp_path, uri, "g7")
+    first = grid.run(g, runs_dir=tmp_path / "runs", out=io.StringIO(),
+                     run_cell_fn=FakeTrain(uri, {"window=8": "killed", "window=16": "killed"}))
+    client = MlflowClient(uri)
+    runs = {r.cell.id: r.run_id for r in first.results}
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    gone = {"lrexp.pid": str(dead.pid), "lrexp.host": socket.gethostname()}
+    for run_id in (first.parent_id, runs["window=8"], runs["window=16"]):
+        client.update_run(run_id, status="RUNNING")
+        for k, v in gone.items():
+            client.set_tag(run_id, k, v)
+    save_checkpoint(client, runs["window=8"], tmp_path / "ckpt", 3)
+
+    client.set_tag(runs["window=16"], "lrexp.pid", str(os.getpid()))  # as if it still trained
+    with pytest.raises(grid.GridError, match=f"still training \\(run {runs['window=16']}\\)"):
+        grid.run(g, resume=True, runs_dir=tmp_path / "runs", out=io.StringIO(), run_cell_fn=FakeTrain(uri, {}))
+    client.set_tag(runs["window=16"], "lrexp.pid", str(dead.pid))
+
+    fake = FakeTrain(uri, {})
+    again = grid.run(g, resume=True, runs_dir=tmp_path / "runs", out=io.StringIO(), run_cell_fn=fake)
+    assert again.parent_id == first.parent_id
+    assert fake.resumed == {"window=8": runs["window=8"]}  # from its checkpoint, in its run
+    assert fake.ran == ["window=8", "window=16"]  # no checkpoint: trained again, in a new run
+    stale = client.get_run(runs["window=16"])
+    assert stale.info.status == "KILLED" and "ended without ending the run" in stale.data.tags["lrexp.error"]
+    assert client.get_run(runs["window=8"]).info.status == "FINISHED"
+
+
+def test_experiments_are_tagged_as_model_training_and_make_ui_names_the_latest_grids_runs(
+    tmp_path, uri, capsys, monkeypatch
+):
+    from lrexp.cli import main
+
+    client = MlflowClient(uri)
+    client.create_experiment("lrexp-g8")  # made by an older lrexp: no kind yet
+    g = make_grid(tmp_path, uri, "g8")
+    outcome = grid.run(g, runs_dir=tmp_path / "runs", out=io.StringIO(), run_cell_fn=FakeTrain(uri, {}))
+    exp = client.get_experiment_by_name("lrexp-g8")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the runs table
+
+    served = []
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setattr(os, "execv", lambda path, argv: served.append(argv))
+    main(["ui", "--port", "5123"])
+    line = capsys.readouterr().out
+    assert (f"the latest grid (g8): http://127.0.0.1:5123/#/experiments/{exp.experiment_id}/runs"
+            "?workflowType=machine_learning&searchFilter="
+            f"tags.%60mlflow.parentRunId%60%20%3D%20%27{outcome.parent_id}%27") in line
+    assert served[0][1:3] == ["ui", "--backend-store-uri"] and served[0][-2:] == ["--port", "5123"]
+
+
+def test_cells_fanned_out_to_a_scheduler_join_one_parent_which_ends_with_the_last(tmp_path, uri, capsys, monkeypatch):
+    from lrexp.cli import main
+
+    g = make_grid(tmp_path, uri, "g9", "train.max_steps=5")
+    path = str(tmp_path / "g9.yaml")
+    monkeypatch.delenv("LREXP_GRID_PARENT", raising=False)
+    assert main(["grid", path, "--list"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["window=4", "window=8", "window=16"]
+    assert main(["grid", path, "--cell", "2"]) == 2
+    assert main(["grid", path, "--cell", "2", "--dry-run"]) == 2
+    assert "--cell needs the invocation's parent run: --parent RUN_ID or $LREXP_GRID_PARENT" in capsys.readouterr().err
+    assert main(["grid", path, "--new-parent", "train.max_steps=5"]) == 0
+    parent_id = capsys.readouterr().out.strip()
+    monkeypatch.setenv("LREXP_GRID_PARENT", parent_id)
+    assert main(["grid", path, "--list"]) == 0  # with the parent's overrides
+    assert capsys.readouterr().out.splitlines() == ["window=4", "window=8", "window=16"]
+    assert main(["grid", path, "--cell", "window=3"]) == 2
+    assert "grid g9 has no cell 'window=3'" in capsys.readouterr().err
+
+    client = MlflowClient(uri)
+    fake = FakeTrain(uri, {"window=8": "signal"})  # a preempted job of the array...
+    with pytest.raises(Interrupted, match="continue with: the same --cell command"):
+        grid.run_one(g, g.cells[1], parent_id, runs_dir=tmp_path / "runs", out=io.StringIO(), run_cell_fn=fake)
+    fake = FakeTrain(uri, {})
+    for cell in (g.cells[1], g.cells[0]):  # ...started again by the scheduler, and another job
+        assert grid.run_one(g, cell, parent_id, runs_dir=tmp_path / "runs", out=io.StringIO(),
+                            run_cell_fn=fake).status == "FINISHED"
+        assert client.get_run(parent_id).info.status == "RUNNING"  # window=16 has not run yet
+    assert list(fake.resumed) == ["window=8"]  # from its checkpoint
+    grid.run_one(g, g.cells[2], parent_id, runs_dir=tmp_path / "runs", out=io.StringIO(), run_cell_fn=fake)
+    assert client.get_run(parent_id).info.status == "FINISHED"
+    again = grid.run_one(g, g.cells[2], parent_id, runs_dir=tmp_path / "runs", out=io.StringIO(), run_cell_fn=fake)
+    assert again.status == "SKIPPED" and len(fake.ran) == 3
+    rep = report.build("g9", tmp_path / "report", uri=uri)
+    assert rep.parent_id == parent_id and [r.status for r in rep.rows] == ["FINISHED"] * 3

@@ -1,8 +1,14 @@
-"""`lrexp grid NAME [--dry-run] [--resume] [key=value ...]`
+"""`lrexp grid NAME [--dry-run] [--resume] [--list] [--new-parent] [--cell ID [--parent RUN_ID]] [key=value ...]`
 
 Expands and validates every cell first (bad input fails here, before anything runs), then trains the cells
 one after another, each as its own process, and ends with the report (the table is printed). The exit
 status is 0 only when every cell finished.
+
+Fanned out to a scheduler instead: `--new-parent` opens the invocation's parent run and prints its id;
+`--cell ID` (or its number in `--list`) trains that one cell under the parent named by `--parent` or
+`$LREXP_GRID_PARENT`, with the parent's overrides (then any given). An explicit parent, because cells that
+start at once on several machines cannot agree on one they create themselves: MLflow has no atomic "create
+unless it exists". `lrexp report NAME` then gathers the cells.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ from pathlib import Path
 
 from lrexp.errors import UserError
 
+PARENT_ENV = "LREXP_GRID_PARENT"
+
 
 def _add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="list the cells and validate their configs; train nothing")
@@ -20,8 +28,15 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
         "--resume",
         action="store_true",
         help="continue the grid's latest invocation (its overrides, then any given now): skip cells that "
-        "FINISHED there with the same config, train on those that only had fewer train.max_steps",
+        "FINISHED there with the same config, train on those that only had fewer train.max_steps or were "
+        "stopped after a checkpoint",
     )
+    parser.add_argument("--list", action="store_true", help="print the cell ids, one a line, in grid order")
+    parser.add_argument("--new-parent", action="store_true",
+                        help="open a parent run for --cell processes (a scheduler's jobs) and print its id")
+    parser.add_argument("--cell", metavar="ID", help="train this one cell (its id, or its line number in "
+                        "--list) under the parent run of --parent / $LREXP_GRID_PARENT, resuming it if it stopped")
+    parser.add_argument("--parent", metavar="RUN_ID", help=f"the parent run for --cell (default: ${PARENT_ENV})")
     parser.add_argument("--runs-dir", type=Path, help="cell configs and logs go to DIR/NAME/CELL/ (default: runs/)")
     parser.add_argument("--out", type=Path, help="report folder (default: reports/NAME)")
 
@@ -92,10 +107,50 @@ def _check_cells(g) -> None:
             raise GridError(f"grid {g.name}, cell {cell.id}: {exc}") from None
 
 
+def _pick(g, wanted: str):
+    """A cell by its id or by its line number in `--list` (a job array's task id)."""
+    from lrexp.grid import GridError
+
+    for cell in g.cells:
+        if wanted in (cell.id, str(cell.index + 1)):
+            return cell
+    raise GridError(f"grid {g.name} has no cell '{wanted}' ({len(g.cells)} cells; lrexp grid {g.name} --list)")
+
+
+def _fan_out(args: argparse.Namespace) -> int:
+    """--list, --new-parent and --cell."""
+    import os
+
+    from lrexp import grid
+
+    parent_id = args.parent or os.environ.get(PARENT_ENV)
+    g = grid.expand(args.name, args.overrides)
+    if parent_id and not args.new_parent:  # the invocation's overrides first, the ones given now on top
+        parent = grid.Tracker(grid.tracking_uri_of(g), g).parent(parent_id)
+        g = grid.expand(args.name, [*grid.invocation_overrides(parent), *args.overrides])
+    if args.list:
+        print("\n".join(c.id for c in g.cells))
+        return 0
+    _check_cells(g)
+    if args.new_parent:
+        print(grid.Tracker(grid.tracking_uri_of(g), g).new_parent())
+        return 0
+    if not parent_id:
+        raise UserError(f"--cell needs the invocation's parent run: --parent RUN_ID or ${PARENT_ENV} "
+                        f"(lrexp grid {args.name} --new-parent opens one)")
+    result = grid.run_one(g, _pick(g, args.cell), parent_id, runs_dir=args.runs_dir)
+    return 0 if result.status in ("FINISHED", "SKIPPED") else 1
+
+
 def run(args: argparse.Namespace) -> int:
     from lrexp import grid, report
 
     args = _late_options(args)
+    if args.list or args.new_parent or args.cell:
+        if args.dry_run or args.resume:
+            raise UserError("--list, --new-parent and --cell take no --dry-run or --resume (a --cell resumes its "
+                            "cell by itself)")
+        return _fan_out(args)
     g = grid.expand(args.name, args.overrides)
     steps = None
     if args.resume:

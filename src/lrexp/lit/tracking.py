@@ -8,6 +8,7 @@
 - Params are the flattened resolved config, logged once (MLflow params are immutable); the YAML goes in as
   the `config.yaml` artifact. A resumed run keeps its params; values that changed are recorded as
   `lrexp.resume.<key>` tags.
+- Every experiment lrexp creates is tagged `mlflow.experimentKind=custom_model_development` (DESIGN.md 6).
 - A store that cannot be written fails here, before any data or model work, with one line.
 """
 
@@ -22,13 +23,16 @@ from typing import Any, Dict, Mapping, Optional
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 from mlflow.entities import RunTag
+from mlflow.tracking import MlflowClient
 
 from lrexp import config as config_mod
 from lrexp.config import PROJECT_ROOT, RunConfig
-from lrexp.errors import UserError
+from lrexp.errors import Interrupted, UserError
+from lrexp.runs import TAG_ERROR
 from lrexp.variants import row_name
 
 _SQLITE = "sqlite:///"
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 class TrackingError(UserError, RuntimeError):
@@ -44,6 +48,23 @@ def artifact_location(uri: str) -> Optional[str]:
     if uri.startswith(_SQLITE):
         return str(Path(uri[len(_SQLITE):]).resolve().parent / "mlartifacts")
     return None
+
+
+def experiment_id(client, name: str, uri: str) -> str:
+    """The experiment's id, created if missing, and tagged as model training (`mlflow.experimentKind`): the
+    MLflow 3 UI opens an experiment without that tag on its GenAI overview, not on its runs."""
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location(uri), tags=EXPERIMENT_KIND)
+        except Exception:  # another process created it first (cells started at once): theirs is as good
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    for key, value in EXPERIMENT_KIND.items():
+        if exp.tags.get(key) != value:
+            client.set_experiment_tag(exp.experiment_id, key, value)
+    return exp.experiment_id
 
 
 def git_sha() -> str:
@@ -78,6 +99,8 @@ def open_run(cfg: RunConfig, resume_run_id: Optional[str] = None) -> MLFlowLogge
     uri = tracking_uri(cfg)
     tags = run_tags(cfg)
     try:  # the client opens (and for sqlite creates) the store right away
+        if rank_zero_only.rank == 0:
+            experiment_id(MlflowClient(uri), cfg.log.experiment, uri)
         logger = MLFlowLogger(
             experiment_name=cfg.log.experiment,
             run_name=cfg.log.run_name,
@@ -95,13 +118,16 @@ def open_run(cfg: RunConfig, resume_run_id: Optional[str] = None) -> MLFlowLogge
         raise TrackingError(f"cannot open {what} the MLflow tracking store {uri}: {_one_line(exc)}") from None
     try:
         if resume_run_id:
-            recorded = client.get_run(run_id).data.params
+            earlier = client.get_run(run_id).data
+            recorded = earlier.params
             changed = {
                 f"lrexp.resume.{k}": str(v)[:250]
                 for k, v in config_mod.flatten(cfg).items()
                 if k in recorded and recorded[k] != str(v)[:250]
             }
             client.update_run(run_id, status="RUNNING")
+            if TAG_ERROR in earlier.tags:  # why an earlier attempt stopped, no longer true
+                client.delete_tag(run_id, TAG_ERROR)
             set_tags(logger, {**tags, **changed})
         else:
             logger.log_hyperparams(config_mod.flatten(cfg))
@@ -130,14 +156,19 @@ def finish(logger: MLFlowLogger, final: Mapping[str, float], step: int) -> None:
 
 
 def fail(logger: MLFlowLogger, exc: BaseException) -> None:
-    """FAILED with the error as the `lrexp.error` tag; never hides the original error."""
+    """FAILED with the error as the `lrexp.error` tag, or KILLED when a signal stopped the run (its
+    checkpoint, if any, continues it); never hides the original error."""
     if rank_zero_only.rank != 0:
         return
     try:
         client = logger.experiment
-        # Lightning turns Ctrl+C inside fit into SystemExit(1)
-        error = "interrupted" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else _one_line(exc)
-        client.set_tag(logger.run_id, "lrexp.error", error[:5000])
-        client.set_terminated(logger.run_id, "FAILED")
+        if isinstance(exc, Interrupted):
+            status, error = "KILLED", str(exc)
+        elif isinstance(exc, (KeyboardInterrupt, SystemExit)):  # Lightning turns Ctrl+C inside fit into SystemExit
+            status, error = "KILLED", "interrupted"
+        else:
+            status, error = "FAILED", _one_line(exc)
+        client.set_tag(logger.run_id, TAG_ERROR, error[:5000])
+        client.set_terminated(logger.run_id, status)
     except Exception:  # the store itself may be what failed; the caller re-raises the original error
         pass

@@ -1,0 +1,89 @@
+"""What the grid runner writes to MLflow and the report reads back: one home for both (neither imports the
+other). Tag names on grid runs, the summary metric the runner prints, and how a grid's invocations (its
+parent runs) are found.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Dict, Mapping
+from urllib.parse import quote
+
+SEED_KEY = "train.seed"  # the seeds axis of a grid; the report pairs cells by it
+
+# Tags the grid puts on runs (the cell's through its config's log.tags, which `lrexp train` logs).
+TAG_PARENT = "mlflow.parentRunId"
+TAG_GRID = "lrexp.grid"
+TAG_CELL = "lrexp.cell"
+TAG_GROUP = "lrexp.group"  # the cell id without the seed: the report's aggregation key
+TAG_INDEX = "lrexp.cell_index"  # the cell's position in the grid: the report's row order
+TAG_HASH = "lrexp.config_hash"
+TAG_CONTINUE = "lrexp.continue_hash"  # the config hash without train.max_steps: a run to train further
+TAG_OVERRIDES = "lrexp.overrides"  # JSON list of the invocation's command-line overrides, on the parent
+TAG_ROLE = "lrexp.role"  # "parent" on the grid's own run
+TAG_REFERENCE = "lrexp.reference"  # group id of the step-time reference, on the parent
+TAG_INVOKED = "lrexp.invoked_at"  # ms since the epoch of the latest invocation, on the parent
+TAG_ERROR = "lrexp.error"
+TAG_CHECKPOINT_DIR = "lrexp.checkpoint_dir"  # on every training run: where its last.ckpt is
+# On every run while its process works (`lrexp train`'s, the grid's parent): a run left RUNNING by a process
+# that is gone (killed hard, its machine lost) is told apart from one still training.
+TAG_PID = "lrexp.pid"
+TAG_HOST = "lrexp.host"
+
+FINAL_BPT = "final/val_bits_per_token"  # logged by `lrexp train` (train.py)
+
+
+def parents(client, experiment_id: str, grid: str) -> list:
+    """Every parent run (invocation) of the grid in its experiment."""
+    return client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{TAG_ROLE}` = 'parent' and tags.`{TAG_GRID}` = '{grid}'",
+        max_results=1000,
+    )
+
+
+def latest_parent(runs: list):
+    """The parent of the latest invocation (a resumed parent is older than its last invocation)."""
+    if not runs:
+        return None
+    return max(runs, key=lambda r: int(r.data.tags.get(TAG_INVOKED, r.info.start_time)))
+
+
+def process_tags() -> Dict[str, str]:
+    return {TAG_PID: str(os.getpid()), TAG_HOST: socket.gethostname()}
+
+
+def process_alive(tags: Mapping[str, str]) -> bool:
+    """Whether the process that tagged a run still runs. Only a process on this machine can be checked; one
+    elsewhere counts as gone (resume a grid once nothing of it runs anywhere)."""
+    if tags.get(TAG_HOST) != socket.gethostname() or not tags.get(TAG_PID, "").isdigit():
+        return False
+    pid = int(tags[TAG_PID])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's
+        return True
+    try:  # a killed process whose parent died too stays a zombie until someone reaps it: it has ended
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):  # no /proc (not Linux)
+        return True
+
+
+def latest_invocation(client):
+    """The parent run of the latest grid invocation in the store, of any grid; None without one."""
+    ids = [e.experiment_id for e in client.search_experiments()]
+    return latest_parent(client.search_runs(ids, f"tags.`{TAG_ROLE}` = 'parent'", max_results=1000)) if ids else None
+
+
+def runs_url(base: str, parent) -> str:
+    """The MLflow UI page of a grid invocation's cell runs. `workflowType=machine_learning`: the 3.17 UI
+    shows an experiment as GenAI or model training by its GenAI / Model training switch (from this parameter,
+    else the browser's last choice, GenAI at first), whatever the experiment's `mlflow.experimentKind` says
+    (checked headless on 3.17.2: without it, an lrexp experiment opens on the GenAI overview)."""
+    search = quote(f"tags.`{TAG_PARENT}` = '{parent.info.run_id}'")
+    return (f"{base.rstrip('/')}/#/experiments/{parent.info.experiment_id}/runs"
+            f"?workflowType=machine_learning&searchFilter={search}")
