@@ -112,6 +112,23 @@ def test_failing_cell_then_resume(env, capsys):
     assert steps == set(range(5))  # steps 0-2 from the first training, 3-4 from the continuation
 
 
+def test_a_cell_on_two_ranks_finishes_and_reports(env, capsys):
+    """A grid cell with train.devices=2 (DDP, two CPU ranks): one child run, every rank's steps, a table."""
+    root, client = env["root"], env["client"]
+    code = grid_cmd.run(_args(env["grid"], "data.file_suffix=.txt", "train.devices=2", "train.strategy=ddp_fork",
+                              runs_dir=root / "runs2", out=root / "report2"))
+    out = capsys.readouterr()
+    assert code == 0, out.out + out.err
+    exp = client.get_experiment_by_name("lrexp-smoke_grid")
+    parent = grid.latest_parent(client.search_runs([exp.experiment_id], "tags.`lrexp.role` = 'parent'"))
+    kids = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(kids) == 1 and kids[0].info.status == "FINISHED"
+    assert kids[0].data.params["train.devices"] == "2" and kids[0].data.metrics["final/steps"] == 3
+    assert kids[0].data.metrics["final/val_targets"] > 0
+    table = [ln for ln in (root / "report2" / "table.md").read_text().splitlines() if ln.startswith("| `")]
+    assert len(table) == 1 and table[0].rstrip(" |").endswith("FINISHED")
+
+
 @pytest.mark.parametrize("name", sorted(p.stem for p in grid.GRIDS_DIR.glob("*.yaml")))
 def test_dry_run_validates_every_cell(name, capsys):
     assert grid_cmd.run(_args(name, dry_run=True)) == 0
