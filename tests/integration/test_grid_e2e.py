@@ -19,6 +19,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from corpora import word_documents
 from lrexp import grid
 from lrexp.commands import grid as grid_cmd
 
@@ -34,12 +35,9 @@ def _args(name, *overrides, **kw):
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("grid")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    words = "a long range model reads every document from its start to its end one segment at a time".split()
+    corpus = word_documents(root / "corpus", "a long range model reads every document from its start to its end "
+                            "one segment at a time", [60 + 9 * i for i in range(16)])
     for i in range(16):
-        text = " ".join(words[(i * j) % len(words)] for j in range(60 + 9 * i))
-        (corpus / f"doc{i}.txt").write_text(text + "\n")
         (corpus / f"doc{i}.md").write_text(f"note {i}\n")
     uri = f"sqlite:///{root}/mlflow.db"
     path = root / "smoke_grid.yaml"

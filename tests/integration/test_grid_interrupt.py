@@ -22,6 +22,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from corpora import word_documents
 from lrexp import grid
 from lrexp.lit.checkpoint import saved_step
 
@@ -31,11 +32,8 @@ TIMINGS = ("step_time", "tokens_per_s", "peak_mem")  # perf/* and their final/* 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("interrupt")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    words = "a cell stopped on its way resumes from the step it saved and goes on as if nothing happened".split()
-    for i in range(16):
-        (corpus / f"doc{i}.txt").write_text(" ".join(words[(i * j) % len(words)] for j in range(80 + 11 * i)) + "\n")
+    corpus = word_documents(root / "corpus", "a cell stopped on its way resumes from the step it saved and goes on "
+                            "as if nothing happened", [80 + 11 * i for i in range(16)])
     uri = f"sqlite:///{root}/mlflow.db"
     return {"root": root, "corpus": corpus, "uri": uri, "client": MlflowClient(uri)}
 

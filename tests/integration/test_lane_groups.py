@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from corpora import word_documents
 from lrexp import config, train
 from lrexp.lit.checkpoint import CheckpointError
 
@@ -20,11 +21,9 @@ TOL = 1e-6
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("groups")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    words = "lanes of a step read different documents so that the gradient of one step sees more text".split()
-    for i in range(24):  # 20 to 700 bytes: documents end inside segments, so groups carry unequal targets
-        (corpus / f"doc{i:02d}.txt").write_text(" ".join(words[(i * j) % len(words)] for j in range(4 + (i * 7) % 24 * 6)))
+    corpus = word_documents(  # 20 to 700 bytes: documents end inside segments, so groups carry unequal targets
+        root / "corpus", "lanes of a step read different documents so that the gradient of one step sees more text",
+        [4 + (i * 7) % 24 * 6 for i in range(24)], name="doc{i:02d}.txt", end="")
     uri = f"sqlite:///{root}/mlflow.db"
     return {"root": root, "base": [
         "scale=smoke", "row=rec_fixed_skip", f"data.corpus={corpus}", "data.tokenizer=bytes",

@@ -18,6 +18,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from corpora import word_documents
 from lrexp import config, train
 from lrexp.data_modules import prepare
 from lrexp.errors import Interrupted
@@ -41,12 +42,9 @@ def _row_named(prefix: str) -> str:
 def env(tmp_path_factory):
     """One sqlite store (creating one runs migrations: seconds), one corpus, one data cache."""
     root = tmp_path_factory.mktemp("train")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    words = "the quick brown fox jumps over the lazy dog and then some more words follow here".split()
-    for i in range(30):  # documents of different lengths, several segments each
-        text = " ".join(words[(i * j) % len(words)] for j in range(40 + 23 * i))
-        (corpus / f"doc{i:02d}.txt").write_text(text + "\n")
+    corpus = word_documents(  # documents of different lengths, several segments each
+        root / "corpus", "the quick brown fox jumps over the lazy dog and then some more words follow here",
+        [40 + 23 * i for i in range(30)], name="doc{i:02d}.txt")
     uri = f"sqlite:///{root}/mlflow.db"
     return {
         "root": root,
