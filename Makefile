@@ -10,6 +10,7 @@ STAMP := $(VENV)/.stamp-install
 GRID ?= gates
 SCALE ?= tiny
 ARGS ?=
+JOBS ?= 1
 PYTEST_ARGS ?=
 PORT ?= 5000
 
@@ -35,10 +36,10 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # One ablation grid end to end: prepare the corpus at this scale (data.* keys of ARGS included), train every
-# cell of experiments/grids/$(GRID).yaml, then print the table (lrexp grid ends with the report).
+# cell of experiments/grids/$(GRID).yaml, JOBS at once, then print the table (lrexp grid ends with the report).
 ablation: $(STAMP)
 	$(PY) -m lrexp.cli data prepare scale=$(SCALE) $(filter data.%,$(ARGS))
-	$(PY) -m lrexp.cli grid $(GRID) scale=$(SCALE) $(ARGS)
+	$(PY) -m lrexp.cli grid $(GRID) --jobs $(JOBS) scale=$(SCALE) $(ARGS)
 
 # The table and plots of the grid's latest invocation, from MLflow alone, under reports/$(GRID)/.
 report: $(STAMP)

@@ -14,6 +14,10 @@ from typing import List, Optional
 
 from lrexp.errors import Interrupted, UserError
 
+# CPUs a process may run on ("0,1"), applied before anything starts threads: `lrexp grid --jobs K` gives each
+# of its K cells its own share of the cores this way, so their thread pools do not fight over the same ones.
+CPUS_ENV = "LREXP_CPUS"
+
 # name -> (module, one-line help)
 COMMANDS = {
     "show-config": ("lrexp.commands.show_config", "print the resolved, validated config as YAML"),
@@ -39,6 +43,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if os.environ.get(CPUS_ENV):
+        os.sched_setaffinity(0, {int(c) for c in os.environ[CPUS_ENV].split(",")})
     args = build_parser().parse_args(argv)
     try:
         return int(importlib.import_module(args._module).run(args) or 0)

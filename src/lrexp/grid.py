@@ -32,6 +32,7 @@ and prints the command that resumes it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -40,9 +41,10 @@ import re
 import subprocess
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, is_dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO, Tuple, get_origin
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, TextIO, Tuple, get_origin
 
 import yaml
 
@@ -54,7 +56,11 @@ from lrexp.runs import (
     TAG_INDEX, TAG_INVOKED, TAG_OVERRIDES, TAG_PARENT, TAG_PID, TAG_REFERENCE, TAG_ROLE, latest_parent, parents,
     process_alive, process_tags,
 )
-from lrexp.live import LiveLine, duration
+from lrexp.cli import CPUS_ENV
+from lrexp.live import LiveLine, Running, duration
+from lrexp.live import grid_left as live_grid_left
+from lrexp.live import status as live_status
+from lrexp.store_server import SERVER_ENV
 from lrexp.signals import StopSignals
 from lrexp.signals import name as signal_name
 
@@ -451,11 +457,11 @@ def run_cell(
     config_path: Path,
     resume: Optional[str] = None,
     stop: Optional[StopSignals] = None,
-    watch: Optional[Callable[[], None]] = None,
+    env: Optional[Dict[str, str]] = None,
 ) -> Tuple[int, Optional[Dict[str, Any]], str]:
-    """Train one cell as its own process (continuing run `resume` if given); returns (exit status, final
-    metrics or None, error line). A signal `stop` catches while it trains is passed on to it: the cell saves
-    a checkpoint, ends its run KILLED and exits. `watch` is called about twice a second while it trains.
+    """Train one cell as its own process (continuing run `resume` if given, with `env` added to this
+    process's environment); returns (exit status, final metrics or None, error line). A signal `stop` catches
+    while it trains is passed on to it: the cell saves a checkpoint, ends its run KILLED and exits.
 
     stdout and stderr go to files beside the config; the last stdout line is the final metrics JSON.
     """
@@ -467,23 +473,14 @@ def run_cell(
             cwd=PROJECT_ROOT,
             stdout=out,
             stderr=err,
-            env=os.environ.copy(),
+            env={**os.environ, **(env or {})},
         )
-        if stop is not None:
-            stop.on_signal = proc.send_signal
-            if stop.received is not None:  # it came while the process started
-                proc.send_signal(stop.received)
+        unforward = stop.forward(proc.send_signal) if stop is not None else None
         try:
-            while True:
-                try:
-                    returncode = proc.wait(timeout=0.5)
-                    break
-                except subprocess.TimeoutExpired:
-                    if watch is not None:
-                        watch()
+            returncode = proc.wait()
         finally:
-            if stop is not None:
-                stop.on_signal = None
+            if unforward is not None:
+                unforward()
     if returncode == 0:
         try:
             result = json.loads(_last_line(out_path))
@@ -495,6 +492,50 @@ def run_cell(
     if returncode < 0:
         return returncode, None, f"killed by signal {-returncode}"
     return returncode, None, _last_line(err_path) or f"exit status {returncode}"
+
+
+@dataclass
+class Slots:
+    """Where the cells that run at once train (`--jobs K`): K shares of this process's CPU cores, and on a
+    GPU machine a pool of GPUs that each cell takes `train.devices` of. One job pins nothing."""
+
+    cpus: List[Optional[List[int]]]  # one share per job; [None]: one job, the whole machine
+    gpus: List[str]  # CUDA_VISIBLE_DEVICES ids free now (empty without GPUs, or with one job)
+
+    def gpus_needed(self, cell: Cell) -> int:
+        t = cell.config.train
+        return t.devices * (len(self.cpus) > 1 and bool(self.gpus) and t.accelerator in ("auto", "gpu", "cuda"))
+
+
+def _visible_gpus() -> List[str]:
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    listed = [x.strip() for x in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if x.strip()]
+    return (listed or [str(i) for i in range(count)])[:count]
+
+
+def slots(grid: Grid, jobs: int) -> Slots:
+    """The shares for `jobs` cells at once, checked against every cell before anything runs."""
+    if jobs < 1:
+        raise GridError(f"--jobs must be at least 1 (got {jobs})")
+    if jobs == 1:
+        return Slots([None], [])
+    from lrexp.train import usable_cpus
+
+    cpus = sorted(os.sched_getaffinity(0))[:usable_cpus()]
+    if jobs > len(cpus):
+        raise GridError(f"--jobs {jobs} on {len(cpus)} CPU core{'s' * (len(cpus) != 1)}: each cell needs one of "
+                        f"its own (its data loader and MLflow logging run on the CPU even when it trains on a GPU)")
+    per, extra = divmod(len(cpus), jobs)
+    starts = [k * per + min(k, extra) for k in range(jobs + 1)]
+    found = Slots([cpus[starts[k]:starts[k + 1]] for k in range(jobs)], _visible_gpus())
+    for cell in grid.cells:
+        need = found.gpus_needed(cell)
+        if need > len(found.gpus):
+            raise GridError(f"grid {grid.name}, cell {cell.id}: train.devices={need} but {len(found.gpus)} GPU(s) "
+                            f"are visible")
+    return found
 
 
 class Tracker:
@@ -697,54 +738,119 @@ def resume_command(grid: Grid) -> str:
     return f"lrexp grid {where} --resume"
 
 
+@dataclass
+class _Launched:
+    step: Step
+    path: Path
+    env: Dict[str, str]
+    cpus: Optional[List[int]]
+    gpus: List[str]
+    since_ms: int
+    live: Running
+
+
 class _Runner:
-    """Trains cells of one invocation, one after another, and prints a line as each starts and ends (and the
-    live line in between)."""
+    """Trains the cells of one invocation, up to one per CPU share at once (`Slots`), in grid order, and
+    prints a line as each starts and ends and the live line in between. Cells train in worker threads (each
+    waits on its process); everything else, MLflow included, happens on this thread."""
 
     def __init__(self, grid: Grid, tracker: Tracker, parent_id: str, runs_dir: Optional[Path], out: TextIO,
-                 run_cell_fn: Callable[..., Tuple[int, Optional[Dict[str, Any]], str]], stop: StopSignals) -> None:
+                 run_cell_fn: Callable[..., Tuple[int, Optional[Dict[str, Any]], str]], stop: StopSignals,
+                 shares: Slots, server: Optional[str] = None) -> None:
         self.grid, self.tracker, self.parent_id = grid, tracker, parent_id
         self.folder = (runs_dir or RUNS_DIR) / grid.name
         self.out, self.run_cell_fn, self.stop = out, run_cell_fn, stop
+        self.shares, self.server = shares, server
         self.durations: List[float] = []
         self.start = time.monotonic()
+        self.live = LiveLine(out)
 
     def say(self, text: str) -> None:
+        self.live.clear()
         print(text, file=self.out, flush=True)
 
-    def step(self, step: Step, later: int) -> CellResult:
-        """`later`: the cells still to train after this one (for the ETA)."""
+    def _prefix(self, cell: Cell) -> str:
+        return f"[{cell.index + 1}/{len(self.grid.cells)}]"
+
+    def _launch(self, step: Step, cpus: Optional[List[int]], gpus: List[str]) -> _Launched:
         cell = step.cell
-        i = f"[{cell.index + 1}/{len(self.grid.cells)}]"
-        if step.action == "skip":
-            self.say(f"{i} {cell.id}: skipped, FINISHED in run {step.run_id}")
-            return CellResult(cell, "SKIPPED", run_id=step.run_id)
         cfg = cell_config(cell, self.grid, self.parent_id)
         progress = self.folder / cell.dirname / "progress.json"
         progress.unlink(missing_ok=True)  # an earlier attempt's
         cfg.log.progress_file = str(progress)
         path = write_cell(cfg, self.folder / cell.dirname, self.grid, cell)
+        env = {
+            **({CPUS_ENV: ",".join(map(str, cpus))} if cpus is not None else {}),
+            **({"CUDA_VISIBLE_DEVICES": ",".join(gpus)} if gpus else {}),
+            **({SERVER_ENV: self.server} if self.server else {}),
+        }
         what = f"training on from step {step.from_step} in run {step.run_id}" if step.run_id else "training"
-        self.say(f"{i} {cell.id}: {what} (log: {path.parent}/stderr.log)")
-        mean = sum(self.durations) / len(self.durations) if self.durations else None
-        live = LiveLine(self.out, i, progress, later, mean)
-        t0, since_ms = time.monotonic(), int(time.time() * 1000)
-        code, metrics, error = self.run_cell_fn(path, step.run_id, stop=self.stop, watch=live.update)
-        live.close()
-        seconds = time.monotonic() - t0
+        where = (f" on CPUs {env[CPUS_ENV]}" if cpus is not None else "") + (f", GPUs {','.join(gpus)}" if gpus else "")
+        self.say(f"{self._prefix(cell)} {cell.id}: {what}{where} (log: {path.parent}/stderr.log)")
+        return _Launched(step, path, env, cpus, gpus, int(time.time() * 1000),
+                         Running(self._prefix(cell), progress, time.monotonic()))
+
+    def _finish(self, launched: _Launched, outcome: Tuple[int, Optional[Dict[str, Any]], str], later: int,
+                running: Sequence[_Launched]) -> CellResult:
+        """`later`: the cells still to start; `running`: those still training."""
+        step, cell = launched.step, launched.step.cell
+        code, metrics, error = outcome
+        seconds = time.monotonic() - launched.live.started
         self.durations.append(seconds)
         if metrics is not None:
             result = CellResult(cell, "FINISHED", metrics["run_id"], seconds, metrics=metrics)
             detail = _metric_note(metrics)
         else:
             status = "FAILED" if self.stop.received is None else "KILLED"
-            run_id = self.tracker.record_end(self.parent_id, cell, since_ms, error, status, step.run_id)
+            run_id = self.tracker.record_end(self.parent_id, cell, launched.since_ms, error, status, step.run_id)
             result = CellResult(cell, status, run_id, seconds, error=error)
             detail = f"error: {error}"
-        eta = later * sum(self.durations) / len(self.durations)
-        self.say(f"{i} {cell.id}: {result.status} in {duration(seconds)}; {detail} | "
+        mean, now = sum(self.durations) / len(self.durations), time.monotonic()
+        eta = live_grid_left([max(0.0, mean - (now - r.live.started)) for r in running], later, mean,
+                             len(self.shares.cpus))
+        self.say(f"{self._prefix(cell)} {cell.id}: {result.status} in {duration(seconds)}; {detail} | "
                  f"elapsed {duration(time.monotonic() - self.start)}, ETA {duration(eta)}")
         return result
+
+    def run(self, steps: Sequence[Step]) -> List[CellResult]:
+        """Every step in grid order, as many at once as there are shares (and GPUs); stops starting cells
+        once a signal came and waits for the running ones, which got it too."""
+        results: Dict[int, CellResult] = {}
+        queue = list(steps)
+        free_cpus = list(self.shares.cpus)
+        running: Dict[Future, _Launched] = {}
+        with ThreadPoolExecutor(max_workers=len(free_cpus)) as pool:
+            while True:
+                while queue and self.stop.received is None:
+                    step = queue[0]
+                    if step.action == "skip":
+                        self.say(f"{self._prefix(step.cell)} {step.cell.id}: skipped, FINISHED in run {step.run_id}")
+                        results[step.cell.index] = CellResult(step.cell, "SKIPPED", run_id=step.run_id)
+                        queue.pop(0)
+                        continue
+                    need = self.shares.gpus_needed(step.cell)
+                    if not free_cpus or need > len(self.shares.gpus):
+                        break
+                    queue.pop(0)
+                    gpus, self.shares.gpus = self.shares.gpus[:need], self.shares.gpus[need:]
+                    launched = self._launch(step, free_cpus.pop(0), gpus)
+                    running[pool.submit(self.run_cell_fn, launched.path, step.run_id, stop=self.stop,
+                                        env=launched.env)] = launched
+                if not running:
+                    break
+                done, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
+                for future in sorted(done, key=lambda f: running[f].step.cell.index):
+                    launched = running.pop(future)
+                    free_cpus.append(launched.cpus)
+                    self.shares.gpus.extend(launched.gpus)
+                    later = sum(1 for s in queue if s.action != "skip")
+                    results[launched.step.cell.index] = self._finish(launched, future.result(), later,
+                                                                      list(running.values()))
+                mean = sum(self.durations) / len(self.durations) if self.durations else None
+                self.live.show(live_status([r.live for r in sorted(running.values(), key=lambda r: r.step.cell.index)],
+                                           sum(1 for s in queue if s.action != "skip"), mean, len(self.shares.cpus)))
+        self.live.clear()
+        return [results[i] for i in sorted(results)]
 
 
 def tracking_uri_of(grid: Grid) -> str:
@@ -756,6 +862,26 @@ def tracking_uri_of(grid: Grid) -> str:
 def _open(grid: Grid, out: Optional[TextIO]) -> Tuple[Tracker, TextIO]:
     # stdout read now: the default at definition time would miss a redirected stdout
     return Tracker(tracking_uri_of(grid), grid), out or sys.stdout
+
+
+@contextlib.contextmanager
+def _shared_store(tracker: Tracker, cells_at_once: int) -> Iterator[Optional[str]]:
+    """With several cells at once over a local store (sqlite), one MLflow server in front of it that the
+    cells and the grid's own bookkeeping write through (store_server.py); None otherwise (one cell at a
+    time, or a tracking server already)."""
+    if cells_at_once == 1 or tracker.uri.startswith(("http://", "https://")):
+        yield None
+        return
+    from mlflow.tracking import MlflowClient
+
+    from lrexp import store_server
+
+    with store_server.serve(tracker.uri, store_server.artifact_root_of(tracker.uri)) as url:
+        tracker.client = MlflowClient(url)
+        try:
+            yield url
+        finally:
+            tracker.client = MlflowClient(tracker.uri)
 
 
 def _stopped(signum: int, results: List[CellResult], total: int, command: str) -> Interrupted:
@@ -770,24 +896,24 @@ def run(
     runs_dir: Optional[Path] = None,
     out: Optional[TextIO] = None,
     run_cell_fn: Callable[..., Tuple[int, Optional[Dict[str, Any]], str]] = run_cell,
+    jobs: int = 1,
 ) -> Outcome:
-    """Run every cell in order, one result per cell. A failing cell is recorded and the grid goes on; a
-    SIGTERM or SIGINT is passed on to the running cell (which saves a checkpoint and ends KILLED), then the
-    grid stops without starting another cell, its parent run KILLED, and raises `Interrupted`."""
+    """Run every cell, `jobs` at once, one result per cell in grid order. A failing cell is recorded and the
+    grid goes on; a SIGTERM or SIGINT is passed on to the running cells (which save a checkpoint and end
+    KILLED), then the grid stops without starting another cell, its parent run KILLED, and raises
+    `Interrupted`."""
+    shares = slots(grid, jobs)
     tracker, out = _open(grid, out)
     parent_id, attempts = tracker.open_parent(resume)
     steps = plan(grid, attempts or [])
     n = len(grid.cells)
     with StopSignals() as stop:
-        runner = _Runner(grid, tracker, parent_id, runs_dir, out, run_cell_fn, stop)
-        runner.say(f"grid {grid.name}: {n} cell{'s' * (n != 1)}, scale {grid.scale}, MLflow experiment "
-                   f"lrexp-{grid.name}, parent run {parent_id}" + (" (resumed)" if attempts is not None else "")
-                   + f", logs under {runner.folder}")
-        results: List[CellResult] = []
-        for k, step in enumerate(steps):
-            if stop.received is not None:
-                break
-            results.append(runner.step(step, later=sum(1 for s in steps[k + 1:] if s.action != "skip")))
+        with _shared_store(tracker, len(shares.cpus)) as server:
+            runner = _Runner(grid, tracker, parent_id, runs_dir, out, run_cell_fn, stop, shares, server)
+            runner.say(f"grid {grid.name}: {n} cell{'s' * (n != 1)}, scale {grid.scale}, MLflow experiment "
+                       f"lrexp-{grid.name}, parent run {parent_id}" + (" (resumed)" if attempts is not None else "")
+                       + (f", {jobs} cells at once" if jobs > 1 else "") + f", logs under {runner.folder}")
+            results = runner.run(steps)
         tracker.close_parent(parent_id, results, interrupted=stop.received is not None)
     if stop.received is not None:
         raise _stopped(stop.received, results, n, resume_command(grid))
@@ -810,9 +936,9 @@ def run_one(
     step = plan_cell(cell, tracker.cell_attempts(parent_id, cell))
     tracker.client.update_run(parent_id, status="RUNNING")
     with StopSignals() as stop:
-        runner = _Runner(grid, tracker, parent_id, runs_dir, out, run_cell_fn, stop)
+        runner = _Runner(grid, tracker, parent_id, runs_dir, out, run_cell_fn, stop, slots(grid, 1))
         runner.say(f"grid {grid.name}, cell {cell.index + 1} of {len(grid.cells)}, parent run {parent_id}")
-        result = runner.step(step, later=0)
+        [result] = runner.run([step])
     tracker.close_fanned_out(parent_id)
     if stop.received is not None:
         raise _stopped(stop.received, [result], 1, "the same --cell command")

@@ -7,7 +7,7 @@ and a second signal must not cut short the checkpoint or the bookkeeping the fir
 from __future__ import annotations
 
 import signal
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -24,6 +24,15 @@ class StopSignals:
         self.on_signal = on_signal
         self.received: Optional[int] = None
         self._previous: dict = {}
+        self._forwards: List[Callable[[int], None]] = []
+
+    def forward(self, send: Callable[[int], None]) -> Callable[[], None]:
+        """Pass the signal on with `send` too (a child process's `send_signal`), also when it came already;
+        returns the function that stops passing it on. A grid running several cells forwards to each."""
+        self._forwards.append(send)
+        if self.received is not None:
+            send(self.received)
+        return lambda: self._forwards.remove(send)
 
     def install(self) -> None:
         """(Re)install the handlers: Lightning's fit puts its own SIGTERM handler in front (see lit/saving.py)."""
@@ -43,5 +52,7 @@ class StopSignals:
         if self.received is not None:
             return
         self.received = signum
+        for send in list(self._forwards):
+            send(signum)
         if self.on_signal is not None:
             self.on_signal(signum)

@@ -10,6 +10,7 @@ succeeds on resume once they are long enough.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import shutil
 import subprocess
@@ -20,13 +21,14 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from corpora import word_documents
+from logged import logged
 from lrexp import grid
 from lrexp.commands import grid as grid_cmd
 
 
 def _args(name, *overrides, **kw):
     ns = argparse.Namespace(name=name, overrides=list(overrides), dry_run=False, resume=False, runs_dir=None, out=None,
-                            list=False, new_parent=False, cell=None, parent=None)
+                            list=False, new_parent=False, cell=None, parent=None, jobs=None)
     for k, v in kw.items():
         setattr(ns, k, v)
     return ns
@@ -125,6 +127,34 @@ def test_a_cell_on_two_ranks_finishes_and_reports(env, capsys):
     assert kids[0].data.metrics["final/val_targets"] > 0
     table = [ln for ln in (root / "report2" / "table.md").read_text().splitlines() if ln.startswith("| `")]
     assert len(table) == 1 and table[0].rstrip(" |").endswith("FINISHED")
+
+
+def test_two_cells_at_once_log_what_they_log_one_at_a_time(env, capsys):
+    """`--jobs 2` on two CPU cores: each cell on a core of its own, both logging through the grid's MLflow
+    server into the sqlite store at the same time; every metric but the timings equals a cell trained alone."""
+    root, client = env["root"], env["client"]
+    code = grid_cmd.run(_args(env["grid"], "data.file_suffix=.txt", "train.seed=[0,1]", jobs=2,
+                              runs_dir=root / "runs3", out=root / "report3"))
+    out = capsys.readouterr()
+    assert code == 0, out.out + out.err
+    assert "2 cells at once" in out.out and out.out.count(" on CPUs ") == 2
+    exp = client.get_experiment_by_name("lrexp-smoke_grid")
+    parent = grid.latest_parent(client.search_runs([exp.experiment_id], "tags.`lrexp.role` = 'parent'"))
+    kids = {r.data.tags["lrexp.cell"]: r for r in client.search_runs(
+        [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")}
+    zero, one = "file_suffix=.txt,seed=0", "file_suffix=.txt,seed=1"
+    assert set(kids) == {zero, one} and all(r.info.status == "FINISHED" for r in kids.values())
+    a, b = kids[zero].info, kids[one].info
+    assert a.start_time < b.end_time and b.start_time < a.end_time  # they trained at the same time
+    assert parent.info.status == "FINISHED"
+    [row] = [ln for ln in (root / "report3" / "table.md").read_text().splitlines() if ln.startswith("| `")]
+    assert row.rstrip(" |").endswith("2/2 | FINISHED")  # the seeds of one group
+
+    alone = grid.run(grid.expand(env["grid"], ["data.file_suffix=.txt", "train.seed=0"]),
+                     runs_dir=root / "runs4", out=io.StringIO())
+    [result] = alone.results
+    assert result.status == "FINISHED"
+    assert logged(client, kids[zero]) == logged(client, client.get_run(result.run_id))
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in grid.GRIDS_DIR.glob("*.yaml")))

@@ -23,10 +23,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from corpora import word_documents
+from logged import logged
 from lrexp import grid
 from lrexp.lit.checkpoint import saved_step
-
-TIMINGS = ("step_time", "tokens_per_s", "peak_mem")  # perf/* and their final/* summaries: not reproducible
 
 
 @pytest.fixture(scope="module")
@@ -83,25 +82,13 @@ def parent(env, name: str):
     return env["client"].search_runs([exp.experiment_id], "tags.`lrexp.role` = 'parent'")[0]
 
 
-def logged(env, run) -> dict:
-    """metric -> {step: the last value logged at that step} (a resumed cell logs the steps after its
-    checkpoint again), timings left out."""
-    out = {}
-    for key in run.data.metrics:
-        if any(t in key for t in TIMINGS):
-            continue
-        history = sorted(env["client"].get_metric_history(run.info.run_id, key), key=lambda m: m.timestamp)
-        out[key] = {m.step: m.value for m in history}
-    return out
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(env):
     g = grid.expand(str(write_grid(env, "whole")), ["train.seed=0"])
     grid.run(g, runs_dir=env["root"] / "runs", out=io.StringIO())
     run = cell_runs(env, "whole")["seed=0"]
     assert run.info.status == "FINISHED"
-    return logged(env, run)
+    return logged(env["client"], run)
 
 
 def resume(env, path) -> str:
@@ -126,7 +113,7 @@ def test_sigkill_of_grid_and_cell_then_resume_equals_an_uninterrupted_grid(env, 
     assert f"seed=0: training on from step {step} in run {killed.info.run_id}" in out
     after = cell_runs(env, "killed")["seed=0"]
     assert after.info.run_id == killed.info.run_id and after.info.status == "FINISHED"
-    assert logged(env, after) == uninterrupted
+    assert logged(env["client"], after) == uninterrupted
     assert parent(env, "killed").info.status == "FINISHED"
 
 
@@ -151,4 +138,4 @@ def test_sigterm_to_the_grid_stops_its_cell_at_a_checkpoint_and_resume_equals_an
     assert f"seed=0: training on from step {step} in run {stopped.info.run_id}" in out
     after = cell_runs(env, "preempted")["seed=0"]
     assert after.info.status == "FINISHED" and "lrexp.error" not in after.data.tags
-    assert logged(env, after) == uninterrupted
+    assert logged(env["client"], after) == uninterrupted

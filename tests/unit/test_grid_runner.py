@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -36,7 +37,7 @@ class FakeTrain:
         self.ran = []
         self.resumed = {}  # cell id -> the run it continued
 
-    def __call__(self, path, resume=None, stop=None, watch=None):
+    def __call__(self, path, resume=None, stop=None, env=None):
         cfg = config.load([path])
         cell = cfg.log.run_name
         self.ran.append(cell)
@@ -298,3 +299,79 @@ def test_cells_fanned_out_to_a_scheduler_join_one_parent_which_ends_with_the_las
     assert again.status == "SKIPPED" and len(fake.ran) == 3
     rep = report.build("g9", tmp_path / "report", uri=uri)
     assert rep.parent_id == parent_id and [r.status for r in rep.rows] == ["FINISHED"] * 3
+
+
+class AtOnce(FakeTrain):
+    """FakeTrain as K cells at once: each logs through the server the grid hands it, and the first two wait
+    for each other (a barrier), which only two cells training at the same time pass."""
+
+    def __init__(self, uri, fail, parties=2):
+        super().__init__(uri, fail)
+        self.barrier = threading.Barrier(parties, timeout=60)
+        self.envs = {}
+        self.forwarded = {}  # cell -> the signal the grid passed on to it
+
+    def __call__(self, path, resume=None, stop=None, env=None):
+        cell = config.load([path]).log.run_name
+        self.envs[cell] = dict(env)
+        self.client = MlflowClient(env["LREXP_TRACKING_SERVER"])
+        if len(self.envs) <= self.barrier.parties:
+            self.barrier.wait()
+        if self.fail.get(cell) == "wait-for-signal":  # as a real cell: stop at a step end once signalled
+            got = threading.Event()
+            unforward = stop.forward(lambda s: (self.forwarded.__setitem__(cell, s), got.set()))
+            if cell == "window=4":  # a scheduler preempts the grid while both cells train
+                os.kill(os.getpid(), signal.SIGTERM)
+            assert got.wait(60)
+            unforward()
+            return 143, None, "stopped by SIGTERM at step 2"
+        return super().__call__(path, resume, stop, env)
+
+
+def test_jobs_train_cells_at_once_on_their_own_cpus_through_one_server(tmp_path, uri):
+    g = make_grid(tmp_path, uri, "g10")
+    fake = AtOnce(uri, {})
+    out = io.StringIO()
+    outcome = grid.run(g, runs_dir=tmp_path / "runs", out=out, run_cell_fn=fake, jobs=2)
+    assert [r.status for r in outcome.results] == ["FINISHED"] * 3  # in grid order
+    assert [r.cell.id for r in outcome.results] == ["window=4", "window=8", "window=16"]
+    cpus = [set(fake.envs[c]["LREXP_CPUS"].split(",")) for c in ("window=4", "window=8")]
+    assert cpus[0] and cpus[1] and not cpus[0] & cpus[1]  # the two at once share no core
+    assert fake.envs["window=16"]["LREXP_CPUS"] in (fake.envs["window=4"]["LREXP_CPUS"],
+                                                    fake.envs["window=8"]["LREXP_CPUS"])
+    assert {e["LREXP_TRACKING_SERVER"] for e in fake.envs.values()} == {fake.envs["window=4"]["LREXP_TRACKING_SERVER"]}
+    client = MlflowClient(uri)  # the store itself, the server gone
+    assert client.get_run(outcome.parent_id).info.status == "FINISHED"
+    assert children(client, outcome.parent_id) == {(c, "FINISHED", None) for c in ("window=4", "window=8", "window=16")}
+    assert "3 cells, scale smoke" in out.getvalue() and "2 cells at once" in out.getvalue()
+    assert "on CPUs " + fake.envs["window=8"]["LREXP_CPUS"] in out.getvalue()
+
+
+def test_a_signal_reaches_every_cell_training_at_once_and_no_other_starts(tmp_path, uri):
+    g = make_grid(tmp_path, uri, "g11")
+    fake = AtOnce(uri, {"window=4": "wait-for-signal", "window=8": "wait-for-signal"})
+    with pytest.raises(Interrupted, match="stopped by SIGTERM with 0 of 3 cells done"):
+        grid.run(g, runs_dir=tmp_path / "runs", out=io.StringIO(), run_cell_fn=fake, jobs=2)
+    assert fake.forwarded == {"window=4": signal.SIGTERM, "window=8": signal.SIGTERM}
+    assert set(fake.envs) == {"window=4", "window=8"}  # window=16 never started
+    client = MlflowClient(uri)
+    parent = grid.previous_invocation(g)[0]
+    assert parent.info.status == "KILLED"
+    assert children(client, parent.info.run_id) == {("window=4", "KILLED", "stopped by SIGTERM at step 2"),
+                                                    ("window=8", "KILLED", "stopped by SIGTERM at step 2")}
+
+
+def test_more_jobs_than_cores_or_gpus_is_refused_before_anything_runs(tmp_path, uri, monkeypatch):
+    g = make_grid(tmp_path, uri, "g12")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    with pytest.raises(grid.GridError, match="--jobs 3 on 2 CPU cores: each cell needs one of its own"):
+        grid.run(g, runs_dir=tmp_path / "runs", out=io.StringIO(), run_cell_fn=FakeTrain(uri, {}), jobs=3)
+    with pytest.raises(grid.GridError, match="--jobs must be at least 1"):
+        grid.slots(g, 0)
+    monkeypatch.setattr(grid, "_visible_gpus", lambda: ["3", "5"])
+    assert grid.slots(g, 2).gpus == ["3", "5"]
+    monkeypatch.setattr(grid, "_visible_gpus", lambda: ["3"])
+    wide = make_grid(tmp_path, uri, "g12", "train.devices=2", "train.accelerator=gpu", "model.window=[4,8]")
+    with pytest.raises(grid.GridError, match="cell window=4: train.devices=2 but 1 GPU\\(s\\) are visible"):
+        grid.slots(wide, 2)
+    assert MlflowClient(uri).get_experiment_by_name("lrexp-g12") is None  # nothing was logged

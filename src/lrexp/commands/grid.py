@@ -1,8 +1,9 @@
-"""`lrexp grid NAME [--dry-run] [--resume] [--list] [--new-parent] [--cell ID [--parent RUN_ID]] [key=value ...]`
+"""`lrexp grid NAME [--dry-run] [--resume] [--jobs K] [--list] [--new-parent] [--cell ID [--parent RUN_ID]]
+[key=value ...]`
 
-Expands and validates every cell first (bad input fails here, before anything runs), then trains the cells
-one after another, each as its own process, and ends with the report (the table is printed). The exit
-status is 0 only when every cell finished.
+Expands and validates every cell first (bad input fails here, before anything runs), then trains the cells,
+each as its own process, one after another or `--jobs K` at once, and ends with the report (the table is
+printed). The exit status is 0 only when every cell finished.
 
 Fanned out to a scheduler instead: `--new-parent` opens the invocation's parent run and prints its id;
 `--cell ID` (or its number in `--list`) trains that one cell under the parent named by `--parent` or
@@ -31,6 +32,9 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
         "FINISHED there with the same config, train on those that only had fewer train.max_steps or were "
         "stopped after a checkpoint",
     )
+    parser.add_argument("--jobs", type=int, metavar="K",  # None: not given (see _late_options), 1
+                        help="train K cells at once, each on its own share of the CPU cores and, on a GPU machine, "
+                        "its own train.devices GPUs; their runs reach the store through one local MLflow server")
     parser.add_argument("--list", action="store_true", help="print the cell ids, one a line, in grid order")
     parser.add_argument("--new-parent", action="store_true",
                         help="open a parent run for --cell processes (a scheduler's jobs) and print its id")
@@ -60,12 +64,13 @@ def _late_options(args: argparse.Namespace) -> argparse.Namespace:
     _add_options(late)
     found, rest = late.parse_known_args(args.overrides)
     for key, value in vars(found).items():
-        if value not in (None, False):
+        if value is not None and value is not False:  # not `in`: --jobs 0 == False
             setattr(args, key, value)
     unknown = [r for r in rest if r.startswith("-")]
     if unknown:
         raise UserError(f"unknown option '{unknown[0]}' (see lrexp grid --help)")
     args.overrides = rest
+    args.jobs = 1 if args.jobs is None else args.jobs
     return args
 
 
@@ -147,9 +152,9 @@ def run(args: argparse.Namespace) -> int:
 
     args = _late_options(args)
     if args.list or args.new_parent or args.cell:
-        if args.dry_run or args.resume:
-            raise UserError("--list, --new-parent and --cell take no --dry-run or --resume (a --cell resumes its "
-                            "cell by itself)")
+        if args.dry_run or args.resume or args.jobs != 1:
+            raise UserError("--list, --new-parent and --cell take no --dry-run, --resume or --jobs (a --cell "
+                            "resumes its cell by itself; a scheduler runs as many at once as it starts)")
         return _fan_out(args)
     g = grid.expand(args.name, args.overrides)
     steps = None
@@ -162,10 +167,11 @@ def run(args: argparse.Namespace) -> int:
                   + (f", then {' '.join(args.overrides)}" if args.overrides else ""))
         steps = grid.plan(g, finished)
     _check_cells(g)
+    grid.slots(g, args.jobs)  # refused now, not after the dry run said yes
     if args.dry_run:
         _dry_run(g, steps)
         return 0
-    outcome = grid.run(g, resume=args.resume, runs_dir=args.runs_dir)
+    outcome = grid.run(g, resume=args.resume, runs_dir=args.runs_dir, jobs=args.jobs)
     rep = report.build(g.name, args.out, parent_id=outcome.parent_id, uri=outcome.uri)
     print()
     print(rep.markdown, end="")

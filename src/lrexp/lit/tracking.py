@@ -9,6 +9,8 @@
   the `config.yaml` artifact. A resumed run keeps its params; values that changed are recorded as
   `lrexp.resume.<key>` tags.
 - Every experiment lrexp creates is tagged `mlflow.experimentKind=custom_model_development` (DESIGN.md 6).
+- `$LREXP_TRACKING_SERVER`, set by `lrexp grid --jobs K` for its cells, is the address the run logs
+  through; the config still names the store behind it.
 - A store that cannot be written fails here, before any data or model work, with one line.
 """
 
@@ -29,6 +31,7 @@ from lrexp import config as config_mod
 from lrexp.config import PROJECT_ROOT, RunConfig
 from lrexp.errors import Interrupted, UserError
 from lrexp.runs import TAG_ERROR
+from lrexp.store_server import SERVER_ENV
 from lrexp.variants import row_name
 
 _SQLITE = "sqlite:///"
@@ -95,18 +98,20 @@ def _one_line(exc: BaseException) -> str:
 
 
 def open_run(cfg: RunConfig, resume_run_id: Optional[str] = None) -> MLFlowLogger:
-    """Create (or reopen) the run, log params, config.yaml and tags. Only rank 0 talks to MLflow."""
-    uri = tracking_uri(cfg)
+    """Create (or reopen) the run, log params, config.yaml and tags. Only rank 0 talks to MLflow. A grid
+    running cells at once hands them the server it serves the store through (store_server.py)."""
+    store = tracking_uri(cfg)
+    uri = os.environ.get(SERVER_ENV) or store
     tags = run_tags(cfg)
     try:  # the client opens (and for sqlite creates) the store right away
         if rank_zero_only.rank == 0:
-            experiment_id(MlflowClient(uri), cfg.log.experiment, uri)
+            experiment_id(MlflowClient(uri), cfg.log.experiment, store)
         logger = MLFlowLogger(
             experiment_name=cfg.log.experiment,
             run_name=cfg.log.run_name,
             tracking_uri=uri,
             tags=None if resume_run_id else dict(tags),
-            artifact_location=artifact_location(uri),
+            artifact_location=artifact_location(store),
             run_id=resume_run_id,
         )
         if rank_zero_only.rank != 0:
