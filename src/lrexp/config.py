@@ -533,6 +533,12 @@ def resolve(cfg: RunConfig) -> RunConfig:
     if knn_layers:
         _check_knn(m.knn, knn_layers, recurrent_layers, segment_len)
     slot_layers = _slot_layers(m.slots, m.num_layers) if m.slots.enabled else []
+    if slot_layers and m.slots.read == "prefix_kv":
+        from lrexp.attention import BACKENDS
+
+        if BACKENDS[m.attn.backend].banded:
+            raise ConfigError(f"'model.slots.read' prefix_kv needs per-block prefix keys, which the banded "
+                              f"'{m.attn.backend}' attention backend does not take; use model.attn.backend=sdpa")
 
     tps = cfg.data.tokens_per_step
     if tps % segment_len:
