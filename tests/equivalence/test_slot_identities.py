@@ -136,3 +136,17 @@ def test_slots_carry_a_token_beyond_the_window_and_a_document_start_cuts_it(read
     assert not torch.allclose(base[1], other[1], atol=1e-6)  # lane 1: no reset, segment 0 still matters
     assert torch.equal(base[0], other[0])  # lane 0 was reset at segment 2
     torch.testing.assert_close(base[:1], fresh, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("read", ["cross_attn", "prefix_kv"])
+def test_slots_keep_xl_segment_invariant(read):
+    """XL is evaluated in segments of 8W (variants: segment_invariant): with slots, whose carry is exact,
+    its logits must still not depend on where the stream is cut."""
+    model, cfg = _model("xl512", ON, "model.slots.layers=[0,2]", "model.slots.n=4", f"model.slots.read={read}")
+    w = cfg.model.window
+    tokens = _tokens(2, 16 * w)
+    with torch.no_grad():
+        by_block, state_w = model.run_stream(tokens, w)
+        by_8w, state_8w = model.run_stream(tokens, 8 * w)
+    torch.testing.assert_close(by_block, by_8w, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(state_w.layers[2].c, state_8w.layers[2].c, atol=1e-5, rtol=1e-5)
