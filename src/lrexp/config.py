@@ -474,8 +474,8 @@ _POSITIVE = (
     "scale.d_model", "scale.num_heads", "scale.d_ff", "scale.num_layers", "scale.window", "scale.num_states",
     "scale.lanes", "scale.memory_size", "scale.knn_k", "model.d_model", "model.num_heads",
     "model.d_ff", "model.num_layers", "model.window", "model.blocks_per_segment", "model.segment_len",
-    "model.recurrent.num_states", "model.knn.memory_size", "model.knn.k", "model.slots.n", "model.attn.num_buckets",
-    "model.attn.max_distance", "data.vocab_size", "data.tokens_per_step",
+    "model.recurrent.num_states", "model.knn.memory_size", "model.knn.k", "model.slots.n",
+    "model.attn.num_buckets", "model.attn.max_distance", "data.vocab_size", "data.tokens_per_step",
     "optim.warmup_steps", "train.max_steps", "train.val_every", "train.val_tokens",
     "train.lane_groups", "train.devices", "train.num_nodes", "train.threads", "train.checkpoint_every",
     "train.checkpoint_minutes", "log.every_n_steps",
@@ -603,9 +603,10 @@ def _slot_layers(slots: SlotsConfig, num_layers: int) -> List[int]:
     """`model.slots.layers` as absolute indices: "all", or stack indices as for the other layer lists."""
     if slots.layers == "all":
         return list(range(num_layers))
-    if not isinstance(slots.layers, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in slots.layers):
+    indices = slots.layers if isinstance(slots.layers, list) else [None]
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
         raise ConfigError(f"'model.slots.layers' must be a list of layer indices or 'all', got {slots.layers!r}")
-    return _absolute_layers("model.slots.layers", list(slots.layers), num_layers)
+    return _absolute_layers("model.slots.layers", indices, num_layers)
 
 
 def _check_knn(knn: KNNConfig, layers: List[int], recurrent_layers: List[int], segment_len: int) -> None:

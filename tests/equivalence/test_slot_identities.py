@@ -78,9 +78,10 @@ def test_the_b1_configuration_with_copied_weights_is_rec_fixed_skip():
     """Slots at L-3 of Slide:12L with n = S, cross_attn, self_attn, fixed, no FFN, previous and current
     block: the Rec:fixed:skip cell, parameter for parameter, over segments with a document reset inside."""
     rec, cfg = _model("rec_fixed_skip")
-    slots, slot_cfg = _model("slide12", ON, "model.slots.layers=[-3]", f"model.slots.n={cfg.model.recurrent.num_states}",
-                             "model.slots.read=cross_attn", "model.slots.self_attn=true", "model.slots.gate=fixed",
-                             "model.slots.ffn=false", "model.slots.token_keys=prev_and_current", seed=1)
+    s = cfg.model.recurrent.num_states
+    slots, slot_cfg = _model("slide12", ON, "model.slots.layers=[-3]", f"model.slots.n={s}", "model.slots.read=cross_attn",
+                             "model.slots.self_attn=true", "model.slots.gate=fixed", "model.slots.ffn=false",
+                             "model.slots.token_keys=prev_and_current", seed=1)
     assert slot_cfg.derived.slot_layers == cfg.derived.recurrent_layers
     slots.load_state_dict(rec.state_dict())  # strict: the same parameters under the same names
     n = cfg.derived.segment_len

@@ -28,7 +28,7 @@ def _model(row, *overrides):
     (["model.slots.n=0"], "'model.slots.n' must be > 0"),
     (["row=full"], "layer 1 of row Full, a dense layer without a window"),
     (["row=rec_fixed_skip"], "layer 1 of row Rec:fixed:skip, a 'recurrent' layer"),
-    (["row=xl512", "model.slots.layers=all", "model.variant=feedback"], "layer 0 of row Feedback:fixed:skip, a 'feedback'"),
+    (["model.slots.layers=all", "model.variant=feedback"], "layer 0 of row Feedback:fixed:skip, a 'feedback'"),
     (["model.slots.read=prefix_kv", "model.attn.backend=triton"], "banded 'triton' attention backend"),
 ])
 def test_a_bad_slots_config_is_a_one_line_error_at_load(overrides, match):
@@ -43,7 +43,8 @@ def test_the_slots_keys_are_in_the_resolved_config_and_off_by_default():
     text = config.to_yaml(cfg)
     for key in ("slots:", "enabled: false", "read: cross_attn", "token_keys: prev_and_current", "self_attn: true"):
         assert key in text
-    assert config.load(overrides=["scale=smoke", "row=xl512", ON, "model.slots.layers=all"]).derived.slot_layers == [0, 1, 2, 3]
+    every = config.load(overrides=["scale=smoke", "row=xl512", ON, "model.slots.layers=all"])
+    assert every.derived.slot_layers == [0, 1, 2, 3]
     assert config.load(overrides=["scale=smoke", "row=rec_fixed_skip", ON, "model.slots.layers=[0,-1]"]
                        ).derived.slot_layers == [0, 3]  # a Rec row's attention layers may hold slots
 
@@ -91,7 +92,8 @@ def test_slots_start_at_their_learned_initial_value_with_ids_as_the_spec_says():
     assert layer.c_init.std().item() == pytest.approx(0.1, rel=0.1)
     assert layer.state.ids.std().item() == pytest.approx(1.0, rel=0.1)
     carried = layer.initial_state(3, "cpu")
-    carried = SlotState(fresh=torch.zeros(3, dtype=torch.bool), k=carried.k, v=carried.v, c=torch.randn(carried.c.shape))
+    carried = SlotState(fresh=torch.zeros(3, dtype=torch.bool), k=carried.k, v=carried.v,
+                        c=torch.randn(carried.c.shape))
     start = layer.begin_segment(carried.reset_rows(torch.tensor([False, True, False]))).c
     assert torch.equal(start[1], layer.c_init.detach()) and torch.equal(start[[0, 2]], carried.c[[0, 2]])
 

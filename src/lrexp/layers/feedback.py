@@ -2,11 +2,13 @@
 
 A is the plain layer's windowed self-attention and B the tokens' cross-attention (second query Q2, scale
 s2; no mask, bias or dropout) to the keys and values K_s, V_s of a state c; W_O widens to 2H heads -> d.
-`StateReadingLayer` is that token side. Memory slots may read their state the other way instead
-(`model.slots.read=prefix_kv`, cache_policies.md B.1): K_s, V_s join each block's window keys in front, in
-one softmax with A and without position bias, and W_O keeps its H heads. The block-recurrent cell extends it with the state's own update
+`StateReadingLayer` is that token side. The block-recurrent cell extends it with the state's own update
 (lrexp.layers.recurrent); registered alone as kind "feedback" it is every non-recurrent layer of a Feedback
 row, which the model runs block by block, handing each block the recurrent layer's K_s, V_s of c_t.
+
+Memory slots may read their state the other way instead (`model.slots.read=prefix_kv`, cache_policies.md
+B.1): K_s, V_s join each block's window keys in front, in one softmax with A and without position bias, and
+W_O keeps its H heads.
 """
 
 from __future__ import annotations
