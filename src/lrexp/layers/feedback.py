@@ -65,8 +65,8 @@ class StateReadingLayer(AttentionLayer):
         if self.read == "prefix_kv":
             o = self.attend_window(q, k, v, cache, prefix=(k_s, v_s))  # [B, H, T, D]: one softmax over [K_s; window]
             return x + self.wo(merge_heads(o))  # [B, T, d]
-        a = self.attend_window(q, k, v, cache)  # [B, H, T, D]
         q2 = l2_normalize(split_heads(self.wq2(h), self.num_heads))  # [B, H, T, D]
+        a = self.attend_window(q, k, v, cache)  # [B, H, T, D]
         b, hd, t, dh = q2.shape
         blocks = t // self.window
         q2 = q2.reshape(b, hd, blocks, self.window, dh).transpose(1, 2).flatten(0, 1)  # [B*nb, H, W, D]
