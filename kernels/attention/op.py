@@ -52,6 +52,9 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, mask: MaskSpec, bias: Optional
     if INTERPRET and q.dtype == torch.bfloat16:
         raise BackendError("bfloat16 is computed wrongly under the Triton interpreter (TRITON_INTERPRET=1, "
                            "triton#4972): use float16 or float32 on CPU, bfloat16 on a GPU")
+    if mask.prefix:
+        raise BackendError("the triton attention backend takes no prefix keys (model.slots.read=prefix_kv); "
+                           "use model.attn.backend=sdpa")
     if q.shape[-1] > MAX_HEAD_DIM:
         raise BackendError(f"the triton attention backend supports head dims up to {MAX_HEAD_DIM}, got {q.shape[-1]}")
     named = {"q": q, "k": k, "v": v, "scale": scale, "bias table": None if bias is None else bias.table,

@@ -33,7 +33,7 @@ def attention_reference(
     t_q, t_k = q.shape[2], k.shape[2]
     logits = torch.einsum("bhqd,bhkd->bhqk", q.float(), k.float())  # [B, H, Tq, Tk]
     if bias is not None:
-        logits = logits + bias.dense(t_q, t_k).float()
+        logits = logits + bias.dense(t_q, t_k, mask.prefix).float()
     if scale is not None:
         logits = logits * scale.float()[:, None, None]
     logits = logits.masked_fill(~mask.visible(t_q, t_k, q.device)[:, None], MASKED_LOGIT)

@@ -112,6 +112,23 @@ class KNNConfig:
 
 
 @dataclass
+class SlotsConfig:
+    """Gated memory slots (cache_policies.md B.1): on the layers named, the sliding-window layer becomes a
+    gated state cell over n learned slots M [n, d] per lane, written from every block and read by the tokens."""
+
+    enabled: bool = False
+    # Stack indices (negative: from the top) of the layers that get slots, or "all"; each must be a
+    # sliding-window attention layer of the row (an XL or Slide row, or a Rec row's non-recurrent layers).
+    layers: Any = field(default_factory=lambda: [-3])
+    n: int = 64  # slots per layer and lane
+    read: Literal["cross_attn", "prefix_kv"] = "cross_attn"  # BRT's B path, or prefix keys in one softmax
+    gate: Literal["fixed", "lstm"] = "fixed"  # models.md 4.5
+    self_attn: bool = True  # the write reads the slots themselves too: U = [SelfAttn(M) ; CrossAttn]
+    ffn: bool = False  # false: the skip topology; true: dual (an FFN and a second gate on the write path)
+    token_keys: Literal["prev_and_current", "current"] = "prev_and_current"  # the block tokens the write reads
+
+
+@dataclass
 class ModelConfig:
     variant: str = "slide"  # a name in lrexp.variants' registry
     d_model: int = "${scale.d_model}"  # type: ignore[assignment]
@@ -125,6 +142,7 @@ class ModelConfig:
     attn: AttnConfig = field(default_factory=AttnConfig)
     recurrent: RecurrentConfig = field(default_factory=RecurrentConfig)
     knn: KNNConfig = field(default_factory=KNNConfig)
+    slots: SlotsConfig = field(default_factory=SlotsConfig)
 
 
 @dataclass
@@ -232,6 +250,7 @@ class DerivedConfig:
     eval_lanes_per_rank: int = 0
     recurrent_layers: List[int] = field(default_factory=list)  # absolute indices
     knn_layers: List[int] = field(default_factory=list)  # absolute indices of the kNN memory layers
+    slot_layers: List[int] = field(default_factory=list)  # absolute indices of the layers with slots (if enabled)
     data_seed: int = 0  # data.seed, else train.seed
     position_buckets: List[int] = field(default_factory=list)  # log.position_buckets, else the scale's
 
@@ -455,8 +474,8 @@ _POSITIVE = (
     "scale.d_model", "scale.num_heads", "scale.d_ff", "scale.num_layers", "scale.window", "scale.num_states",
     "scale.lanes", "scale.memory_size", "scale.knn_k", "model.d_model", "model.num_heads",
     "model.d_ff", "model.num_layers", "model.window", "model.blocks_per_segment", "model.segment_len",
-    "model.recurrent.num_states", "model.knn.memory_size", "model.knn.k", "model.attn.num_buckets",
-    "model.attn.max_distance", "data.vocab_size", "data.tokens_per_step",
+    "model.recurrent.num_states", "model.knn.memory_size", "model.knn.k", "model.slots.n",
+    "model.attn.num_buckets", "model.attn.max_distance", "data.vocab_size", "data.tokens_per_step",
     "optim.warmup_steps", "train.max_steps", "train.val_every", "train.val_tokens",
     "train.lane_groups", "train.devices", "train.num_nodes", "train.threads", "train.checkpoint_every",
     "train.checkpoint_minutes", "log.every_n_steps",
@@ -513,6 +532,13 @@ def resolve(cfg: RunConfig) -> RunConfig:
     knn_layers = _absolute_layers("model.knn.layers", m.knn.layers, m.num_layers)
     if knn_layers:
         _check_knn(m.knn, knn_layers, recurrent_layers, segment_len)
+    slot_layers = _slot_layers(m.slots, m.num_layers) if m.slots.enabled else []
+    if slot_layers and m.slots.read == "prefix_kv":
+        from lrexp.attention import BACKENDS
+
+        if BACKENDS[m.attn.backend].banded:
+            raise ConfigError(f"'model.slots.read' prefix_kv needs per-block prefix keys, which the banded "
+                              f"'{m.attn.backend}' attention backend does not take; use model.attn.backend=sdpa")
 
     tps = cfg.data.tokens_per_step
     if tps % segment_len:
@@ -540,9 +566,14 @@ def resolve(cfg: RunConfig) -> RunConfig:
         eval_lanes_per_rank=max(1, tps // eval_len // world),
         recurrent_layers=sorted(recurrent_layers),
         knn_layers=sorted(knn_layers),
+        slot_layers=sorted(slot_layers),
         data_seed=cfg.train.seed if cfg.data.seed is None else cfg.data.seed,
         position_buckets=buckets,
     )
+    if slot_layers:
+        from lrexp.variants import check_slot_places
+
+        check_slot_places(cfg)
     return cfg
 
 
@@ -566,6 +597,16 @@ def _absolute_layers(path: str, indices: List[int], num_layers: int) -> List[int
     if len(set(absolute)) != len(absolute):
         raise ConfigError(f"'{path}' names a layer twice: {list(indices)}")
     return absolute
+
+
+def _slot_layers(slots: SlotsConfig, num_layers: int) -> List[int]:
+    """`model.slots.layers` as absolute indices: "all", or stack indices as for the other layer lists."""
+    if slots.layers == "all":
+        return list(range(num_layers))
+    indices = slots.layers if isinstance(slots.layers, list) else [None]
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
+        raise ConfigError(f"'model.slots.layers' must be a list of layer indices or 'all', got {slots.layers!r}")
+    return _absolute_layers("model.slots.layers", indices, num_layers)
 
 
 def _check_knn(knn: KNNConfig, layers: List[int], recurrent_layers: List[int], segment_len: int) -> None:

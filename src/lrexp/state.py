@@ -124,24 +124,42 @@ class XLCache(LayerState):
         )
 
 
-@register_state
+C = TypeVar("C", bound="CellState")
+
+
 @dataclass(frozen=True)
-class RecurrentState(XLCache):
-    """The block-recurrent cell's carry (models.md 4.2, 4.7): its token attention's XL cache plus the state
-    c [B, S, d] before the segment's first block.
+class CellState(XLCache):
+    """The carry of a gated state cell (lrexp.layers.recurrent): its token attention's XL cache plus the state
+    c [B, S, d] before the segment's first block. Not a kind itself: the Rec rows' cell and the memory slots
+    each register theirs, so a checkpoint and a per-kind knob tell them apart.
 
     A reset zeroes the cache like any XL cache and only flags the lane: the layer then replaces c by its
     learned initial state c_init, which a constant here could not be (it needs gradient).
     """
 
-    kind: ClassVar[str] = "recurrent"
     c: Tensor  # [B, S, d]
 
     @classmethod
-    def initial(cls, cache: XLCache, num_states: int, d_model: int) -> "RecurrentState":
+    def initial(cls: Type[C], cache: XLCache, num_states: int, d_model: int) -> C:
         """Every lane fresh: an empty cache, and a c that is never read before c_init replaces it."""
         c = cache.k.new_zeros(cache.batch_size, num_states, d_model)  # [B, S, d]
         return cls(fresh=cache.fresh, k=cache.k, v=cache.v, c=c)
+
+
+@register_state
+@dataclass(frozen=True)
+class RecurrentState(CellState):
+    """The block-recurrent cell's carry (models.md 4.2, 4.7): c holds its S states."""
+
+    kind: ClassVar[str] = "recurrent"
+
+
+@register_state
+@dataclass(frozen=True)
+class SlotState(CellState):
+    """A layer's gated memory slots (cache_policies.md B.1): c holds M [B, n, d]."""
+
+    kind: ClassVar[str] = "slots"
 
 
 @register_state

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Dict, List
 
+from lrexp.config import ConfigError
 from lrexp.errors import UserError
 from lrexp.layers import LayerSpec
 
@@ -48,12 +49,28 @@ def get_variant(name: str) -> Variant:
 
 
 def layer_specs(cfg: "RunConfig") -> List[LayerSpec]:
-    return get_variant(cfg.model.variant).layers(cfg)
+    """The variant's stack, with gated memory slots on the layers `model.slots` names when it is enabled."""
+    specs = get_variant(cfg.model.variant).layers(cfg)
+    return [LayerSpec("slots", s.window) if i in cfg.derived.slot_layers else s for i, s in enumerate(specs)]
+
+
+def check_slot_places(cfg: "RunConfig") -> None:
+    """A one-line ConfigError, at config time, unless every layer `model.slots.layers` names is a
+    sliding-window attention layer: the slots are that layer's gated state (cache_policies.md B.1)."""
+    specs = get_variant(cfg.model.variant).layers(cfg)
+    for i in cfg.derived.slot_layers:
+        spec = specs[i]
+        if spec.kind != "attention" or spec.window is None:
+            what = "a dense layer without a window" if spec.window is None else f"a '{spec.kind}' layer"
+            row = get_variant(cfg.model.variant).row_name(cfg)
+            raise ConfigError(f"'model.slots.layers' puts slots on layer {i} of row {row}, {what}; "
+                              f"slots go on sliding-window attention layers (XL and Slide rows)")
 
 
 def row_name(cfg: "RunConfig") -> str:
-    """The paper's row name: "XL:512", "Slide:13L", "Full", ..."""
-    return get_variant(cfg.model.variant).row_name(cfg)
+    """The paper's row name: "XL:512", "Slide:13L", "Full", ...; "+slots" with gated memory slots."""
+    name = get_variant(cfg.model.variant).row_name(cfg)
+    return f"{name}+slots" if cfg.derived.slot_layers else name
 
 
 def sliding_stack(cfg: "RunConfig") -> List[LayerSpec]:

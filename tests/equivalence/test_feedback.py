@@ -8,15 +8,9 @@ from lrexp.layers.feedback import StateReadingLayer
 from lrexp.layers.recurrent import RecurrentLayer
 from lrexp.model import build_model
 
-V = 64
+from smoke import V, smoke_model as _model
+
 ROWS = ["fb_lstm_single", "fb_fixed_skip"]
-
-
-def _model(row, *overrides, seed=0):
-    cfg = config.load(overrides=["scale=smoke", f"row={row}", *overrides])
-    torch.manual_seed(seed)
-    return build_model(cfg, V).eval(), cfg
-
 
 
 def _tokens(length, seed=1):

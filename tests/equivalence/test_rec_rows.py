@@ -4,24 +4,10 @@ reach across segments, gradient paths and reset isolation (models.md 4, 12.3, 12
 import pytest
 import torch
 
-from lrexp import config
-from lrexp.model import build_model
-
 from oracles import reference_cell
+from smoke import V, random_tokens as _tokens, smoke_model as _model
 
-V = 64
 ROWS = [f"rec_{g}_{t}" for g in ("lstm", "fixed") for t in ("dual", "single", "skip")]
-
-
-def _model(row, *overrides, seed=0):
-    cfg = config.load(overrides=["scale=smoke", f"row={row}", *overrides])
-    torch.manual_seed(seed)
-    return build_model(cfg, V).eval(), cfg
-
-
-def _tokens(lanes, length, seed=1):
-    return torch.randint(0, V, (lanes, length), generator=torch.Generator().manual_seed(seed))
-
 
 
 @pytest.mark.parametrize("row", ROWS)

@@ -75,6 +75,18 @@ def test_two_groups_of_b_lanes_step_as_2b_lanes_and_resume_exactly(env):
         run(env, "train.max_steps=3", "train.lane_groups=1", resume=first["checkpoint"])
 
 
+def test_memory_slots_step_in_groups_and_resume_exactly(env):
+    """The slots' carry (a SlotState per enabled layer) goes through lane groups, checkpoints and resume like
+    every state: two groups interrupted after step 2 and resumed are one group of 4 lanes for 3 steps."""
+    slots = ("row=slide12", "model.slots.enabled=true", "model.slots.layers=[0,2]", "model.slots.n=4")
+    whole = saved(run(env, *slots))
+    first = run(env, *slots, "train.lane_groups=2", "train.max_steps=2")
+    again = saved(run(env, "train.max_steps=3", resume=first["checkpoint"]))
+    assert_close(again[0], whole[0], TOL)
+    assert_close(again[1], whole[1], TOL)
+    assert whole[1]["layers.2.slots.c"].shape[1:3] == (4, 4)  # [world, lanes, n, d]
+
+
 def test_offloaded_group_states_change_nothing(env):
     plain = saved(run(env, "train.lane_groups=2", "train.max_steps=2"))
     offloaded = saved(run(env, "train.lane_groups=2", "train.max_steps=2", "train.offload_state=true"))

@@ -11,13 +11,7 @@ from lrexp.model import build_model
 from lrexp.state import StateError
 from lrexp.variants import VARIANTS, row_name
 
-V = 64
-
-
-def _model(row, *overrides, seed=0):
-    cfg = config.load(overrides=["scale=smoke", f"row={row}", *overrides])
-    torch.manual_seed(seed)
-    return build_model(cfg, V).eval(), cfg
+from smoke import V, smoke_model as _model
 
 
 def _tokens(b, t, seed=0):

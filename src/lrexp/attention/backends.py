@@ -115,7 +115,7 @@ def _sdpa(q, k, v, mask, bias, scale, dropout_p):
     s = torch.ones(h, dtype=dtype, device=q.device) if scale is None else scale.to(dtype)
     q_s = q * s[:, None, None]  # [B, H, Tq, D]: s_h (q . k) is then a plain dot product
     add = (torch.zeros((), dtype=dtype, device=q.device) if bias is None
-           else bias.dense(t_q, t_k).to(dtype) * s[:, None, None])  # [H, Tq, Tk]
+           else bias.dense(t_q, t_k, mask.prefix).to(dtype) * s[:, None, None])  # [H, Tq, Tk]
     masked = max(MASKED_LOGIT, torch.finfo(dtype).min)
     visible = mask.visible(t_q, t_k, q.device)  # [B|1, Tq, Tk]
     add = torch.where(visible[:, None], add, torch.tensor(masked, dtype=dtype, device=q.device))  # [B|1, H|1, Tq, Tk]

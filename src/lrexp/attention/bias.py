@@ -44,11 +44,14 @@ class BiasSpec:
         n = torch.arange(self.max_distance + 1, device=self.table.device)
         return self.table[:, relative_bucket(n, self.num_buckets, self.max_distance)]  # [H, max_distance + 1]
 
-    def dense(self, t_q: int, t_k: int) -> Tensor:
-        """Bias [H, t_q, t_k] for t_q queries at the end of t_k keys."""
-        q_pos = torch.arange(t_q, device=self.table.device)[:, None] + (t_k - t_q)  # [t_q, 1]
-        n = q_pos - torch.arange(t_k, device=self.table.device)[None, :]  # [t_q, t_k]
-        return self.by_distance()[:, n.clamp(0, self.max_distance)]  # [H, t_q, t_k]
+    def dense(self, t_q: int, t_k: int, prefix: int = 0) -> Tensor:
+        """Bias [H, t_q, t_k] for t_q queries at the end of t_k keys; the first `prefix` keys have none
+        (`MaskSpec.prefix`: they stand outside the positions)."""
+        t_pos = t_k - prefix  # keys with a position
+        q_pos = torch.arange(t_q, device=self.table.device)[:, None] + (t_pos - t_q)  # [t_q, 1]
+        n = q_pos - torch.arange(t_pos, device=self.table.device)[None, :]  # [t_q, t_pos]
+        bias = self.by_distance()[:, n.clamp(0, self.max_distance)]  # [H, t_q, t_pos]
+        return torch.cat([bias.new_zeros(bias.shape[0], t_q, prefix), bias], dim=2) if prefix else bias
 
 
 class RelativePositionBias(nn.Module):

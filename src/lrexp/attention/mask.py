@@ -10,11 +10,15 @@ of these values:
 - unmasked (`MaskSpec(causal=False)`): every key visible (the recurrent cell's state attentions);
 - `memory_valid` [B, M] hides the first M keys of a lane (empty XL cache slots after a document reset,
   `attn.mask_empty_cache`).
+
+`prefix` P puts P keys in front of all of these, outside the positions: every query sees them and they carry
+no position bias (memory slots read as prefix keys, `model.slots.read=prefix_kv`). The rules above then apply
+to the T_k - P keys after them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -33,15 +37,21 @@ class MaskSpec:
     window: Optional[int] = None  # W: only the W closest previous keys; None: every previous key
     include_self: bool = False  # paper choice 3: the code excludes the query's own token
     memory_valid: Optional[Tensor] = None  # [B, M] bool: False hides memory slot m of lane b
+    prefix: int = 0  # P keys in front, visible to every query, without position bias
 
     def __post_init__(self) -> None:
         if self.window is not None and (not self.causal or self.window < 1):
             raise MaskError(f"a sliding window must be causal and >= 1, got window={self.window}")
         if self.memory_valid is not None and (self.memory_valid.dtype != torch.bool or self.memory_valid.dim() != 2):
             raise MaskError("MaskSpec.memory_valid must be a bool tensor [batch, memory_len]")
+        if self.prefix < 0:
+            raise MaskError(f"MaskSpec.prefix must be >= 0, got {self.prefix}")
 
     def check(self, t_q: int, t_k: int) -> None:
         """Raise a `MaskError` when this mask cannot apply to t_q queries over t_k keys."""
+        if self.prefix > t_k:
+            raise MaskError(f"a prefix of {self.prefix} keys needs at least as many keys, got {t_k}")
+        t_k -= self.prefix
         if self.causal and t_q > t_k:
             raise MaskError(f"a causal mask needs at least as many keys as queries, got {t_q} queries, {t_k} keys")
         if self.memory_valid is not None and self.memory_valid.shape[1] > t_k:
@@ -50,6 +60,9 @@ class MaskSpec:
     def visible(self, t_q: int, t_k: int, device: torch.device) -> Tensor:
         """Dense boolean mask [B or 1, t_q, t_k]: True where query i may attend to key j."""
         self.check(t_q, t_k)
+        if self.prefix:
+            vis = replace(self, prefix=0).visible(t_q, t_k - self.prefix, device)  # [B|1, t_q, t_k - P]
+            return torch.cat([vis.new_ones(*vis.shape[:2], self.prefix), vis], dim=2)  # [B|1, t_q, t_k]
         if self.causal:
             q_pos = torch.arange(t_q, device=device)[:, None] + (t_k - t_q)  # [t_q, 1]
             n = q_pos - torch.arange(t_k, device=device)[None, :]  # [t_q, t_k] distance back to key j

@@ -5,11 +5,14 @@ The segment [B, H, N, D] is cut into N/W blocks of W queries; block t attends to
 The previous block of block 0 is the XL cache. For the dense backends all tiles run as one batched
 `attend` of [B*N/W, H, W, 2W]: no N x N mask is ever built. A banded backend (the Triton kernel) gets the
 segment itself, N queries over [cache; segment] with the same window mask, which is the same function.
+
+Per-block prefix keys (memory slots read as prefix keys) join each tile in front of its 2W keys
+(`MaskSpec.prefix`: seen by every query of the block, no position bias, one softmax with the window).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -33,11 +36,13 @@ def sliding_window_attention(
     prev_valid: Optional[Tensor] = None,
     backend: str = "reference",
     dropout_p: float = 0.0,
+    prefix: Optional[Tuple[Tensor, Tensor]] = None,
 ) -> Tensor:
     """Output [B, H, N, D] of q, k, v [B, H, N, D] with block 0's previous keys k_prev, v_prev [B, H, W, D].
 
     bias is the layer's T5 bias; prev_valid [B] bool marks lanes whose k_prev/v_prev are real keys (None: all
-    are; False hides them, `attn.mask_empty_cache`).
+    are; False hides them, `attn.mask_empty_cache`); prefix: each block's own prefix keys and values
+    [B*nb, H, P, D], lane-major (lane b's block t at b*nb + t).
     """
     b, h, n, d = q.shape
     w = window
@@ -46,7 +51,11 @@ def sliding_window_attention(
     if k_prev.shape != (b, h, w, d) or v_prev.shape != (b, h, w, d):
         raise BackendError(f"previous block must be [{b}, {h}, {w}, {d}], got {tuple(k_prev.shape)}")
     blocks = n // w
+    p = 0 if prefix is None else prefix[0].shape[2]
     if BACKENDS[resolve_backend(backend)].banded:
+        if prefix is not None:
+            raise BackendError(f"the '{backend}' backend takes no per-block prefix keys (model.slots.read="
+                               f"prefix_kv); use model.attn.backend=sdpa")
         memory_valid = None if prev_valid is None else prev_valid[:, None].expand(b, w)  # [B, W]
         return attend(q, torch.cat([k_prev.to(k.dtype), k], 2), torch.cat([v_prev.to(v.dtype), v], 2),
                       MaskSpec(window=w, include_self=include_self, memory_valid=memory_valid),
@@ -55,10 +64,11 @@ def sliding_window_attention(
     def tiles(x: Tensor) -> Tensor:
         return x.reshape(b, h, blocks, w, x.shape[-1]).transpose(1, 2)  # [B, nb, H, W, D]
 
-    def with_previous(x: Tensor, prev: Tensor) -> Tensor:
+    def with_previous(x: Tensor, prev: Tensor, front: Optional[Tensor]) -> Tensor:
         cur = tiles(x)  # [B, nb, H, W, D]
         before = torch.cat([prev.to(x.dtype).unsqueeze(1), cur[:, :-1]], dim=1)  # [B, nb, H, W, D]
-        return torch.cat([before, cur], dim=3).reshape(b * blocks, h, 2 * w, x.shape[-1])  # [B*nb, H, 2W, D]
+        keys = torch.cat([before, cur], dim=3).reshape(b * blocks, h, 2 * w, x.shape[-1])  # [B*nb, H, 2W, D]
+        return keys if front is None else torch.cat([front.to(x.dtype), keys], dim=2)  # [B*nb, H, P + 2W, D]
 
     memory_valid = None
     if prev_valid is not None:
@@ -67,9 +77,9 @@ def sliding_window_attention(
         memory_valid = block_valid.reshape(b * blocks, 1).expand(b * blocks, w)  # [B*nb, W]
     out = attend(
         tiles(q).reshape(b * blocks, h, w, d),
-        with_previous(k, k_prev),
-        with_previous(v, v_prev),
-        MaskSpec(window=w, include_self=include_self, memory_valid=memory_valid),
+        with_previous(k, k_prev, None if prefix is None else prefix[0]),
+        with_previous(v, v_prev, None if prefix is None else prefix[1]),
+        MaskSpec(window=w, include_self=include_self, memory_valid=memory_valid, prefix=p),
         bias=bias,
         scale=scale,
         backend=backend,

@@ -1,4 +1,4 @@
-"""Layers built from specs: the block, the recurrent cell, feedback, kNN memory.
+"""Layers built from specs: the block, the recurrent cell, feedback, kNN memory, memory slots.
 
 A variant (lrexp.variants) describes its stack as a list of `LayerSpec`; `build_layer` turns one into a
 module through the `LAYER_KINDS` registry. A new layer kind is one file here that calls
@@ -46,3 +46,4 @@ from lrexp.layers import block  # noqa: E402,F401  (registers "attention")
 from lrexp.layers import feedback  # noqa: E402,F401  (registers "feedback")
 from lrexp.layers import recurrent  # noqa: E402,F401  (registers "recurrent")
 from lrexp.layers import memorizing  # noqa: E402,F401  (registers "memorizing")
+from lrexp.layers import slots  # noqa: E402,F401  (registers "slots")

@@ -82,23 +82,29 @@ class AttentionLayer(nn.Module):
         return self.ffn(x), new_state
 
     def self_attention(self, x: Tensor, state: Optional[XLCache]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-        """The attention output o before W_O, with the segment's q-hat, k-hat and v: each [B, H, T, D].
-
-        A windowed layer whose `rel_bias` is None (the kNN memory layer under `knn.local_position_bias=false`)
-        attends without the T5 bias."""
+        """The attention output o before W_O, with the segment's q-hat, k-hat and v: each [B, H, T, D]."""
         q, k, v = self.qkv(x)  # [B, H, T, D] each
+        return self.attend_window(q, k, v, state), q, k, v
+
+    def attend_window(
+        self, q: Tensor, k: Tensor, v: Tensor, state: Optional[XLCache],
+        prefix: Optional[Tuple[Tensor, Tensor]] = None,
+    ) -> Tensor:
+        """o [B, H, T, D] of the segment's q-hat, k-hat, v [B, H, T, D] over this layer's window (or densely).
+
+        prefix: each block's own prefix keys and values [B*nb, H, P, D] (`sliding_window_attention`). A windowed
+        layer whose `rel_bias` is None (the kNN memory layer under `knn.local_position_bias=false`) attends
+        without the T5 bias."""
         p = self.dropout if self.training else 0.0
         if self.window is None:
-            o = attend(q, k, v, MaskSpec(include_self=self.include_self), bias=self.rel_bias(),
-                       scale=self.scale(), backend=self.backend, dropout_p=p)  # [B, H, T, D]
-        else:
-            bias = None if self.rel_bias is None else self.rel_bias()
-            o = sliding_window_attention(
-                q, k, v, state.k, state.v, window=self.window, bias=bias, scale=self.scale(),
-                include_self=self.include_self, prev_valid=~state.fresh if self.mask_empty_cache else None,
-                backend=self.backend, dropout_p=p,
-            )  # [B, H, T, D]
-        return o, q, k, v
+            return attend(q, k, v, MaskSpec(include_self=self.include_self), bias=self.rel_bias(),
+                          scale=self.scale(), backend=self.backend, dropout_p=p)  # [B, H, T, D]
+        bias = None if self.rel_bias is None else self.rel_bias()
+        return sliding_window_attention(
+            q, k, v, state.k, state.v, window=self.window, bias=bias, scale=self.scale(),
+            include_self=self.include_self, prev_valid=~state.fresh if self.mask_empty_cache else None,
+            backend=self.backend, dropout_p=p, prefix=prefix,
+        )  # [B, H, T, D]
 
 
 register_layer("attention", AttentionLayer)

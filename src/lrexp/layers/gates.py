@@ -1,7 +1,8 @@
 """The horizontal state path of the block-recurrent cell: gates and topologies (models.md 4.5, 4.6).
 
 A topology maps (c_t, u) -> c_{t+1}, where c_t [B, S, d] is the state before block t and u = [P ; R]
-[B, S, 2d] what the states read from themselves and from the tokens. It owns its bias-free maps and one or
+[B, S, d_u] what the states read from themselves and from the tokens (d_u = 2d; d for memory slots that
+do not attend to themselves). It owns its bias-free maps and one or
 two gates. A gate G(c, z, h) mixes the incoming state c with a candidate z computed from h:
 
     c' = keep(h) * c + write(h) * z
@@ -16,7 +17,7 @@ Nothing on this path has dropout (3.7). The gate kind is chosen in `build_gate` 
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -83,11 +84,11 @@ def _candidate(z: Tensor, tanh: bool) -> Tensor:
 class SkipUpdate(nn.Module):
     """c_{t+1} = G(c_t, z = W_o u, h = u): no FFN on the state path (the paper's best and cheapest)."""
 
-    def __init__(self, gate: str, d_model: int, d_ff: int, candidate_tanh: bool) -> None:
+    def __init__(self, gate: str, d_u: int, d_model: int, d_ff: int, candidate_tanh: bool) -> None:
         super().__init__()
         self.candidate_tanh = candidate_tanh
-        self.w_o = linear(2 * d_model, d_model)
-        self.gate = build_gate(gate, 2 * d_model, d_model)
+        self.w_o = linear(d_u, d_model)
+        self.gate = build_gate(gate, d_u, d_model)
 
     def forward(self, c: Tensor, u: Tensor) -> Tensor:
         return self.gate(c, _candidate(self.w_o(u), self.candidate_tanh), u)  # [B, S, d]
@@ -97,11 +98,11 @@ class DualUpdate(nn.Module):
     """Two gates in place of a layer's two residuals: c1 = G1(c_t, W_o u, u), then
     c_{t+1} = G2(c1, W_2 r, r) with r = ReLU(W_1 LN(c1))."""
 
-    def __init__(self, gate: str, d_model: int, d_ff: int, candidate_tanh: bool) -> None:
+    def __init__(self, gate: str, d_u: int, d_model: int, d_ff: int, candidate_tanh: bool) -> None:
         super().__init__()
         self.candidate_tanh = candidate_tanh
-        self.w_o = linear(2 * d_model, d_model)
-        self.gate1 = build_gate(gate, 2 * d_model, d_model)
+        self.w_o = linear(d_u, d_model)
+        self.gate1 = build_gate(gate, d_u, d_model)
         self.norm = RMSNorm(d_model)
         self.w_1 = linear(d_model, d_ff)
         self.w_2 = linear(d_ff, d_model)
@@ -117,9 +118,9 @@ class SingleUpdate(nn.Module):
     """One gate after an FFN that reads u directly (no W_o, no LN): c_{t+1} = G(c_t, tanh(W_2 r), r),
     r = ReLU(W_1 u). The tanh is the code's, in this topology only."""
 
-    def __init__(self, gate: str, d_model: int, d_ff: int, candidate_tanh: bool) -> None:
+    def __init__(self, gate: str, d_u: int, d_model: int, d_ff: int, candidate_tanh: bool) -> None:
         super().__init__()
-        self.w_1 = linear(2 * d_model, d_ff)
+        self.w_1 = linear(d_u, d_ff)
         self.w_2 = linear(d_ff, d_model)
         self.gate = build_gate(gate, d_ff, d_model)
 
@@ -128,13 +129,16 @@ class SingleUpdate(nn.Module):
         return self.gate(c, torch.tanh(self.w_2(r)), r)  # [B, S, d]
 
 
-TOPOLOGIES: Dict[str, Callable[[str, int, int, bool], nn.Module]] = {
+TOPOLOGIES: Dict[str, Callable[[str, int, int, int, bool], nn.Module]] = {
     "dual": DualUpdate, "single": SingleUpdate, "skip": SkipUpdate,
 }
 
 
-def build_update(topology: str, gate: str, d_model: int, d_ff: int, candidate_tanh: bool) -> nn.Module:
-    """The one place a topology is chosen: a module `update(c [B, S, d], u [B, S, 2d]) -> c' [B, S, d]`."""
+def build_update(
+    topology: str, gate: str, d_model: int, d_ff: int, candidate_tanh: bool, d_u: Optional[int] = None
+) -> nn.Module:
+    """The one place a topology is chosen: a module `update(c [B, S, d], u [B, S, d_u]) -> c' [B, S, d]`;
+    d_u is 2d (u = [P ; R]) unless given."""
     if topology not in TOPOLOGIES:
         raise ValueError(f"unknown topology '{topology}'; available: {', '.join(sorted(TOPOLOGIES))}")
-    return TOPOLOGIES[topology](gate, d_model, d_ff, candidate_tanh)
+    return TOPOLOGIES[topology](gate, 2 * d_model if d_u is None else d_u, d_model, d_ff, candidate_tanh)

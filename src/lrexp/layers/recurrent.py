@@ -15,11 +15,15 @@ A does not depend on the state, so it runs over the whole segment at once, like 
 path is a scan over the N/W blocks, with gradient through the blocks of a segment; B then runs for every
 block at once against the stacked per-block state keys. The layer's carry (`RecurrentState`) is its XL cache
 and the state after the segment's last block; where a lane starts a document c is the learned c_init.
+
+The cell is built from `CellOptions`; the Rec rows' cell reads them from `model.recurrent`. Gated memory
+slots (lrexp.layers.slots) are this cell with options of their own: without P (`self_attn`), with u = R
+alone, and with the state read as prefix keys instead of by B.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Optional, Tuple
 
 import torch
@@ -30,7 +34,7 @@ from lrexp.layers import LayerSpec, register_layer
 from lrexp.layers.common import RMSNorm, linear, merge_heads, split_heads
 from lrexp.layers.feedback import UNMASKED, StateReadingLayer
 from lrexp.layers.gates import build_update
-from lrexp.state import RecurrentState
+from lrexp.state import CellState, RecurrentState
 
 if TYPE_CHECKING:
     from lrexp.config import RunConfig
@@ -38,25 +42,41 @@ if TYPE_CHECKING:
 _C_INIT_STD = 0.1
 
 
+@dataclass(frozen=True)
+class CellOptions:
+    """What a gated state cell is made of (models.md 4; cache_policies.md B.1 for the slots' choices)."""
+
+    num_states: int  # S
+    gate: str  # a name in lrexp.layers.gates.GATES
+    topology: str  # a name in lrexp.layers.gates.TOPOLOGIES
+    state_ids: bool
+    candidate_tanh: bool
+    reads_prev_block: bool  # R reads the previous and the current block (else the current one)
+    always_clear_state: bool
+    self_attn: bool = True  # P, the states' self-attention: u = [P ; R], else u = R
+    read: str = "cross_attn"  # how the tokens read the state (lrexp.layers.feedback.READS)
+
+
 class StateProjections(nn.Module):
     """The state module: h_s = LN_s(c) + P, then Q_s^h, K_s, V_s, Q_e^h, each [B, H, S, D] (keys and
-    queries L2-normalised). P, the learned state IDs, tell weight-sharing states apart (4.2)."""
+    queries L2-normalised; Q_s^h None without the states' self-attention). P, the learned state IDs, tell
+    weight-sharing states apart (4.2)."""
 
-    def __init__(self, d_model: int, num_heads: int, num_states: int, state_ids: bool) -> None:
+    def __init__(self, d_model: int, num_heads: int, num_states: int, state_ids: bool, self_attn: bool = True) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.norm = RMSNorm(d_model)
         self.ids = nn.Parameter(torch.randn(num_states, d_model)) if state_ids else None  # P [S, d], N(0, 1)
-        self.wq = linear(d_model, d_model)  # Q_s^h ("queries")
+        self.wq = linear(d_model, d_model) if self_attn else None  # Q_s^h ("queries")
         self.wk = linear(d_model, d_model)
         self.wv = linear(d_model, d_model)
         self.wq2 = linear(d_model, d_model)  # Q_e^h ("queries2")
 
-    def forward(self, c: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    def forward(self, c: Tensor) -> Tuple[Optional[Tensor], Tensor, Tensor, Tensor]:
         h = self.norm(c)  # [B, S, d]
         if self.ids is not None:
             h = h + self.ids.to(h.dtype)  # the IDs join the projections' input only, never the state itself
-        q_s = l2_normalize(split_heads(self.wq(h), self.num_heads))  # [B, H, S, D]
+        q_s = None if self.wq is None else l2_normalize(split_heads(self.wq(h), self.num_heads))  # [B, H, S, D]
         k_s = l2_normalize(split_heads(self.wk(h), self.num_heads))  # [B, H, S, D]
         v_s = split_heads(self.wv(h), self.num_heads)  # [B, H, S, D]
         q_e = l2_normalize(split_heads(self.wq2(h), self.num_heads))  # [B, H, S, D]
@@ -69,23 +89,33 @@ class RecurrentLayer(StateReadingLayer):
     The token module is the state-reading layer's: Q/K/V, scale s (A), Q2 and s2 (B), T5 bias, the widened
     W_O^v and the FFN. The state module, c_init and the update are the cell's own."""
 
+    state_type = RecurrentState  # the carry's kind
+
+    @staticmethod
+    def options(cfg: "RunConfig") -> CellOptions:
+        r = cfg.model.recurrent
+        return CellOptions(r.num_states, r.gate, r.topology, r.state_ids, r.candidate_tanh,
+                           r.state_reads_prev_block, r.always_clear_state)
+
     def __init__(self, spec: LayerSpec, cfg: "RunConfig", backend: str) -> None:
-        super().__init__(spec, cfg, backend)
-        m, a, r = cfg.model, cfg.model.attn, cfg.model.recurrent
+        o = self.options(cfg)
+        super().__init__(spec, cfg, backend, read=o.read)
+        m, a = cfg.model, cfg.model.attn
         self.d_model = m.d_model
-        self.num_states = r.num_states
-        self.reads_prev_block = r.state_reads_prev_block
-        self.always_clear_state = r.always_clear_state
-        self.state = StateProjections(m.d_model, m.num_heads, r.num_states, r.state_ids)
-        self.state_scale = HeadScale(m.num_heads, a.scale_abs)  # P
+        self.num_states = o.num_states
+        self.reads_prev_block = o.reads_prev_block
+        self.always_clear_state = o.always_clear_state
+        self.state = StateProjections(m.d_model, m.num_heads, o.num_states, o.state_ids, o.self_attn)
+        self.state_scale = HeadScale(m.num_heads, a.scale_abs) if o.self_attn else None  # P
         self.state_scale2 = HeadScale(m.num_heads, a.scale_abs)  # R
-        self.c_init = nn.Parameter(torch.randn(r.num_states, m.d_model) * _C_INIT_STD)  # [S, d]
-        self.update = build_update(r.topology, r.gate, m.d_model, m.d_ff, r.candidate_tanh)
+        self.c_init = nn.Parameter(torch.randn(o.num_states, m.d_model) * _C_INIT_STD)  # [S, d]
+        d_u = (2 if o.self_attn else 1) * m.d_model  # u = [P ; R] or R
+        self.update = build_update(o.topology, o.gate, m.d_model, m.d_ff, o.candidate_tanh, d_u=d_u)
 
-    def initial_state(self, batch_size: int, device) -> RecurrentState:
-        return RecurrentState.initial(super().initial_state(batch_size, device), self.num_states, self.d_model)
+    def initial_state(self, batch_size: int, device) -> CellState:
+        return self.state_type.initial(super().initial_state(batch_size, device), self.num_states, self.d_model)
 
-    def begin_segment(self, state: RecurrentState) -> RecurrentState:
+    def begin_segment(self, state: CellState) -> CellState:
         """The carry as the segment's first block sees it: c_init where a lane starts a document, and in
         every lane under `always_clear_state` (the ablation where no state survives a segment boundary)."""
         if self.always_clear_state:
@@ -96,22 +126,22 @@ class RecurrentLayer(StateReadingLayer):
         return replace(state, c=c)
 
     def forward(
-        self, x: Tensor, state: RecurrentState, projected: Optional[Tuple[Tensor, ...]] = None
-    ) -> Tuple[Tensor, RecurrentState]:
+        self, x: Tensor, state: CellState, projected: Optional[Tuple[Tensor, ...]] = None
+    ) -> Tuple[Tensor, CellState]:
         """`projected`: the state module's output for the first block's c. A Feedback stack passes it: it
         runs the cell one block at a time, has begun the segment (`begin_segment`) before its first block,
         and hands the same K_s, V_s to the other layers."""
         if projected is None:
             state = self.begin_segment(state)
-        a, q2, k, v = self.attend_tokens(x, state)  # [B, H, T, D] each
+        h, q, k, v = self.project_tokens(x)  # h [B, T, d]; q, k, v [B, H, T, D]
         prev_valid = ~state.fresh if self.mask_empty_cache else None
         c, (k_s, v_s) = self._scan(state.c, k, v, state, prev_valid, projected)
-        y = self.read_state(x, a, q2, k_s, v_s)  # block t reads c_t, the state before its own update
+        y = self.read_state(x, h, q, k, v, state, k_s, v_s)  # block t reads c_t, the state before its own update
         new_state = state.advance(k, v, c=c)
         return self.ffn(y), new_state
 
     def _scan(
-        self, c: Tensor, k: Tensor, v: Tensor, state: RecurrentState, prev_valid: Optional[Tensor],
+        self, c: Tensor, k: Tensor, v: Tensor, state: CellState, prev_valid: Optional[Tensor],
         projected: Optional[Tuple[Tensor, ...]] = None,
     ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
         """The horizontal direction over the segment's blocks: c_0 [B, S, d] -> c_nb, and K_s, V_s of every
@@ -131,9 +161,10 @@ class RecurrentLayer(StateReadingLayer):
                 mask = UNMASKED if valid is None else MaskSpec(causal=False, memory_valid=valid)
             else:
                 k_e, v_e, mask = k_cur, v_cur, UNMASKED
-            p_out = attend(q_s, k_s, v_s, UNMASKED, scale=self.state_scale(), backend=self.backend)  # [B, H, S, D]
-            r_out = attend(q_e, k_e, v_e, mask, scale=self.state_scale2(), backend=self.backend)  # [B, H, S, D]
-            u = merge_heads(torch.cat([p_out, r_out], dim=1))  # [B, S, 2d]
+            reads = [attend(q_e, k_e, v_e, mask, scale=self.state_scale2(), backend=self.backend)]  # R [B, H, S, D]
+            if self.state_scale is not None:
+                reads.insert(0, attend(q_s, k_s, v_s, UNMASKED, scale=self.state_scale(), backend=self.backend))  # P
+            u = merge_heads(torch.cat(reads, dim=1))  # [B, S, 2d] = [P ; R], or [B, S, d] = R
             c = self.update(c, u)  # [B, S, d]
             k_prev, v_prev = k_cur, v_cur
         k_s = torch.stack(keys, dim=1).flatten(0, 1)  # [B, nb, H, S, D] -> [B*nb, H, S, D]

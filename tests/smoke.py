@@ -1,0 +1,21 @@
+"""The smoke-scale models and tokens the model tests share (`from smoke import V, smoke_model`; pytest puts
+tests/ on the path, pyproject.toml)."""
+
+import torch
+
+from lrexp import config
+from lrexp.model import build_model
+
+V = 64  # the vocabulary of every smoke model
+
+
+def smoke_model(row, *overrides, seed=0):
+    """The row at `scale=smoke` with `key=value` overrides, initialised from `seed`, in eval mode; and its config."""
+    cfg = config.load(overrides=["scale=smoke", f"row={row}", *overrides])
+    torch.manual_seed(seed)
+    return build_model(cfg, V).eval(), cfg
+
+
+def random_tokens(lanes, length, seed=1):
+    """Token ids [lanes, length] in [0, V), the same for a seed."""
+    return torch.randint(0, V, (lanes, length), generator=torch.Generator().manual_seed(seed))
