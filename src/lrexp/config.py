@@ -112,6 +112,17 @@ class KNNConfig:
 
 
 @dataclass
+class SVDStateConfig:
+    """Rank-k compression of the carried state at the segment boundary (spec B.2); off while rank is null."""
+
+    rank: Optional[int] = None  # k; null: off. The spec's value is 64
+    # recurrent_state: the cell's c [S, d] per lane; xl_cache: every cache's keys and values [W, D] per (lane, head)
+    targets: List[str] = field(default_factory=lambda: ["recurrent_state", "xl_cache"])
+    method: Literal["exact", "lowrank"] = "exact"  # torch.linalg.svd, or torch.svd_lowrank with niter=2
+    renormalize_keys: bool = True  # give every reconstructed cache key its stored norm back (unit, or 0 if empty)
+
+
+@dataclass
 class ModelConfig:
     variant: str = "slide"  # a name in lrexp.variants' registry
     d_model: int = "${scale.d_model}"  # type: ignore[assignment]
@@ -125,6 +136,10 @@ class ModelConfig:
     attn: AttnConfig = field(default_factory=AttnConfig)
     recurrent: RecurrentConfig = field(default_factory=RecurrentConfig)
     knn: KNNConfig = field(default_factory=KNNConfig)
+    # Storage of the state carried between steps: XL caches and the recurrent state (the kNN memory has
+    # knn.state_dtype); computed in float32 (spec B.4)
+    state_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    svd_state: SVDStateConfig = field(default_factory=SVDStateConfig)
 
 
 @dataclass
@@ -455,8 +470,8 @@ _POSITIVE = (
     "scale.d_model", "scale.num_heads", "scale.d_ff", "scale.num_layers", "scale.window", "scale.num_states",
     "scale.lanes", "scale.memory_size", "scale.knn_k", "model.d_model", "model.num_heads",
     "model.d_ff", "model.num_layers", "model.window", "model.blocks_per_segment", "model.segment_len",
-    "model.recurrent.num_states", "model.knn.memory_size", "model.knn.k", "model.attn.num_buckets",
-    "model.attn.max_distance", "data.vocab_size", "data.tokens_per_step",
+    "model.recurrent.num_states", "model.svd_state.rank", "model.knn.memory_size", "model.knn.k",
+    "model.attn.num_buckets", "model.attn.max_distance", "data.vocab_size", "data.tokens_per_step",
     "optim.warmup_steps", "train.max_steps", "train.val_every", "train.val_tokens",
     "train.lane_groups", "train.devices", "train.num_nodes", "train.threads", "train.checkpoint_every",
     "train.checkpoint_minutes", "log.every_n_steps",
@@ -509,6 +524,7 @@ def resolve(cfg: RunConfig) -> RunConfig:
     if segment_len % m.window:
         raise ConfigError(f"'model.segment_len' ({segment_len}) must be a multiple of 'model.window' ({m.window})")
 
+    _check_svd_state(m.svd_state)
     recurrent_layers = _absolute_layers("model.recurrent.layers", m.recurrent.layers, m.num_layers)
     knn_layers = _absolute_layers("model.knn.layers", m.knn.layers, m.num_layers)
     if knn_layers:
@@ -566,6 +582,16 @@ def _absolute_layers(path: str, indices: List[int], num_layers: int) -> List[int
     if len(set(absolute)) != len(absolute):
         raise ConfigError(f"'{path}' names a layer twice: {list(indices)}")
     return absolute
+
+
+SVD_TARGETS = ("recurrent_state", "xl_cache")
+
+
+def _check_svd_state(svd: SVDStateConfig) -> None:
+    bad = [t for t in svd.targets if t not in SVD_TARGETS]
+    if bad or len(set(svd.targets)) != len(svd.targets):
+        raise ConfigError(f"'model.svd_state.targets' must be distinct names of {', '.join(SVD_TARGETS)}, "
+                          f"got {list(svd.targets)}")
 
 
 def _check_knn(knn: KNNConfig, layers: List[int], recurrent_layers: List[int], segment_len: int) -> None:
