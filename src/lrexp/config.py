@@ -233,6 +233,15 @@ class LogConfig:
 
 
 @dataclass
+class CurriculumConfig:
+    """A window / segment-length curriculum at constant tokens per step (spec B.3); off while empty."""
+
+    # [start_step, W, R] per stage, N = R x W and lanes = data.tokens_per_step / N; the first starts at step 0,
+    # the last is the model's own window and blocks_per_segment (what evaluation and the control run at).
+    stages: List[List[int]] = field(default_factory=list)
+
+
+@dataclass
 class DerivedConfig:
     """Computed by resolve(); never set by users."""
 
@@ -260,6 +269,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     derived: DerivedConfig = field(default_factory=DerivedConfig)
 
 
@@ -541,6 +551,8 @@ def resolve(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"{lanes} lanes (tokens_per_step / segment_len) do not divide over {world} rank(s) "
                           f"x {groups} lane group(s) ('train.devices' x 'train.num_nodes', 'train.lane_groups')")
 
+    _check_curriculum(cfg, segment_len, world * groups, knn_layers)
+
     from lrexp.variants import VARIANTS
 
     eval_len = segment_len
@@ -582,6 +594,37 @@ def _absolute_layers(path: str, indices: List[int], num_layers: int) -> List[int
     if len(set(absolute)) != len(absolute):
         raise ConfigError(f"'{path}' names a layer twice: {list(indices)}")
     return absolute
+
+
+def _check_curriculum(cfg: RunConfig, segment_len: int, shards: int, knn_layers: List[int]) -> None:
+    """Stages that can run at data.tokens_per_step on every rank and lane group, in step order, ending at the
+    model's own window and segment (spec B.3)."""
+    stages = cfg.curriculum.stages
+    if not stages:
+        return
+    where = "'curriculum.stages'"
+    if knn_layers:
+        raise ConfigError(f"{where}: a kNN memory row cannot change its segment length (its memory holds whole "
+                          f"segments)")
+    for i, stage in enumerate(stages):
+        if len(stage) != 3 or stage[0] < 0 or stage[1] <= 0 or stage[2] <= 0:
+            raise ConfigError(f"{where}: stage {i} must be [start_step >= 0, window > 0, blocks > 0], "
+                              f"got {list(stage)}")
+        start, window, blocks = stage
+        if cfg.data.tokens_per_step % (window * blocks) or cfg.data.tokens_per_step // (window * blocks) % shards:
+            raise ConfigError(
+                f"{where}: stage {i} has segments of {window} x {blocks} = {window * blocks} tokens, which do not "
+                f"make whole lanes on every rank and lane group of data.tokens_per_step ({cfg.data.tokens_per_step}) "
+                f"over {shards} rank(s) x lane group(s)")
+        if i and start <= stages[i - 1][0]:
+            raise ConfigError(f"{where}: start steps must increase, stage {i} starts at {start} after "
+                              f"{stages[i - 1][0]}")
+    if stages[0][0] != 0:
+        raise ConfigError(f"{where}: the first stage must start at step 0, got {stages[0][0]}")
+    last = list(stages[-1][1:])
+    if last != [cfg.model.window, segment_len // cfg.model.window]:
+        raise ConfigError(f"{where}: the last stage [W, R] = {last} must be the model's own "
+                          f"[model.window, segment blocks] = {[cfg.model.window, segment_len // cfg.model.window]}")
 
 
 SVD_TARGETS = ("recurrent_state", "xl_cache")

@@ -71,6 +71,15 @@ class LongRangeLM(nn.Module):
                 raise ModelInputError("a feedback stack needs exactly one recurrent layer and one window")
             self.feedback_source = cells[0]
 
+    def set_window(self, window: int) -> None:
+        """W of every windowed layer, and so of the XL caches they carry: a curriculum stage's (spec B.3).
+        No parameter depends on W (the T5 bias is by distance), so the stages train one set of weights; a
+        state of another W no longer fits and is refused by the shape check."""
+        windowed = [layer for layer in self.layers if layer.window is not None]
+        for layer in windowed:
+            layer.window = window
+        self.segment_multiple = window if windowed else 1
+
     def initial_state(self, batch_size: int, device: torch.device | str) -> ModelState:
         """Every lane fresh, as at the start of a document."""
         return ModelState(

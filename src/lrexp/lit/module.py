@@ -92,6 +92,8 @@ class LMModule(pl.LightningModule):
             self.logger.log_metrics({"train/loss": global_loss.item()}, step=self.global_step)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False,
                  batch_size=batch_size)
+        if "stage" in batch:  # a curriculum's (spec B.3)
+            self.log("train/stage", batch["stage"].float(), on_step=True, on_epoch=False, batch_size=batch_size)
         # the state compression's retained energy and error at this step's segment boundary (spec B.2)
         stats = {**(memory_stats(self.model) if tracked else {}),
                  **{f"svd/{name}": value for name, value in self.model.svd_stats.items()}} if logged else {}
