@@ -236,8 +236,9 @@ class LogConfig:
 class CurriculumConfig:
     """A window / segment-length curriculum at constant tokens per step (spec B.3); off while empty."""
 
-    # [start_step, W, R] per stage, N = R x W and lanes = data.tokens_per_step / N; the first starts at step 0,
-    # the last is the model's own window and blocks_per_segment (what evaluation and the control run at).
+    # [start_step, W, R] per stage, N = R x W and lanes = data.tokens_per_step / N ([start_step, W]: R the
+    # model's own, so one schedule fits rows of any R); the first starts at step 0, the last is the model's own
+    # window and blocks (what evaluation and the control run at).
     stages: List[List[int]] = field(default_factory=list)
 
 
@@ -606,11 +607,12 @@ def _check_curriculum(cfg: RunConfig, segment_len: int, shards: int, knn_layers:
     if knn_layers:
         raise ConfigError(f"{where}: a kNN memory row cannot change its segment length (its memory holds whole "
                           f"segments)")
+    own_blocks = segment_len // cfg.model.window
     for i, stage in enumerate(stages):
-        if len(stage) != 3 or stage[0] < 0 or stage[1] <= 0 or stage[2] <= 0:
-            raise ConfigError(f"{where}: stage {i} must be [start_step >= 0, window > 0, blocks > 0], "
-                              f"got {list(stage)}")
-        start, window, blocks = stage
+        if len(stage) not in (2, 3) or stage[0] < 0 or min(stage[1:]) <= 0:
+            raise ConfigError(f"{where}: stage {i} must be [start_step >= 0, window > 0, blocks > 0] or "
+                              f"[start_step, window], got {list(stage)}")
+        start, window, blocks = (*stage, own_blocks) if len(stage) == 2 else stage
         if cfg.data.tokens_per_step % (window * blocks) or cfg.data.tokens_per_step // (window * blocks) % shards:
             raise ConfigError(
                 f"{where}: stage {i} has segments of {window} x {blocks} = {window * blocks} tokens, which do not "
@@ -621,10 +623,10 @@ def _check_curriculum(cfg: RunConfig, segment_len: int, shards: int, knn_layers:
                               f"{stages[i - 1][0]}")
     if stages[0][0] != 0:
         raise ConfigError(f"{where}: the first stage must start at step 0, got {stages[0][0]}")
-    last = list(stages[-1][1:])
-    if last != [cfg.model.window, segment_len // cfg.model.window]:
+    last = [*stages[-1][1:], own_blocks][:2]
+    if last != [cfg.model.window, own_blocks]:
         raise ConfigError(f"{where}: the last stage [W, R] = {last} must be the model's own "
-                          f"[model.window, segment blocks] = {[cfg.model.window, segment_len // cfg.model.window]}")
+                          f"[model.window, segment blocks] = {[cfg.model.window, own_blocks]}")
 
 
 SVD_TARGETS = ("recurrent_state", "xl_cache")

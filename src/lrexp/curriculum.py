@@ -33,9 +33,12 @@ class Stage:
 
 
 def stages(cfg: "RunConfig") -> List[Stage]:
-    """The stages of cfg's curriculum in step order; [] without one."""
+    """The stages of cfg's curriculum in step order; [] without one. A stage [start_step, W] has the model's
+    own blocks per segment R."""
     out = []
-    for i, (start, window, blocks) in enumerate(cfg.curriculum.stages):
+    own_blocks = cfg.derived.segment_len // cfg.model.window
+    for i, stage in enumerate(cfg.curriculum.stages):
+        start, window, blocks = (*stage, own_blocks) if len(stage) == 2 else stage
         n = window * blocks
         out.append(Stage(start, window, n, cfg.data.tokens_per_step // n, i * STAGE_EPOCHS))
     return out

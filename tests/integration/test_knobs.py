@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 from corpora import word_documents
 from lrexp import config, train
 from lrexp.config import ConfigError
+from lrexp.curriculum import stages
 from lrexp.data_modules import StreamDataModule
 
 TWO_STAGES = "curriculum.stages=[[0,4,4],[3,8,8]]"
@@ -109,11 +110,20 @@ def test_a_curriculum_run_stopped_mid_stage_resumes_exactly_across_the_boundary(
     ("[[0,4,4],[3,8,8],[3,8,8]]", "start steps must increase, stage 2 starts at 3 after 3"),
     ("[[2,4,4],[3,8,8]]", "the first stage must start at step 0"),
     ("[[0,8,8],[3,4,4]]", r"the last stage \[W, R\] = \[4, 4\] must be the model's own"),
-    ("[[0,4]]", "stage 0 must be \\[start_step >= 0, window > 0, blocks > 0\\]"),
+    ("[[0]]", "stage 0 must be \\[start_step >= 0, window > 0, blocks > 0\\] or \\[start_step, window\\]"),
+    ("[[0,4],[3,4]]", r"the last stage \[W, R\] = \[4, 8\] must be the model's own"),
 ])
 def test_a_bad_schedule_fails_in_one_line_before_training(env, stages, message):
     with pytest.raises(ConfigError, match=message):
         config.load(overrides=[*env["base"], f"curriculum.stages={stages}"])
+
+
+def test_a_stage_without_blocks_has_the_models_own():
+    """[start_step, W]: one schedule for rows of any R (XL's 1, Rec's 8) that only changes the window."""
+    for row, blocks in (("xl512", 1), ("rec_fixed_skip", 8)):
+        cfg = config.load(overrides=["scale=smoke", f"row={row}", "curriculum.stages=[[0,2],[3,8]]"])
+        assert [(s.window, s.segment_len, s.lanes) for s in stages(cfg)] == [
+            (2, 2 * blocks, 128 // (2 * blocks)), (8, 8 * blocks, 128 // (8 * blocks))]
 
 
 def test_lanes_of_a_stage_must_divide_over_the_lane_groups(env):
