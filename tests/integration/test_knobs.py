@@ -16,7 +16,8 @@ from corpora import word_documents
 from lrexp import config, train
 from lrexp.config import ConfigError
 from lrexp.curriculum import stages
-from lrexp.data_modules import StreamDataModule
+from lrexp.data_modules import StreamDataModule, prepare
+from lrexp.data_modules.errors import DataError
 
 TWO_STAGES = "curriculum.stages=[[0,4,4],[3,8,8]]"
 
@@ -124,6 +125,11 @@ def test_a_stage_without_blocks_has_the_models_own():
         cfg = config.load(overrides=["scale=smoke", f"row={row}", "curriculum.stages=[[0,2],[3,8]]"])
         assert [(s.window, s.segment_len, s.lanes) for s in stages(cfg)] == [
             (2, 2 * blocks, 128 // (2 * blocks)), (8, 8 * blocks, 128 // (8 * blocks))]
+
+
+def test_a_stage_with_more_lanes_than_training_documents_fails_before_training(env):
+    with pytest.raises(DataError, match="has 19 documents, fewer than the 32 lanes"):
+        prepare(config.load(overrides=[*env["base"], "curriculum.stages=[[0,2,2],[3,8,8]]"]))
 
 
 def test_lanes_of_a_stage_must_divide_over_the_lane_groups(env):
