@@ -167,8 +167,8 @@ def convergence(client, run: Dict[str, Any], control: Dict[str, Any]) -> Dict[st
 
 
 def pct(a: float, b: float) -> str:
-    """How much smaller a is than b, in percent."""
-    return f"{100 * (1 - a / b):.1f}%"
+    """a against b: "x% less" or "x% more"."""
+    return f"{100 * abs(1 - a / b):.1f}% {'less' if a <= b else 'more'}"
 
 
 def factor_share(shape, k: int) -> float:
@@ -195,9 +195,10 @@ def claims(streams: Dict[str, Dict[str, Dict]], runs, conv: Dict[str, Dict], ran
             f"| 41% memory saved by fp16 state ({name}) | carried-state bytes per lane, fp32 -> fp16 storage; "
             f"training peak RSS (`perf/peak_mem_mb`); peak RSS of a {base['tokens'] // 1024}k-token stream; "
             f"Δ bits/token trained with fp16 (final validation) and at eval (same weights, the stream); mean "
-            f"\\|Δ logits\\| over the first {drift_tokens // 1024}k tokens | state {base['state_bytes_per_lane']:,} -> "
-            f"{half['state_bytes_per_lane']:,} B ({pct(half['state_bytes_per_lane'], base['state_bytes_per_lane'])} "
-            f"less); training peak {train32:.0f} -> {train16:.0f} MB ({pct(train16, train32)}); stream peak "
+            f"\\|Δ logits\\| over the first {drift_tokens // 1024}k tokens | state "
+            f"{base['state_bytes_per_lane']:,} -> "
+            f"{half['state_bytes_per_lane']:,} B ({pct(half['state_bytes_per_lane'], base['state_bytes_per_lane'])}); "
+            f"training peak {train32:.0f} -> {train16:.0f} MB ({pct(train16, train32)}); stream peak "
             f"{base['peak_rss_mb']:.0f} -> {half['peak_rss_mb']:.0f} MB "
             f"({pct(half['peak_rss_mb'], base['peak_rss_mb'])}); "
             f"the state is {100 * share:.4f}% of the peak; Δ bits {bits(r16) - bits(r32):+.4f} trained, "
@@ -207,19 +208,22 @@ def claims(streams: Dict[str, Dict[str, Dict]], runs, conv: Dict[str, Dict], ran
     for row, variant, name in ROWS:
         s, trained = streams[row], pick(runs, variant, rank=rank)
         svd, base = s["svd"], s["base"]
+        with_rank = "not run" if trained is None else f"{bits(trained) - bits(pick(runs, variant)):+.4f}"
+        shapes = pick(runs, variant)["shapes"]
         targets = [k.removesuffix("_energy") for k in svd if k.endswith("_energy")]
         kept = ", ".join(f"{t} E_{rank} = {svd[t + '_energy']:.4f} (error {svd[t + '_rel_error']:.3f})"
                          for t in targets)
-        shares = ", ".join(f"{t} {100 * factor_share(trained['shapes'][t], int(rank)):.0f}%" for t in targets)
+        shares = ", ".join(f"{t} {100 * factor_share(shapes[t], int(rank)):.0f}%" for t in targets)
         lines.append(
             f"| 98.7% information kept at k = 64 ({name}) | E_k at k = {rank} (half the head width, as 64 of 128) "
             f"at every segment boundary of the stream; Δ bits/token at eval (same weights, the stream) and trained "
             f"with rank {rank} (final validation) | {kept}; Δ bits "
-            f"{svd['bits_per_token'] - base['bits_per_token']:+.4f} eval, {bits(trained) - bits(pick(runs, variant)):+.4f} trained; factors would take {shares} of the "
+            f"{svd['bits_per_token'] - base['bits_per_token']:+.4f} eval, {with_rank} trained; factors would take "
+            f"{shares} of the "
             f"bytes (X_k is kept whole here) | {yes(all(svd[t + '_energy'] >= 0.987 for t in targets))} |")
     for name, c in conv.items():
         reached = c["steps"] is not None
-        got = (f"{100 * c['token_saving']:.1f}% fewer tokens, {100 * c['time_saving']:.1f}% less wall-clock"
+        got = (f"{100 * c['token_saving']:.1f}% fewer tokens, wall-clock {pct(1 - c['time_saving'], 1)}"
                if reached else "never reached")
         lines.append(
             f"| 37% faster convergence with the curriculum ({name}) | tokens and seconds to reach the control's "
@@ -232,9 +236,10 @@ def claims(streams: Dict[str, Dict[str, Dict]], runs, conv: Dict[str, Dict], ran
             f"| 73% less memory than Transformer-XL at 256k tokens (Rec:fixed:skip, {knob}) | carried-state bytes "
             f"per lane and peak RSS over the {r['tokens'] // 1024}k-token stream against XL:{xl['window']} (an XL "
             f"cache of W = {xl['window']} tokens per layer, fp32) | state {r['state_bytes_per_lane']:,} against "
-            f"{xl['state_bytes_per_lane']:,} B ({pct(r['state_bytes_per_lane'], xl['state_bytes_per_lane'])} less); "
+            f"{xl['state_bytes_per_lane']:,} B ({pct(r['state_bytes_per_lane'], xl['state_bytes_per_lane'])}); "
             f"peak {r['peak_rss_mb']:.0f} against {xl['peak_rss_mb']:.0f} MB "
-            f"({pct(r['peak_rss_mb'], xl['peak_rss_mb'])} less) | {yes(r['peak_rss_mb'] <= 0.27 * xl['peak_rss_mb'])} |")
+            f"({pct(r['peak_rss_mb'], xl['peak_rss_mb'])}) | "
+            f"{yes(r['peak_rss_mb'] <= 0.27 * xl['peak_rss_mb'])} |")
         lines.append(
             f"| 2.1x inference speed (Rec:fixed:skip, {knob}) | tokens/s over the same stream against "
             f"XL:{xl['window']} | {r['tokens_per_s']:,.0f} against {xl['tokens_per_s']:,.0f} tokens/s "
@@ -287,7 +292,7 @@ def main() -> None:
         if curriculum is not None:
             conv[name] = convergence(client, curriculum, base)
     needed = [(v, d, r, c) for _, v, _ in ROWS for d, r, c in
-              (("float32", "None", False), ("float16", "None", False), ("float32", rank, False), ("float32", "None", True))]
+              (("float32", "None", False), ("float16", "None", False), ("float32", "None", True))]
     missing = [n for n in needed if pick(runs, n[0], n[1], n[2], n[3]) is None]
     if missing:
         raise SystemExit(f"grid {args.grid}: cells not finished yet (variant, dtype, rank, curriculum): {missing}")
