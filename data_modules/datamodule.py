@@ -8,7 +8,9 @@ groups [r*B + g*B/G, r*B + (g+1)*B/G), all at the same stream step.
 
 Training reads an endless stream (epoch after epoch, each a fresh shuffle) and has no length: the trainer
 stops at `max_steps`, and the cursor (`state_dict`) is the number of training batches consumed, so a resumed
-run reads exactly the batch the uninterrupted run would have read next.
+run reads exactly the batch the uninterrupted run would have read next. Under a curriculum (lrexp.curriculum)
+each stage has a stream, lanes and segment length of its own; one DataLoader serves them all, its batch
+sampler switching stage at the stage's first step, and each batch says its stage (`stage`).
 
 Evaluation scores one fixed set of (document, position) targets per pass, whatever N and the lanes
 (models.md 7.5), and always scores the segment-boundary target (its input token is in the segment, so the
@@ -25,7 +27,8 @@ Batch (a dict of tensors, B = lanes of this rank, N = segment length):
   tokens, labels int64 [B, N]; loss_mask bool [B, N]; target_bytes, doc_pos int64 [B, N] (0 where masked);
   doc_start bool [B]; lane, doc_id int64 [B] (doc_id -1 on padding steps); step_targets int64 [] (the targets
   of every lane of every rank at this step: the denominator of an exact token mean over micro-batches and
-  ranks); for probe corpora also answer_mask bool [B, N] (labels that are answer tokens).
+  ranks); for probe corpora also answer_mask bool [B, N] (labels that are answer tokens); under a curriculum
+  also stage int64 [] (its index).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lrexp.config import RunConfig
+from lrexp.curriculum import Stage, stage_at, stages
 from lrexp.data_modules.lanes import Schedule, TrainStream, eval_lengths, eval_schedule, lane_lengths, num_segments
 from lrexp.data_modules.store import Prepared, SplitData, check_stream, prepare
 
@@ -163,10 +167,49 @@ class LaneBatchSampler(Sampler[List[int]]):
 
     def __iter__(self) -> Iterator[List[int]]:
         while True:
-            step, group = divmod(self.position, self.groups)
             self.position += 1
-            first = self.first + group * self.per_group
-            yield [step * self.total_lanes + lane for lane in range(first, first + self.per_group)]
+            yield self.batch(self.position - 1)
+
+    def batch(self, position: int) -> List[int]:
+        """The indices of micro-batch `position` (a step's lane groups in turn)."""
+        step, group = divmod(position, self.groups)
+        first = self.first + group * self.per_group
+        return [step * self.total_lanes + lane for lane in range(first, first + self.per_group)]
+
+
+class StagedDataset(Dataset):
+    """A curriculum's training stream: index (stage, index in that stage's `SegmentDataset`) -> its segment."""
+
+    def __init__(self, stages: Sequence[SegmentDataset]) -> None:
+        self.stages = stages
+
+    def __getitem__(self, index: tuple) -> Dict[str, torch.Tensor]:
+        return self.__getitems__([index])
+
+    def __getitems__(self, indices: Sequence[tuple]) -> Dict[str, torch.Tensor]:
+        stage = indices[0][0]  # a batch never mixes stages
+        batch = self.stages[stage].__getitems__([index for _, index in indices])
+        batch["stage"] = torch.tensor(stage)
+        return batch
+
+
+class StagedBatchSampler(Sampler[List[tuple]]):
+    """A curriculum's endless stream: micro-batch `position` is the one of its step's stage, counted from the
+    stage's start (`samplers[i]`: stage i's lanes of this rank). It continues from `position` like
+    `LaneBatchSampler`, so a restored cursor resumes inside any stage."""
+
+    def __init__(self, schedule: Sequence[Stage], samplers: Sequence[LaneBatchSampler], groups: int, position: int):
+        self.schedule = list(schedule)
+        self.samplers = samplers
+        self.groups = groups
+        self.position = position
+
+    def __iter__(self) -> Iterator[List[tuple]]:
+        while True:
+            stage = stage_at(self.schedule, self.position // self.groups)
+            local = self.position - self.schedule[stage].start_step * self.groups
+            self.position += 1
+            yield [(stage, index) for index in self.samplers[stage].batch(local)]
 
 
 class EvalBatchSampler(Sampler[List[int]]):
@@ -229,7 +272,7 @@ class StreamDataModule(pl.LightningDataModule):
         self.prepared: Optional[Prepared] = None
         self.world_size = self.rank = self.total_lanes = None
         self._cursor = 0  # training batches consumed before this stream was built (a restored checkpoint)
-        self._train_sampler: Optional[LaneBatchSampler] = None
+        self._train_sampler: Optional[Union[LaneBatchSampler, StagedBatchSampler]] = None
 
     # ---- Lightning hooks ----------------------------------------------------------------------------
 
@@ -250,11 +293,19 @@ class StreamDataModule(pl.LightningDataModule):
         check_stream(self.prepared, self.segment_len, self.total_lanes)
 
     def train_dataloader(self) -> DataLoader:
-        stream = TrainStream(self._segments("train"), self.total_lanes, self.cfg.derived.data_seed)
-        self._train_sampler = LaneBatchSampler(
-            self.total_lanes, self.lanes_per_rank, self.rank, self.cfg.train.lane_groups, self._cursor
-        )
-        return self._loader("train", stream, self._train_sampler, self.total_lanes, self.segment_len)
+        schedule, seed, groups = stages(self.cfg), self.cfg.derived.data_seed, self.cfg.train.lane_groups
+        if not schedule:
+            stream = TrainStream(self._segments("train", self.segment_len), self.total_lanes, seed)
+            self._train_sampler = LaneBatchSampler(self.total_lanes, self.lanes_per_rank, self.rank, groups,
+                                                   self._cursor)
+            return self._loader(self._dataset("train", stream, self.total_lanes, self.segment_len), self._train_sampler)
+        datasets, samplers = [], []
+        for stage in schedule:
+            stream = TrainStream(self._segments("train", stage.segment_len), stage.lanes, seed, stage.first_epoch)
+            datasets.append(self._dataset("train", stream, stage.lanes, stage.segment_len))
+            samplers.append(LaneBatchSampler(stage.lanes, stage.lanes // self.world_size, self.rank, groups))
+        self._train_sampler = StagedBatchSampler(schedule, samplers, groups, self._cursor)
+        return self._loader(StagedDataset(datasets), self._train_sampler)
 
     def val_dataloader(self) -> DataLoader:
         """The validations inside `fit` read `train.val_tokens` targets; `trainer.validate` the whole split."""
@@ -309,17 +360,17 @@ class StreamDataModule(pl.LightningDataModule):
         n, lanes = self.cfg.derived.eval_segment_len, self.cfg.derived.eval_lanes_per_rank * self.world_size
         schedule = eval_schedule(num_segments(lengths, n), lanes)
         sampler = EvalBatchSampler(schedule, self.world_size, self.rank)
-        return self._loader(split, schedule, sampler, lanes, n, data.offsets[:-1] + lengths)
+        return self._loader(self._dataset(split, schedule, lanes, n, data.offsets[:-1] + lengths), sampler)
 
-    def _segments(self, split: str) -> np.ndarray:
-        return num_segments(self.prepared.split(split).doc_lengths(), self.segment_len)
+    def _segments(self, split: str, segment_len: int) -> np.ndarray:
+        return num_segments(self.prepared.split(split).doc_lengths(), segment_len)
 
-    def _loader(
-        self, split: str, locator: Union[TrainStream, Schedule], sampler: Sampler, total_lanes: int,
-        segment_len: int, doc_ends: Optional[np.ndarray] = None,
-    ) -> DataLoader:
+    def _dataset(
+        self, split: str, locator: Union[TrainStream, Schedule], total_lanes: int, segment_len: int,
+        doc_ends: Optional[np.ndarray] = None,
+    ) -> SegmentDataset:
         evaluating = doc_ends is not None
-        dataset = SegmentDataset(
+        return SegmentDataset(
             self.prepared.split(split),
             locator,
             total_lanes,
@@ -329,6 +380,8 @@ class StreamDataModule(pl.LightningDataModule):
             cross_segment_target=evaluating or self.cfg.loss.cross_segment_target,
             doc_ends=doc_ends,
         )
+
+    def _loader(self, dataset: Dataset, sampler: Sampler) -> DataLoader:
         workers = self.cfg.data.num_workers
         return DataLoader(
             dataset, batch_sampler=sampler, collate_fn=whole_batch, num_workers=workers, persistent_workers=workers > 0

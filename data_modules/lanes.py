@@ -111,19 +111,21 @@ def lane_lengths(schedule: Schedule) -> np.ndarray:
 
 
 class TrainStream:
-    """The endless training stream: epoch e (documents shuffled with (seed, e), lanes truncated to the
-    shortest) follows epoch e - 1, so the (document, segment) at a global step is a pure function of it."""
+    """The endless training stream: epoch e (documents shuffled with (seed, first_epoch + e), lanes truncated
+    to the shortest) follows epoch e - 1, so the (document, segment) at a global step is a pure function of it.
+    A curriculum stage reads a stream of its own, from its own `first_epoch` (lrexp.curriculum)."""
 
-    def __init__(self, segments: np.ndarray, total_lanes: int, seed: int) -> None:
+    def __init__(self, segments: np.ndarray, total_lanes: int, seed: int, first_epoch: int = 0) -> None:
         self.segments = segments
         self.total_lanes = total_lanes
         self.seed = seed
+        self.first_epoch = first_epoch
         self._ends: List[int] = []  # cumulative steps at the end of each epoch computed so far
         self._recent: Dict[int, Schedule] = {}  # the last two epochs' schedules (a plain dict pickles)
 
     def schedule(self, epoch: int) -> Schedule:
         if epoch not in self._recent:
-            order = shuffled(len(self.segments), self.seed, epoch)
+            order = shuffled(len(self.segments), self.seed, self.first_epoch + epoch)
             self._recent = {e: s for e, s in self._recent.items() if e == epoch - 1}
             self._recent[epoch] = build(self.segments, order, self.total_lanes, truncate=True)
         return self._recent[epoch]

@@ -31,6 +31,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from lrexp.config import PROJECT_ROOT, ConfigError, RunConfig
+from lrexp.curriculum import stages
 from lrexp.data_modules import tokenizer as tok_mod
 from lrexp.data_modules.corpora import (
     PROBES, SPLITS, Document, Listing, TableFile, fingerprint_key, list_corpus, split_of, table_documents,
@@ -222,6 +223,8 @@ def prepare(cfg: RunConfig) -> Prepared:
         _build(listing, cfg, key, final)
     prepared = Prepared(final)
     check_stream(prepared, cfg.derived.segment_len, cfg.derived.lanes)
+    for stage in stages(cfg):  # a curriculum's stages read lanes and segments of their own
+        check_stream(prepared, stage.segment_len, stage.lanes)
     return prepared
 
 

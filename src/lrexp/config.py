@@ -129,6 +129,17 @@ class SlotsConfig:
 
 
 @dataclass
+class SVDStateConfig:
+    """Rank-k compression of the carried state at the segment boundary (spec B.2); off while rank is null."""
+
+    rank: Optional[int] = None  # k; null: off. The spec's value is 64
+    # recurrent_state: the cell's c [S, d] per lane; xl_cache: every cache's keys and values [W, D] per (lane, head)
+    targets: List[str] = field(default_factory=lambda: ["recurrent_state", "xl_cache"])
+    method: Literal["exact", "lowrank"] = "exact"  # torch.linalg.svd, or torch.svd_lowrank with niter=2
+    renormalize_keys: bool = True  # give every reconstructed cache key its stored norm back (unit, or 0 if empty)
+
+
+@dataclass
 class ModelConfig:
     variant: str = "slide"  # a name in lrexp.variants' registry
     d_model: int = "${scale.d_model}"  # type: ignore[assignment]
@@ -143,6 +154,10 @@ class ModelConfig:
     recurrent: RecurrentConfig = field(default_factory=RecurrentConfig)
     knn: KNNConfig = field(default_factory=KNNConfig)
     slots: SlotsConfig = field(default_factory=SlotsConfig)
+    # Storage of the state carried between steps: XL caches and the recurrent state (the kNN memory has
+    # knn.state_dtype); computed in float32 (spec B.4)
+    state_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    svd_state: SVDStateConfig = field(default_factory=SVDStateConfig)
 
 
 @dataclass
@@ -236,6 +251,16 @@ class LogConfig:
 
 
 @dataclass
+class CurriculumConfig:
+    """A window / segment-length curriculum at constant tokens per step (spec B.3); off while empty."""
+
+    # [start_step, W, R] per stage, N = R x W and lanes = data.tokens_per_step / N ([start_step, W]: R the
+    # model's own, so one schedule fits rows of any R); the first starts at step 0, the last is the model's own
+    # window and blocks (what evaluation and the control run at).
+    stages: List[List[int]] = field(default_factory=list)
+
+
+@dataclass
 class DerivedConfig:
     """Computed by resolve(); never set by users."""
 
@@ -264,6 +289,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     derived: DerivedConfig = field(default_factory=DerivedConfig)
 
 
@@ -474,7 +500,8 @@ _POSITIVE = (
     "scale.d_model", "scale.num_heads", "scale.d_ff", "scale.num_layers", "scale.window", "scale.num_states",
     "scale.lanes", "scale.memory_size", "scale.knn_k", "model.d_model", "model.num_heads",
     "model.d_ff", "model.num_layers", "model.window", "model.blocks_per_segment", "model.segment_len",
-    "model.recurrent.num_states", "model.knn.memory_size", "model.knn.k", "model.slots.n",
+    "model.recurrent.num_states", "model.svd_state.rank", "model.knn.memory_size", "model.knn.k", "model.slots.n",
+    "model.attn.num_buckets", "model.attn.max_distance", "data.vocab_size", "data.tokens_per_step",
     "model.attn.num_buckets", "model.attn.max_distance", "data.vocab_size", "data.tokens_per_step",
     "optim.warmup_steps", "train.max_steps", "train.val_every", "train.val_tokens",
     "train.lane_groups", "train.devices", "train.num_nodes", "train.threads", "train.checkpoint_every",
@@ -528,6 +555,7 @@ def resolve(cfg: RunConfig) -> RunConfig:
     if segment_len % m.window:
         raise ConfigError(f"'model.segment_len' ({segment_len}) must be a multiple of 'model.window' ({m.window})")
 
+    _check_svd_state(m.svd_state)
     recurrent_layers = _absolute_layers("model.recurrent.layers", m.recurrent.layers, m.num_layers)
     knn_layers = _absolute_layers("model.knn.layers", m.knn.layers, m.num_layers)
     if knn_layers:
@@ -550,6 +578,8 @@ def resolve(cfg: RunConfig) -> RunConfig:
     if lanes % (world * groups):
         raise ConfigError(f"{lanes} lanes (tokens_per_step / segment_len) do not divide over {world} rank(s) "
                           f"x {groups} lane group(s) ('train.devices' x 'train.num_nodes', 'train.lane_groups')")
+
+    _check_curriculum(cfg, segment_len, world * groups, knn_layers)
 
     from lrexp.variants import VARIANTS
 
@@ -607,6 +637,48 @@ def _slot_layers(slots: SlotsConfig, num_layers: int) -> List[int]:
     if not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
         raise ConfigError(f"'model.slots.layers' must be a list of layer indices or 'all', got {slots.layers!r}")
     return _absolute_layers("model.slots.layers", indices, num_layers)
+
+
+def _check_curriculum(cfg: RunConfig, segment_len: int, shards: int, knn_layers: List[int]) -> None:
+    """Stages that can run at data.tokens_per_step on every rank and lane group, in step order, ending at the
+    model's own window and segment (spec B.3)."""
+    stages = cfg.curriculum.stages
+    if not stages:
+        return
+    where = "'curriculum.stages'"
+    if knn_layers:
+        raise ConfigError(f"{where}: a kNN memory row cannot change its segment length (its memory holds whole "
+                          f"segments)")
+    own_blocks = segment_len // cfg.model.window
+    for i, stage in enumerate(stages):
+        if len(stage) not in (2, 3) or stage[0] < 0 or min(stage[1:]) <= 0:
+            raise ConfigError(f"{where}: stage {i} must be [start_step >= 0, window > 0, blocks > 0] or "
+                              f"[start_step, window], got {list(stage)}")
+        start, window, blocks = (*stage, own_blocks) if len(stage) == 2 else stage
+        if cfg.data.tokens_per_step % (window * blocks) or cfg.data.tokens_per_step // (window * blocks) % shards:
+            raise ConfigError(
+                f"{where}: stage {i} has segments of {window} x {blocks} = {window * blocks} tokens, which do not "
+                f"make whole lanes on every rank and lane group of data.tokens_per_step ({cfg.data.tokens_per_step}) "
+                f"over {shards} rank(s) x lane group(s)")
+        if i and start <= stages[i - 1][0]:
+            raise ConfigError(f"{where}: start steps must increase, stage {i} starts at {start} after "
+                              f"{stages[i - 1][0]}")
+    if stages[0][0] != 0:
+        raise ConfigError(f"{where}: the first stage must start at step 0, got {stages[0][0]}")
+    last = [*stages[-1][1:], own_blocks][:2]
+    if last != [cfg.model.window, own_blocks]:
+        raise ConfigError(f"{where}: the last stage [W, R] = {last} must be the model's own "
+                          f"[model.window, segment blocks] = {[cfg.model.window, own_blocks]}")
+
+
+SVD_TARGETS = ("recurrent_state", "xl_cache")
+
+
+def _check_svd_state(svd: SVDStateConfig) -> None:
+    bad = [t for t in svd.targets if t not in SVD_TARGETS]
+    if bad or len(set(svd.targets)) != len(svd.targets):
+        raise ConfigError(f"'model.svd_state.targets' must be distinct names of {', '.join(SVD_TARGETS)}, "
+                          f"got {list(svd.targets)}")
 
 
 def _check_knn(knn: KNNConfig, layers: List[int], recurrent_layers: List[int], segment_len: int) -> None:

@@ -12,6 +12,10 @@ only one (inside a segment the previous block's keys and the recurrent state car
 running, so a layer never sees a state built for another model or batch. Layers run one after the other
 over the whole segment; nothing is stored on a module between calls.
 
+At that boundary the carried state may be compressed to rank k (`model.svd_state`, lrexp.svd_state) and is
+stored in `model.state_dtype` (spec B.4): layers read it upcast to fp32, so within a segment the carry
+stays in the compute dtype and only the state kept between steps is reduced.
+
 Feedback stacks (a "feedback" layer in the specs) run block by block instead (models.md 5): before block t
 the recurrent layer's state module projects c_t once, every feedback layer reads its K_s, V_s through
 `layer(x, state, feedback=(K_s, V_s))`, and the recurrent layer takes the projection as `projected=`.
@@ -30,7 +34,8 @@ from lrexp.attention import resolve_backend
 from lrexp.errors import UserError
 from lrexp.layers import LayerSpec, build_layer
 from lrexp.layers.common import RMSNorm
-from lrexp.state import ModelState, StateError
+from lrexp.state import STATE_DTYPES, ModelState, StateError
+from lrexp.svd_state import compress
 
 if TYPE_CHECKING:
     from lrexp.config import RunConfig
@@ -54,6 +59,9 @@ class LongRangeLM(nn.Module):
         self.layers = nn.ModuleList(build_layer(spec, cfg, self.backend) for spec in specs)
         self.norm_f = RMSNorm(m.d_model)
         self.drop_out = nn.Dropout(m.dropout)
+        self.state_dtype = STATE_DTYPES[m.state_dtype]
+        self.svd_state = m.svd_state if m.svd_state.rank is not None else None
+        self.svd_stats: dict = {}  # the last compression's energy and error (tensors, for the training log)
         windows = {s.window for s in specs if s.window is not None}
         self.segment_multiple = math.lcm(*windows) if windows else 1
         self.feedback_source = None  # index of the recurrent layer whose state the feedback layers read
@@ -63,11 +71,20 @@ class LongRangeLM(nn.Module):
                 raise ModelInputError("a feedback stack needs exactly one recurrent layer and one window")
             self.feedback_source = cells[0]
 
+    def set_window(self, window: int) -> None:
+        """W of every windowed layer, and so of the XL caches they carry: a curriculum stage's (spec B.3).
+        No parameter depends on W (the T5 bias is by distance), so the stages train one set of weights; a
+        state of another W no longer fits and is refused by the shape check."""
+        windowed = [layer for layer in self.layers if layer.window is not None]
+        for layer in windowed:
+            layer.window = window
+        self.segment_multiple = window if windowed else 1
+
     def initial_state(self, batch_size: int, device: torch.device | str) -> ModelState:
         """Every lane fresh, as at the start of a document."""
         return ModelState(
             layers=tuple(layer.initial_state(batch_size, device) for layer in self.layers), batch_size=batch_size
-        )
+        ).cast(self.state_dtype)
 
     def _check_inputs(self, tokens: Tensor, state: ModelState) -> None:
         if not isinstance(tokens, Tensor) or tokens.dtype != torch.int64 or tokens.dim() != 2:
@@ -101,6 +118,7 @@ class LongRangeLM(nn.Module):
     def forward(self, tokens: Tensor, state: ModelState) -> Tuple[Tensor, ModelState]:
         """logits [B, T, V] of tokens [B, T] int64, and the state after this segment."""
         self._check_inputs(tokens, state)
+        state = state.cast(torch.float32)  # stored in model.state_dtype, computed with in fp32
         x = self.embed(tokens)  # [B, T, d]; no dropout on the embedding (3.7)
         if self.feedback_source is None:
             new_layers = []
@@ -111,7 +129,10 @@ class LongRangeLM(nn.Module):
             x, new_layers = self._block_serial(x, list(state.layers))
         h = self.drop_out(self.norm_f(x))  # [B, T, d]
         logits = h @ self.embed.weight.t() / math.sqrt(self.vocab_size)  # [B, T, V], tied embedding
-        return logits, ModelState(layers=tuple(new_layers), batch_size=state.batch_size).detach()
+        carried = ModelState(layers=tuple(new_layers), batch_size=state.batch_size).detach()
+        if self.svd_state is not None:
+            carried, self.svd_stats = compress(carried, self.svd_state)
+        return logits, carried.store(self.state_dtype)
 
     def run_stream(
         self, tokens: Tensor, segment_len: int, state: Optional[ModelState] = None

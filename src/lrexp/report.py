@@ -47,6 +47,7 @@ FINAL_ANSWER = "final/val_answer_bits_per_token"  # probe corpora only
 FINAL_STEP_TIME = "final/step_time_s"
 FINAL_PARAMS = "final/params"
 FINAL_TOKENS = "final/tokens_seen"
+FINAL_STATE_BYTES = "final/state_bytes_per_lane"  # carried floats per lane in model.state_dtype (B.4)
 # + a bucket: "0-64", "64-256", ..., "1024" (the last, open bucket: MLflow names cannot hold its "+")
 FINAL_POS_PREFIX = "final/val_bits_per_token_by_pos_"
 
@@ -153,6 +154,7 @@ class GroupRow:
     answer_bits: Stat = field(default_factory=Stat)
     params: Stat = field(default_factory=Stat)
     tokens_seen: Stat = field(default_factory=Stat)
+    state_bytes: Stat = field(default_factory=Stat)
 
     @property
     def finished(self) -> List[CellRun]:
@@ -265,6 +267,7 @@ def aggregate(cells: List[CellRun], reference: Optional[str]) -> Tuple[List[Grou
         row.answer_bits = stat(members, FINAL_ANSWER)
         row.params = stat(members, FINAL_PARAMS)
         row.tokens_seen = stat(members, FINAL_TOKENS)
+        row.state_bytes = stat(members, FINAL_STATE_BYTES)
         rows.append(row)
 
     timed = [r for r in rows if r.step_time_s.mean]
@@ -299,6 +302,7 @@ def _count(value: Optional[float]) -> str:
 COLUMNS = ["cell", "row", "N", "W", "step time", "bits/token", "Δ bits/token", "test bits/token", "bits/byte",
            "targets", "params", "tokens seen", "seeds", "status"]
 ANSWER_COLUMN = "answer bits/token"  # after bits/byte, when a cell trained on a probe corpus
+STATE_BYTES_COLUMN = "state bytes/lane"  # after params, when a cell logged it (runs before it did not)
 
 
 def _bits(stat: Stat) -> str:
@@ -308,15 +312,19 @@ def _bits(stat: Stat) -> str:
 
 def table_lines(rows: List[GroupRow]) -> List[str]:
     answers = any(r.answer_bits.mean is not None for r in rows)
-    at = COLUMNS.index("bits/byte") + 1
-    columns = [*COLUMNS[:at], ANSWER_COLUMN, *COLUMNS[at:]] if answers else COLUMNS
+    state = any(r.state_bytes.mean is not None for r in rows)
+    columns = list(COLUMNS)
+    if state:
+        columns.insert(columns.index("params") + 1, STATE_BYTES_COLUMN)
+    if answers:
+        columns.insert(columns.index("bits/byte") + 1, ANSWER_COLUMN)
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         cells = [
             f"`{r.group}`", r.row, r.segment_len, r.window, r.step_time_rel.text(2), _bits(r.bits_per_token),
             r.delta.text(), _bits(r.test_bits_per_token), _bits(r.bits_per_byte),
             *([_bits(r.answer_bits)] if answers else []), _count(r.targets.mean), _count(r.params.mean),
-            _count(r.tokens_seen.mean), f"{len(r.finished)}/{len(r.cells)}", r.status,
+            *([_count(r.state_bytes.mean)] if state else []), _count(r.tokens_seen.mean), f"{len(r.finished)}/{len(r.cells)}", r.status,
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -372,7 +380,7 @@ def write_csv(rows: List[GroupRow], path: Path) -> None:
         "cell", "row", "N", "W", "seeds_finished", "seeds", "status", "step_time_rel", "step_time_rel_std",
         "step_time_s", "bits_per_token", "bits_per_token_std", "delta_bits_per_token", "delta_std", "delta_pairs",
         "delta_resolved", "test_bits_per_token", "test_bits_per_token_std", "bits_per_byte", "bits_per_byte_std",
-        "answer_bits_per_token", "answer_bits_per_token_std", "targets", "params", "tokens_seen", "run_ids",
+        "answer_bits_per_token", "answer_bits_per_token_std", "targets", "params", "state_bytes_per_lane", "tokens_seen", "run_ids",
     ]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
@@ -383,7 +391,8 @@ def write_csv(rows: List[GroupRow], path: Path) -> None:
                 r.step_time_rel.mean, r.step_time_rel.std, r.step_time_s.mean, r.bits_per_token.mean,
                 r.bits_per_token.std, r.delta.stat.mean, r.delta.stat.std, r.delta.stat.n, r.delta.resolved,
                 r.test_bits_per_token.mean, r.test_bits_per_token.std, r.bits_per_byte.mean, r.bits_per_byte.std,
-                r.answer_bits.mean, r.answer_bits.std, r.targets.mean, r.params.mean, r.tokens_seen.mean,
+                r.answer_bits.mean, r.answer_bits.std, r.targets.mean, r.params.mean, r.state_bytes.mean,
+                r.tokens_seen.mean,
                 " ".join(c.run_id for c in r.cells),
             ])
 

@@ -9,6 +9,9 @@ stateless layer. A layer state kind is a frozen dataclass of tensors whose first
   it here (the XL cache is zeroed at once).
 - `detach()`, `lanes(index)`, `cat(parts)`, `to(device)`, `to_tensors()`, `from_tensors()` work field by
   field.
+- `cast(dtype)` converts the carried floating-point fields, the storage dtype of `model.state_dtype`
+  (spec B.4); fields named in a kind's `own_dtype` keep the dtype their layer chose (the kNN memory's),
+  and the bool / integer bookkeeping (`fresh`, pointers) is never converted.
 
 A new kind is one `@register_state` dataclass here with a unique `kind` name (the checkpoint key).
 """
@@ -25,6 +28,9 @@ from lrexp.errors import UserError
 
 S = TypeVar("S", bound="LayerState")
 X = TypeVar("X", bound="XLCache")
+
+# The storage dtypes of carried state (model.state_dtype, model.knn.state_dtype), by config name.
+STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class StateError(UserError, ValueError):
@@ -43,6 +49,7 @@ class LayerState:
     """Base of every per-layer state kind: tensor fields, lane first, plus the [B] bool `fresh` flag."""
 
     kind: ClassVar[str]
+    own_dtype: ClassVar[Tuple[str, ...]] = ()  # fields stored in a dtype of the layer's, which `cast` keeps
     fresh: Tensor  # [B] bool: the lane starts a document and has not been through its layer since
 
     @property
@@ -62,6 +69,15 @@ class LayerState:
 
     def to(self: S, device) -> S:
         return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    def carried(self) -> Dict[str, Tensor]:
+        """The fields `cast` converts: floating point and not in `own_dtype`."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in self.own_dtype and getattr(self, f.name).is_floating_point()}
+
+    def cast(self: S, dtype: torch.dtype) -> S:
+        """The state with its carried fields in `dtype` (the same tensors where they already are)."""
+        return replace(self, **{name: t.to(dtype) for name, t in self.carried().items()})
 
     @classmethod
     def cat(cls: Type[S], parts: Sequence[S]) -> S:
@@ -174,6 +190,7 @@ class KNNMemory(XLCache):
     """
 
     kind: ClassVar[str] = "knn"
+    own_dtype: ClassVar[Tuple[str, ...]] = ("memory_k", "memory_v")  # model.knn.state_dtype
     memory_k: Tensor  # [B, H, K_mem, D]
     memory_v: Tensor  # [B, H, K_mem, D]
     pointer: Tensor  # [B] int64
@@ -239,6 +256,31 @@ class ModelState:
 
     def to(self, device) -> "ModelState":
         return replace(self, layers=tuple(s if s is None else s.to(device) for s in self.layers))
+
+    def cast(self, dtype: torch.dtype) -> "ModelState":
+        """Every layer's carried fields in `dtype`: fp32 to compute with, the storage dtype between steps."""
+        return replace(self, layers=tuple(s if s is None else s.cast(dtype) for s in self.layers))
+
+    def store(self, dtype: torch.dtype) -> "ModelState":
+        """`cast(dtype)` for keeping between steps (spec B.4). A value the dtype cannot hold (fp16 overflows
+        above 65504) fails here, naming the layer and field, instead of carrying inf into the next step."""
+        stored = self.cast(dtype)
+        if dtype != torch.float32:
+            for i, s in enumerate(stored.layers):
+                for name, t in ({} if s is None else s.carried()).items():
+                    if not bool(torch.isfinite(t).all()):
+                        raise StateError(f"layer {i}'s carried {s.kind} state '{name}' is not finite in {dtype} "
+                                         f"storage (model.state_dtype); float16 overflows above 65504, bfloat16 "
+                                         f"does not")
+        return stored
+
+    def carried_bytes(self) -> int:
+        """Bytes of the carried floating-point fields of all lanes (the kNN memory included; flags not)."""
+        total = 0
+        for s in self.layers:
+            if s is not None:
+                total += sum(t.numel() * t.element_size() for t in s.to_tensors().values() if t.is_floating_point())
+        return total
 
     def to_tensors(self) -> Dict[str, Tensor]:
         """Flat tensors for checkpoints: `layers.<i>.<kind>.<field>` plus the layer count and lanes."""

@@ -170,6 +170,8 @@ def run(cfg: RunConfig, resume: Optional[str] = None) -> Dict[str, Any]:
             steps = trainer.global_step or ckpt_mod.saved_step(checkpoint_dir / ckpt_mod.LAST)
             summary = _summary(metrics)
             summary["final/params"] = float(n_params)
+            # the floats a lane carries between steps, in model.state_dtype (B.4); meta: nothing allocated
+            summary["final/state_bytes_per_lane"] = float(model.initial_state(1, "meta").carried_bytes())
             summary["final/steps"] = float(steps)
             summary["final/tokens_seen"] = float(steps * cfg.data.tokens_per_step)
             # the final passes log final/val_* and final/test_* themselves

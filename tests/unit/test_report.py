@@ -159,6 +159,20 @@ def test_probe_cells_add_an_answer_column_to_table_and_csv(store, tmp_path):
         assert float(next(csv.DictReader(f))["answer_bits_per_token"]) == pytest.approx(3.2)
 
 
+def test_cells_that_log_their_carried_state_bytes_add_a_column(store, tmp_path):
+    client = store["client"]
+    exp = client.create_experiment("lrexp-statebytes", artifact_location=str(store["root"] / "art"))
+    pid = parent(client, exp, "statebytes")
+    for index, (cell, size) in enumerate((("dtype=float32", 32768), ("dtype=bfloat16", 16384))):
+        child(client, exp, pid, cell, cell, index, metrics={**finals(0.2, 2.0), "final/state_bytes_per_lane": size})
+    rep = report.build("statebytes", tmp_path, uri=store["uri"])
+    header, _, *lines = [ln for ln in rep.markdown.splitlines() if ln.startswith("|")]
+    at = header.split(" | ").index("state bytes/lane")
+    assert header.split(" | ")[at - 1] == "params" and [ln.split(" | ")[at] for ln in lines] == ["32.8k", "16.4k"]
+    with open(tmp_path / "table.csv") as f:
+        assert [float(r["state_bytes_per_lane"]) for r in csv.DictReader(f)] == [32768, 16384]
+
+
 def test_differences_to_the_reference_are_paired_by_seed_and_marked_when_unresolved(store, tmp_path):
     """Δ is the mean of per-seed differences: a shift shared by the seeds of both rows (data order, init)
     cancels, so a small consistent gap is resolved while a larger noisy one is not; one seed has no spread."""

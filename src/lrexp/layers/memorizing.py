@@ -24,12 +24,10 @@ from lrexp.attention.knn import entry_age, gather, memory_attention, recall_at_k
 from lrexp.layers import LayerSpec, register_layer
 from lrexp.layers.block import AttentionLayer
 from lrexp.layers.common import merge_heads
-from lrexp.state import KNNMemory, StateError
+from lrexp.state import STATE_DTYPES, KNNMemory, StateError
 
 if TYPE_CHECKING:
     from lrexp.config import RunConfig
-
-STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _weighted_mean(local: Tensor, mem: Tensor, gate_bias: Optional[Tensor]) -> Tensor:

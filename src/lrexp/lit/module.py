@@ -60,11 +60,12 @@ class LMModule(pl.LightningModule):
 
     def training_step(self, batch: Dict[str, Tensor], batch_idx: int) -> Tensor:
         # the kNN memory's recall@k and staleness cost an exact search: only on the steps Lightning logs
-        logged = bool(self.cfg.derived.knn_layers) and (self.global_step + 1) % self.cfg.log.every_n_steps == 0
-        if logged:
+        logged = (self.global_step + 1) % self.cfg.log.every_n_steps == 0
+        tracked = logged and bool(self.cfg.derived.knn_layers)
+        if tracked:
             track_memory_stats(self.model, True)
         nll, mask = self._forward("train", batch)
-        if logged:
+        if tracked:
             track_memory_stats(self.model, False)
         nll_sum, count = nll.sum(), mask.sum()
         # The gradient is the token mean over every lane of the step: Lightning divides each micro-batch's
@@ -91,7 +92,12 @@ class LMModule(pl.LightningModule):
             self.logger.log_metrics({"train/loss": global_loss.item()}, step=self.global_step)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False,
                  batch_size=batch_size)
-        for name, value in (memory_stats(self.model) if logged else {}).items():
+        if "stage" in batch:  # a curriculum's (spec B.3)
+            self.log("train/stage", batch["stage"].float(), on_step=True, on_epoch=False, batch_size=batch_size)
+        # the state compression's retained energy and error at this step's segment boundary (spec B.2)
+        stats = {**(memory_stats(self.model) if tracked else {}),
+                 **{f"svd/{name}": value for name, value in self.model.svd_stats.items()}} if logged else {}
+        for name, value in stats.items():
             self.log(f"train/{name}", value, on_step=True, on_epoch=False, batch_size=batch_size)
         return loss
 

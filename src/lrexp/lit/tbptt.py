@@ -11,6 +11,9 @@ asks for the state of its stage and hands back the new one:
 - after every batch the state is detached, so the truncation length is one segment;
 - with `train.lane_groups` G, an optimiser step is G micro-batches, each a group of the rank's lanes with
   a state of its own (optionally kept on the CPU while the other groups run: `train.offload_state`);
+- under a curriculum (lrexp.curriculum) a training batch says its stage: at a new stage every lane restarts
+  with a fresh state, of the stage's lanes and window, and the model trains at the stage's window;
+  validation and test run at the model's own window (the last stage's);
 - the training state goes into the checkpoint in lane order (the groups joined), gathered from every rank,
   so a resumed run with the same world size and lanes continues exactly; otherwise every lane restarts
   with a fresh state and a warning.
@@ -24,6 +27,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from lrexp.curriculum import stages
 from lrexp.state import ModelState
 
 CHECKPOINT_KEY = "lrexp_carried_state"
@@ -36,6 +40,7 @@ class TBPTTCallback(pl.Callback):
         self._offload = offload
         self._states: Dict[str, Optional[ModelState]] = {"val": None, "test": None}
         self._restored: Optional[Dict[str, Tensor]] = None  # this rank's train state from a checkpoint
+        self._stage = 0  # the curriculum stage the training state belongs to
 
     # ---- used by the LightningModule ----------------------------------------------------------------
 
@@ -60,13 +65,21 @@ class TBPTTCallback(pl.Callback):
 
     def _begin_batch(self, stage: str, pl_module: pl.LightningModule, batch: Dict[str, Tensor]) -> None:
         doc_start = batch["doc_start"]  # [B] bool, on the device already
+        cfg = pl_module.cfg
         if stage == "train":
-            derived = pl_module.cfg.derived
-            self._group = int(batch["lane"][0]) % derived.lanes_per_rank // derived.lanes_per_group
+            per_group = doc_start.shape[0]  # lanes of a micro-batch: a curriculum stage's own
+            self._group = int(batch["lane"][0]) % (per_group * len(self._groups)) // per_group
             if self._restored is not None:  # the rank's lanes in order: one state per group
                 whole = ModelState.from_tensors({k: v.to(doc_start.device) for k, v in self._restored.items()})
                 self._groups = list(whole.split(len(self._groups)))
                 self._restored = None
+            if "stage" in batch:
+                if int(batch["stage"]) != self._stage:  # new lanes, a new window: every lane starts afresh
+                    self._stage = int(batch["stage"])
+                    self._groups = [None] * len(self._groups)
+                pl_module.model.set_window(stages(cfg)[self._stage].window)
+        elif cfg.curriculum.stages:
+            pl_module.model.set_window(cfg.model.window)
         state = self._current(stage)
         if state is None:
             state = pl_module.model.initial_state(doc_start.shape[0], doc_start.device)
@@ -129,6 +142,7 @@ class TBPTTCallback(pl.Callback):
         checkpoint[CHECKPOINT_KEY] = {
             "world_size": trainer.world_size,
             "lanes_per_rank": pl_module.cfg.derived.lanes_per_rank,
+            "stage": self._stage,
             "tensors": tensors,
         }
 
@@ -136,6 +150,7 @@ class TBPTTCallback(pl.Callback):
         saved = checkpoint.get(CHECKPOINT_KEY)
         self._restored = None
         self._groups = [None] * len(self._groups)
+        self._stage = saved.get("stage", 0) if saved is not None else 0
         if saved is None or saved["tensors"] is None:
             return
         here = (trainer.world_size, pl_module.cfg.derived.lanes_per_rank)
