@@ -133,8 +133,9 @@ class SVDStateConfig:
     """Rank-k compression of the carried state at the segment boundary (spec B.2); off while rank is null."""
 
     rank: Optional[int] = None  # k; null: off. The spec's value is 64
-    # recurrent_state: the cell's c [S, d] per lane; xl_cache: every cache's keys and values [W, D] per (lane, head)
-    targets: List[str] = field(default_factory=lambda: ["recurrent_state", "xl_cache"])
+    # recurrent_state: the cell's c [S, d] per lane; slots: the memory slots' M [n, d] per lane; xl_cache: every
+    # cache's keys and values [W, D] per (lane, head)
+    targets: List[str] = field(default_factory=lambda: ["recurrent_state", "slots", "xl_cache"])
     method: Literal["exact", "lowrank"] = "exact"  # torch.linalg.svd, or torch.svd_lowrank with niter=2
     renormalize_keys: bool = True  # give every reconstructed cache key its stored norm back (unit, or 0 if empty)
 
@@ -502,7 +503,6 @@ _POSITIVE = (
     "model.d_ff", "model.num_layers", "model.window", "model.blocks_per_segment", "model.segment_len",
     "model.recurrent.num_states", "model.svd_state.rank", "model.knn.memory_size", "model.knn.k", "model.slots.n",
     "model.attn.num_buckets", "model.attn.max_distance", "data.vocab_size", "data.tokens_per_step",
-    "model.attn.num_buckets", "model.attn.max_distance", "data.vocab_size", "data.tokens_per_step",
     "optim.warmup_steps", "train.max_steps", "train.val_every", "train.val_tokens",
     "train.lane_groups", "train.devices", "train.num_nodes", "train.threads", "train.checkpoint_every",
     "train.checkpoint_minutes", "log.every_n_steps",
@@ -671,7 +671,7 @@ def _check_curriculum(cfg: RunConfig, segment_len: int, shards: int, knn_layers:
                           f"[model.window, segment blocks] = {[cfg.model.window, own_blocks]}")
 
 
-SVD_TARGETS = ("recurrent_state", "xl_cache")
+SVD_TARGETS = ("recurrent_state", "slots", "xl_cache")
 
 
 def _check_svd_state(svd: SVDStateConfig) -> None:

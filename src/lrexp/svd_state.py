@@ -5,6 +5,7 @@ rank-k approximation X_k = U_k S_k V_k^T, computed in fp32 on the detached state
 through the SVD, which is unstable where singular values nearly repeat. The targets:
 
 - `recurrent_state`: the block-recurrent cell's c, S x d per lane;
+- `slots`: the gated memory slots' M, n x d per lane (cache_policies.md B.1);
 - `xl_cache`: the keys and values of every layer's XL cache (the cell's and the kNN layer's local cache
   included), W x D per lane and head.
 
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Dict, List, Tuple
 import torch
 from torch import Tensor
 
-from lrexp.state import ModelState, RecurrentState, XLCache
+from lrexp.state import ModelState, RecurrentState, SlotState, XLCache
 
 if TYPE_CHECKING:
     from lrexp.config import SVDStateConfig
@@ -87,6 +88,8 @@ def compress(state: ModelState, cfg: "SVDStateConfig") -> Tuple[ModelState, Dict
             s = replace(s, k=approximate("xl_cache", s.k, is_key=True), v=approximate("xl_cache", s.v))
         if isinstance(s, RecurrentState) and "recurrent_state" in cfg.targets:
             s = replace(s, c=approximate("recurrent_state", s.c))  # c [B, S, d]: one S x d matrix per lane
+        if isinstance(s, SlotState) and "slots" in cfg.targets:
+            s = replace(s, c=approximate("slots", s.c))  # M [B, n, d]: one n x d matrix per lane
         layers.append(s)
     stats = {}
     for name, values in measured.items():

@@ -142,6 +142,25 @@ def test_full_rank_is_a_no_op_within_1e_5(row, method):
     assert (_stream(low, cfg)[0] - logits).abs().amax() > 1e-3
 
 
+def test_memory_slots_are_a_target_of_their_own():
+    """`slots` compresses the memory slots M [n, d] per lane alone: full rank is a no-op within 1e-5, rank 1
+    changes the slots (their energy logged) and the logits, and leaves the layer's XL cache as it was."""
+    slots = ("model.slots.enabled=true", "model.slots.layers=[-1]", "model.slots.n=8")
+    model, cfg = _model("xl512", *slots)
+    logits, state = _stream(model, cfg)
+    full, _ = _model("xl512", *slots, "model.svd_state.rank=8", "model.svd_state.targets=[slots]")
+    full_logits, full_state = _stream(full, cfg)
+    torch.testing.assert_close(full_logits, logits, rtol=1e-5, atol=1e-5)
+    assert set(full.svd_stats) == {"slots_energy", "slots_rel_error"}
+    low, _ = _model("xl512", *slots, "model.svd_state.rank=1", "model.svd_state.targets=[slots]")
+    low_logits, low_state = _stream(low, cfg)
+    assert float(low.svd_stats["slots_energy"]) < 1 - 1e-5  # M is near rank 1 (its learned start) at smoke
+    assert (low_logits - logits).abs().amax() > 1e-4
+    ours, theirs = low_state.to_tensors(), state.to_tensors()
+    changed = {name for name in theirs if not torch.equal(ours[name], theirs[name])}
+    assert changed and all(name.endswith(".slots.c") for name in changed), changed
+
+
 def test_rank_k_is_the_best_rank_k_and_its_energy():
     """X_k has rank k, E_k = sum of the k largest s_i^2 over all, and |X - X_k|_F^2 = the rest (Eckart-Young)."""
     x = torch.randn(5, 12, 20, generator=torch.Generator().manual_seed(0))
