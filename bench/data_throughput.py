@@ -26,7 +26,7 @@ from lrexp import config  # noqa: E402
 from lrexp.data_modules import StreamDataModule, prepare  # noqa: E402
 from lrexp.data_modules.corpora import list_corpus  # noqa: E402
 from lrexp.data_modules.store import _texts, cache_root, select_budget  # noqa: E402
-from lrexp.data_modules.tokenizer import ByteTokenizer, parallel_tokenizers  # noqa: E402
+from lrexp.data_modules.tokenizer import ByteTokenizer, tokenizers_parallelism  # noqa: E402
 from lrexp.model import build_model  # noqa: E402
 from lrexp.variants import row_name  # noqa: E402
 from report import write_report  # noqa: E402  (bench/ is the script's folder, so on sys.path)
@@ -35,7 +35,7 @@ from report import write_report  # noqa: E402  (bench/ is the script's folder, s
 def tokenization_mb_s(tokenizer, texts) -> float:
     total = sum(len(t.encode("utf-8")) for t in texts)
     started = time.perf_counter()
-    with parallel_tokenizers():
+    with tokenizers_parallelism():
         for i in range(0, len(texts), 256):
             tokenizer.encode_batch(texts[i: i + 256])
     return total / 1e6 / (time.perf_counter() - started)

@@ -150,6 +150,9 @@ class DataConfig:
     append_eos: bool = True
     cache_dir: str = "data_cache"  # relative paths are under the project root
     num_workers: int = 0
+    # Processes that tokenize while preparing (each one core; the tokens are the same bit for bit whatever
+    # the number); null: every CPU this process may use.
+    prepare_workers: Optional[int] = None
     max_bytes: Optional[int] = None  # cap on the corpus's UTF-8 bytes: a deterministic subset of documents
     val_fraction: float = 0.05  # of documents, by a stable hash of the document id
     test_fraction: float = 0.05
@@ -456,7 +459,7 @@ _POSITIVE = (
     "scale.lanes", "scale.memory_size", "scale.knn_k", "model.d_model", "model.num_heads",
     "model.d_ff", "model.num_layers", "model.window", "model.blocks_per_segment", "model.segment_len",
     "model.recurrent.num_states", "model.knn.memory_size", "model.knn.k", "model.attn.num_buckets",
-    "model.attn.max_distance", "data.vocab_size", "data.tokens_per_step",
+    "model.attn.max_distance", "data.vocab_size", "data.tokens_per_step", "data.prepare_workers",
     "optim.warmup_steps", "train.max_steps", "train.val_every", "train.val_tokens",
     "train.lane_groups", "train.devices", "train.num_nodes", "train.threads", "train.checkpoint_every",
     "train.checkpoint_minutes", "log.every_n_steps",

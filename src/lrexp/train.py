@@ -21,6 +21,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 
 from lrexp import config as config_mod
 from lrexp.config import RunConfig
+from lrexp.cpus import usable_cpus
 from lrexp.errors import Interrupted
 from lrexp.data_modules import StreamDataModule, prepare
 from lrexp.data_modules.datamodule import eval_pass
@@ -39,19 +40,6 @@ from lrexp.validate import check_run
 
 # Metrics summarised as final/* at the end of a run (the final passes log their own final/val_*, final/test_*).
 _SUMMARY_PREFIXES = ("train/loss", "perf/")
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on: its affinity mask, bounded by a cgroup v2 CPU quota (a container's
-    share, which the affinity mask and torch's default both ignore)."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if quota != "max":
-            cpus = min(cpus, max(1, int(quota) // int(period)))
-    except (OSError, ValueError):
-        pass
-    return cpus
 
 
 def cpu_threads(cfg: RunConfig) -> int:
