@@ -210,6 +210,8 @@ def cache_key(listing: Listing, cfg: RunConfig) -> str:
         "val_fraction": d.val_fraction,
         "test_fraction": d.test_fraction,
     }
+    if d.max_bytes is not None:  # subsets chosen in the salted order: never the key of an unsalted one
+        payload["budget_order"] = "salted"
     if d.tokenizer_file:  # its content, not its path: an edited file is another key, a moved one the same
         payload["tokenizer_file"] = hashlib.sha256(tokenizer_path(cfg).read_bytes()).hexdigest()
     return fingerprint_key(payload)
@@ -239,7 +241,9 @@ def _read_text(doc: Document) -> Optional[str]:
 
 
 def _doc_hash(doc: Document) -> bytes:
-    return hashlib.sha1(doc.id.encode("utf-8")).digest()
+    """The budget's order: salted, because the split is the unsalted SHA-1 of the id (`split_of`); in that
+    order the first documents would all be test documents, then validation ones."""
+    return hashlib.sha1(b"budget\0" + doc.id.encode("utf-8")).digest()
 
 
 def select_budget(docs: Sequence[Document], max_bytes: Optional[int]) -> List[Document]:

@@ -269,6 +269,16 @@ def test_stdlib_listing_excludes_tests_and_budget_is_a_stable_subset(tmp_path):
     assert [d.id for d in store.select_budget(list(reversed(docs)), 200_000)] == [d.id for d in reversed(subset)]
 
 
+def test_a_budget_subset_keeps_the_split_fractions(tmp_path):
+    # the budget once took documents in the order of the hash that also picks the split, so a small subset was
+    # all test and validation documents (1 train document of 26 at 400 kB of the stdlib)
+    cfg = cfg_for(tmp_path, "stdlib", "data.val_fraction=0.05", "data.test_fraction=0.05")
+    docs = list_corpus(cfg, tmp_path).documents
+    subset = store.select_budget(docs, sum(d.size for d in docs) // 10)
+    splits = [corpora.split_of(d.id, 0.05, 0.05) for d in subset]
+    assert splits.count("train") > 0.7 * len(subset) and len(subset) > 30
+
+
 def test_probe_answers_are_distance_segments_after_the_information(tmp_path):
     cfg = cfg_for(tmp_path, "passkey", "data.probe.num_docs=64", "data.probe.distance=3")
     n = cfg.derived.segment_len
