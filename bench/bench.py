@@ -64,6 +64,7 @@ ROWS = list(PAPER_STEP_TIME)
 BASE = "slide13"
 MATMUL = "dense matmul"
 COMPILED = "compiled "
+SECTIONS = ("rows", "scaling", "overhead", "data", "gpu", "knn")
 SCALING = {"Full": "full", "XL": "xl512", "Slide": "slide13", "Rec": "rec_fixed_skip"}
 
 
@@ -308,7 +309,7 @@ def overhead_section(overrides: List[str], device: torch.device, steps: int, war
     return lines, data
 
 
-def data_section(overrides: List[str], repeats: int, loader: Dict) -> Tuple[List[str], Dict]:
+def data_section(overrides: List[str], repeats: int, loader: Optional[Dict]) -> Tuple[List[str], Dict]:
     """A cold `prepare` of the corpus into an empty cache with 1 worker and with every usable CPU, alternated;
     the tokenizer is the cached one's (data.tokenizer_file), so both time listing, reading, encoding and writing."""
     from lrexp.data_modules import prepare
@@ -332,17 +333,18 @@ def data_section(overrides: List[str], repeats: int, loader: Dict) -> Tuple[List
             "tokens": cached.meta["tokens"],
             "prepare": {str(n): {"seconds": summary(s), "mb_per_s": megabytes / summary(s)["median"]}
                         for n, s in seconds.items()},
-            "loader_ms": {k: v * 1e3 for k, v in loader["loader_s"].items()},
-            "loader_share": loader["loader_share"]}
+            "loader_ms": loader and {k: v * 1e3 for k, v in loader["loader_s"].items()},
+            "loader_share": loader and loader["loader_share"]}
     lines = [f"Cold `lrexp data prepare` of {cfg.data.corpus} ({megabytes:.1f} MB, {data['documents']} documents, "
-             f"{data['tokens']:,} tokens; the cached tokenizer, so no BPE training), {repeats} alternated runs:", "",
+             f"{data['tokens']:,} tokens{'; the cached tokenizer, so no BPE training' if extra else ''}), "
+             f"{repeats} alternated runs:", "",
              "| workers | seconds | MB/s |", "|---|---|---|"]
     for n in counts:
         d = data["prepare"][str(n)]
         lines.append(f"| {n} | {d['seconds']['median']:.2f} ({d['seconds']['min']:.2f}-{d['seconds']['max']:.2f}) | "
                      f"{d['mb_per_s']:.2f} |")
     lines += ["", f"Loader: {_ms(loader['loader_s'])} ms per batch (num_workers=0, in the bare loop of section 4), "
-              f"{100 * loader['loader_share']:.2f}% of a step.", ""]
+              f"{100 * loader['loader_share']:.2f}% of a step." if loader else "Loader: section 4 left out.", ""]
     return lines, data
 
 
@@ -406,6 +408,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated row presets ({BASE} is always timed)")
     parser.add_argument("--compile-backend", default="inductor",
                         help="torch.compile backend of section 7 ('none': leave it out; --quick: eager, dynamo only)")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help="comma-separated: rows (1, 3 and 7), scaling, overhead, data, gpu, knn")
     parser.add_argument("--out", type=Path, default=REPORTS, help="folder of bench.md and bench.json")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
@@ -439,61 +443,87 @@ def main(argv: Optional[List[str]] = None) -> Dict:
              "", "Medians over interleaved repeats, (min-max) beside them; ratios are taken within a repeat.", ""]
 
     args.compile_backend = None if args.compile_backend == "none" else args.compile_backend
+    sections = args.sections.split(",")
+    if set(sections) - set(SECTIONS):
+        parser.error(f"unknown section(s) {', '.join(set(sections) - set(SECTIONS))}; available: {', '.join(SECTIONS)}")
     rows = list(dict.fromkeys([BASE, *args.rows.split(",")]))
     unknown = [r for r in rows if r not in PAPER_STEP_TIME]
     if unknown:
         parser.error(f"unknown row preset(s) {', '.join(unknown)}; available: {', '.join(ROWS)}")
     clock = time.perf_counter()
-    section = _timed_section(report, "rows", rows_section, rows, overrides, device, repeats, matmul_n,
-                             args.compile_backend)
-    compile_lines = report["rows"].pop("compile_lines")
-    matmul = report["rows"]["matmul"]["flop_per_s"]
-    lines += [f"## 1. Step time of every row ({repeats} round-robin repeats)", "",
-              "One optimiser step (forward, loss, backward, optimiser) of every lane's segment at this scale; "
-              "`paper` is Table 1's step time relative to Slide:13L. The last three columns are section 3's.", "",
-              *section, ""]
+    left_out = "Left out (--sections)."
+    compile_lines: List[str] = []
+    lines.append(f"## 1. Step time of every row ({repeats} round-robin repeats)\n")
+    if "rows" in sections:
+        section = _timed_section(report, "rows", rows_section, rows, overrides, device, repeats, matmul_n,
+                                 args.compile_backend)
+        compile_lines = report["rows"].pop("compile_lines")
+        lines += ["One optimiser step (forward, loss, backward, optimiser) of every lane's segment at this scale; "
+                  "`paper` is Table 1's step time relative to Slide:13L. The last three columns are section 3's.",
+                  "", *section, ""]
+    else:
+        lines += [left_out, ""]
 
-    section = _timed_section(report, "scaling", scaling_section, overrides, device, lengths, max(2, repeats // 2),
-                             args.max_step_s, _memory_budget())
-    lines += [f"## 2. Scaling with the segment length T (one lane, {scale} width)", "",
-              "XL's window grows with T (XL:W reads N = W); Slide and Rec keep the scale's window. `saved for "
-              "backward` is the activation memory autograd holds for the step (CPU allocators keep no peak).", "",
-              *section,
-              "## 3. Model FLOP utilisation", "",
-              f"Model FLOPs per step from the layer specs (`lrexp.flops`: matmuls and in-band attention, backward "
-              f"2x forward) over the rate of a dense {matmul_n}^3 matmul timed in the same rounds as section 1: "
-              f"{matmul['median'] / 1e9:.1f} GFLOP/s ({matmul['min'] / 1e9:.1f}-{matmul['max'] / 1e9:.1f}). "
-              "Section 1's MFU column is that ratio per repeat (goal at bench scale on a CPU: at least 40%).", ""]
+    lines.append(f"## 2. Scaling with the segment length T (one lane, {scale} width)\n")
+    if "scaling" in sections:
+        section = _timed_section(report, "scaling", scaling_section, overrides, device, lengths,
+                                 max(2, repeats // 2), args.max_step_s, _memory_budget())
+        lines += ["XL's window grows with T (XL:W reads N = W); Slide and Rec keep the scale's window. `saved for "
+                  "backward` is the activation memory autograd holds for the step (CPU allocators keep no peak).",
+                  "", *section]
+    else:
+        lines += [left_out, ""]
 
-    with tempfile.TemporaryDirectory() as tmp:
-        section = _timed_section(report, "overhead", overhead_section, overrides, device, steps, warmup, Path(tmp))
-    lines += ["## 4. Framework overhead", "", *section]
+    lines.append("## 3. Model FLOP utilisation\n")
+    if "rows" in sections:
+        matmul = report["rows"]["matmul"]["flop_per_s"]
+        lines += [f"Model FLOPs per step from the layer specs (`lrexp.flops`: matmuls and in-band attention, backward "
+                  f"2x forward) over the rate of a dense {matmul_n}^3 matmul timed in the same rounds as section 1: "
+                  f"{matmul['median'] / 1e9:.1f} GFLOP/s ({matmul['min'] / 1e9:.1f}-{matmul['max'] / 1e9:.1f}). "
+                  "Section 1's MFU column is that ratio per repeat (goal at bench scale on a CPU: at least 40%).", ""]
+    else:
+        lines += [left_out, ""]
 
-    section = _timed_section(report, "data", data_section, overrides, data_repeats, report["overhead"])
-    lines += ["## 5. Data", "", *section]
+    lines.append("## 4. Framework overhead\n")
+    if "overhead" in sections:
+        with tempfile.TemporaryDirectory() as tmp:
+            lines += _timed_section(report, "overhead", overhead_section, overrides, device, steps, warmup, Path(tmp))
+    else:
+        lines += [left_out, ""]
 
-    if device.type == "cuda":
+    lines.append("## 5. Data\n")
+    if "data" in sections:
+        lines += _timed_section(report, "data", data_section, overrides, data_repeats, report.get("overhead"))
+    else:
+        lines += [left_out, ""]
+
+    lines.append("## 6. GPU\n")
+    if device.type != "cuda":
+        report["gpu"] = {"skipped": "no CUDA device"}
+        lines += ["Skipped: no CUDA device on this machine (the other sections ran on the CPU).", ""]
+    elif "gpu" in sections:
         import attention_kernels
 
         kernel_lines = attention_kernels.main(["--steps", "3" if args.quick else "10"])
         report["gpu"] = {"attention_kernels": kernel_lines}
-        lines += ["## 6. GPU", "", "Sections 1-5 above ran on the GPU. Attention backends, forward + backward:", "",
-                  *kernel_lines[2:], ""]
+        lines += ["The other sections ran on the GPU. Attention backends, forward + backward:", "", *kernel_lines[2:], ""]
     else:
-        report["gpu"] = {"skipped": "no CUDA device"}
-        lines += ["## 6. GPU", "", "Skipped: no CUDA device on this machine (sections 1-5 ran on the CPU).", ""]
+        lines += [left_out, ""]
 
+    lines.append("## 7. torch.compile (`train.compile`)\n")
     if compile_lines:
-        lines += ["## 7. torch.compile (`train.compile`)", "",
-                  f"Every row compiled with the `{args.compile_backend}` backend, timed in section 1's rounds "
+        lines += [f"Every row compiled with the `{args.compile_backend}` backend, timed in section 1's rounds "
                   "beside its eager step; compile s is the first step's time; graphs and graph breaks are dynamo's "
                   "counts for that step (the model's input checks stay eager, outside the graph).", "",
                   *compile_lines, ""]
     else:
-        lines += ["## 7. torch.compile (`train.compile`)", "", "Left out (--compile-backend none).", ""]
+        lines += ["Left out (--compile-backend none, or --sections without rows).", ""]
 
-    section = _timed_section(report, "knn_memory_bytes_per_lane", knn_section, overrides, scale)
-    lines += ["## 8. kNN memory per lane (Memorizing row)", "", *section, ""]
+    lines.append("## 8. kNN memory per lane (Memorizing row)\n")
+    if "knn" in sections:
+        lines += [*_timed_section(report, "knn_memory_bytes_per_lane", knn_section, overrides, scale), ""]
+    else:
+        lines += [left_out, ""]
 
     report["seconds"] = round(time.perf_counter() - clock, 1)
     lines.append(f"The benchmark took {report['seconds']:.0f} s (by section: " +

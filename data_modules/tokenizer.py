@@ -11,6 +11,7 @@ counts the text each vocabulary string stands for, so bits/byte is approximate t
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -177,7 +178,10 @@ def encode_chunks(tok: Tokenizer, chunks: Iterable[Tuple[Any, List[str]]], worke
     each encoding on one core. Encoding a text does not depend on the others, so the ids are the same bit
     for bit for any number of workers. Streaming: `chunks` is read only as workers free up (at most
     _IN_FLIGHT chunks per worker are held), so memory is bounded whatever the corpus size."""
-    if workers <= 1:
+    chunks = iter(chunks)
+    first = list(itertools.islice(chunks, 2))
+    chunks = itertools.chain(first, chunks)
+    if workers <= 1 or len(first) < 2:  # one chunk: starting processes would cost more than it encodes
         with tokenizers_parallelism(False):  # one core, the same as one worker
             for tag, texts in chunks:
                 yield tag, tok.encode_batch(texts)
