@@ -200,8 +200,8 @@ class TrainConfig:
     # CPU threads of torch's intra-op pool; null: $OMP_NUM_THREADS if set, else all the CPUs this process may
     # use but one, shared by the train.devices ranks (a thread more than the free cores costs several times).
     threads: Optional[int] = None
-    # torch.compile the model (every row; the input checks stay eager). Off by default: see README "Compiling"
-    # for what it gained and cost on the machines measured. On a CPU it needs a C compiler.
+    # torch.compile (inductor) of the model, every row; the input checks stay eager. Off by default: slower than
+    # eager on the CPU measured (README "Compiling"). On a CPU it needs a C++ compiler ($CXX, else g++).
     compile: bool = False
     checkpoint_dir: str = "checkpoints"  # <checkpoint_dir>/<MLflow run id>/last.ckpt; relative: project root
     checkpoint_every: Optional[int] = None  # optimiser steps between saves of last.ckpt; null: train.val_every
