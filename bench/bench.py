@@ -1,7 +1,7 @@
 """`make bench`: what lrexp costs on this machine, measured in one run; writes reports/bench/bench.md and bench.json.
 
     python bench/bench.py [--repeats 7] [--max-step-s 20] [--compile-backend inductor|none] [key=value ...]
-    python bench/bench.py --quick      (smoke sizes, three rows, dynamo's capture only: seconds, for the test)
+    python bench/bench.py --quick      (smoke sizes, two rows, dynamo's capture only: seconds, for the test)
 
 (default: the tiny scale, every row, CPU threads as `lrexp train` picks them)
 
@@ -421,8 +421,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         repeats, lengths, matmul_n, steps, warmup, data_repeats = 2, [64, 128], 128, 4, 1, 1
         if args.compile_backend == parser.get_default("compile_backend"):  # the capture, without code generation
             args.compile_backend = "eager"
-        if args.rows == parser.get_default("rows"):  # three kinds of stack: the report's shape, in seconds
-            args.rows = "slide13,rec_fixed_skip,full"
+        if args.rows == parser.get_default("rows"):  # two kinds of stack: the report's shape, in seconds
+            args.rows = "slide13,rec_fixed_skip"
     else:
         overrides = list(args.overrides)
         repeats, lengths, matmul_n, steps, warmup, data_repeats = (args.repeats, [1024, 2048, 4096, 8192, 16384],
