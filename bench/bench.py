@@ -25,8 +25,6 @@ compare within one report.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import platform
 import sys
@@ -44,9 +42,9 @@ import lightning.pytorch as pl  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from harness import TrainStep, ratios, round_robin, saved_bytes, summary, sync, timed  # noqa: E402  bench/ is on sys.path
+# bench/ is the script's folder, so on sys.path
+from harness import TrainStep, ratios, round_robin, saved_bytes, summary, sync, timed  # noqa: E402
 from lrexp import config  # noqa: E402
-from lrexp.config import EXPERIMENTS  # noqa: E402
 from lrexp.cpus import usable_cpus  # noqa: E402
 from lrexp.flops import forward_flops  # noqa: E402
 from lrexp.layers.memorizing import STATE_DTYPES, MemorizingLayer  # noqa: E402
@@ -87,7 +85,8 @@ def machine(device: torch.device) -> Dict[str, str]:
     except (OSError, StopIteration):
         pass
     info = {
-        "host": platform.node(), "cpu": cpu, "usable_cpus": str(usable_cpus()), "torch_threads": str(torch.get_num_threads()),
+        "host": platform.node(), "cpu": cpu, "usable_cpus": str(usable_cpus()),
+        "torch_threads": str(torch.get_num_threads()),
         "load_average": " ".join(f"{x:.2f}" for x in os.getloadavg()), "device": str(device),
         "python": platform.python_version(), "torch": torch.__version__, "lightning": lightning.__version__,
         "tokenizers": tokenizers.__version__, "numpy": np.__version__,
@@ -196,7 +195,7 @@ def scaling_section(overrides: List[str], device: torch.device, lengths: List[in
             peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
             results[label][t] = {"step_s": summary(seconds[label]), "saved_bytes": saved, "peak_bytes": peak}
             done = sorted(results[label])
-            growth = 2.0
+            growth = 4.0  # T doubles: quadratic until two points tell
             if len(done) >= 2:
                 a, b = results[label][done[-2]], results[label][done[-1]]
                 growth = max(b["step_s"]["median"] / a["step_s"]["median"], b["saved_bytes"] / a["saved_bytes"], 1.0)
@@ -277,7 +276,8 @@ def overhead_section(overrides: List[str], device: torch.device, steps: int, war
     from lrexp.data_modules import prepare
 
     run_overrides = [  # a 3 MB subset unless given: the final passes over the whole splits stay short
-        "row=slide13", "data.max_bytes=3000000", *overrides, f"train.max_steps={steps + 1}", f"train.val_every={steps + 1}",
+        "row=slide13", "data.max_bytes=3000000", *overrides,
+        f"train.max_steps={steps + 1}", f"train.val_every={steps + 1}",
         f"train.checkpoint_dir={workdir / 'checkpoints'}", f"log.tracking_uri=sqlite:///{workdir / 'mlflow.db'}",
         "log.progress_bar=false", "log.experiment=bench", f"train.accelerator={device.type}",
     ]
@@ -437,7 +437,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     report: Dict = {"machine": info, "command": command, "scale": scale}
     lines = ["# lrexp benchmark", "",
              f"`{command}` on {info['host']}: {info['cpu']}, {info['usable_cpus']} usable CPUs, "
-             f"{info['torch_threads']} torch threads, device {info['device']}{', ' + info['gpu'] if 'gpu' in info else ''}; "
+             f"{info['torch_threads']} torch threads, device {info['device']}"
+             f"{', ' + info['gpu'] if 'gpu' in info else ''}; "
              f"load average {info['load_average']} at the start; Python {info['python']}, torch {info['torch']}, "
              f"Lightning {info['lightning']}, tokenizers {info['tokenizers']}; {info['date']}. Scale `{scale}`.",
              "", "Medians over interleaved repeats, (min-max) beside them; ratios are taken within a repeat.", ""]
@@ -506,7 +507,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
 
         kernel_lines = attention_kernels.main(["--steps", "3" if args.quick else "10"])
         report["gpu"] = {"attention_kernels": kernel_lines}
-        lines += ["The other sections ran on the GPU. Attention backends, forward + backward:", "", *kernel_lines[2:], ""]
+        lines += ["The other sections ran on the GPU. Attention backends, forward + backward:", "",
+                  *kernel_lines[2:], ""]
     else:
         lines += [left_out, ""]
 

@@ -30,7 +30,8 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def synthetic_batch(lanes: int, seg_len: int, vocab: int, device: torch.device, seed: int = 0) -> Dict[str, torch.Tensor]:
+def synthetic_batch(lanes: int, seg_len: int, vocab: int, device: torch.device,
+                    seed: int = 0) -> Dict[str, torch.Tensor]:
     """A batch with the data module's fields: random tokens and labels, every target counted, no document start."""
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, vocab, (lanes, seg_len + 1), generator=g)  # [B, N + 1]
