@@ -61,3 +61,22 @@ def test_compile_on_a_cpu_without_a_compiler_is_one_line(monkeypatch):
     with pytest.raises(ConfigError, match="no-such-compiler-lrexp"):
         check_run(cfg)
     check_run(config.load(overrides=["scale=smoke", "train.accelerator=cpu"]))  # off: no compiler needed
+
+
+@pytest.mark.slow
+def test_a_compiled_run_trains_and_checkpoints_the_eager_keys(tmp_path):
+    import math
+
+    from lrexp import train
+
+    cfg = config.load(overrides=[
+        "scale=smoke", "row=rec_fixed_skip", "train.compile=true", "train.accelerator=cpu", "train.max_steps=4",
+        "train.val_every=4", "data.corpus=passkey", "data.tokenizer=bytes", "data.probe.num_docs=96",
+        f"data.cache_dir={tmp_path / 'data'}", f"train.checkpoint_dir={tmp_path / 'ckpt'}",
+        f"log.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "log.progress_bar=false",
+    ])
+    final = train.run(cfg)
+    assert math.isfinite(final["final/val_bits_per_token"]) and final["final/steps"] == 4
+    keys = torch.load(final["checkpoint"], weights_only=False)["state_dict"]
+    eager = {f"model.{k}" for k in build_model(cfg, 257).state_dict()}
+    assert eager <= set(keys) and not any("_orig_mod" in k for k in keys)
