@@ -12,6 +12,7 @@ SCALE ?= tiny
 ARGS ?=
 JOBS ?= 1
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 PORT ?= 5000
 
 export TOKENIZERS_PARALLELISM := false
@@ -45,15 +46,13 @@ ablation: $(STAMP)
 report: $(STAMP)
 	$(PY) -m lrexp.cli report $(GRID)
 
-# Step time of every row relative to Slide:13L, the data loader's share of a step and the kNN memory's
-# footprint, at SCALE, written under reports/bench/ (ARGS as for ablation); the attention kernels against
-# SDPA and FlexAttention (without a GPU only its interpreter smoke check). On a GPU machine these are the
-# numbers to quote.
+# What lrexp costs on this machine, measured in one run (bench/bench.py): step time of every row against
+# Slide:13L and the paper, scaling in the segment length, MFU, Lightning's overhead over a bare loop, data
+# preparation MB/s, torch.compile per row, the attention kernels where CUDA is present; written to
+# reports/bench/bench.md and bench.json. SCALE and ARGS as for ablation; BENCH_ARGS are the script's own options
+# (--repeats N, --compile-backend none, --quick).
 bench: $(STAMP)
-	$(PY) bench/model_step_time.py scale=$(SCALE) $(ARGS)
-	$(PY) bench/data_throughput.py scale=$(SCALE) $(ARGS)
-	$(PY) bench/memorizing.py scale=$(SCALE) $(ARGS)
-	$(PY) bench/attention_kernels.py $(if $(shell command -v nvidia-smi 2>/dev/null),,--smoke)
+	$(PY) bench/bench.py scale=$(SCALE) $(BENCH_ARGS) $(ARGS)
 
 # Prints the address of the latest grid's runs first; the store is $MLFLOW_TRACKING_URI or ./mlflow.db.
 ui: $(STAMP)

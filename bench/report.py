@@ -1,19 +1,26 @@
-"""The one place a benchmark's report is written: printed, and saved as reports/bench/<name>.md."""
+"""The one place a benchmark's report is written: printed, and saved as reports/bench/<name>.md (and .json)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import List
+from typing import Any, List, Optional
 
 from lrexp.config import PROJECT_ROOT
 
 
-def write_report(name: str, lines: List[str]) -> Path:
-    """Print the markdown lines and write them to reports/bench/<name>.md; returns that path."""
+REPORTS = PROJECT_ROOT / "reports" / "bench"
+
+
+def write_report(name: str, lines: List[str], data: Optional[Any] = None, folder: Path = REPORTS) -> Path:
+    """Print the markdown lines and write them to <folder>/<name>.md, and `data` (when given) to
+    <name>.json; returns the markdown's path."""
     report = "\n".join(lines) + "\n"
     print(report)
-    out = PROJECT_ROOT / "reports" / "bench" / f"{name}.md"
+    out = Path(folder) / f"{name}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report)
+    if data is not None:
+        out.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
     print(f"written to {out}")
     return out

@@ -31,6 +31,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from lrexp.config import PROJECT_ROOT, ConfigError, RunConfig
+from lrexp.cpus import usable_cpus
 from lrexp.curriculum import stages
 from lrexp.data_modules import tokenizer as tok_mod
 from lrexp.data_modules.corpora import (
@@ -40,7 +41,10 @@ from lrexp.data_modules.errors import DataError
 
 FORMAT_VERSION = 1
 META = "meta.json"
-_CHUNK = 256  # documents per encode_batch call
+# A chunk is one encode_batch call: at most this many documents and (past its first document) bytes of text,
+# so the chunks queued for the workers stay small even for books (PG19's run to megabytes each).
+_CHUNK_DOCS = 256
+_CHUNK_BYTES = 4 << 20
 _HF_SCRATCH = "hf_datasets"  # datasets' cache while a build reads table files; inside the partial folder
 
 
@@ -207,6 +211,8 @@ def cache_key(listing: Listing, cfg: RunConfig) -> str:
         "val_fraction": d.val_fraction,
         "test_fraction": d.test_fraction,
     }
+    if d.max_bytes is not None:  # subsets chosen in the salted order: never the key of an unsalted one
+        payload["budget_order"] = "salted"
     if d.tokenizer_file:  # its content, not its path: an edited file is another key, a moved one the same
         payload["tokenizer_file"] = hashlib.sha256(tokenizer_path(cfg).read_bytes()).hexdigest()
     return fingerprint_key(payload)
@@ -238,7 +244,9 @@ def _read_text(doc: Document) -> Optional[str]:
 
 
 def _doc_hash(doc: Document) -> bytes:
-    return hashlib.sha1(doc.id.encode("utf-8")).digest()
+    """The budget's order: salted, because the split is the unsalted SHA-1 of the id (`split_of`); in that
+    order the first documents would all be test documents, then validation ones."""
+    return hashlib.sha1(b"budget\0" + doc.id.encode("utf-8")).digest()
 
 
 def select_budget(docs: Sequence[Document], max_bytes: Optional[int]) -> List[Document]:
@@ -340,9 +348,10 @@ def _build(listing: Listing, cfg: RunConfig, key: str, final: Path) -> None:
             np.save(tmp / "token_bytes.npy", tok.token_bytes())
             dtype = "uint16" if tok.vocab_size <= 65535 else "uint32"
             splits = {}
+            workers = prepare_workers(cfg)
             for s in SPLITS:
                 bar.set_description(f"{listing.name}: tokenizing {s}")
-                splits[s] = _write_split(tmp / s, by_split[s], tok, dtype, d.append_eos, listing.probe, bar)
+                splits[s] = _write_split(tmp / s, by_split[s], tok, dtype, d.append_eos, listing.probe, bar, workers)
         shutil.rmtree(tmp / _HF_SCRATCH, ignore_errors=True)  # arrow copies and lock files: scratch only
         meta = {
             "format": FORMAT_VERSION,
@@ -369,6 +378,7 @@ def _build(listing: Listing, cfg: RunConfig, key: str, final: Path) -> None:
             "sources": listing.sources,
             "notes": listing.notes,
             "prepare_seconds": round(time.perf_counter() - started, 3),
+            "prepare_workers": workers,
         }
         (tmp / META).write_text(json.dumps(meta, indent=1))
         try:
@@ -382,8 +392,31 @@ def _build(listing: Listing, cfg: RunConfig, key: str, final: Path) -> None:
         raise
 
 
+def prepare_workers(cfg: RunConfig) -> int:
+    """data.prepare_workers, else every CPU this process may use."""
+    return cfg.data.prepare_workers or usable_cpus()
+
+
+def _chunks(docs: Sequence[Document]) -> Iterator[Tuple[List[Tuple[Document, int]], List[str]]]:
+    """([(document, its UTF-8 bytes)], texts) per encode_batch call, read as the encoder asks for them."""
+    chunk: List[Tuple[Document, int]] = []
+    texts: List[str] = []
+    size = 0
+    for doc, text in zip(docs, _texts(docs)):
+        n = len(text.encode("utf-8"))
+        if chunk and (len(chunk) == _CHUNK_DOCS or size + n > _CHUNK_BYTES):
+            yield chunk, texts
+            chunk, texts, size = [], [], 0
+        chunk.append((doc, n))
+        texts.append(text)
+        size += n
+    if chunk:
+        yield chunk, texts
+
+
 def _write_split(
-    folder: Path, docs: Sequence[Document], tok: tok_mod.Tokenizer, dtype: str, append_eos: bool, probe: bool, bar
+    folder: Path, docs: Sequence[Document], tok: tok_mod.Tokenizer, dtype: str, append_eos: bool, probe: bool, bar,
+    workers: int,
 ) -> Dict:
     folder.mkdir()
     offsets = [0]
@@ -391,17 +424,13 @@ def _write_split(
     answer_file = open(folder / "answer.bin", "wb") if probe else None
     try:
         with open(folder / "tokens.bin", "wb") as tokens_file:
-            for start in range(0, len(docs), _CHUNK):
-                chunk = docs[start: start + _CHUNK]
-                texts = list(_texts(chunk))
-                with tok_mod.parallel_tokenizers():
-                    encoded = tok.encode_batch(texts)
-                for doc, text, ids in zip(chunk, texts, encoded):
+            for chunk, encoded in tok_mod.encode_chunks(tok, _chunks(docs), workers):
+                for (doc, n_bytes), ids in zip(chunk, encoded):
                     if append_eos:
                         ids = np.append(ids, tok.eos_id)  # [L]
                     tokens_file.write(ids.astype(dtype).tobytes())
                     offsets.append(offsets[-1] + len(ids))
-                    doc_bytes.append(len(text.encode("utf-8")))
+                    doc_bytes.append(n_bytes)
                     if answer_file is not None:
                         answer_file.write(_answer_flags(doc.answers, len(ids)).tobytes())
                 bar.update(len(chunk))

@@ -11,11 +11,14 @@ counts the text each vocabulary string stands for, so bits/byte is approximate t
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import multiprocessing
 import os
 import re
+from collections import deque
 from pathlib import Path
-from typing import Iterable, List, Sequence, Union
+from typing import Any, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -124,7 +127,7 @@ def train_bpe(texts: Iterable[str], num_texts: int, vocab_size: int) -> HFTokeni
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    with parallel_tokenizers():
+    with tokenizers_parallelism(True):
         tok.train_from_iterator(texts, trainer=trainer, length=num_texts)
     return HFTokenizer(tok)
 
@@ -151,12 +154,62 @@ def load(folder: Path, kind: str) -> Tokenizer:
     return HFTokenizer(RustTokenizer.from_file(str(folder / BPE_FILE)), kind=kind)
 
 
-class parallel_tokenizers:
-    """Let `tokenizers` use its thread pool while preparing (the CLI and tests turn it off, for forked workers)."""
+# --------------------------------------------------------------------------------------------------
+# Encoding a stream of chunks over worker processes
+# --------------------------------------------------------------------------------------------------
+
+_IN_FLIGHT = 2  # chunks queued per worker: enough to keep each busy, few enough to bound memory
+_worker_tokenizer: Optional[Tokenizer] = None  # the tokenizer of a worker process, set by its initializer
+
+
+def _init_worker(tok: Tokenizer) -> None:
+    global _worker_tokenizer
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker: the workers are the parallelism
+    _worker_tokenizer = tok
+
+
+def _encode_in_worker(texts: List[str]) -> List[np.ndarray]:
+    return _worker_tokenizer.encode_batch(texts)
+
+
+def encode_chunks(tok: Tokenizer, chunks: Iterable[Tuple[Any, List[str]]], workers: int
+                  ) -> Iterator[Tuple[Any, List[np.ndarray]]]:
+    """(tag, the ids of each text) for every (tag, texts) of `chunks`, in their order, with `workers` processes
+    each encoding on one core. Encoding a text does not depend on the others, so the ids are the same bit
+    for bit for any number of workers. Streaming: `chunks` is read only as workers free up (at most
+    _IN_FLIGHT chunks per worker are held), so memory is bounded whatever the corpus size."""
+    chunks = iter(chunks)
+    first = list(itertools.islice(chunks, 2))
+    chunks = itertools.chain(first, chunks)
+    if workers <= 1 or len(first) < 2:  # one chunk: starting processes would cost more than it encodes
+        with tokenizers_parallelism(False):  # one core, the same as one worker
+            for tag, texts in chunks:
+                yield tag, tok.encode_batch(texts)
+        return
+    # Explicitly off before the fork: a pool forked after the BPE trainer used its threads would otherwise
+    # warn in every worker (engineering.md 6).
+    with tokenizers_parallelism(False), multiprocessing.Pool(workers, _init_worker, (tok,)) as pool:
+        pending: deque = deque()  # (tag, AsyncResult), oldest first
+        for tag, texts in chunks:
+            if len(pending) >= _IN_FLIGHT * workers:
+                done_tag, result = pending.popleft()
+                yield done_tag, result.get()
+            pending.append((tag, pool.apply_async(_encode_in_worker, (texts,))))
+        while pending:
+            done_tag, result = pending.popleft()
+            yield done_tag, result.get()
+
+
+class tokenizers_parallelism:
+    """`tokenizers`' own thread pool on (the BPE trainer) or off (encoding: one core per worker), restored on
+    exit (the CLI and tests turn it off, for forked workers)."""
+
+    def __init__(self, on: bool = True) -> None:
+        self.value = "true" if on else "false"
 
     def __enter__(self) -> None:
         self.saved = os.environ.get("TOKENIZERS_PARALLELISM")
-        os.environ["TOKENIZERS_PARALLELISM"] = "true"
+        os.environ["TOKENIZERS_PARALLELISM"] = self.value
 
     def __exit__(self, *exc) -> None:
         if self.saved is None:

@@ -184,6 +184,9 @@ class DataConfig:
     append_eos: bool = True
     cache_dir: str = "data_cache"  # relative paths are under the project root
     num_workers: int = 0
+    # Processes that tokenize while preparing (each one core; the tokens are the same bit for bit whatever
+    # the number); null: every CPU this process may use.
+    prepare_workers: Optional[int] = None
     max_bytes: Optional[int] = None  # cap on the corpus's UTF-8 bytes: a deterministic subset of documents
     val_fraction: float = 0.05  # of documents, by a stable hash of the document id
     test_fraction: float = 0.05
@@ -231,6 +234,9 @@ class TrainConfig:
     # CPU threads of torch's intra-op pool; null: $OMP_NUM_THREADS if set, else all the CPUs this process may
     # use but one, shared by the train.devices ranks (a thread more than the free cores costs several times).
     threads: Optional[int] = None
+    # torch.compile (inductor) of the model, every row; the input checks stay eager. Off by default: slower than
+    # eager on the CPU measured (README "Compiling"). On a CPU it needs a C++ compiler ($CXX, else g++).
+    compile: bool = False
     checkpoint_dir: str = "checkpoints"  # <checkpoint_dir>/<MLflow run id>/last.ckpt; relative: project root
     checkpoint_every: Optional[int] = None  # optimiser steps between saves of last.ckpt; null: train.val_every
     checkpoint_minutes: Optional[float] = None  # also save when this many minutes passed since the last save
@@ -503,6 +509,7 @@ _POSITIVE = (
     "model.d_ff", "model.num_layers", "model.window", "model.blocks_per_segment", "model.segment_len",
     "model.recurrent.num_states", "model.svd_state.rank", "model.knn.memory_size", "model.knn.k", "model.slots.n",
     "model.attn.num_buckets", "model.attn.max_distance", "data.vocab_size", "data.tokens_per_step",
+    "data.prepare_workers",
     "optim.warmup_steps", "train.max_steps", "train.val_every", "train.val_tokens",
     "train.lane_groups", "train.devices", "train.num_nodes", "train.threads", "train.checkpoint_every",
     "train.checkpoint_minutes", "log.every_n_steps",

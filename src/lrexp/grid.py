@@ -521,7 +521,7 @@ def slots(grid: Grid, jobs: int) -> Slots:
         raise GridError(f"--jobs must be at least 1 (got {jobs})")
     if jobs == 1:
         return Slots([None], [])
-    from lrexp.train import usable_cpus
+    from lrexp.cpus import usable_cpus
 
     cpus = sorted(os.sched_getaffinity(0))[:usable_cpus()]
     if jobs > len(cpus):

@@ -119,6 +119,14 @@ class LongRangeLM(nn.Module):
         """logits [B, T, V] of tokens [B, T] int64, and the state after this segment."""
         self._check_inputs(tokens, state)
         state = state.cast(torch.float32)  # stored in model.state_dtype, computed with in fp32
+        return self._segment(tokens, state)
+
+    def compile(self, *args, **kwargs) -> None:
+        """`torch.compile` the segment's work (`train.compile`) in place. The input checks stay eager: they read
+        token values, a graph break each. Parameters and state_dict keys are unchanged."""
+        self._segment = torch.compile(self._segment, *args, **kwargs)
+
+    def _segment(self, tokens: Tensor, state: ModelState) -> Tuple[Tensor, ModelState]:
         x = self.embed(tokens)  # [B, T, d]; no dropout on the embedding (3.7)
         if self.feedback_source is None:
             new_layers = []

@@ -21,6 +21,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 
 from lrexp import config as config_mod
 from lrexp.config import RunConfig
+from lrexp.cpus import usable_cpus
 from lrexp.errors import Interrupted
 from lrexp.data_modules import StreamDataModule, prepare
 from lrexp.data_modules.datamodule import eval_pass
@@ -39,19 +40,6 @@ from lrexp.validate import check_run
 
 # Metrics summarised as final/* at the end of a run (the final passes log their own final/val_*, final/test_*).
 _SUMMARY_PREFIXES = ("train/loss", "perf/")
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on: its affinity mask, bounded by a cgroup v2 CPU quota (a container's
-    share, which the affinity mask and torch's default both ignore)."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if quota != "max":
-            cpus = min(cpus, max(1, int(quota) // int(period)))
-    except (OSError, ValueError):
-        pass
-    return cpus
 
 
 def cpu_threads(cfg: RunConfig) -> int:
@@ -119,9 +107,10 @@ def eval_tags(cfg: RunConfig, prepared) -> Dict[str, str]:
     return tags
 
 
-def run(cfg: RunConfig, resume: Optional[str] = None) -> Dict[str, Any]:
+def run(cfg: RunConfig, resume: Optional[str] = None, callbacks: Sequence[pl.Callback] = ()) -> Dict[str, Any]:
     """Train one run; returns {"run_id", "checkpoint", "final/...": value}. `resume`: a checkpoint file or
-    run id; the run continues the same MLflow run, exactly when the world size is unchanged."""
+    run id; the run continues the same MLflow run, exactly when the world size is unchanged. `callbacks`:
+    more of them for the Trainer (the benchmark's step clock)."""
     check_run(cfg)  # before the MLflow run: a config that cannot start is one line, not a FAILED run
     threads = cpu_threads(cfg)
     torch.set_num_threads(threads)  # before the model exists: the CLI, unlike the tests, sets no OMP_NUM_THREADS
@@ -147,6 +136,8 @@ def run(cfg: RunConfig, resume: Optional[str] = None) -> Dict[str, Any]:
             if info is not None:
                 ckpt_mod.check_compatible(cfg, info, prepared.vocab_size)
             model = build_model(cfg, prepared.vocab_size)
+            if cfg.train.compile:
+                model.compile()  # in place: the checkpoint's keys are the eager model's
             n_params = sum(p.numel() for p in model.parameters())
             tracking.set_tags(logger, {"lrexp.backend": model.backend, "lrexp.threads": str(threads),
                                        **eval_tags(cfg, prepared)})
@@ -157,7 +148,7 @@ def run(cfg: RunConfig, resume: Optional[str] = None) -> Dict[str, Any]:
             datamodule = StreamDataModule(cfg)
             t = cfg.train
             last = LastCheckpoint(checkpoint_dir, t.checkpoint_every or t.val_every, t.checkpoint_minutes, signals)
-            trainer = build_trainer(cfg, logger, last, [tbptt])
+            trainer = build_trainer(cfg, logger, last, [tbptt, *callbacks])
             trainer.fit(module, datamodule=datamodule, ckpt_path=info.path if info else None, weights_only=True)
             if signals.received is not None:  # during the last step: its checkpoint is saved
                 signum = signals.received

@@ -19,6 +19,25 @@ def check_run(cfg: RunConfig) -> None:
     store.check_config(cfg)
     corpora.check_source(cfg)
     _check_model(cfg, store.vocab_size(cfg))
+    _check_compile(cfg)
+
+
+def _check_compile(cfg: RunConfig) -> None:
+    """torch.compile's CPU code is C++ built by the compiler inductor looks for: $CXX, else g++ (clang++ on
+    macOS). Without one the first step would fail deep in a traceback."""
+    import os
+    import shutil
+    import sys
+
+    import torch
+
+    if not cfg.train.compile:
+        return
+    on_cpu = cfg.train.accelerator == "cpu" or (cfg.train.accelerator == "auto" and not torch.cuda.is_available())
+    compiler = os.environ.get("CXX", "clang++" if sys.platform == "darwin" else "g++")
+    if on_cpu and shutil.which(compiler) is None:
+        raise ConfigError(f"'train.compile=true' on a CPU needs the C++ compiler '{compiler}' ($CXX), which is not "
+                          "found: install one or set train.compile=false")
 
 
 def _check_model(cfg: RunConfig, vocab_size: int) -> None:

@@ -269,6 +269,16 @@ def test_stdlib_listing_excludes_tests_and_budget_is_a_stable_subset(tmp_path):
     assert [d.id for d in store.select_budget(list(reversed(docs)), 200_000)] == [d.id for d in reversed(subset)]
 
 
+def test_a_budget_subset_keeps_the_split_fractions(tmp_path):
+    # the budget once took documents in the order of the hash that also picks the split, so a small subset was
+    # all test and validation documents (1 train document of 26 at 400 kB of the stdlib)
+    cfg = cfg_for(tmp_path, "stdlib", "data.val_fraction=0.05", "data.test_fraction=0.05")
+    docs = list_corpus(cfg, tmp_path).documents
+    subset = store.select_budget(docs, sum(d.size for d in docs) // 10)
+    splits = [corpora.split_of(d.id, 0.05, 0.05) for d in subset]
+    assert splits.count("train") > 0.7 * len(subset) and len(subset) > 30
+
+
 def test_probe_answers_are_distance_segments_after_the_information(tmp_path):
     cfg = cfg_for(tmp_path, "passkey", "data.probe.num_docs=64", "data.probe.distance=3")
     n = cfg.derived.segment_len
@@ -380,9 +390,12 @@ def test_cli_prepare_and_its_one_line_error(tmp_path):
     base = [sys.executable, "-m", "lrexp.cli", "data", "prepare"]
     opts = ["scale=smoke", "data.tokenizer=bytes", f"data.cache_dir={tmp_path / 'cache'}",
             "data.val_fraction=0.2", "data.test_fraction=0.2"]
-    out = subprocess.run(base + ["--path", str(src)] + opts, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(base + ["--path", str(src), "--workers", "2"] + opts, capture_output=True, text=True,
+                         timeout=120)
     assert out.returncode == 0, out.stderr
     assert "30 documents" in out.stdout and str(tmp_path / "cache") in out.stdout
+    (meta,) = (tmp_path / "cache").glob("*/meta.json")
+    assert json.loads(meta.read_text())["prepare_workers"] == 2
     out = subprocess.run(base + ["--path", str(tmp_path / "missing")] + opts, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "missing" in out.stderr
@@ -445,3 +458,48 @@ def test_a_bad_tokenizer_file_is_one_line(tmp_path):
     with pytest.raises(ConfigError, match="cannot be used with data.tokenizer=bytes"):
         prepare(cfg_for(tmp_path, src, f"data.tokenizer_file={tmp_path / 'bad.json'}"))
     assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())
+
+
+# ---- preparing over worker processes -------------------------------------------------------------------
+
+
+def test_two_workers_write_the_same_tokens_bit_for_bit_as_one(tmp_path, monkeypatch):
+    src = write_corpus(tmp_path / "corpus")
+    texts = [p.read_text() for p in src.iterdir()]
+    bpe = tmp_path / "bpe.json"
+    train_bpe(iter(texts), len(texts), vocab_size=300).save(tmp_path)
+    (tmp_path / "tokenizer.json").rename(bpe)  # one fixed BPE for both builds: only the workers differ
+    monkeypatch.setattr(store, "_CHUNK_DOCS", 3)  # 30 documents: chunks queued, reordered if done out of order
+    builds = {}
+    for workers in (1, 2):
+        cfg = cfg_for(tmp_path / f"w{workers}", src, "data.tokenizer=bpe", f"data.tokenizer_file={bpe}",
+                      f"data.prepare_workers={workers}")
+        builds[workers] = prepare(cfg)
+        assert builds[workers].meta["prepare_workers"] == workers
+    for split in SPLITS:
+        one, two = (builds[w].dir / split for w in (1, 2))
+        for name in ("tokens.bin", "offsets.npy", "doc_bytes.npy", "doc_ids.json"):
+            assert (one / name).read_bytes() == (two / name).read_bytes(), (split, name)
+    assert builds[1].meta["tokens"] > 1000
+
+
+def test_encoding_streams_with_a_bounded_number_of_chunks_in_flight():
+    from lrexp.data_modules import tokenizer as tok_mod
+
+    pulled = []
+
+    def chunks():
+        for i in range(40):
+            pulled.append(i)
+            yield i, [f"chunk {i} " * (i + 1)]
+
+    tok, workers = ByteTokenizer(), 2
+    for i, (tag, encoded) in enumerate(tok_mod.encode_chunks(tok, chunks(), workers)):
+        assert tag == i and np.array_equal(encoded[0], tok.encode(f"chunk {i} " * (i + 1)))  # in order
+        assert len(pulled) - i <= tok_mod._IN_FLIGHT * workers + 1  # read as workers free up, not all at once
+    assert len(pulled) == 40
+
+
+def test_prepare_workers_must_be_positive(tmp_path):
+    with pytest.raises(ConfigError, match="data.prepare_workers"):
+        cfg_for(tmp_path, "stdlib", "data.prepare_workers=0")

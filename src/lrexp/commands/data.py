@@ -25,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a folder of .txt, .jsonl[.gz] or .parquet files (its one format is detected; data.file_suffix picks "
              "files by ending instead), with train/ validation/ test/ folders for fixed splits",
     )
+    prep.add_argument("--workers", type=int, metavar="N",
+                      help="processes that tokenize, one core each (default: data.prepare_workers, else every "
+                           "usable CPU); the tokens are the same for any number")
     add_config_arguments(prep)
 
 
@@ -35,6 +38,8 @@ def run(args: argparse.Namespace) -> int:
     corpus = args.corpus or args.path
     if corpus:
         overrides.append(f"data.corpus={corpus}")
+    if args.workers is not None:
+        overrides.append(f"data.prepare_workers={args.workers}")
     cfg = config.load(files, overrides)
     started = time.perf_counter()
     prepared = prepare(cfg)
