@@ -186,9 +186,11 @@ def encode_chunks(tok: Tokenizer, chunks: Iterable[Tuple[Any, List[str]]], worke
             for tag, texts in chunks:
                 yield tag, tok.encode_batch(texts)
         return
-    # Explicitly off before the fork: a pool forked after the BPE trainer used its threads would otherwise
-    # warn in every worker (engineering.md 6).
-    with tokenizers_parallelism(False), multiprocessing.Pool(workers, _init_worker, (tok,)) as pool:
+    # Fresh processes, not forks: a forked worker inherits every lock another thread of this process held at
+    # that moment (MLflow's, torch's, a logger's), and one such deadlock hung a grid cell that prepared its
+    # corpus inside `lrexp train`. The tokenizer travels pickled; parallelism off in the workers' environment.
+    spawn = multiprocessing.get_context("spawn")
+    with tokenizers_parallelism(False), spawn.Pool(workers, _init_worker, (tok,)) as pool:
         pending: deque = deque()  # (tag, AsyncResult), oldest first
         for tag, texts in chunks:
             if len(pending) >= _IN_FLIGHT * workers:

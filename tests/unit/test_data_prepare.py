@@ -500,6 +500,26 @@ def test_encoding_streams_with_a_bounded_number_of_chunks_in_flight():
     assert len(pulled) == 40
 
 
+INHERITED = {}  # set in the test process; a worker forked from it would see it, a fresh process does not
+
+
+class InheritanceProbe(ByteTokenizer):
+    """Encodes every text to [1] in a process that has this test's memory (a fork of it), else to [0]."""
+
+    def encode_batch(self, texts):
+        return [np.array([int(INHERITED.get("set", False))]) for _ in texts]
+
+
+def test_workers_are_fresh_processes_not_forks(monkeypatch):
+    """A fork inherits the locks the parent's other threads hold (MLflow's, torch's, a logger's): a grid cell
+    preparing its corpus inside `lrexp train` hung in a forked worker. Workers start fresh (spawn)."""
+    from lrexp.data_modules import tokenizer as tok_mod
+
+    monkeypatch.setitem(INHERITED, "set", True)
+    out = list(tok_mod.encode_chunks(InheritanceProbe(), [(i, ["text"]) for i in range(4)], 2))
+    assert [int(ids[0][0]) for _, ids in out] == [0, 0, 0, 0]
+
+
 def test_prepare_workers_must_be_positive(tmp_path):
     with pytest.raises(ConfigError, match="data.prepare_workers"):
         cfg_for(tmp_path, "stdlib", "data.prepare_workers=0")
