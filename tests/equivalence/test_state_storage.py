@@ -213,6 +213,6 @@ def test_reconstructed_keys_get_their_norms_back_and_empty_slots_stay_empty(reno
 
 def test_bad_svd_targets_fail_in_one_line():
     with pytest.raises(config.ConfigError, match="'model.svd_state.targets' must be distinct names of"):
-        config.load(overrides=["scale=smoke", "model.svd_state.targets=[slots]"])
+        config.load(overrides=["scale=smoke", "model.svd_state.targets=[kv_cache]"])
     with pytest.raises(config.ConfigError, match="'model.svd_state.rank' must be > 0"):
         config.load(overrides=["scale=smoke", "model.svd_state.rank=0"])
