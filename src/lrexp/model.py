@@ -109,9 +109,12 @@ class LongRangeLM(nn.Module):
                 new_layers.append(s)
         else:
             x, new_layers = self._block_serial(x, list(state.layers))
+        return self.logits(x), ModelState(layers=tuple(new_layers), batch_size=state.batch_size).detach()
+
+    def logits(self, x: Tensor) -> Tensor:
+        """Logits [B, T, V] of the last layer's output x [B, T, d]: final norm, then the tied embedding."""
         h = self.drop_out(self.norm_f(x))  # [B, T, d]
-        logits = h @ self.embed.weight.t() / math.sqrt(self.vocab_size)  # [B, T, V], tied embedding
-        return logits, ModelState(layers=tuple(new_layers), batch_size=state.batch_size).detach()
+        return h @ self.embed.weight.t() / math.sqrt(self.vocab_size)  # [B, T, V]
 
     def run_stream(
         self, tokens: Tensor, segment_len: int, state: Optional[ModelState] = None

@@ -50,6 +50,13 @@ class BiasSpec:
         n = q_pos - torch.arange(t_k, device=self.table.device)[None, :]  # [t_q, t_k]
         return self.by_distance()[:, n.clamp(0, self.max_distance)]  # [H, t_q, t_k]
 
+    def at(self, n: Tensor) -> Tensor:
+        """Bias [B, H, t_q, t_k] at explicit distances n [B, H, t_q, t_k] (head h reads its own row of the
+        table): keys at arbitrary positions, as a bounded KV cache holds them (lrexp.cache)."""
+        b, h, t_q, t_k = n.shape
+        table = self.by_distance()[None, :, None, :].expand(b, h, t_q, self.max_distance + 1)  # [B, H, Tq, L]
+        return table.gather(-1, n.clamp(0, self.max_distance))  # [B, H, Tq, Tk]
+
 
 class RelativePositionBias(nn.Module):
     """The layer's table [H, num_buckets]; calling it gives the `BiasSpec` that `attend` takes."""
