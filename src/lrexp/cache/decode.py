@@ -116,9 +116,11 @@ class BoundedDecoder:
         dist = qpos[:, None, :, None] - rows.pos[:, :, None, :]  # [B, H, b, n + b]
         visible = rows.valid[:, :, None, :] & (dist >= self.near) & (dist <= self.context - 1 + self.near)
         if self.policy.exact_block and self.policy.budget is not None:
-            pinned = self.policy.pinned
-            recent = self.policy.budget - pinned  # token mode holds the last C - i rows (and the query, included)
-            visible &= (dist <= recent) | (rows.pos[:, :, None, :] < pinned)
+            # token mode holds, at each query, the pinned rows still in context and the most recent others up
+            # to C in all (the query itself too, under include-self)
+            pinned = rows.valid[:, :, None, :] & (rows.pos[:, :, None, :] < self.policy.pinned)  # [B, H, 1, n + b]
+            recent = self.policy.budget - (visible & pinned).sum(-1, keepdim=True)  # [B, H, b, 1]
+            visible &= (dist <= recent) | pinned
         if self.check_visible:  # A.9: a query never sees more real rows than the multi-state may hold
             most = self.slots + (b - self.near if not self.policy.exact_block else 1 - self.near)
             seen = int(visible.sum(-1).max()) if visible.numel() else 0
