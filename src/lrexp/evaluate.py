@@ -37,6 +37,7 @@ from lrexp.runs import TAG_ERROR, TAG_PARENT, TAG_ROLE
 
 REPORTS_DIR = PROJECT_ROOT / "reports" / "eval"
 TAG_CHECKPOINT_RUN = "lrexp.checkpoint_run"  # the training run whose checkpoint an evaluation read
+TAG_GRID_PARENT = "lrexp.grid_parent"  # an evaluation run by a grid: the invocation's parent run
 POS_KEY = "bits_per_token_by_pos/"
 SPLITS = {"test": "test", "validation": "validation", "val": "validation", "train": "train"}
 # What `lrexp eval` lets a user change: the policies and their knobs, logging, and how data is loaded.
@@ -424,3 +425,25 @@ def run(checkpoint: str, overrides: Sequence[str] = (), out: Optional[Path] = No
         tracker.fail(exc)
         raise
     return tracker.parent, results, folder
+
+
+def evaluate_grid(grid, outcome, report_dir: Path, say=print) -> List[str]:
+    """`lrexp eval` of every cell the grid trained (FINISHED, or SKIPPED as finished before), with the grid's
+    `evaluate:` overrides; each evaluation's parent run is tagged with the grid and its invocation's parent,
+    its report written under `report_dir/eval/<cell>/`. Returns the cells whose evaluation failed."""
+    from lrexp.lit import checkpoint as ckpt_mod
+    from lrexp.runs import TAG_CELL, TAG_GRID
+
+    failed = []
+    for result in outcome.results:
+        if result.status not in ("FINISHED", "SKIPPED") or not result.run_id:
+            continue
+        cell = result.cell
+        try:
+            checkpoint = ckpt_mod.locate(result.run_id, cell.config.train.checkpoint_dir)
+            run(str(checkpoint), grid.evaluate, report_dir / "eval" / cell.dirname,
+                {TAG_GRID: grid.name, TAG_GRID_PARENT: outcome.parent_id, TAG_CELL: cell.id}, say)
+        except UserError as exc:
+            say(f"lrexp eval of cell {cell.id}: error: {exc}")
+            failed.append(cell.id)
+    return failed

@@ -77,6 +77,8 @@ class BoundedDecoder:
         self.near = 0 if self.include_self else 1  # the nearest visible distance
         # slots kept between steps: the budget, and never more than the context can show
         self.slots = context if policy.budget is None else min(policy.budget, context)
+        # Window and the topline evict the oldest rows whatever the scores: the tie rule's sort is a slice there
+        self.fifo = policy.budget is None or (policy.exact_block and policy.pinned == 0)
         # a layer without a window (the Full row) carries nothing from one segment to the next
         self.resets_every_segment = all(layer.window is None for layer in self.layers)
 
@@ -86,8 +88,7 @@ class BoundedDecoder:
         return DecodeState(rows=rows, next_pos=torch.zeros(batch_size, dtype=torch.int64, device=device))
 
     def cache_bytes_per_lane(self, state: DecodeState) -> int:
-        scored = self.policy.budget is not None and not self.policy.exact_block
-        return sum(r.bytes_per_lane(scored) for r in state.rows)
+        return sum(r.bytes_per_lane(self.policy.observes) for r in state.rows)
 
     @torch.no_grad()
     def run(self, tokens: Tensor, state: DecodeState, doc_start: Tensor) -> Tuple[Tensor, Tensor, DecodeState]:
@@ -140,10 +141,11 @@ class BoundedDecoder:
             distance = torch.cat([zdist, distance], -1)
             shown = torch.cat([zdist <= zero_rows - 1 + self.near, shown], -1)
         o, probs = attend_rows(q, keys, values, distance, shown, layer.rel_bias(), layer.scale())  # [B, H, b, ...]
-        observed = probs[..., zero_rows:]  # [B, H, b, n + b]: the real rows only
-        if self.policy.granularity == "layer":
-            observed = observed.mean(1, keepdim=True).expand_as(observed)  # one kept set per layer
-        rows = replace(rows, score=self.policy.scores(rows.score, observed))
+        if self.policy.observes:
+            observed = probs[..., zero_rows:]  # [B, H, b, n + b]: the real rows only
+            if self.policy.granularity == "layer":
+                observed = observed.mean(1, keepdim=True).expand_as(observed)  # one kept set per layer
+            rows = replace(rows, score=self.policy.scores(rows.score, observed))
         last = qpos[:, -1][:, None, None]  # [B, 1, 1]
         expired = last + 1 - rows.pos > self.context - 1 + self.near  # the next query cannot see them
         rows = replace(rows, pos=rows.pos.masked_fill(expired & rows.valid, EMPTY))
@@ -153,4 +155,6 @@ class BoundedDecoder:
             protected |= valid & (rows.pos > last - self.policy.recent)
         if not self.include_self or self.policy.knobs.protect_newest:
             protected |= rows.pos == last  # exclude-self: the newest row has no score yet
+        if self.fifo:  # rows stay in temporal order, empty slots first: the newest `slots` are what evict keeps
+            return layer.output(x, o), rows.take_last(self.slots)
         return layer.output(x, o), evict(rows, self.slots, protected)

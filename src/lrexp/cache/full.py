@@ -14,5 +14,7 @@ class Full(Policy):
     name = "full"
     budgeted = False
 
+    observes = False
+
     def scores(self, previous: Tensor, probs: Tensor) -> Tensor:
         return previous  # unscored: never compared

@@ -49,6 +49,10 @@ class KVRows:
         return KVRows(k=torch.cat([self.k, k], 2), v=torch.cat([self.v, v], 2), pos=torch.cat([self.pos, pos], 2),
                       score=torch.cat([self.score, self.score.new_zeros(pos.shape)], 2))
 
+    def take_last(self, slots: int) -> "KVRows":
+        """The last `slots` slots of every lane and head."""
+        return replace(self, **{f.name: getattr(self, f.name)[:, :, -slots:] for f in fields(self)})
+
     def take(self, index: Tensor) -> "KVRows":
         """The slots index [B, H, m] of every lane and head (each head gathers its own)."""
         rows = index[..., None].expand(*index.shape, self.k.shape[-1])  # [B, H, m, D]

@@ -11,7 +11,7 @@ policy declares:
 - `recent`: the most recent rows that are never evicted (H2O's recent window);
 - `exact_block`: block mode can hide from each query the rows token mode would have evicted before it
   (true of the score-free FIFO policies, whose kept set is a function of the positions alone);
-- `scores(previous, probs)`: the rows' new scores.
+- `observes`, `scores(previous, probs)`: whether it reads the probabilities, and the rows' new scores.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ class Policy:
     budgeted: ClassVar[bool] = True
     default_granularity: ClassVar[str] = "layer"
     exact_block: ClassVar[bool] = False
+    observes: ClassVar[bool] = True  # its scores read the probabilities (the FIFO policies' do not)
 
     def __init__(self, budget: Optional[int], knobs: "PolicyConfig") -> None:
         if self.budgeted and (budget is None or budget < 1):

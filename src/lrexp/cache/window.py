@@ -13,5 +13,7 @@ class Window(Policy):
     name = "window"
     exact_block = True  # the kept set is the last C positions (plus the pinned ones), whatever the scores
 
+    observes = False
+
     def scores(self, previous: Tensor, probs: Tensor) -> Tensor:
         return previous  # all 0: the oldest unpinned row goes first
