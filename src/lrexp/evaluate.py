@@ -32,8 +32,10 @@ from lrexp import config as config_mod
 from lrexp.cache import Policy, build_policy
 from lrexp.cache.decode import BoundedDecoder, check_model
 from lrexp.config import PROJECT_ROOT, ConfigError, RunConfig
-from lrexp.errors import UserError
+from lrexp.errors import Interrupted, UserError
 from lrexp.runs import TAG_ERROR, TAG_PARENT, TAG_ROLE
+from lrexp.signals import StopSignals
+from lrexp.signals import name as signal_name
 
 REPORTS_DIR = PROJECT_ROOT / "reports" / "eval"
 TAG_CHECKPOINT_RUN = "lrexp.checkpoint_run"  # the training run whose checkpoint an evaluation read
@@ -158,46 +160,77 @@ def stream(cfg: RunConfig, split: str):
 
 def evaluate(cfg: RunConfig, model, policies: Sequence[Policy], dm, info: Dict[str, Any],
              progress=None) -> List[Result]:
-    """Every policy over the evaluation pass of `dm` (see `stream`), in order; `progress(result)` after each."""
-    from lrexp.lit.metrics import TokenStats, token_nll
-
-    split, context, block = info["split"], info["context"], info["block"]
-    edges = bucket_edges(cfg, context)
+    """Every setting over the evaluation pass of `dm` (see `stream`), in order; `progress(result)` after
+    each. The budgets of one policy run in one pass (lane groups, `BoundedDecoder`); a setting's seconds are
+    its pass's divided among the pass's settings."""
     results: List[Result] = []
-    for policy in policies:
-        decoder = BoundedDecoder(model, policy, context=context, block=block, positions=cfg.policy.positions)
-        every = TokenStats(edges)
-        # the topline is scored beyond every budget too: the gap beyond C compares the same targets
-        beyond = {c: TokenStats(edges) for c in ([policy.budget] if policy.budget else cfg.policy.budgets)}
-        per_doc: Dict[int, List[float]] = {}
-        state, tokens, cache_bytes = None, 0, 0
-        start = time.perf_counter()
-        for batch in dm.eval_loader(split, None):
-            lanes = batch["tokens"].shape[0]
-            state = decoder.initial_state(lanes, "cpu") if state is None else state.lanes(slice(0, lanes))
-            logits, qpos, state = decoder.run(batch["tokens"], state, batch["doc_start"])  # [B, N, V], [B, N]
-            mask = batch["loss_mask"]  # [B, N]
-            nll = token_nll(logits, batch["labels"], mask)  # [B, N]
-            position = qpos + 1  # the target's position since the state was fresh (the document's, for XL)
-            every.update(nll, mask, batch["target_bytes"], position)
-            for c, stats in beyond.items():
-                far = mask & (qpos > c)  # eviction can have acted on these queries
-                stats.update(nll * far, far, batch["target_bytes"], position)
-            for doc, total, count in zip(batch["doc_id"].tolist(), nll.sum(1).tolist(), mask.sum(1).tolist()):
-                if doc >= 0:
-                    entry = per_doc.setdefault(doc, [0.0, 0])
-                    entry[0] += total
-                    entry[1] += count
-            tokens += batch["tokens"].numel()
-            cache_bytes = max(cache_bytes, decoder.cache_bytes_per_lane(state))
-        seconds = time.perf_counter() - start
-        result = Result(policy, _floats(every.compute()),
-                        {c: _floats(b.compute()) for c, b in beyond.items() if b.tokens > 0}, seconds, tokens, cache_bytes, {d: (v[0], int(v[1])) for d, v in per_doc.items()})
-        results.append(result)
-        _gaps(result, results[0])
-        if progress is not None:
-            progress(result)
+    for group in _passes(policies):
+        for result in _one_pass(cfg, model, group, dm, info):
+            results.append(result)
+            _gaps(result, results[0])
+            if progress is not None:
+                progress(result)
     return results
+
+
+def _passes(policies: Sequence[Policy]) -> List[List[Policy]]:
+    """The settings in order, consecutive ones of one policy together."""
+    out: List[List[Policy]] = []
+    for p in policies:
+        if out and type(out[-1][0]) is type(p):
+            out[-1].append(p)
+        else:
+            out.append([p])
+    return out
+
+
+class _Scores:
+    """One setting's sums over the pass: every target, the targets beyond each budget, each document."""
+
+    def __init__(self, edges: List[int], budgets: Sequence[int]) -> None:
+        from lrexp.lit.metrics import TokenStats
+
+        self.every = TokenStats(edges)
+        self.beyond = {c: TokenStats(edges) for c in budgets}
+        self.per_doc: Dict[int, List[float]] = {}
+
+    def update(self, nll: torch.Tensor, qpos: torch.Tensor, batch: Dict[str, torch.Tensor]) -> None:
+        """nll [B, N] (0 where masked) at query positions qpos [B, N] since the state was fresh."""
+        mask, target_bytes = batch["loss_mask"], batch["target_bytes"]
+        position = qpos + 1  # the target's position since the state was fresh (the document's, for XL)
+        self.every.update(nll, mask, target_bytes, position)
+        for c, stats in self.beyond.items():
+            far = mask & (qpos > c)  # eviction can have acted on these queries
+            stats.update(nll * far, far, target_bytes, position)
+        for doc, total, count in zip(batch["doc_id"].tolist(), nll.sum(1).tolist(), mask.sum(1).tolist()):
+            if doc >= 0:
+                entry = self.per_doc.setdefault(doc, [0.0, 0])
+                entry[0] += total
+                entry[1] += count
+
+
+def _one_pass(cfg: RunConfig, model, policies: List[Policy], dm, info: Dict[str, Any]) -> List[Result]:
+    from lrexp.lit.metrics import token_nll
+
+    decoder = BoundedDecoder(model, policies, context=info["context"], block=info["block"],
+                             positions=cfg.policy.positions)
+    edges = bucket_edges(cfg, info["context"])
+    # the topline is scored beyond every budget too: the gap beyond C compares the same targets
+    scores = [_Scores(edges, [p.budget] if p.budget else cfg.policy.budgets) for p in policies]
+    state, tokens = None, 0
+    start = time.perf_counter()
+    for batch in dm.eval_loader(info["split"], None):
+        lanes = batch["tokens"].shape[0]
+        state = decoder.initial_state(lanes, "cpu") if state is None else state.narrow(lanes, len(policies))
+        logits, qpos, state = decoder.run(batch["tokens"], state, batch["doc_start"])  # [G, B, N, V], [B, N]
+        for g, sums in enumerate(scores):
+            sums.update(token_nll(logits[g], batch["labels"], batch["loss_mask"]), qpos, batch)  # [B, N]
+        tokens += batch["tokens"].numel()
+    seconds = (time.perf_counter() - start) / len(policies)
+    return [Result(p, _floats(s.every.compute()),
+                   {c: _floats(b.compute()) for c, b in s.beyond.items() if b.tokens > 0}, seconds, tokens,
+                   decoder.cache_bytes_per_lane(g), {d: (v[0], int(v[1])) for d, v in s.per_doc.items()})
+            for g, (p, s) in enumerate(zip(policies, scores))]
 
 
 def _floats(values: Dict[str, torch.Tensor]) -> Dict[str, float]:
@@ -294,7 +327,8 @@ class EvalTracker:
     def fail(self, exc: BaseException) -> None:
         try:
             self.client.set_tag(self.parent, TAG_ERROR, str(exc)[:5000])
-            self.client.set_terminated(self.parent, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            killed = isinstance(exc, (KeyboardInterrupt, Interrupted))
+            self.client.set_terminated(self.parent, "KILLED" if killed else "FAILED")
         except Exception:  # the store itself may be what failed; the caller re-raises the original error
             pass
 
@@ -415,8 +449,12 @@ def run(checkpoint: str, overrides: Sequence[str] = (), out: Optional[Path] = No
         say(f"  {r.policy.label():>12}: {r.stats['bits_per_token']:.4f} bits/token, "
             f"{r.tokens_per_s:,.0f} tokens/s, {r.seconds:.1f} s")
 
+    def stop(signum: int) -> None:
+        raise Interrupted(signum, f"stopped by {signal_name(signum)}; the evaluation's runs end KILLED")
+
     try:
-        results = evaluate(cfg, model, policies, dm, scored, progress)
+        with StopSignals(stop):
+            results = evaluate(cfg, model, policies, dm, scored, progress)
         folder = out if out is not None else REPORTS_DIR / tracker.parent
         files = write_report(cfg, results, scored, folder, f"Checkpoint `{info.path}` (training run "
                              f"`{info.run_id}`), MLflow parent run `{tracker.parent}`")

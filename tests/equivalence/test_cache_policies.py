@@ -40,7 +40,7 @@ def _decode(model, cfg, name, budget, tokens, context, block=1, starts=None, **k
     for s, segment in enumerate(tokens.split(n, 1)):
         start = torch.full((tokens.shape[0],), s == 0) if starts is None else starts[s]
         logits, _, state = decoder.run(segment, state, start)
-        out.append(logits)
+        out.append(logits[0])  # [B, n, V]: the one setting
     return torch.cat(out, 1), state
 
 
@@ -180,6 +180,32 @@ def test_lane_zero_alone_equals_lane_zero_in_a_batch_of_three(name, granularity)
         assert torch.equal(mixed.pos[:1], single.pos)  # the same rows kept: scores are per lane
 
 
+@pytest.mark.parametrize("name,block", [("window", 1), ("sinks", 3), ("h2o", 1), ("tova", 4)])
+def test_budgets_decoded_together_equal_each_decoded_alone(name, block):
+    """One policy at several budgets in one pass (lane groups, a cap each), shrinking the batch on the way as
+    an evaluation does, gives every setting what it gives alone."""
+    model, cfg = _model("slide12")
+    n = cfg.derived.segment_len
+    tokens = _tokens(3, 2 * n)
+    context = 2 * cfg.model.window
+    policies = [build_policy(name, c, cfg.policy) for c in (6, 9, 40)]  # 40 > the context: capped there
+    together = BoundedDecoder(model, policies, context=context, block=block)
+    state = together.initial_state(3, "cpu")
+    first, _, state = together.run(tokens[:, :n], state, torch.tensor([True, True, True]))
+    second, _, state = together.run(tokens[:2, n:], state.narrow(2, 3), torch.tensor([False, True]))
+    for g, policy in enumerate(policies):
+        alone = BoundedDecoder(model, policy, context=context, block=block)
+        mine = alone.initial_state(3, "cpu")
+        head, _, mine = alone.run(tokens[:, :n], mine, torch.tensor([True, True, True]))
+        tail, _, mine = alone.run(tokens[:2, n:], mine.narrow(2, 1), torch.tensor([False, True]))
+        torch.testing.assert_close(first[g], head[0], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(second[g], tail[0], atol=1e-6, rtol=1e-6)
+        for rows, own in zip(state.rows, mine.rows):  # the same rows kept, however many empty slots
+            got = rows.pos[g * 2:(g + 1) * 2]
+            assert torch.equal(got[..., got.shape[-1] - own.pos.shape[-1]:], own.pos)
+            assert bool((got[..., :got.shape[-1] - own.pos.shape[-1]] == EMPTY).all())
+
+
 # ---- 7. cache_relative == original before any eviction ------------------------------------------------
 
 
@@ -218,8 +244,8 @@ def test_a_document_reset_clears_every_row_sink_and_score(name):
     logits, _, _ = decoder.run(tokens[:, n:], state, torch.tensor([True, False]))
     fresh, _, _ = decoder.run(tokens[:1, n:], decoder.initial_state(1, "cpu"), torch.tensor([True]))
     carried, _, _ = decoder.run(tokens[1:, n:], state.lanes(slice(1, 2)), torch.tensor([False]))
-    torch.testing.assert_close(logits[:1], fresh, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(logits[1:], carried, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(logits[0, :1], fresh[0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(logits[0, 1:], carried[0], atol=1e-6, rtol=1e-6)
 
 
 # ---- what the policies refuse ------------------------------------------------------------------------

@@ -19,12 +19,16 @@ for the scored ones (H2O, TOVA) the eviction waits for the end of the block, an 
 
 Positions (`policy.positions`): `original` distances, or `cache_relative`, the kept real rows re-indexed in
 temporal order with the query next (StreamingLLM's pos-shift); zero rows keep their original distances.
+
+Settings in one pass. One policy at several budgets runs as G groups of the B lanes (lane g*B + b reads lane
+b's tokens under budget g), each lane with its own cap: the per-step cost of a small batch is mostly fixed,
+so G budgets cost little more than one. Every lane is independent (per-lane scores, caps and sets).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import List, Optional, Tuple
+from typing import List, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -44,8 +48,15 @@ class DecodeState:
         return DecodeState(rows=tuple(r.reset_rows(lanes) for r in self.rows),
                            next_pos=self.next_pos.masked_fill(lanes.to(self.next_pos.device), 0))
 
-    def lanes(self, index: slice) -> "DecodeState":
+    def lanes(self, index) -> "DecodeState":
+        """The lanes `index` (a slice or an index tensor) selects."""
         return DecodeState(rows=tuple(r.lanes(index) for r in self.rows), next_pos=self.next_pos[index])
+
+    def narrow(self, lanes: int, groups: int) -> "DecodeState":
+        """The first `lanes` lanes of each of `groups` equal groups: an evaluation batch that shrinks."""
+        per_group = self.next_pos.shape[0] // groups
+        index = (torch.arange(groups)[:, None] * per_group + torch.arange(lanes)[None, :]).flatten()
+        return self.lanes(index.to(self.next_pos.device))
 
 
 def check_model(model) -> None:
@@ -58,75 +69,95 @@ def check_model(model) -> None:
 
 
 class BoundedDecoder:
-    """`decoder.run(tokens, state, reset)` -> logits, query positions, state: a model under a policy."""
+    """`decoder.run(tokens, state, doc_start)` -> logits, query positions, state: a model under one policy at
+    one or more budgets (the settings; see the module's docstring)."""
 
-    def __init__(self, model, policy: Policy, context: int, block: int = 1, positions: str = "original",
-                 check_visible: bool = True) -> None:
+    def __init__(self, model, policies: Union[Policy, Sequence[Policy]], context: int, block: int = 1,
+                 positions: str = "original", check_visible: bool = True) -> None:
         check_model(model)
         if context < 1 or block < 1:
             raise PolicyError(f"the context ({context}) and the block size ({block}) must be >= 1")
+        self.policies = [policies] if isinstance(policies, Policy) else list(policies)
+        policy = self.policy = self.policies[0]  # the behaviour the settings share
+        if any(type(p) is not type(policy) or p.knobs != policy.knobs for p in self.policies):
+            raise PolicyError("settings decoded together must be one policy with one set of knobs")
         self.model = model
-        self.policy = policy
         self.context = context
         self.block = block
         self.positions = positions
         self.check_visible = check_visible
         self.layers: List[AttentionLayer] = list(model.layers)
-        first = self.layers[0]
-        self.include_self = first.include_self
+        self.include_self = self.layers[0].include_self
         self.near = 0 if self.include_self else 1  # the nearest visible distance
-        # slots kept between steps: the budget, and never more than the context can show
-        self.slots = context if policy.budget is None else min(policy.budget, context)
+        # rows kept between steps: the budget, and never more than the context can show; slots: the largest
+        caps = [context if p.budget is None else min(p.budget, context) for p in self.policies]
+        self.caps = torch.tensor(caps)  # [G]
+        self.slots = max(caps)
+        self.budgets = torch.tensor([context if p.budget is None else p.budget for p in self.policies])  # [G]
+        self.recent = torch.tensor([p.recent for p in self.policies])  # [G]
         # Window and the topline evict the oldest rows whatever the scores: the tie rule's sort is a slice there
         self.fifo = policy.budget is None or (policy.exact_block and policy.pinned == 0)
         # a layer without a window (the Full row) carries nothing from one segment to the next
         self.resets_every_segment = all(layer.window is None for layer in self.layers)
 
-    def initial_state(self, batch_size: int, device) -> DecodeState:
-        rows = tuple(KVRows.empty(batch_size, layer.num_heads, self.slots, layer.head_dim, device)
-                     for layer in self.layers)
-        return DecodeState(rows=rows, next_pos=torch.zeros(batch_size, dtype=torch.int64, device=device))
+    @property
+    def groups(self) -> int:
+        return len(self.policies)
 
-    def cache_bytes_per_lane(self, state: DecodeState) -> int:
-        return sum(r.bytes_per_lane(self.policy.observes) for r in state.rows)
+    def initial_state(self, batch_size: int, device) -> DecodeState:
+        """Every lane of every setting empty: G x batch_size lanes."""
+        lanes = self.groups * batch_size
+        rows = tuple(KVRows.empty(lanes, layer.num_heads, self.slots, layer.head_dim, device) for layer in self.layers)
+        return DecodeState(rows=rows, next_pos=torch.zeros(lanes, dtype=torch.int64, device=device))
+
+    def cache_bytes_per_lane(self, setting: int) -> int:
+        """What setting g's multi-state takes per lane: fp32 K and V of its C rows in every layer and head,
+        and their fp32 scores when the policy keeps them."""
+        per_row = 4 * sum(layer.num_heads * (2 * layer.head_dim + int(self.policy.observes)) for layer in self.layers)
+        return int(self.caps[setting]) * per_row
 
     @torch.no_grad()
     def run(self, tokens: Tensor, state: DecodeState, doc_start: Tensor) -> Tuple[Tensor, Tensor, DecodeState]:
-        """Logits [B, N, V] and query positions [B, N] of one segment tokens [B, N]; the lanes flagged in
-        doc_start [B] (every lane, for a Full row) start from an empty multi-state."""
+        """Logits [G, B, N, V] (setting g, lane b) and query positions [B, N] of one segment tokens [B, N];
+        the lanes flagged in doc_start [B] (every lane, for a Full row) start from an empty multi-state."""
+        g, (b_lanes, n) = self.groups, tokens.shape
         reset = torch.ones_like(doc_start) if self.resets_every_segment else doc_start
-        state = state.reset_rows(reset)
+        state = state.reset_rows(reset.repeat(g))
+        tokens = tokens.repeat(g, 1)  # [G*B, N]: setting-major
+        lanes = {name: t.to(tokens.device).repeat_interleave(b_lanes)  # [G*B] each
+                 for name, t in (("caps", self.caps), ("budgets", self.budgets), ("recent", self.recent))}
         logits, positions = [], []
-        for block in tokens.split(self.block, dim=1):  # [B, b]
-            qpos = state.next_pos[:, None] + torch.arange(block.shape[1], device=block.device)  # [B, b]
-            x = self.model.embed(block)  # [B, b, d]
+        for block in tokens.split(self.block, dim=1):  # [G*B, b]
+            qpos = state.next_pos[:, None] + torch.arange(block.shape[1], device=block.device)  # [G*B, b]
+            x = self.model.embed(block)  # [G*B, b, d]
             rows = []
             for layer, kept in zip(self.layers, state.rows):
-                x, kept = self._layer_step(layer, kept, x, qpos)
+                x, kept = self._layer_step(layer, kept, x, qpos, lanes)
                 rows.append(kept)
-            logits.append(self.model.logits(x))  # [B, b, V]
-            positions.append(qpos)
+            logits.append(self.model.logits(x))  # [G*B, b, V]
+            positions.append(qpos[:b_lanes])
             state = DecodeState(rows=tuple(rows), next_pos=qpos[:, -1] + 1)
-        return torch.cat(logits, 1), torch.cat(positions, 1), state
+        return torch.cat(logits, 1).view(g, b_lanes, n, -1), torch.cat(positions, 1), state
 
-    def _layer_step(self, layer: AttentionLayer, kept: KVRows, x: Tensor, qpos: Tensor) -> Tuple[Tensor, KVRows]:
+    def _layer_step(self, layer: AttentionLayer, kept: KVRows, x: Tensor, qpos: Tensor,
+                    lanes: dict) -> Tuple[Tensor, KVRows]:
         b_lanes, b = qpos.shape
         q, k, v = layer.qkv(x)  # [B, H, b, D] each
         heads = q.shape[1]
         rows = kept.append(k, v, qpos[:, None, :].expand(b_lanes, heads, b))  # [B, H, n + b, ...]
         dist = qpos[:, None, :, None] - rows.pos[:, :, None, :]  # [B, H, b, n + b]
         visible = rows.valid[:, :, None, :] & (dist >= self.near) & (dist <= self.context - 1 + self.near)
-        if self.policy.exact_block and self.policy.budget is not None:
+        exact = self.policy.exact_block and self.policy.budget is not None
+        if exact:
             # token mode holds, at each query, the pinned rows still in context and the most recent others up
             # to C in all (the query itself too, under include-self)
             pinned = rows.valid[:, :, None, :] & (rows.pos[:, :, None, :] < self.policy.pinned)  # [B, H, 1, n + b]
-            recent = self.policy.budget - (visible & pinned).sum(-1, keepdim=True)  # [B, H, b, 1]
+            recent = lanes["budgets"][:, None, None, None] - (visible & pinned).sum(-1, keepdim=True)  # [B, H, b, 1]
             visible &= (dist <= recent) | pinned
         if self.check_visible:  # A.9: a query never sees more real rows than the multi-state may hold
-            most = self.slots + (b - self.near if not self.policy.exact_block else 1 - self.near)
-            seen = int(visible.sum(-1).max()) if visible.numel() else 0
-            if seen > most:
-                raise RuntimeError(f"a query sees {seen} real rows, more than the {most} its policy allows")
+            most = lanes["caps"] + (1 - self.near if exact else b - self.near)  # [B]
+            if bool((visible.sum(-1) > most[:, None, None]).any()):
+                raise RuntimeError("a query sees more real rows than its policy's budget allows")
         n_real = dist
         if self.positions == "cache_relative":
             # rank among the visible rows from the newest: the newest previous row is 1 away (self: 0)
@@ -149,12 +180,15 @@ class BoundedDecoder:
         last = qpos[:, -1][:, None, None]  # [B, 1, 1]
         expired = last + 1 - rows.pos > self.context - 1 + self.near  # the next query cannot see them
         rows = replace(rows, pos=rows.pos.masked_fill(expired & rows.valid, EMPTY))
+        caps = lanes["caps"]
+        if self.fifo:  # rows stay in temporal order, empty slots first: the newest are what evict keeps
+            kept = rows.take_last(self.slots)
+            dropped = torch.arange(self.slots, device=caps.device) < (self.slots - caps)[:, None, None]  # [B, 1, slots]
+            return layer.output(x, o), replace(kept, pos=kept.pos.masked_fill(dropped, EMPTY))
         valid = rows.valid
         protected = valid & (rows.pos < self.policy.pinned)
-        if self.policy.recent:
-            protected |= valid & (rows.pos > last - self.policy.recent)
+        if bool((lanes["recent"] > 0).any()):
+            protected |= valid & (rows.pos > last - lanes["recent"][:, None, None])
         if not self.include_self or self.policy.knobs.protect_newest:
             protected |= rows.pos == last  # exclude-self: the newest row has no score yet
-        if self.fifo:  # rows stay in temporal order, empty slots first: the newest `slots` are what evict keeps
-            return layer.output(x, o), rows.take_last(self.slots)
-        return layer.output(x, o), evict(rows, self.slots, protected)
+        return layer.output(x, o), evict(rows, self.slots, protected, caps)

@@ -10,6 +10,7 @@ segment start for a Full row, which attends within its segment alone.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -59,15 +60,10 @@ class KVRows:
         return KVRows(k=self.k.gather(2, rows), v=self.v.gather(2, rows), pos=self.pos.gather(2, index),
                       score=self.score.gather(2, index))
 
-    def bytes_per_lane(self, scored: bool) -> int:
-        """Bytes one lane's rows take: K and V, plus the fp32 scores of a policy that carries them."""
-        b = max(1, self.k.shape[0])
-        total = self.k.nbytes + self.v.nbytes + (self.score.nbytes if scored else 0)
-        return total // b
 
-
-def evict(rows: KVRows, slots: int, protected: Tensor) -> KVRows:
-    """The `slots` slots every lane and head keeps, in temporal order (empty ones first).
+def evict(rows: KVRows, slots: int, protected: Tensor, caps: Optional[Tensor] = None) -> KVRows:
+    """The `slots` slots every lane and head keeps, in temporal order (empty ones first), of which lane l
+    fills at most caps[l] [B] (default: all) with rows.
 
     The tie rule (A.3): empty slots go first, then the unprotected rows by (score ascending, position
     ascending), the lowest score first and on equal scores the oldest; protected rows [B, H, n] only when
@@ -80,5 +76,8 @@ def evict(rows: KVRows, slots: int, protected: Tensor) -> KVRows:
     order = order.gather(-1, rows.score.gather(-1, order).sort(dim=-1, stable=True).indices)
     order = order.gather(-1, rank.gather(-1, order).sort(dim=-1, stable=True).indices)
     keep = order[..., -slots:]  # [B, H, slots]: the last in eviction order survive
-    keep = keep.gather(-1, rows.pos.gather(-1, keep).sort(dim=-1, stable=True).indices)  # temporal order
-    return rows.take(keep)
+    pos = rows.pos.gather(-1, keep)  # [B, H, slots]
+    if caps is not None:  # a lane with a smaller budget empties the first of its survivors too
+        pos = pos.masked_fill(torch.arange(slots, device=pos.device) < (slots - caps)[:, None, None], EMPTY)
+    temporal = pos.sort(dim=-1, stable=True).indices  # [B, H, slots]
+    return replace(rows.take(keep.gather(-1, temporal)), pos=pos.gather(-1, temporal))
