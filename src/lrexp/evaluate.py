@@ -95,10 +95,16 @@ def load(checkpoint: str, overrides: Sequence[str] = ()):
         raise EvalError(str(exc)) from None
     info = ckpt_mod.read(path)
     model = build_model(cfg, info.vocab_size)
-    check_model(model)  # before any weights or data are read: Rec, Feedback, Memorizing rows stop here
+    if not holds_kv_caches(model) and (any(n != "full" for n in cfg.policy.names) or cfg.policy.context):
+        check_model(model)  # before any weights or data are read: Rec, Feedback, Memorizing rows stop here
     weights = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
     model.load_state_dict({k[len("model."):]: v for k, v in weights.items() if k.startswith("model.")})
     return cfg, model.float().eval(), info
+
+
+def holds_kv_caches(model) -> bool:
+    """Whether the policies apply (every layer a plain KV cache); other rows get `full` alone, their forward."""
+    return all(s.kind == "attention" for s in model.specs)
 
 
 def settings(cfg: RunConfig) -> List[Policy]:
@@ -164,8 +170,9 @@ def evaluate(cfg: RunConfig, model, policies: Sequence[Policy], dm, info: Dict[s
     each. The budgets of one policy run in one pass (lane groups, `BoundedDecoder`); a setting's seconds are
     its pass's divided among the pass's settings."""
     results: List[Result] = []
+    one_pass = _one_pass if holds_kv_caches(model) else _native_pass
     for group in _passes(policies):
-        for result in _one_pass(cfg, model, group, dm, info):
+        for result in one_pass(cfg, model, group, dm, info):
             results.append(result)
             _gaps(result, results[0])
             if progress is not None:
@@ -231,6 +238,28 @@ def _one_pass(cfg: RunConfig, model, policies: List[Policy], dm, info: Dict[str,
                    {c: _floats(b.compute()) for c, b in s.beyond.items() if b.tokens > 0}, seconds, tokens,
                    decoder.cache_bytes_per_lane(g), {d: (v[0], int(v[1])) for d, v in s.per_doc.items()})
             for g, (p, s) in enumerate(zip(policies, scores))]
+
+
+def _native_pass(cfg: RunConfig, model, policies: List[Policy], dm, info: Dict[str, Any]) -> List[Result]:
+    """`full` of a row the policies do not apply to (Rec, Feedback, Memorizing): the model's own forward over
+    the same pass, its state carried and reset per document as in training's final pass."""
+    from lrexp.lit.metrics import token_nll
+
+    (policy,) = policies
+    sums = _Scores(bucket_edges(cfg, info["context"]), [])
+    state, tokens, state_bytes = None, 0, 0
+    start = time.perf_counter()
+    with torch.no_grad():
+        for batch in dm.eval_loader(info["split"], None):
+            lanes = batch["tokens"].shape[0]
+            state = model.initial_state(lanes, "cpu") if state is None else state.lanes(slice(0, lanes))
+            logits, state = model(batch["tokens"], state.reset_rows(batch["doc_start"]))  # [B, N, V]
+            qpos = (batch["doc_pos"] - 1).clamp(min=0)  # [B, N]: the query's position in its document
+            sums.update(token_nll(logits, batch["labels"], batch["loss_mask"]), qpos, batch)
+            tokens += batch["tokens"].numel()
+            state_bytes = max(state_bytes, sum(t.nbytes for t in state.to_tensors().values()) // lanes)
+    return [Result(policy, _floats(sums.every.compute()), {}, time.perf_counter() - start, tokens, state_bytes,
+                   {d: (v[0], int(v[1])) for d, v in sums.per_doc.items()})]
 
 
 def _floats(values: Dict[str, torch.Tensor]) -> Dict[str, float]:

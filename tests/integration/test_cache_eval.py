@@ -58,7 +58,7 @@ def test_eval_scores_the_final_pass_targets_and_full_is_the_native_model(env, ca
 def test_rows_the_policies_do_not_apply_to_and_bad_budgets_fail_before_any_work(env, capsys):
     rec = config.load(overrides=[*env["base"], "row=rec_fixed_skip"])
     fake = env["root"] / "rec.ckpt"  # never read past its config: the row is refused first
-    torch.save({CHECKPOINT_META_KEY: {"config": config.to_dict(rec), "vocab_size": 256, "run_id": "r"},
+    torch.save({CHECKPOINT_META_KEY: {"config": config.to_dict(rec), "vocab_size": 257, "run_id": "r"},
                 "state_dict": {}}, fake)
     assert cli.main(["eval", str(fake), "--policy", "tova", "--budget", "8"]) == 2
     assert "this one has recurrent layers" in capsys.readouterr().err
@@ -69,6 +69,24 @@ def test_rows_the_policies_do_not_apply_to_and_bad_budgets_fail_before_any_work(
     assert "allowed: full, h2o, sinks, tova, window" in capsys.readouterr().err
     assert cli.main(["eval", checkpoint, "model.window=4"]) == 2
     assert "cannot be changed at evaluation" in capsys.readouterr().err
+
+
+def test_a_row_without_kv_caches_is_evaluated_by_its_own_forward_when_no_policy_is_asked(env, capsys):
+    """A Rec row: `lrexp eval` without policies runs the model's forward over the same pass (`full`)."""
+    from lrexp.model import build_model
+
+    cfg = config.load(overrides=[*env["base"], "row=rec_fixed_skip"])
+    vocab = torch.load(env["trained"]["checkpoint"], weights_only=True)[CHECKPOINT_META_KEY]["vocab_size"]
+    torch.manual_seed(0)
+    model = build_model(cfg, vocab)
+    path = env["root"] / "rec-weights.ckpt"
+    torch.save({CHECKPOINT_META_KEY: {"config": config.to_dict(cfg), "vocab_size": vocab, "run_id": "rec"},
+                "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, path)
+    assert cli.main(["eval", str(path), "--out", str(env["root"] / "rec-report")]) == 0
+    assert "| full | full |" in capsys.readouterr().out
+    runs = env["client"].search_runs([env["client"].get_experiment_by_name("lrexp").experiment_id],
+                                     "tags.`lrexp.checkpoint_run` = 'rec' and tags.`lrexp.role` = 'eval-setting'")
+    assert len(runs) == 1 and runs[0].data.metrics["eval/targets"] == env["trained"]["final/test_targets"]
 
 
 def test_a_grid_evaluate_section_is_checked_before_any_cell_trains(tmp_path):
