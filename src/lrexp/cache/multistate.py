@@ -67,15 +67,17 @@ def evict(rows: KVRows, slots: int, protected: Tensor, caps: Optional[Tensor] = 
 
     The tie rule (A.3): empty slots go first, then the unprotected rows by (score ascending, position
     ascending), the lowest score first and on equal scores the oldest; protected rows [B, H, n] only when
-    nothing else is left. Scores compare exactly in fp32. Stable sorts on the keys from the least significant
-    up give that order without relying on `topk`, whose order among ties is implementation-defined.
+    nothing else is left. Scores compare exactly in fp32. One sort on the composite key (class, score,
+    position) packed into an int64, unique per row, gives that order without relying on `topk`, whose order
+    among ties is implementation-defined: a non-negative fp32's bits read as an int32 order as the float does.
     """
+    if bool((~(rows.score >= 0)).any()):  # NaN too
+        raise ValueError("eviction scores must be non-negative numbers (attention probabilities and their sums)")
     valid = rows.valid  # [B, H, n]
     rank = torch.where(valid, 1 + protected.long(), torch.zeros_like(rows.pos))  # 0 empty, 1 evictable, 2 kept
-    order = rows.pos.sort(dim=-1, stable=True).indices  # [B, H, n]
-    order = order.gather(-1, rows.score.gather(-1, order).sort(dim=-1, stable=True).indices)
-    order = order.gather(-1, rank.gather(-1, order).sort(dim=-1, stable=True).indices)
-    keep = order[..., -slots:]  # [B, H, slots]: the last in eviction order survive
+    bits = (rows.score.float() + 0.0).view(torch.int32).long()  # [B, H, n] in [0, 2^31): -0.0 + 0.0 is +0.0
+    key = (rank << 61) | (bits << 30) | (rows.pos + 1)  # positions below 2^30 - 1
+    keep = key.sort(dim=-1).indices[..., -slots:]  # [B, H, slots]: the last in eviction order survive
     pos = rows.pos.gather(-1, keep)  # [B, H, slots]
     if caps is not None:  # a lane with a smaller budget empties the first of its survivors too
         pos = pos.masked_fill(torch.arange(slots, device=pos.device) < (slots - caps)[:, None, None], EMPTY)
