@@ -508,8 +508,10 @@ def evaluate_grid(grid, outcome, report_dir: Path, say=print) -> List[str]:
         cell = result.cell
         try:
             checkpoint = ckpt_mod.locate(result.run_id, cell.config.train.checkpoint_dir)
-            run(str(checkpoint), grid.evaluate, report_dir / "eval" / cell.dirname,
-                {TAG_GRID: grid.name, TAG_GRID_PARENT: outcome.parent_id, TAG_CELL: cell.id}, say)
+            parent, _, folder = run(str(checkpoint), grid.evaluate, report_dir / "eval" / cell.dirname,
+                                    {TAG_GRID: grid.name, TAG_GRID_PARENT: outcome.parent_id, TAG_CELL: cell.id}, say)
+            say("\n" + (folder / "table.md").read_text().rstrip())
+            say(f"\nevaluation report: {folder} (MLflow parent run {parent})")
         except UserError as exc:
             say(f"lrexp eval of cell {cell.id}: error: {exc}")
             failed.append(cell.id)
