@@ -365,7 +365,9 @@ class EvalTracker:
 def _bits(value: Optional[float], signed: bool = False) -> str:
     if value is None or math.isnan(value):
         return "–"
-    return f"{value:+.3f}" if signed else f"{value:.3f}"
+    if signed:  # a difference that rounds to zero reads +0.000, whatever the sign of its float noise
+        return f"{value:+.3f}".replace("-0.000", "+0.000")
+    return f"{value:.3f}"
 
 
 def table_lines(results: List[Result], context: int) -> List[str]:
