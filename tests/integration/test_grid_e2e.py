@@ -132,7 +132,7 @@ def test_dry_run_validates_every_cell(name, capsys):
     assert grid_cmd.run(_args(name, dry_run=True)) == 0
     out = capsys.readouterr().out
     g = grid.expand(name)
-    assert f"{len(g.cells)} cells" in out and all(c.id in out for c in g.cells)
+    assert f"{len(g.cells)} cell" in out and all(c.id in out for c in g.cells)  # "1 cell", "6 cells"
     assert "every cell's config is valid" in out
 
 
