@@ -197,6 +197,7 @@ def config_hash(cfg: RunConfig, steps: bool = True) -> str:
     without train.max_steps when `steps` is False: the runs that training longer continues)."""
     data = config.to_dict(cfg)
     data["log"] = {k: v for k, v in data["log"].items() if k not in ("tags", "run_name", "progress_file")}
+    data.pop("policy")  # evaluation-only keys (`lrexp eval`): they never change what a cell trains
     if not steps:
         data["train"] = {k: v for k, v in data["train"].items() if k != "max_steps"}
     text = json.dumps(data, sort_keys=True, default=str)
