@@ -69,6 +69,11 @@ def test_rows_the_policies_do_not_apply_to_and_bad_budgets_fail_before_any_work(
     assert "allowed: full, h2o, sinks, tova, window" in capsys.readouterr().err
     assert cli.main(["eval", checkpoint, "model.window=4"]) == 2
     assert "cannot be changed at evaluation" in capsys.readouterr().err
+    # overrides before or after the options alike
+    assert cli.main(["eval", checkpoint, "policy.sinks=2", "--policy", "sinks", "--budget", "2"]) == 2
+    assert "pins 2 rows" in capsys.readouterr().err
+    assert cli.main(["eval", checkpoint, "--policy", "sinks", "--mode", "block", "policy.sinks=3", "--budget", "3"]) == 2
+    assert "pins 3 rows" in capsys.readouterr().err
 
 
 def test_a_row_without_kv_caches_is_evaluated_by_its_own_forward_when_no_policy_is_asked(env, capsys):
