@@ -31,14 +31,22 @@ def attention_reference(
 ) -> Tensor:
     """Output [B, H, Tq, D] of q [B, H, Tq, D] over k, v [B, H, Tk, D], in fp32 with the dense mask and bias."""
     t_q, t_k = q.shape[2], k.shape[2]
-    logits = torch.einsum("bhqd,bhkd->bhqk", q.float(), k.float())  # [B, H, Tq, Tk]
-    if bias is not None:
-        logits = logits + bias.dense(t_q, t_k, mask.prefix).float()
-    if scale is not None:
-        logits = logits * scale.float()[:, None, None]
-    logits = logits.masked_fill(~mask.visible(t_q, t_k, q.device)[:, None], MASKED_LOGIT)
-    m = logits.amax(-1, keepdim=True).clamp(min=SINK_LOGIT)  # [B, H, Tq, 1]
-    e = torch.exp(logits - m)
-    probs = e / (e.sum(-1, keepdim=True) + torch.exp(SINK_LOGIT - m))
+    b = None if bias is None else bias.dense(t_q, t_k, mask.prefix)  # [H, Tq, Tk]
+    probs = reference_probs(q, k, b, scale, mask.visible(t_q, t_k, q.device)[:, None])
     probs = F.dropout(probs, dropout_p, training=dropout_p > 0)
     return torch.einsum("bhqk,bhkd->bhqd", probs, v.float()).to(q.dtype)
+
+
+def reference_probs(q: Tensor, k: Tensor, bias: Optional[Tensor], scale: Optional[Tensor], visible: Tensor) -> Tensor:
+    """The probabilities p_ij [B, H, Tq, Tk] in fp32 of q [B, H, Tq, D] over k [B, H, Tk, D], given the bias
+    values and the visibility (both broadcastable to [B, H, Tq, Tk]) as tensors: the dense mask and bias of a
+    `MaskSpec` / `BiasSpec`, or those of keys at arbitrary positions (a bounded KV cache, lrexp.cache)."""
+    logits = torch.einsum("bhqd,bhkd->bhqk", q.float(), k.float())  # [B, H, Tq, Tk]
+    if bias is not None:
+        logits = logits + bias.float()
+    if scale is not None:
+        logits = logits * scale.float()[:, None, None]
+    logits = logits.masked_fill(~visible, MASKED_LOGIT)
+    m = logits.amax(-1, keepdim=True).clamp(min=SINK_LOGIT)  # [B, H, Tq, 1]
+    e = torch.exp(logits - m)
+    return e / (e.sum(-1, keepdim=True) + torch.exp(SINK_LOGIT - m))

@@ -24,6 +24,7 @@ COMMANDS = {
     "grid": ("lrexp.commands.grid", "train every cell of an ablation grid (one MLflow child run each), then report"),
     "report": ("lrexp.commands.report", "a grid's comparison table (markdown + CSV) and plots, from MLflow"),
     "train": ("lrexp.commands.train", "train one run, logged to MLflow; prints the final metrics as JSON"),
+    "eval": ("lrexp.commands.eval", "evaluate a checkpoint under KV-cache policies x budgets (bounded multi-state)"),
     "ui": ("lrexp.commands.ui", "the MLflow UI over the project's store; prints the latest grid's runs page"),
     "data": ("lrexp.commands.data", "prepare a corpus: tokens + offsets + meta, cached (`lrexp data prepare`)"),
 }

@@ -268,6 +268,25 @@ class CurriculumConfig:
 
 
 @dataclass
+class PolicyConfig:
+    """Bounded multi-state evaluation (`lrexp eval`, cache_policies.md A): KV-cache policies x budgets."""
+
+    split: str = "test"  # the split `lrexp eval` scores (the same targets as the training's final pass)
+    names: List[str] = field(default_factory=lambda: ["full"])  # policies (lrexp.cache registry)
+    budgets: List[int] = field(default_factory=list)  # C, real rows kept per layer; `full` takes none
+    mode: Literal["token", "block"] = "token"  # token: the reference; block: b tokens per step (A.5)
+    block: Optional[int] = None  # b of block mode; null: the model's window
+    context: Optional[int] = None  # T_eval, the visibility limit; null: W (XL, Slide), the segment N (Full)
+    sinks: int = 4  # i of Window+i (policy `sinks`)
+    granularity: Optional[Literal["layer", "head"]] = None  # null: the policy's default (H2O head, TOVA layer)
+    positions: Literal["original", "cache_relative"] = "original"  # A.4
+    protect_first_i: int = 0  # pins the first i rows of a document under any policy (ablation)
+    protect_newest: bool = False  # include-self only: the newest row cannot be evicted (exclude-self: always)
+    h2o_heavy: Optional[int] = None  # h of H2O's C = r + h; null: C / 2
+    tova_score_query: Literal["last", "mean_block", "max_block"] = "last"  # TOVA's scores in block mode
+
+
+@dataclass
 class DerivedConfig:
     """Computed by resolve(); never set by users."""
 
@@ -297,6 +316,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
     derived: DerivedConfig = field(default_factory=DerivedConfig)
 
 
@@ -512,7 +532,7 @@ _POSITIVE = (
     "data.prepare_workers",
     "optim.warmup_steps", "train.max_steps", "train.val_every", "train.val_tokens",
     "train.lane_groups", "train.devices", "train.num_nodes", "train.threads", "train.checkpoint_every",
-    "train.checkpoint_minutes", "log.every_n_steps",
+    "train.checkpoint_minutes", "log.every_n_steps", "policy.block", "policy.context",
 )
 
 
@@ -544,7 +564,7 @@ def resolve(cfg: RunConfig) -> RunConfig:
         if not 0.0 <= value < 1.0:
             raise ConfigError(f"'{path}' must be in [0, 1), got {value}")
     for path in ("data.num_workers", "train.seed", "data.seed", "optim.weight_decay", "optim.grad_clip",
-                 "log.perf_warmup_steps"):
+                 "log.perf_warmup_steps", "policy.sinks", "policy.protect_first_i", "policy.h2o_heavy"):
         value = _get(cfg, path)
         if value is not None and value < 0:
             raise ConfigError(f"'{path}' must be >= 0, got {value}")
@@ -553,6 +573,7 @@ def resolve(cfg: RunConfig) -> RunConfig:
     if cfg.optim.beta1 is not None and not 0.0 <= cfg.optim.beta1 < 1.0:
         raise ConfigError(f"'optim.beta1' must be in [0, 1) or null, got {cfg.optim.beta1}")
     buckets = _position_buckets(cfg)
+    _check_policy(cfg.policy)
 
     m = cfg.model
     _check_registered(m)
@@ -623,6 +644,24 @@ def _position_buckets(cfg: RunConfig) -> List[int]:
     if not edges or any(e <= 0 for e in edges) or any(b <= a for a, b in zip(edges, edges[1:])):
         raise ConfigError(f"'log.position_buckets' must be increasing positive token counts, got {list(edges)}")
     return list(edges)
+
+
+def _check_policy(p: PolicyConfig) -> None:
+    """The policy names and budgets (lrexp.cache's registry, imported lazily); each policy checks its own
+    knobs against each budget when it is built."""
+    from lrexp.cache import POLICIES
+
+    for name in p.names:
+        if name not in POLICIES:
+            raise ConfigError(f"'policy.names' has '{name}'; allowed: {', '.join(sorted(POLICIES))}")
+    if not p.names:
+        raise ConfigError("'policy.names' is empty: name at least one policy")
+    for c in p.budgets:
+        if c <= 0:
+            raise ConfigError(f"'policy.budgets' must be positive row counts, got {list(p.budgets)}")
+    if any(POLICIES[n].budgeted for n in p.names) and not p.budgets:
+        raise ConfigError("'policy.budgets' is empty, but the policies "
+                          f"{', '.join(n for n in p.names if POLICIES[n].budgeted)} need a budget C")
 
 
 def _absolute_layers(path: str, indices: List[int], num_layers: int) -> List[int]:

@@ -8,7 +8,9 @@ A grid file (`experiments/grids/NAME.yaml`) has:
   may instead be a mapping scale name -> list, for sizes that only make sense at one scale;
 - `seeds:` optional list of `train.seed` values, the innermost axis; the report averages over it;
 - `reference:` optional axis values (same forms) of the cell whose step time is 1.00 in the report;
-  default: the first `row=slide13` cell (the paper's normaliser), else the first cell.
+  default: the first `row=slide13` cell (the paper's normaliser), else the first cell;
+- `evaluate:` optional `policy.*` keys (values, or mappings scale name -> value): once a cell has trained,
+  `lrexp eval` reads its checkpoint with them (bounded-cache evaluation, lrexp.evaluate; the `cache` grid).
 
 A cell is a complete resolved config with a stable id built from its axis values, sorted by name, the seed
 last (`gate=lstm,topology=dual,seed=0`), so ids never depend on the order of keys in a file. Overrides
@@ -50,7 +52,7 @@ import yaml
 
 from lrexp import config
 from lrexp.config import EXPERIMENTS, PROJECT_ROOT, ConfigError, RunConfig
-from lrexp.errors import Interrupted
+from lrexp.errors import Interrupted, UserError
 from lrexp.runs import (
     FINAL_BPT, SEED_KEY, TAG_CELL, TAG_CHECKPOINT_DIR, TAG_CONTINUE, TAG_ERROR, TAG_GRID, TAG_GROUP, TAG_HASH,
     TAG_INDEX, TAG_INVOKED, TAG_OVERRIDES, TAG_PARENT, TAG_PID, TAG_REFERENCE, TAG_ROLE, latest_parent, parents,
@@ -67,7 +69,7 @@ from lrexp.signals import name as signal_name
 GRIDS_DIR = EXPERIMENTS / "grids"
 RUNS_DIR = PROJECT_ROOT / "runs"
 REFERENCE_ROW = "slide13"  # Table 1 normalises step time by Slide:13L
-_FILE_KEYS = ("description", "base", "axes", "seeds", "reference")
+_FILE_KEYS = ("description", "base", "axes", "seeds", "reference", "evaluate")
 
 
 
@@ -105,6 +107,7 @@ class Grid:
     cells: List[Cell]
     reference: str  # group id
     overrides: List[str] = field(default_factory=list)  # the command line's
+    evaluate: List[str] = field(default_factory=list)  # `lrexp eval` overrides for every trained cell
 
 
 # --------------------------------------------------------------------------------------------------
@@ -200,6 +203,7 @@ def config_hash(cfg: RunConfig, steps: bool = True) -> str:
     without train.max_steps when `steps` is False: the runs that training longer continues)."""
     data = config.to_dict(cfg)
     data["log"] = {k: v for k, v in data["log"].items() if k not in ("tags", "run_name", "progress_file")}
+    data.pop("policy")  # evaluation-only keys (`lrexp eval`): they never change what a cell trains
     if not steps:
         data["train"] = {k: v for k, v in data["train"].items() if k != "max_steps"}
     text = json.dumps(data, sort_keys=True, default=str)
@@ -217,7 +221,7 @@ def _read_file(path: Path) -> Tuple[str, Dict[str, Any]]:
     unknown = [k for k in data if k not in _FILE_KEYS]
     if unknown:
         raise GridError(f"{path}: unknown grid key '{unknown[0]}'; a grid file has {', '.join(_FILE_KEYS)}")
-    for key in ("base", "axes", "reference"):
+    for key in ("base", "axes", "reference", "evaluate"):
         if data.get(key) is not None and not isinstance(data[key], dict):
             raise GridError(f"{path}: '{key}' must be a mapping")
     return text, data
@@ -327,7 +331,28 @@ def expand(name: str, overrides: Sequence[str] = ()) -> Grid:
             raise GridError(f"{where}: two cells share the folder name '{c.dirname}'")
 
     reference = _reference(data.get("reference"), cells, id_order, names, scale, where)
-    return Grid(grid_name, path, text, scale or "per cell", cells, reference, list(overrides))
+    evaluate = _evaluate(data.get("evaluate") or {}, cells, scale, where)
+    return Grid(grid_name, path, text, scale or "per cell", cells, reference, list(overrides), evaluate)
+
+
+def _evaluate(raw: Dict[str, Any], cells: List[Cell], scale: Optional[str], where: str) -> List[str]:
+    """The `evaluate:` section as `lrexp eval` overrides, checked against every cell now (policy names,
+    budgets and knobs), so a bad one fails before any cell trains."""
+    items = []
+    for key, value in raw.items():
+        if not key.startswith("policy."):
+            raise GridError(f"{where}, evaluate: '{key}' is not a policy.* key (lrexp eval sets only those)")
+        _check_key(key, f"{where}, evaluate")
+        items.append(f"{key}={_dotlist_value(_per_scale(value, scale, f'{where}: evaluate {key}'))}")
+    if items:
+        from lrexp.evaluate import settings
+
+        for cell in cells:
+            try:
+                settings(config.load(overrides=[*cell.overrides, *items]))
+            except UserError as exc:  # a config error, or a policy that refuses a budget
+                raise GridError(f"{where}, evaluate (cell {cell.id}): {exc}") from None
+    return items
 
 
 def _reference(

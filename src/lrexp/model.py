@@ -135,12 +135,15 @@ class LongRangeLM(nn.Module):
                 new_layers.append(s)
         else:
             x, new_layers = self._block_serial(x, list(state.layers))
-        h = self.drop_out(self.norm_f(x))  # [B, T, d]
-        logits = h @ self.embed.weight.t() / math.sqrt(self.vocab_size)  # [B, T, V], tied embedding
         carried = ModelState(layers=tuple(new_layers), batch_size=state.batch_size).detach()
         if self.svd_state is not None:
             carried, self.svd_stats = compress(carried, self.svd_state)
-        return logits, carried.store(self.state_dtype)
+        return self.logits(x), carried.store(self.state_dtype)
+
+    def logits(self, x: Tensor) -> Tensor:
+        """Logits [B, T, V] of the last layer's output x [B, T, d]: final norm, then the tied embedding."""
+        h = self.drop_out(self.norm_f(x))  # [B, T, d]
+        return h @ self.embed.weight.t() / math.sqrt(self.vocab_size)  # [B, T, V]
 
     def run_stream(
         self, tokens: Tensor, segment_len: int, state: Optional[ModelState] = None

@@ -53,6 +53,13 @@ class BiasSpec:
         bias = self.by_distance()[:, n.clamp(0, self.max_distance)]  # [H, t_q, t_pos]
         return torch.cat([bias.new_zeros(bias.shape[0], t_q, prefix), bias], dim=2) if prefix else bias
 
+    def at(self, n: Tensor) -> Tensor:
+        """Bias [B, H, t_q, t_k] at explicit distances n [B, H, t_q, t_k] (head h reads its own row of the
+        table): keys at arbitrary positions, as a bounded KV cache holds them (lrexp.cache)."""
+        b, h, t_q, t_k = n.shape
+        table = self.by_distance()[None, :, None, :].expand(b, h, t_q, self.max_distance + 1)  # [B, H, Tq, L]
+        return table.gather(-1, n.clamp(0, self.max_distance))  # [B, H, Tq, Tk]
+
 
 class RelativePositionBias(nn.Module):
     """The layer's table [H, num_buckets]; calling it gives the `BiasSpec` that `attend` takes."""

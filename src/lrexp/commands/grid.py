@@ -97,6 +97,8 @@ def _dry_run(g, steps=None) -> None:
     widths = [max(len(x) for x in col) for col in zip(header, *lines)]
     for line in (header, *lines):
         print("  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip())
+    if g.evaluate:
+        print(f"then lrexp eval of every trained cell's checkpoint with {' '.join(g.evaluate)}")
     print("every cell's config is valid (dry run: nothing trained, nothing logged)")
 
 
@@ -177,6 +179,11 @@ def run(args: argparse.Namespace) -> int:
     print(rep.markdown, end="")
     print(f"\nreport: {rep.files[0].parent} (also on the parent run's artifacts under report/)")
     failed = [r.cell.id for r in outcome.results if r.status == "FAILED"]
+    if g.evaluate:  # the grid's `evaluate:` section: `lrexp eval` of every trained cell's checkpoint
+        from lrexp.evaluate import evaluate_grid
+
+        print()
+        failed += [f"{c} (eval)" for c in evaluate_grid(g, outcome, rep.files[0].parent)]
     if failed:
         print(f"lrexp grid: {len(failed)} of {len(g.cells)} cells failed: {', '.join(failed)}", file=sys.stderr)
         return 1

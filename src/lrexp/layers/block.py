@@ -78,8 +78,13 @@ class AttentionLayer(nn.Module):
     def forward(self, x: Tensor, state: Optional[XLCache]) -> Tuple[Tensor, Optional[XLCache]]:
         o, _, k, v = self.self_attention(x, state)  # [B, H, T, D] each
         new_state = None if self.window is None else state.advance(k, v)
+        return self.output(x, o), new_state
+
+    def output(self, x: Tensor, o: Tensor) -> Tensor:
+        """The layer's output [B, T, d] from its input x [B, T, d] and attention output o [B, H, T, D]: the
+        residual through W_O, then the FFN sublayer (a bounded-cache decode, lrexp.cache, reuses it)."""
         x = x + self.wo(merge_heads(o))  # no dropout after the attention projection (3.7)
-        return self.ffn(x), new_state
+        return self.ffn(x)
 
     def self_attention(self, x: Tensor, state: Optional[XLCache]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """The attention output o before W_O, with the segment's q-hat, k-hat and v: each [B, H, T, D]."""

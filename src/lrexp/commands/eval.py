@@ -1,0 +1,80 @@
+"""`lrexp eval CHECKPOINT [--split S] [--policy P ...] [--budget C ...] [--mode token|block] [--block b]
+[--context T] [--out DIR] [key=value ...]`
+
+A trained row evaluated from its checkpoint (a file, a run's checkpoint folder or an MLflow run id) as a
+bounded multi-state RNN: `full` (the topline) and every policy x budget over the same targets as the
+training's final pass (lrexp.evaluate). The options set `policy.*` config keys (`lrexp show-config` lists
+them all: sinks, granularity, positions, tova_score_query, protect_first_i, protect_newest, h2o_heavy);
+key=value overrides may set any `policy.*` or `log.*` key.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lrexp.errors import UserError
+
+# option -> the policy.* key it sets
+_OPTIONS = {"split": "split", "policy": "names", "budget": "budgets", "mode": "mode", "block": "block",
+            "context": "context"}
+
+
+def _add_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--split", help="the split scored (default: test)")
+    parser.add_argument("--policy", nargs="+", metavar="P", help="cache policies: full, window, sinks, h2o, tova "
+                        "(full, the topline, is always evaluated first)")
+    parser.add_argument("--budget", nargs="+", metavar="C", help="budgets: real rows kept per layer")
+    parser.add_argument("--mode", choices=["token", "block"], help="token by token (exact, default) or b tokens "
+                        "per step (exact for window and sinks, approximate for h2o and tova)")
+    parser.add_argument("--block", type=int, metavar="b", help="tokens per step in block mode (default: the window)")
+    parser.add_argument("--context", type=int, metavar="T", help="T_eval, the visibility limit (default: the "
+                        "model's: W for XL / Slide, the segment N for Full, whose segments it then sets)")
+    parser.add_argument("--out", type=Path, help="report folder (default: reports/eval/<parent run id>)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="a last.ckpt, its run folder, or the MLflow run id")
+    parser.add_argument("overrides", nargs=argparse.REMAINDER, metavar="key=value",
+                        help="policy.* and log.* config keys (options may follow)")
+    _add_options(parser)
+
+
+def _late_options(args: argparse.Namespace) -> argparse.Namespace:
+    """Options written after an override (`lrexp eval CKPT policy.sinks=2 --policy sinks`): argparse leaves
+    everything after the first override to the overrides, so they are parsed from there."""
+    late = argparse.ArgumentParser(prog="lrexp eval", add_help=False)
+    _add_options(late)
+    found, rest = late.parse_known_args(args.overrides)
+    for key, value in vars(found).items():
+        if value is not None:
+            setattr(args, key, value)
+    unknown = [r for r in rest if r.startswith("-")]
+    if unknown:
+        raise UserError(f"unknown option '{unknown[0]}' (see lrexp eval --help)")
+    args.overrides = rest
+    return args
+
+
+def overrides_of(args: argparse.Namespace) -> list[str]:
+    """The options as policy.* overrides, after the key=value ones (an option wins)."""
+    out = list(args.overrides)
+    for option, key in _OPTIONS.items():
+        value = getattr(args, option)
+        if isinstance(value, list):  # key=value items written after a list option's values are overrides
+            out.extend(v for v in value if "=" in v)
+            value = [v for v in value if "=" not in v]
+        if value is not None:
+            out.append(f"policy.{key}={'[' + ','.join(map(str, value)) + ']' if isinstance(value, list) else value}")
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from lrexp import evaluate
+
+    args = _late_options(args)
+    parent, _, folder = evaluate.run(args.checkpoint, overrides_of(args), args.out)
+    print()
+    print((folder / "table.md").read_text(), end="")
+    print(f"\nreport: {folder} (MLflow parent run {parent})")
+    return 0
