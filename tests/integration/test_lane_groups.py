@@ -15,7 +15,11 @@ from corpora import word_documents
 from lrexp import config, train
 from lrexp.lit.checkpoint import CheckpointError
 
+# fp32: a batch of 2 lanes and one of 4 take different kernel paths, so sums are associated differently; after
+# three steps the states of an AMD EPYC machine differ by up to 1.2e-6 at magnitudes near 2 (five ulps), while a
+# per-group or per-rank token mean moves parameters by 1e-3. Hence an absolute floor and a relative part.
 TOL = 1e-6
+RTOL = 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +55,7 @@ def assert_close(a: dict, b: dict, tol: float) -> None:
     assert a.keys() == b.keys()
     for key in a:
         if a[key].is_floating_point():
-            torch.testing.assert_close(a[key], b[key], rtol=0, atol=tol, msg=key)
+            torch.testing.assert_close(a[key], b[key], rtol=RTOL, atol=tol, msg=key)
         else:
             assert torch.equal(a[key], b[key]), key
 
@@ -111,7 +115,7 @@ def test_two_ranks_of_b_lanes_step_as_2b_lanes(env):
     lanes = {k: v for k, v in r_state.items() if k.startswith("layers.")}  # not the layer count, batch size
     for key, value in lanes.items():  # [ranks, 2, ...] against [1, 4, ...]: rank r holds lanes 2r, 2r + 1
         assert value.shape[:2] == (2, 2)
-        torch.testing.assert_close(value.flatten(0, 1), w_state[key].flatten(0, 1), rtol=0, atol=TOL, msg=key)
+        torch.testing.assert_close(value.flatten(0, 1), w_state[key].flatten(0, 1), rtol=RTOL, atol=TOL, msg=key)
     c = r_state["layers.1.recurrent.c"]
     assert not torch.equal(c[0], c[1])  # the ranks carry different documents
     client = MlflowClient(config.load(overrides=env["base"]).log.tracking_uri)
