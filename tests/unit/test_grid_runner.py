@@ -152,8 +152,9 @@ def test_resume_with_more_steps_trains_finished_cells_on_in_their_runs(tmp_path,
     assert fake.ran == ["window=4", "window=8", "window=2"]  # the new value trains from scratch
     assert "window=4: training on from step 5 in run" in out.getvalue()
     assert [r.run_id for r in again.results[:2]] == [runs["window=4"], runs["window=8"]]
-    steps = grid.plan(longer, grid.previous_invocation(longer)[1])
-    assert [s.action for s in steps] == ["skip", "skip", "skip"]  # now FINISHED at 9 steps
+    attempts = grid.previous_invocation(longer)[1]
+    steps = grid.plan(longer, attempts)
+    assert [s.action for s in steps] == ["skip", "skip", "skip"], attempts  # now FINISHED at 9 steps
     shorter = make_grid(tmp_path, uri, "g4", "train.max_steps=3")
     assert [s.action for s in grid.plan(shorter, grid.previous_invocation(shorter)[1])] == ["train"] * 3
 
