@@ -12,6 +12,8 @@ SCALE ?= tiny
 ARGS ?=
 JOBS ?= 1
 PYTEST_ARGS ?=
+# Test files spread over this many processes (pytest-xdist; a file's tests stay in one, with its fixtures).
+TEST_WORKERS ?= 2
 BENCH_ARGS ?=
 PORT ?= 5000
 
@@ -31,10 +33,10 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not slow and not gpu" -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # One ablation grid end to end: prepare the corpus at this scale (data.* keys of ARGS included), train every
 # cell of experiments/grids/$(GRID).yaml, JOBS at once, then print the table (lrexp grid ends with the report).
