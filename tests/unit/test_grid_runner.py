@@ -376,3 +376,11 @@ def test_more_jobs_than_cores_or_gpus_is_refused_before_anything_runs(tmp_path, 
     with pytest.raises(grid.GridError, match="cell window=4: train.devices=2 but 1 GPU\\(s\\) are visible"):
         grid.slots(wide, 2)
     assert MlflowClient(uri).get_experiment_by_name("lrexp-g12") is None  # nothing was logged
+
+
+def test_jobs_0_after_the_grid_name_is_refused_not_read_as_absent(tmp_path, uri, capsys):
+    from lrexp.cli import main
+
+    make_grid(tmp_path, uri, "g13")
+    assert main(["grid", str(tmp_path / "g13.yaml"), "--dry-run", "--jobs", "0"]) == 2
+    assert "--jobs must be at least 1" in capsys.readouterr().err
