@@ -215,6 +215,11 @@ class _Scores:
                 entry[0] += total
                 entry[1] += count
 
+    def result(self, policy: Policy, seconds: float, tokens: int, cache_bytes_per_lane: int) -> Result:
+        return Result(policy, _floats(self.every.compute()),
+                      {c: _floats(b.compute()) for c, b in self.beyond.items() if b.tokens > 0}, seconds, tokens,
+                      cache_bytes_per_lane, {d: (v[0], int(v[1])) for d, v in self.per_doc.items()})
+
 
 def _one_pass(cfg: RunConfig, model, policies: List[Policy], dm, info: Dict[str, Any]) -> List[Result]:
     from lrexp.lit.metrics import token_nll
@@ -234,9 +239,7 @@ def _one_pass(cfg: RunConfig, model, policies: List[Policy], dm, info: Dict[str,
             sums.update(token_nll(logits[g], batch["labels"], batch["loss_mask"]), qpos, batch)  # [B, N]
         tokens += batch["tokens"].numel()
     seconds = (time.perf_counter() - start) / len(policies)
-    return [Result(p, _floats(s.every.compute()),
-                   {c: _floats(b.compute()) for c, b in s.beyond.items() if b.tokens > 0}, seconds, tokens,
-                   decoder.cache_bytes_per_lane(g), {d: (v[0], int(v[1])) for d, v in s.per_doc.items()})
+    return [s.result(p, seconds, tokens, decoder.cache_bytes_per_lane(g))
             for g, (p, s) in enumerate(zip(policies, scores))]
 
 
@@ -258,8 +261,7 @@ def _native_pass(cfg: RunConfig, model, policies: List[Policy], dm, info: Dict[s
             sums.update(token_nll(logits, batch["labels"], batch["loss_mask"]), qpos, batch)
             tokens += batch["tokens"].numel()
             state_bytes = max(state_bytes, sum(t.nbytes for t in state.to_tensors().values()) // lanes)
-    return [Result(policy, _floats(sums.every.compute()), {}, time.perf_counter() - start, tokens, state_bytes,
-                   {d: (v[0], int(v[1])) for d, v in sums.per_doc.items()})]
+    return [sums.result(policy, time.perf_counter() - start, tokens, state_bytes)]
 
 
 def _floats(values: Dict[str, torch.Tensor]) -> Dict[str, float]:

@@ -16,6 +16,7 @@ policy declares:
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, ClassVar, Dict, Optional, Type
 
 from torch import Tensor
@@ -30,7 +31,7 @@ class PolicyError(UserError, ValueError):
     """An unknown policy, or a budget or knob a policy cannot take."""
 
 
-class Policy:
+class Policy(ABC):
     name: ClassVar[str]
     budgeted: ClassVar[bool] = True
     default_granularity: ClassVar[str] = "layer"
@@ -57,10 +58,10 @@ class Policy:
     def recent(self) -> int:
         return 0
 
+    @abstractmethod
     def scores(self, previous: Tensor, probs: Tensor) -> Tensor:
         """Scores [B, H, n] fp32 of the rows after a step: previous [B, H, n] (0 for the step's new rows) and
         probs [B, H, b, n] of the step's b queries over the rows (0 where a query does not see a row)."""
-        raise NotImplementedError
 
     def label(self) -> str:
         """The policy and budget as a table shows them: "tova:64", "full"."""
