@@ -45,10 +45,10 @@ import torch  # noqa: E402
 # bench/ is the script's folder, so on sys.path
 from harness import TrainStep, ratios, round_robin, saved_bytes, summary, sync, timed  # noqa: E402
 from lrexp import config  # noqa: E402
-from lrexp.cpus import usable_cpus  # noqa: E402
-from lrexp.flops import forward_flops  # noqa: E402
+from lrexp.runtime.cpus import usable_cpus  # noqa: E402
+from lrexp.model.flops import forward_flops  # noqa: E402
 from lrexp.layers.memorizing import STATE_DTYPES, MemorizingLayer  # noqa: E402
-from lrexp.variants import layer_specs, row_name  # noqa: E402
+from lrexp.model.variants import layer_specs, row_name  # noqa: E402
 from report import REPORTS, write_report  # noqa: E402
 
 # Table 1's step time relative to Slide:13L (models.md 10); Full is not in the table.
@@ -271,7 +271,7 @@ def bare_loop(cfg, device: torch.device, vocab: int, steps: int, warmup: int) ->
 
 def overhead_section(overrides: List[str], device: torch.device, steps: int, warmup: int,
                      workdir: Path) -> Tuple[List[str], Dict]:
-    from lrexp import train
+    from lrexp.train import run as train
     from lrexp.data_modules import prepare
 
     run_overrides = [  # a 3 MB subset unless given: the final passes over the whole splits stay short
@@ -428,7 +428,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                                                                    1024, 40, 10, 2)
     cfg = config.load(overrides=overrides)
     scale = cfg.scale.name
-    from lrexp.train import cpu_threads
+    from lrexp.train.run import cpu_threads
 
     torch.set_num_threads(cpu_threads(cfg))  # as `lrexp train` would (a thread more than the free cores costs)
     command = " ".join(["python bench/bench.py", *argv])

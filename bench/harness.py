@@ -20,7 +20,7 @@ import torch
 
 from lrexp.lit.metrics import token_nll
 from lrexp.lit.optim import build_optimizer, build_scheduler
-from lrexp.model import build_model
+from lrexp.model.lm import build_model
 
 VOCAB = 2048  # the tiny scale's BPE
 

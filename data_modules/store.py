@@ -31,8 +31,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from lrexp.config import PROJECT_ROOT, ConfigError, RunConfig
-from lrexp.cpus import usable_cpus
-from lrexp.curriculum import stages
+from lrexp.runtime.cpus import usable_cpus
+from lrexp.train.curriculum import stages
 from lrexp.data_modules import tokenizer as tok_mod
 from lrexp.data_modules.corpora import (
     PROBES, SPLITS, Document, Listing, TableFile, fingerprint_key, list_corpus, split_of, table_documents,

@@ -4,7 +4,7 @@ tests/ on the path, pyproject.toml)."""
 import torch
 
 from lrexp import config
-from lrexp.model import build_model
+from lrexp.model.lm import build_model
 
 V = 64  # the vocabulary of every smoke model
 

@@ -13,7 +13,7 @@ from lrexp import config
 from lrexp.cache import PolicyError, build_policy
 from lrexp.cache.decode import BoundedDecoder, check_model
 from lrexp.cache.multistate import EMPTY, KVRows, evict
-from lrexp.model import build_model
+from lrexp.model.lm import build_model
 
 V = 64
 POLICIES = ("window", "sinks", "h2o", "tova")

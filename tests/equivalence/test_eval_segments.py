@@ -9,8 +9,8 @@ import torch
 
 from lrexp import config
 from lrexp.config import EXPERIMENTS
-from lrexp.model import build_model
-from lrexp.variants import get_variant
+from lrexp.model.lm import build_model
+from lrexp.model.variants import get_variant
 
 ROWS = sorted(p.stem for p in (EXPERIMENTS / "rows").glob("*.yaml"))
 V = 64

@@ -6,7 +6,7 @@ import torch
 from lrexp import config
 from lrexp.layers.feedback import StateReadingLayer
 from lrexp.layers.recurrent import RecurrentLayer
-from lrexp.model import build_model
+from lrexp.model.lm import build_model
 
 from smoke import V, smoke_model as _model
 

@@ -11,8 +11,8 @@ from lrexp import config
 from lrexp.attention import MaskSpec, attend
 from lrexp.layers.common import merge_heads
 from lrexp.layers.memorizing import MemorizingLayer, memory_stats, track_memory_stats
-from lrexp.model import build_model
-from lrexp.state import KNNMemory, StateError
+from lrexp.model.lm import build_model
+from lrexp.model.state import KNNMemory, StateError
 
 V = 64
 

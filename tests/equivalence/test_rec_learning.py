@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from lrexp import config
-from lrexp.model import build_model
+from lrexp.model.lm import build_model
 
 VOCAB, KEY, QUERY, FIRST_DIGIT, FIRST_FILLER = 32, 1, 2, 3, 13
 OVERRIDES = ["scale=smoke", "scale.num_layers=3", "model.window=4", "model.blocks_per_segment=10", "model.dropout=0",

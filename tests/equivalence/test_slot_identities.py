@@ -5,7 +5,7 @@ weights is Rec:fixed:skip; every option against the block-by-block reference cel
 import pytest
 import torch
 
-from lrexp.state import SlotState
+from lrexp.model.state import SlotState
 
 from oracles import reference_cell
 from smoke import V, random_tokens as _tokens, smoke_model as _model

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from lrexp import config
-from lrexp.model import build_model
-from lrexp.state import KNNMemory, ModelState, RecurrentState, StateError, XLCache
-from lrexp.svd_state import compress, truncate
+from lrexp.model.lm import build_model
+from lrexp.model.state import KNNMemory, ModelState, RecurrentState, StateError, XLCache
+from lrexp.model.svd_state import compress, truncate
 
 V = 64
 ROWS = ["xl512", "rec_fixed_skip"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lrexp import config
-from lrexp.model import build_model
+from lrexp.model.lm import build_model
 
 from oracles import dense_oracle
 

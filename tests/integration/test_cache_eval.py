@@ -14,7 +14,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from corpora import word_documents
-from lrexp import cli, config, train
+from lrexp import cli, config
+from lrexp.train import run as train
 from lrexp.lit.module import CHECKPOINT_META_KEY
 
 
@@ -78,7 +79,7 @@ def test_rows_the_policies_do_not_apply_to_and_bad_budgets_fail_before_any_work(
 
 def test_a_row_without_kv_caches_is_evaluated_by_its_own_forward_when_no_policy_is_asked(env, capsys):
     """A Rec row: `lrexp eval` without policies runs the model's forward over the same pass (`full`)."""
-    from lrexp.model import build_model
+    from lrexp.model.lm import build_model
 
     cfg = config.load(overrides=[*env["base"], "row=rec_fixed_skip"])
     vocab = torch.load(env["trained"]["checkpoint"], weights_only=True)[CHECKPOINT_META_KEY]["vocab_size"]
@@ -95,7 +96,7 @@ def test_a_row_without_kv_caches_is_evaluated_by_its_own_forward_when_no_policy_
 
 
 def test_a_grid_evaluate_section_is_checked_before_any_cell_trains(tmp_path):
-    from lrexp import grid
+    from lrexp.grid import runner as grid
 
     path = tmp_path / "g.yaml"
     for section, error in (({"model.window": 4}, "is not a policy.* key"),

@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 
 from corpora import word_documents
 from logged import logged
-from lrexp import grid
+from lrexp.grid import runner as grid
 from lrexp.commands import grid as grid_cmd
 
 

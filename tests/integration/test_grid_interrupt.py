@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 
 from corpora import word_documents
 from logged import logged
-from lrexp import grid
+from lrexp.grid import runner as grid
 from lrexp.lit.checkpoint import saved_step
 
 

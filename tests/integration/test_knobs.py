@@ -13,9 +13,10 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from corpora import word_documents
-from lrexp import config, train
+from lrexp import config
+from lrexp.train import run as train
 from lrexp.config import ConfigError
-from lrexp.curriculum import stages
+from lrexp.train.curriculum import stages
 from lrexp.data_modules import StreamDataModule, prepare
 from lrexp.data_modules.errors import DataError
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from corpora import word_documents
-from lrexp import config, train
+from lrexp import config
+from lrexp.train import run as train
 from lrexp.lit.checkpoint import CheckpointError
 
 # fp32: a batch of 2 lanes and one of 4 take different kernel paths, so sums are associated differently; after

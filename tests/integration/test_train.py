@@ -19,14 +19,15 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from corpora import word_documents
-from lrexp import config, train
+from lrexp import config
+from lrexp.train import run as train
 from lrexp.data_modules import prepare
 from lrexp.errors import Interrupted
 from lrexp.config import EXPERIMENTS
 from lrexp.lit import checkpoint as ckpt_mod
 from lrexp.lit import saving
-from lrexp.lit import tracking
-from lrexp.variants import row_name
+from lrexp.tracking import store as tracking
+from lrexp.model.variants import row_name
 
 ROWS = sorted(p.stem for p in (EXPERIMENTS / "rows").glob("*.yaml"))
 

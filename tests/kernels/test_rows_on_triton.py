@@ -9,7 +9,7 @@ import torch
 
 from lrexp import config
 from lrexp.config import EXPERIMENTS
-from lrexp.model import build_model
+from lrexp.model.lm import build_model
 
 V = 64
 ROWS = sorted(p.stem for p in (EXPERIMENTS / "rows").glob("*.yaml"))

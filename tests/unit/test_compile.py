@@ -5,8 +5,8 @@ import torch
 
 from lrexp import config
 from lrexp.config import ConfigError, EXPERIMENTS
-from lrexp.model import build_model
-from lrexp.validate import check_run
+from lrexp.model.lm import build_model
+from lrexp.train.validate import check_run
 
 ROWS = sorted(p.stem for p in (EXPERIMENTS / "rows").glob("*.yaml"))
 VOCAB = 512
@@ -67,7 +67,7 @@ def test_compile_on_a_cpu_without_a_compiler_is_one_line(monkeypatch):
 def test_a_compiled_run_trains_and_checkpoints_the_eager_keys(tmp_path):
     import math
 
-    from lrexp import train
+    from lrexp.train import run as train
 
     cfg = config.load(overrides=[
         "scale=smoke", "row=rec_fixed_skip", "train.compile=true", "train.accelerator=cpu", "train.max_steps=4",

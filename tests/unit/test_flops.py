@@ -6,8 +6,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lrexp import config
 from lrexp.config import EXPERIMENTS
-from lrexp.flops import forward_flops
-from lrexp.model import build_model
+from lrexp.model.flops import forward_flops
+from lrexp.model.lm import build_model
 
 ROWS = sorted(p.stem for p in (EXPERIMENTS / "rows").glob("*.yaml"))
 VOCAB, LANES = 512, 2

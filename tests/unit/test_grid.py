@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lrexp import config, grid
-from lrexp.grid import GridError
+from lrexp import config
+
+from lrexp.grid import runner as grid
+from lrexp.grid.runner import GridError
 
 
 def write(tmp_path: Path, name: str, data: dict) -> str:

@@ -17,7 +17,11 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from lrexp import config, grid, report
+from lrexp import config
+
+from lrexp.grid import runner as grid
+
+from lrexp.report import collect as report
 from lrexp.errors import Interrupted
 
 

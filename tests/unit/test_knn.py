@@ -9,9 +9,9 @@ from lrexp.attention.knn import (
 )
 from lrexp.config import ConfigError
 from lrexp.layers.memorizing import COMBINE
-from lrexp.model import build_model
-from lrexp.state import KNNMemory, ModelState, XLCache
-from lrexp.variants import VariantError, row_name
+from lrexp.model.lm import build_model
+from lrexp.model.state import KNNMemory, ModelState, XLCache
+from lrexp.model.variants import VariantError, row_name
 
 B, H, D = 3, 2, 8
 

@@ -4,7 +4,7 @@ import pytest
 
 from lrexp import config
 from lrexp.config import PROJECT_ROOT
-from lrexp.lit import tracking
+from lrexp.tracking import store as tracking
 
 
 def test_tracking_uri_is_config_then_environment_then_project_sqlite(monkeypatch):

@@ -3,7 +3,7 @@
 import io
 import json
 
-from lrexp.live import LiveLine, Running, grid_left, status
+from lrexp.grid.live import LiveLine, Running, grid_left, status
 
 
 class Terminal(io.StringIO):

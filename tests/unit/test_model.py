@@ -7,9 +7,9 @@ from lrexp import config
 from lrexp.attention import BACKENDS
 from lrexp.config import ConfigError
 from lrexp.errors import UserError
-from lrexp.model import build_model
-from lrexp.state import StateError
-from lrexp.variants import VARIANTS, row_name
+from lrexp.model.lm import build_model
+from lrexp.model.state import StateError
+from lrexp.model.variants import VARIANTS, row_name
 
 from smoke import V, smoke_model as _model
 

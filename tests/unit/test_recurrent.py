@@ -6,8 +6,8 @@ import torch
 from lrexp import config
 from lrexp.layers.gates import FixedGate, LSTMGate, build_gate, build_update
 from lrexp.layers.recurrent import RecurrentLayer
-from lrexp.model import build_model
-from lrexp.state import ModelState, RecurrentState
+from lrexp.model.lm import build_model
+from lrexp.model.state import ModelState, RecurrentState
 
 GATES = ("lstm", "fixed")
 TOPOLOGIES = ("dual", "single", "skip")

@@ -8,8 +8,8 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from lrexp import report
-from lrexp.report import ReportError
+from lrexp.report import collect as report
+from lrexp.report.collect import ReportError
 
 
 @pytest.fixture(scope="module")

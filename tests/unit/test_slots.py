@@ -8,7 +8,7 @@ from lrexp import config
 from lrexp.attention import MaskSpec, attend
 from lrexp.layers.gates import DualUpdate, SkipUpdate
 from lrexp.layers.slots import SlotLayer
-from lrexp.state import ModelState, SlotState, XLCache
+from lrexp.model.state import ModelState, SlotState, XLCache
 
 from smoke import V, smoke_model
 ON = "model.slots.enabled=true"

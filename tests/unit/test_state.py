@@ -5,8 +5,8 @@ import torch
 from torch import Tensor, nn
 
 from lrexp import config
-from lrexp.model import build_model
-from lrexp.state import KNNMemory, ModelState, StateError, XLCache
+from lrexp.model.lm import build_model
+from lrexp.model.state import KNNMemory, ModelState, StateError, XLCache
 
 
 @pytest.fixture(scope="module")

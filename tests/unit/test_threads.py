@@ -2,7 +2,9 @@
 
 import pytest
 
-from lrexp import config, train
+from lrexp import config
+
+from lrexp.train import run as train
 
 
 @pytest.mark.parametrize("overrides,env,cpus,want", [

@@ -11,8 +11,8 @@ import yaml
 from lrexp import cli, config
 from lrexp.config import ConfigError
 from lrexp.layers import LayerSpec
-from lrexp.validate import check_run
-from lrexp.variants import VARIANTS, Variant
+from lrexp.train.validate import check_run
+from lrexp.model.variants import VARIANTS, Variant
 
 
 @pytest.fixture
@@ -58,7 +58,7 @@ def test_grid_dry_run_checks_every_cell(wide, tmp_path, capsys, axis, bad):
 
 @pytest.mark.parametrize("bad", ["wide", "passkey"])
 def test_train_fails_before_its_mlflow_run(wide, tmp_path, bad):
-    from lrexp import train
+    from lrexp.train import run as train
 
     store = tmp_path / "mlflow.db"
     overrides = wide if bad == "wide" else PASSKEY_BPE

@@ -70,7 +70,7 @@ def overrides_of(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lrexp import evaluate
+    from lrexp.eval import run as evaluate
 
     args = _late_options(args)
     parent, _, folder = evaluate.run(args.checkpoint, overrides_of(args), args.out)

@@ -76,7 +76,7 @@ def _late_options(args: argparse.Namespace) -> argparse.Namespace:
 
 def _dry_run(g, steps=None) -> None:
     """The cells; with `steps` (a --resume plan) what the resume does with each."""
-    from lrexp.variants import row_name
+    from lrexp.model.variants import row_name
 
     print(
         f"grid {g.name} ({g.path}): {len(g.cells)} cell{'s' * (len(g.cells) != 1)} at scale {g.scale}; "
@@ -104,8 +104,8 @@ def _dry_run(g, steps=None) -> None:
 
 def _check_cells(g) -> None:
     """Every cell as `lrexp train` will check it, before any runs: a dry run that passes means the cells start."""
-    from lrexp.grid import GridError
-    from lrexp.validate import check_run
+    from lrexp.grid.runner import GridError
+    from lrexp.train.validate import check_run
 
     for cell in g.cells:
         try:
@@ -116,7 +116,7 @@ def _check_cells(g) -> None:
 
 def _pick(g, wanted: str):
     """A cell by its id or by its line number in `--list` (a job array's task id)."""
-    from lrexp.grid import GridError
+    from lrexp.grid.runner import GridError
 
     for cell in g.cells:
         if wanted in (cell.id, str(cell.index + 1)):
@@ -128,7 +128,7 @@ def _fan_out(args: argparse.Namespace) -> int:
     """--list, --new-parent and --cell."""
     import os
 
-    from lrexp import grid
+    from lrexp.grid import runner as grid
 
     parent_id = args.parent or os.environ.get(PARENT_ENV)
     g = grid.expand(args.name, args.overrides)
@@ -150,7 +150,8 @@ def _fan_out(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lrexp import grid, report
+    from lrexp.grid import runner as grid
+    from lrexp.report import collect as report
 
     args = _late_options(args)
     if args.list or args.new_parent or args.cell:
@@ -180,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nreport: {rep.files[0].parent} (also on the parent run's artifacts under report/)")
     failed = [r.cell.id for r in outcome.results if r.status == "FAILED"]
     if g.evaluate:  # the grid's `evaluate:` section: `lrexp eval` of every trained cell's checkpoint
-        from lrexp.evaluate import evaluate_grid
+        from lrexp.eval.run import evaluate_grid
 
         print()
         failed += [f"{c} (eval)" for c in evaluate_grid(g, outcome, rep.files[0].parent)]

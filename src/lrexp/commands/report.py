@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lrexp import report
+    from lrexp.report import collect as report
 
     chosen = [bool(args.name), bool(args.runs), bool(args.experiment)]
     if sum(chosen) != 1:

@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lrexp.validate import check_run
+    from lrexp.train.validate import check_run
 
     files, overrides = split_items(args.items)
     cfg = config.load(files, overrides)

@@ -21,8 +21,8 @@ def run(args: argparse.Namespace) -> int:
     from mlflow.tracking import MlflowClient
 
     from lrexp import config
-    from lrexp.lit import tracking
-    from lrexp.runs import latest_invocation, runs_url
+    from lrexp.tracking import store as tracking
+    from lrexp.tracking.names import latest_invocation, runs_url
 
     uri = tracking.tracking_uri(config.load())
     local = tracking.artifact_location(uri) is not None  # a sqlite store; anything else is a server

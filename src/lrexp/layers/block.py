@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from lrexp.attention import HeadScale, MaskSpec, RelativePositionBias, attend, l2_normalize, sliding_window_attention
 from lrexp.layers import LayerSpec, register_layer
 from lrexp.layers.common import FeedForward, RMSNorm, linear, merge_heads, split_heads
-from lrexp.state import XLCache
+from lrexp.model.state import XLCache
 
 if TYPE_CHECKING:
     from lrexp.config import RunConfig

@@ -22,7 +22,7 @@ from lrexp.attention import HeadScale, MaskSpec, attend, l2_normalize
 from lrexp.layers import LayerSpec, register_layer
 from lrexp.layers.block import AttentionLayer
 from lrexp.layers.common import linear, merge_heads, split_heads
-from lrexp.state import XLCache
+from lrexp.model.state import XLCache
 
 if TYPE_CHECKING:
     from lrexp.config import RunConfig

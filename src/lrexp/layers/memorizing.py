@@ -24,7 +24,7 @@ from lrexp.attention.knn import entry_age, gather, memory_attention, recall_at_k
 from lrexp.layers import LayerSpec, register_layer
 from lrexp.layers.block import AttentionLayer
 from lrexp.layers.common import merge_heads
-from lrexp.state import STATE_DTYPES, KNNMemory, StateError
+from lrexp.model.state import STATE_DTYPES, KNNMemory, StateError
 
 if TYPE_CHECKING:
     from lrexp.config import RunConfig

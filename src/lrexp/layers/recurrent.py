@@ -34,7 +34,7 @@ from lrexp.layers import LayerSpec, register_layer
 from lrexp.layers.common import RMSNorm, linear, merge_heads, split_heads
 from lrexp.layers.feedback import UNMASKED, StateReadingLayer
 from lrexp.layers.gates import build_update
-from lrexp.state import CellState, RecurrentState
+from lrexp.model.state import CellState, RecurrentState
 
 if TYPE_CHECKING:
     from lrexp.config import RunConfig

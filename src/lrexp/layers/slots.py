@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from lrexp.layers import register_layer
 from lrexp.layers.recurrent import CellOptions, RecurrentLayer
-from lrexp.state import SlotState
+from lrexp.model.state import SlotState
 
 if TYPE_CHECKING:
     from lrexp.config import RunConfig

@@ -24,7 +24,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lrexp.errors import Interrupted
-from lrexp.signals import StopSignals, name
+from lrexp.runtime.signals import StopSignals, name
 
 
 class LastCheckpoint(ModelCheckpoint):

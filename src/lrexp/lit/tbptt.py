@@ -27,8 +27,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from lrexp.curriculum import stages
-from lrexp.state import ModelState
+from lrexp.train.curriculum import stages
+from lrexp.model.state import ModelState
 
 CHECKPOINT_KEY = "lrexp_carried_state"
 

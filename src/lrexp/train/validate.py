@@ -43,7 +43,7 @@ def _check_compile(cfg: RunConfig) -> None:
 def _check_model(cfg: RunConfig, vocab_size: int) -> None:
     import torch
 
-    from lrexp.model import build_model
+    from lrexp.model.lm import build_model
 
     with torch.device("meta"):
         model = build_model(cfg, vocab_size)

@@ -53,18 +53,18 @@ import yaml
 from lrexp import config
 from lrexp.config import EXPERIMENTS, PROJECT_ROOT, ConfigError, RunConfig
 from lrexp.errors import Interrupted, UserError
-from lrexp.runs import (
+from lrexp.tracking.names import (
     FINAL_BPT, SEED_KEY, TAG_CELL, TAG_CHECKPOINT_DIR, TAG_CONTINUE, TAG_ERROR, TAG_GRID, TAG_GROUP, TAG_HASH,
     TAG_INDEX, TAG_INVOKED, TAG_OVERRIDES, TAG_PARENT, TAG_PID, TAG_REFERENCE, TAG_ROLE, latest_parent, parents,
     process_alive, process_tags,
 )
 from lrexp.cli import CPUS_ENV
-from lrexp.live import LiveLine, Running, duration
-from lrexp.live import grid_left as live_grid_left
-from lrexp.live import status as live_status
-from lrexp.store_server import SERVER_ENV
-from lrexp.signals import StopSignals
-from lrexp.signals import name as signal_name
+from lrexp.grid.live import LiveLine, Running, duration
+from lrexp.grid.live import grid_left as live_grid_left
+from lrexp.grid.live import status as live_status
+from lrexp.tracking.server import SERVER_ENV
+from lrexp.runtime.signals import StopSignals
+from lrexp.runtime.signals import name as signal_name
 
 GRIDS_DIR = EXPERIMENTS / "grids"
 RUNS_DIR = PROJECT_ROOT / "runs"
@@ -345,7 +345,7 @@ def _evaluate(raw: Dict[str, Any], cells: List[Cell], scale: Optional[str], wher
         _check_key(key, f"{where}, evaluate")
         items.append(f"{key}={_dotlist_value(_per_scale(value, scale, f'{where}: evaluate {key}'))}")
     if items:
-        from lrexp.evaluate import settings
+        from lrexp.eval.run import settings
 
         for cell in cells:
             try:
@@ -546,7 +546,7 @@ def slots(grid: Grid, jobs: int) -> Slots:
         raise GridError(f"--jobs must be at least 1 (got {jobs})")
     if jobs == 1:
         return Slots([None], [])
-    from lrexp.cpus import usable_cpus
+    from lrexp.runtime.cpus import usable_cpus
 
     cpus = sorted(os.sched_getaffinity(0))[:usable_cpus()]
     if jobs > len(cpus):
@@ -570,7 +570,7 @@ class Tracker:
     def __init__(self, uri: str, grid: Grid) -> None:
         from mlflow.tracking import MlflowClient
 
-        from lrexp.lit import tracking
+        from lrexp.tracking import store as tracking
 
         self.uri = uri
         self.grid = grid
@@ -879,7 +879,7 @@ class _Runner:
 
 
 def tracking_uri_of(grid: Grid) -> str:
-    from lrexp.lit import tracking
+    from lrexp.tracking import store as tracking
 
     return tracking.tracking_uri(grid.cells[0].config)
 
@@ -899,7 +899,7 @@ def _shared_store(tracker: Tracker, cells_at_once: int) -> Iterator[Optional[str
         return
     from mlflow.tracking import MlflowClient
 
-    from lrexp import store_server
+    from lrexp.tracking import server as store_server
 
     with store_server.serve(tracker.uri, store_server.artifact_root_of(tracker.uri)) as url:
         tracker.client = MlflowClient(url)

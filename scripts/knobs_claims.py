@@ -1,6 +1,6 @@
 """The claims of issue 16 (spec B.0) measured on the runs of grid `knobs`, at the grid's scale.
 
-    python bench/knobs_claims.py [--tokens 262144] [--drift-tokens 65536] [--out docs/results/knobs-tiny]
+    python scripts/knobs_claims.py [--tokens 262144] [--drift-tokens 65536] [--out docs/results/knobs-tiny]
 
 Reads the latest invocation of `lrexp grid knobs` from MLflow (run it first), then:
 
@@ -32,12 +32,12 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from lrexp import train
+from lrexp.train import run as train
 from lrexp.config import PROJECT_ROOT
 from lrexp.data_modules import prepare
-from lrexp.model import build_model
-from lrexp.report import find_parent
-from lrexp.runs import TAG_CHECKPOINT_DIR
+from lrexp.model.lm import build_model
+from lrexp.report.collect import find_parent
+from lrexp.tracking.names import TAG_CHECKPOINT_DIR
 
 ROWS = (("xl512", "xl", "XL:W"), ("rec_fixed_skip", "rec", "Rec:fixed:skip"))  # preset, model.variant, name
 KNOB_KEYS = {"row": "lrexp.row", "dtype": "model.state_dtype", "rank": "model.svd_state.rank",
@@ -262,8 +262,8 @@ def main() -> None:
     from mlflow.tracking import MlflowClient
 
     from lrexp import config
-    from lrexp.grid import expand
-    from lrexp.lit.tracking import tracking_uri
+    from lrexp.grid.runner import expand
+    from lrexp.tracking.store import tracking_uri
 
     client = MlflowClient(tracking_uri(config.load()))
     runs = grid_runs(client, args.grid)
@@ -298,7 +298,7 @@ def main() -> None:
         raise SystemExit(f"grid {args.grid}: cells not finished yet (variant, dtype, rank, curriculum): {missing}")
     (out / "claims.json").write_text(json.dumps({"streams": streams, "convergence": conv, "rank": rank}, indent=1))
     lines = [f"# Issue 16's claims at the {args.grid} grid's scale", "",
-             f"From `python bench/knobs_claims.py` on the latest `lrexp grid {args.grid}` (parent run "
+             f"From `python scripts/knobs_claims.py` on the latest `lrexp grid {args.grid}` (parent run "
              f"`{find_parent(client, args.grid).info.run_id}`); streams of {args.tokens:,} validation tokens, "
              f"batch 1, 1 CPU thread each.", "", *claims(streams, runs, conv, rank, args.drift_tokens), "",
              "## Streams", "", "| row | knob | N | tokens/s | bits/token | state B/lane | peak RSS MB | stream RSS "

@@ -30,9 +30,9 @@ from mlflow.tracking import MlflowClient
 from lrexp import config as config_mod
 from lrexp.config import PROJECT_ROOT, RunConfig
 from lrexp.errors import Interrupted, UserError
-from lrexp.runs import TAG_ERROR
-from lrexp.store_server import SERVER_ENV
-from lrexp.variants import row_name
+from lrexp.tracking.names import TAG_ERROR
+from lrexp.tracking.server import SERVER_ENV
+from lrexp.model.variants import row_name
 
 _SQLITE = "sqlite:///"
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}

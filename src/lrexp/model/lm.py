@@ -34,8 +34,8 @@ from lrexp.attention import resolve_backend
 from lrexp.errors import UserError
 from lrexp.layers import LayerSpec, build_layer
 from lrexp.layers.common import RMSNorm
-from lrexp.state import STATE_DTYPES, ModelState, StateError
-from lrexp.svd_state import compress
+from lrexp.model.state import STATE_DTYPES, ModelState, StateError
+from lrexp.model.svd_state import compress
 
 if TYPE_CHECKING:
     from lrexp.config import RunConfig
@@ -176,6 +176,6 @@ class LongRangeLM(nn.Module):
 
 def build_model(cfg: "RunConfig", vocab_size: int) -> LongRangeLM:
     """The model of cfg's variant: its per-layer specs assembled into one LongRangeLM."""
-    from lrexp.variants import layer_specs
+    from lrexp.model.variants import layer_specs
 
     return LongRangeLM(cfg, vocab_size, layer_specs(cfg))

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Dict, List, Tuple
 import torch
 from torch import Tensor
 
-from lrexp.state import ModelState, RecurrentState, SlotState, XLCache
+from lrexp.model.state import ModelState, RecurrentState, SlotState, XLCache
 
 if TYPE_CHECKING:
     from lrexp.config import SVDStateConfig

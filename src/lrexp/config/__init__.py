@@ -24,7 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from lrexp.errors import UserError
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+PROJECT_ROOT = Path(__file__).resolve().parents[3]
 EXPERIMENTS = PROJECT_ROOT / "experiments"
 
 
@@ -546,7 +546,7 @@ def _get(cfg: RunConfig, path: str) -> Any:
 def _check_registered(m: ModelConfig) -> None:
     """model.variant and model.attn.backend name entries of the model's registries (imported here, lazily)."""
     from lrexp.attention import BACKENDS
-    from lrexp.variants import VARIANTS
+    from lrexp.model.variants import VARIANTS
 
     for path, value, names in (("model.variant", m.variant, VARIANTS), ("model.attn.backend", m.attn.backend, BACKENDS)):
         if value not in names:
@@ -609,7 +609,7 @@ def resolve(cfg: RunConfig) -> RunConfig:
 
     _check_curriculum(cfg, segment_len, world * groups, knn_layers)
 
-    from lrexp.variants import VARIANTS
+    from lrexp.model.variants import VARIANTS
 
     eval_len = segment_len
     if VARIANTS[m.variant].segment_invariant:
@@ -629,7 +629,7 @@ def resolve(cfg: RunConfig) -> RunConfig:
         position_buckets=buckets,
     )
     if slot_layers:
-        from lrexp.variants import check_slot_places
+        from lrexp.model.variants import check_slot_places
 
         check_slot_places(cfg)
     return cfg

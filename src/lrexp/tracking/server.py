@@ -92,7 +92,7 @@ def _stop_group(proc: subprocess.Popen) -> None:
 
 def artifact_root_of(uri: str) -> str:
     """Where experiments created through the server keep artifacts: beside a sqlite database, as without one."""
-    from lrexp.lit import tracking
+    from lrexp.tracking import store as tracking
 
     root = tracking.artifact_location(uri)
     return root if root is not None else str(Path.cwd() / "mlartifacts")

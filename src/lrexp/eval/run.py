@@ -33,9 +33,9 @@ from lrexp.cache import Policy, build_policy
 from lrexp.cache.decode import BoundedDecoder, check_model
 from lrexp.config import PROJECT_ROOT, ConfigError, RunConfig
 from lrexp.errors import Interrupted, UserError
-from lrexp.runs import TAG_ERROR, TAG_PARENT, TAG_ROLE
-from lrexp.signals import StopSignals
-from lrexp.signals import name as signal_name
+from lrexp.tracking.names import TAG_ERROR, TAG_PARENT, TAG_ROLE
+from lrexp.runtime.signals import StopSignals
+from lrexp.runtime.signals import name as signal_name
 
 REPORTS_DIR = PROJECT_ROOT / "reports" / "eval"
 TAG_CHECKPOINT_RUN = "lrexp.checkpoint_run"  # the training run whose checkpoint an evaluation read
@@ -75,14 +75,14 @@ def load(checkpoint: str, overrides: Sequence[str] = ()):
     """(config, model, checkpoint info): the checkpoint's config with `overrides` (EVAL_KEYS only) on top,
     and its model in fp32 eval mode with the trained weights (read weights_only)."""
     from lrexp.lit import checkpoint as ckpt_mod
-    from lrexp.model import build_model
+    from lrexp.model.lm import build_model
 
     for item in overrides:
         key = item.split("=", 1)[0].strip()
         if not key.startswith(EVAL_KEYS):
             raise EvalError(f"'{key}' cannot be changed at evaluation (it is the checkpoint's); lrexp eval takes "
                             f"{', '.join(k.rstrip('.') + ('.*' if k.endswith('.') else '') for k in EVAL_KEYS)}")
-    from lrexp.train import resume_config
+    from lrexp.train.run import resume_config
 
     try:
         path = ckpt_mod.locate(checkpoint, config_mod.load().train.checkpoint_dir)
@@ -315,8 +315,8 @@ class EvalTracker:
                  tags: Dict[str, str]) -> None:
         from mlflow.tracking import MlflowClient
 
-        from lrexp.lit import tracking
-        from lrexp.variants import row_name
+        from lrexp.tracking import store as tracking
+        from lrexp.model.variants import row_name
 
         self.cfg, self.info = cfg, info
         uri = tracking.tracking_uri(cfg)
@@ -391,7 +391,7 @@ def table_lines(results: List[Result], context: int) -> List[str]:
 
 
 def markdown(cfg: RunConfig, results: List[Result], info: Dict[str, Any], source: str) -> str:
-    from lrexp.variants import row_name
+    from lrexp.model.variants import row_name
 
     p = cfg.policy
     mode = "token by token" if p.mode == "token" else f"block mode, b = {info['block']} (approximate for h2o, tova)"
@@ -464,7 +464,7 @@ def run(checkpoint: str, overrides: Sequence[str] = (), out: Optional[Path] = No
         tags: Optional[Dict[str, str]] = None, say=print) -> Tuple[str, List[Result], Path]:
     """The whole `lrexp eval`: everything checked first (checkpoint, row, policies, budgets, split), then
     evaluated, logged and reported; returns (the MLflow parent run id, the results, the report folder)."""
-    from lrexp.train import cpu_threads
+    from lrexp.train.run import cpu_threads
 
     cfg, model, info = load(checkpoint, overrides)
     split = SPLITS.get(cfg.policy.split)
@@ -503,7 +503,7 @@ def evaluate_grid(grid, outcome, report_dir: Path, say=print) -> List[str]:
     `evaluate:` overrides; each evaluation's parent run is tagged with the grid and its invocation's parent,
     its report written under `report_dir/eval/<cell>/`. Returns the cells whose evaluation failed."""
     from lrexp.lit import checkpoint as ckpt_mod
-    from lrexp.runs import TAG_CELL, TAG_GRID
+    from lrexp.tracking.names import TAG_CELL, TAG_GRID
 
     failed = []
     for result in outcome.results:

@@ -21,22 +21,22 @@ from lightning.pytorch.loggers import MLFlowLogger
 
 from lrexp import config as config_mod
 from lrexp.config import RunConfig
-from lrexp.cpus import usable_cpus
+from lrexp.runtime.cpus import usable_cpus
 from lrexp.errors import Interrupted
 from lrexp.data_modules import StreamDataModule, prepare
 from lrexp.data_modules.datamodule import eval_pass
 from lrexp.lit import checkpoint as ckpt_mod
-from lrexp.lit import tracking
+from lrexp.tracking import store as tracking
 from lrexp.lit.module import LMModule
 from lrexp.lit.perf import PerfCallback
 from lrexp.lit.progress import ProgressFile
 from lrexp.lit.saving import LastCheckpoint
 from lrexp.lit.seeding import StepSeedCallback
 from lrexp.lit.tbptt import TBPTTCallback
-from lrexp.model import build_model
-from lrexp.runs import TAG_CHECKPOINT_DIR, process_tags
-from lrexp.signals import StopSignals, name
-from lrexp.validate import check_run
+from lrexp.model.lm import build_model
+from lrexp.tracking.names import TAG_CHECKPOINT_DIR, process_tags
+from lrexp.runtime.signals import StopSignals, name
+from lrexp.train.validate import check_run
 
 # Metrics summarised as final/* at the end of a run (the final passes log their own final/val_*, final/test_*).
 _SUMMARY_PREFIXES = ("train/loss", "perf/")

@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from lrexp.config import PROJECT_ROOT
 from lrexp.errors import UserError
-from lrexp.runs import (
+from lrexp.tracking.names import (
     FINAL_BPT, SEED_KEY, TAG_CELL, TAG_ERROR, TAG_GROUP, TAG_INDEX, TAG_PARENT, TAG_REFERENCE, TAG_ROLE, latest_parent,
     parents,
 )
@@ -477,7 +477,7 @@ def build(
 
     if uri is None:
         from lrexp import config
-        from lrexp.lit import tracking
+        from lrexp.tracking import store as tracking
 
         uri = tracking.tracking_uri(config.load())
     name = grid_name(name)
@@ -532,7 +532,7 @@ def build_runs(
 
     if uri is None:
         from lrexp import config
-        from lrexp.lit import tracking
+        from lrexp.tracking import store as tracking
 
         uri = tracking.tracking_uri(config.load())
     client = MlflowClient(uri)
