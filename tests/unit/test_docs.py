@@ -143,8 +143,8 @@ def test_every_docs_citation_in_the_code_resolves():
 
 def test_a_dangling_code_citation_is_caught(tmp_path):
     cited = tmp_path / "cites.py"
-    docs = "docs/"  # split, so this file itself holds no dangling citation
-    cited.write_text(f'"""See {docs}models.md#gates, {docs}models.md#no-such-heading and {docs}nowhere.md."""\n')
+    page, nowhere = "docs/models" + ".md", "docs/nowhere" + ".md"  # split: this file holds no citation itself
+    cited.write_text(f'"""See {page}#gates, {page}#no-such-heading and {nowhere}."""\n')
     problems = citation_problems(cited)
     assert len(problems) == 2
     assert "no-such-heading" in problems[0] and "nowhere.md" in problems[1]
