@@ -103,8 +103,6 @@ def citation_problems(py: Path) -> List[str]:
     problems = []
     for number, line in enumerate(py.read_text(encoding="utf-8").splitlines(), 1):
         for match in DOCS_CITATION.finditer(line):
-            if "/results/" in match.group(1):
-                continue  # an output folder a script writes to, not a citation
             problem = link_problem(ROOT / "README.md", "docs/" + match.group(1) + (match.group(2) or ""))
             if problem:
                 problems.append(f"{shown(py)}:{number}: {problem}")
