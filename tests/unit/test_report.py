@@ -8,8 +8,11 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
+from lrexp import cli, config
 from lrexp.report import collect as report
+from lrexp.report import plots, tables
 from lrexp.report.collect import ReportError
+from lrexp.tracking.store import run_tags
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +31,11 @@ def parent(client, exp_id, grid, reference="", invoked=None):
 
 
 def child(client, exp_id, parent_id, cell, group, index, status="FINISHED", metrics=None, row="Rec:fixed:skip",
-          error=None, curve=()):
+          error=None, curve=(), preset=None):
     tags = {"mlflow.parentRunId": parent_id, "lrexp.cell": cell, "lrexp.group": group, "lrexp.cell_index": str(index),
             "lrexp.row": row}
+    if preset:
+        tags["lrexp.row_preset"] = preset
     if error:
         tags["lrexp.error"] = error
     run_id = client.create_run(exp_id, run_name=cell, tags=tags).info.run_id
@@ -107,7 +112,7 @@ def test_reference_falls_back_to_slide13_then_first(store, tmp_path):
     exp = client.create_experiment("lrexp-ref", artifact_location=str(store["root"] / "art"))
     pid = parent(client, exp, "ref", reference="row=gone")
     child(client, exp, pid, "row=a", "row=a", 0, metrics=finals(0.5, 3.0), row="XL:512")
-    child(client, exp, pid, "row=b", "row=b", 1, metrics=finals(0.25, 3.0), row="Slide:13L")
+    child(client, exp, pid, "row=b", "row=b", 1, metrics=finals(0.25, 3.0), row="Slide:13L", preset="slide13")
     rep = report.build("ref", tmp_path / "o1", uri=store["uri"])
     assert rep.reference == "row=b" and rep.rows[0].step_time_rel.mean == pytest.approx(2.0)
     rows, ref = report.aggregate([c for c in rep.cells if c.row == "XL:512"], "row=gone")
@@ -138,9 +143,9 @@ def test_missing_grid_is_one_line(store, tmp_path):
 
 
 def test_counts_and_buckets_format():
-    assert report._count(123456) == "123k" and report._count(2.5e6) == "2.5M" and report._count(12) == "12"
-    assert sorted(["1024", "64-256", "0-64"], key=report._bucket_low) == ["0-64", "64-256", "1024"]
-    assert [report._bucket_text(b) for b in ("0-64", "1024")] == ["0-64", "1024+"]
+    assert tables.count(123456) == "123k" and tables.count(2.5e6) == "2.5M" and tables.count(12) == "12"
+    assert sorted(["1024", "64-256", "0-64"], key=plots._bucket_low) == ["0-64", "64-256", "1024"]
+    assert [plots._bucket_text(b) for b in ("0-64", "1024")] == ["0-64", "1024+"]
 
 
 def test_probe_cells_add_an_answer_column_to_table_and_csv(store, tmp_path):
@@ -223,7 +228,8 @@ def test_single_runs_compare_by_id_and_by_experiment(store, tmp_path):
     exp = client.create_experiment("lrexp-singles", artifact_location=str(store["root"] / "art"))
     ids = {}
     for name, row, bpt in (("xl", "XL:512", 3.2), ("slide", "Slide:13L", 3.0), ("rec", "Rec:fixed:skip", 2.9)):
-        run_id = client.create_run(exp, run_name=name, tags={"lrexp.row": row}).info.run_id
+        tags = {"lrexp.row": row, **({"lrexp.row_preset": "slide13"} if name == "slide" else {})}
+        run_id = client.create_run(exp, run_name=name, tags=tags).info.run_id
         client.log_param(run_id, "train.seed", "0")
         for k, v in finals(0.5 if name == "slide" else 0.6, bpt).items():
             client.log_metric(run_id, k, v, step=4)
@@ -241,3 +247,26 @@ def test_single_runs_compare_by_id_and_by_experiment(store, tmp_path):
         report.build_runs(["nope"], out_dir=tmp_path / "x", uri=store["uri"])
     with pytest.raises(ReportError, match="no MLflow experiment 'gone'"):
         report.build_runs(experiment="gone", out_dir=tmp_path / "x", uri=store["uri"])
+
+
+def test_single_runs_at_tiny_scale_take_slide13_as_reference(store, tmp_path, capsys):
+    """The step-time reference is a row preset, which every run trained from one carries: at tiny scale
+    slide13 is Slide:5L, and `lrexp report --runs` still takes it (not the first run) as the reference."""
+    client = store["client"]
+    exp = client.create_experiment("lrexp-tiny", artifact_location=str(store["root"] / "art"))
+    ids = {}
+    for row, step_time in (("xl512", 0.6), ("slide13", 0.3)):
+        cfg = config.load(overrides=["scale=tiny", f"row={row}"])
+        run_id = client.create_run(exp, run_name=row, tags=run_tags(cfg)).info.run_id  # as `lrexp train` tags it
+        client.log_param(run_id, "train.seed", "0")
+        for k, v in finals(step_time, 3.0).items():
+            client.log_metric(run_id, k, v, step=4)
+        client.set_terminated(run_id, "FINISHED")
+        ids[row] = run_id
+    assert client.get_run(ids["slide13"]).data.tags["lrexp.row"] == "Slide:5L"
+    code = cli.main(["report", "--runs", ids["xl512"], ids["slide13"], "--out", str(tmp_path),
+                     "--tracking-uri", store["uri"]])
+    assert code == 0 and "relative to `slide13` (1.00 = 0.3 s)" in capsys.readouterr().out
+    rows, ref = report.aggregate(report.build_runs([ids["xl512"], ids["slide13"]], out_dir=tmp_path,
+                                                   uri=store["uri"]).cells, None)
+    assert ref == "slide13" and rows[0].step_time_rel.mean == pytest.approx(2.0)

@@ -3,7 +3,7 @@
 
 A trained row evaluated from its checkpoint (a file, a run's checkpoint folder or an MLflow run id) as a
 bounded multi-state RNN: `full` (the topline) and every policy x budget over the same targets as the
-training's final pass (lrexp.evaluate). The options set `policy.*` config keys (`lrexp show-config` lists
+training's final pass (lrexp.eval). The options set `policy.*` config keys (`lrexp show-config` lists
 them all: sinks, granularity, positions, tova_score_query, protect_first_i, protect_newest, h2o_heavy);
 key=value overrides may set any `policy.*` or `log.*` key.
 """
@@ -52,10 +52,10 @@ def overrides_of(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lrexp.eval import run as evaluate
+    from lrexp.eval.run import run as evaluate  # torch and the model only when evaluating, not at start-up
 
     args = late_options(args)
-    parent, _, folder = evaluate.run(args.checkpoint, overrides_of(args), args.out)
+    parent, _, folder = evaluate(args.checkpoint, overrides_of(args), args.out)
     print()
     print((folder / "table.md").read_text(), end="")
     print(f"\nreport: {folder} (MLflow parent run {parent})")
