@@ -54,7 +54,7 @@ def overrides_of(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from lrexp.eval.run import run as evaluate  # torch and the model only when evaluating, not at start-up
 
-    args = late_options(args)
+    args = late_options(args, _add_options, "eval")
     parent, _, folder = evaluate(args.checkpoint, overrides_of(args), args.out)
     print()
     print((folder / "table.md").read_text(), end="")

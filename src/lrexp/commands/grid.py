@@ -54,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _late_options(args: argparse.Namespace) -> argparse.Namespace:
     """Options written after NAME (`lrexp grid gates --dry-run scale=small`), then --jobs 1 unless given."""
-    args = late_options(args)
+    args = late_options(args, _add_options, "grid")
     args.jobs = 1 if args.jobs is None else args.jobs
     return args
 

@@ -20,14 +20,14 @@ def add_overrides(parser: argparse.ArgumentParser, add_options: AddOptions, help
     reads again from the overrides."""
     parser.add_argument("overrides", nargs=argparse.REMAINDER, metavar="key=value", help=help)
     add_options(parser)
-    parser.set_defaults(_add_options=add_options, _prog=parser.prog)
 
 
-def late_options(args: argparse.Namespace) -> argparse.Namespace:
-    """`args` with the options written among the overrides applied and taken out of them; an unknown option
-    is a one-line error."""
-    late = argparse.ArgumentParser(prog=args._prog, add_help=False)
-    args._add_options(late)
+def late_options(args: argparse.Namespace, add_options: AddOptions, command: str) -> argparse.Namespace:
+    """`args` of `lrexp COMMAND` with the options (`add_options`) written among the overrides applied and
+    taken out of them; an unknown option is a one-line error."""
+    prog = f"lrexp {command}"
+    late = argparse.ArgumentParser(prog=prog, add_help=False)
+    add_options(late)
     found, rest = late.parse_known_args(args.overrides)
     for key, value in vars(found).items():
         # given late: not None (an option not written) nor False (a flag not written, which must not undo
@@ -36,6 +36,6 @@ def late_options(args: argparse.Namespace) -> argparse.Namespace:
             setattr(args, key, value)
     unknown = [r for r in rest if r.startswith("-")]
     if unknown:
-        raise UserError(f"unknown option '{unknown[0]}' (see {args._prog} --help)")
+        raise UserError(f"unknown option '{unknown[0]}' (see {prog} --help)")
     args.overrides = rest
     return args

@@ -7,7 +7,7 @@ from typing import Sequence
 
 import torch
 
-from lrexp import config as config_mod
+from lrexp import config
 from lrexp.cache.decode import check_model
 from lrexp.config import ConfigError
 from lrexp.errors import UserError
@@ -33,7 +33,7 @@ def load(checkpoint: str, overrides: Sequence[str] = ()):
             raise EvalError(f"'{key}' cannot be changed at evaluation (it is the checkpoint's); lrexp eval takes "
                             f"{', '.join(k.rstrip('.') + ('.*' if k.endswith('.') else '') for k in EVAL_KEYS)}")
     try:
-        path = ckpt_mod.locate(checkpoint, config_mod.load().train.checkpoint_dir)
+        path = ckpt_mod.locate(checkpoint, config.load().train.checkpoint_dir)
     except ckpt_mod.CheckpointError:
         raise EvalError(f"no checkpoint '{checkpoint}': neither a checkpoint file, a run folder holding "
                         f"{ckpt_mod.LAST}, nor an MLflow run id with one under train.checkpoint_dir") from None

@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from lrexp import config as config_mod
+from lrexp import config
 from lrexp.cache import Policy, build_policy
 from lrexp.cache.decode import BoundedDecoder, holds_kv_caches
 from lrexp.config import ConfigError, RunConfig
@@ -33,6 +33,8 @@ POS_KEY = "bits_per_token_by_pos/"
 
 @dataclass
 class Result:
+    """One setting's scores over the pass."""
+
     policy: Policy
     stats: Dict[str, float]  # over every target: loss, bits_per_token, ..., bits_per_token_by_pos/<bucket>
     beyond: Dict[int, Dict[str, float]]  # C -> over the targets beyond C (`full`: at every budget evaluated)
@@ -74,7 +76,7 @@ def stream_config(cfg: RunConfig, context: int) -> RunConfig:
         return cfg
     lanes = cfg.derived.eval_lanes_per_rank
     try:
-        return config_mod.resolve(replace(
+        return config.resolve(replace(
             cfg, model=replace(cfg.model, segment_len=context),
             data=replace(cfg.data, tokens_per_step=lanes * context), train=replace(cfg.train, lane_groups=1)))
     except ConfigError as exc:
