@@ -9,8 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from lrexp import cli, config
-from lrexp.report import collect
-from lrexp.report import plots, tables
+from lrexp.report import collect, plots, tables
 from lrexp.report.collect import ReportError
 from lrexp.tracking.store import run_tags
 
@@ -208,7 +207,7 @@ def test_differences_to_the_reference_are_paired_by_seed_and_marked_when_unresol
 
 
 def test_each_invocation_keeps_its_report_folder_and_latest_points_at_the_newest(store, tmp_path, monkeypatch):
-    monkeypatch.setattr(report, "REPORTS_DIR", tmp_path / "reports")
+    monkeypatch.setattr(collect, "REPORTS_DIR", tmp_path / "reports")
     client = store["client"]
     exp = client.create_experiment("lrexp-twice", artifact_location=str(store["root"] / "art"))
     first = parent(client, exp, "twice", invoked=1_000)
