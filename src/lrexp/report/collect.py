@@ -17,8 +17,8 @@ Output under `reports/<grid>/<parent run id>/` (one folder per invocation; `repo
 at the newest): `table.md`, `table.csv`, `val_bits_per_token.png` (validation curves) and
 `loss_by_position.png` (final validation bits/token per bucket of position in the document, a band over
 seeds), written by `report.tables` and `report.plots`; all are logged as artifacts of the parent run under
-`report/`. `build_runs` makes the same table
-of single runs (`lrexp train`), named by run id or by experiment, under `reports/runs/<digest>/`.
+`report/`. `build_runs` makes the same table of single runs (`lrexp train`), named by run id or by
+experiment, under `reports/runs/<digest>/`.
 """
 
 from __future__ import annotations
