@@ -8,8 +8,10 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from lrexp.report import collect as report
+from lrexp import cli, config
+from lrexp.report import collect, plots, tables
 from lrexp.report.collect import ReportError
+from lrexp.tracking.store import run_tags
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +30,11 @@ def parent(client, exp_id, grid, reference="", invoked=None):
 
 
 def child(client, exp_id, parent_id, cell, group, index, status="FINISHED", metrics=None, row="Rec:fixed:skip",
-          error=None, curve=()):
+          error=None, curve=(), preset=None):
     tags = {"mlflow.parentRunId": parent_id, "lrexp.cell": cell, "lrexp.group": group, "lrexp.cell_index": str(index),
             "lrexp.row": row}
+    if preset:
+        tags["lrexp.row_preset"] = preset
     if error:
         tags["lrexp.error"] = error
     run_id = client.create_run(exp_id, run_name=cell, tags=tags).info.run_id
@@ -70,7 +74,7 @@ def test_table_seeds_failures_and_files(store, tmp_path):
     child(client, exp, pid, "window=8,seed=1", "window=8", 3, metrics=finals(0.3, 3.1), curve=[(4, 3.1)])
     child(client, exp, pid, "window=16,seed=0", "window=16", 4, status="FAILED", error="ConfigError: bad value")
 
-    rep = report.build("rep", tmp_path / "out", uri=store["uri"])
+    rep = collect.build("rep", tmp_path / "out", uri=store["uri"])
 
     assert [r.group for r in rep.rows] == ["window=4", "window=8", "window=16"]
     w4, w8, w16 = rep.rows
@@ -107,10 +111,10 @@ def test_reference_falls_back_to_slide13_then_first(store, tmp_path):
     exp = client.create_experiment("lrexp-ref", artifact_location=str(store["root"] / "art"))
     pid = parent(client, exp, "ref", reference="row=gone")
     child(client, exp, pid, "row=a", "row=a", 0, metrics=finals(0.5, 3.0), row="XL:512")
-    child(client, exp, pid, "row=b", "row=b", 1, metrics=finals(0.25, 3.0), row="Slide:13L")
-    rep = report.build("ref", tmp_path / "o1", uri=store["uri"])
+    child(client, exp, pid, "row=b", "row=b", 1, metrics=finals(0.25, 3.0), row="Slide:13L", preset="slide13")
+    rep = collect.build("ref", tmp_path / "o1", uri=store["uri"])
     assert rep.reference == "row=b" and rep.rows[0].step_time_rel.mean == pytest.approx(2.0)
-    rows, ref = report.aggregate([c for c in rep.cells if c.row == "XL:512"], "row=gone")
+    rows, ref = collect.aggregate([c for c in rep.cells if c.row == "XL:512"], "row=gone")
     assert ref == "row=a" and rows[0].step_time_rel.mean == pytest.approx(1.0)
 
 
@@ -121,26 +125,26 @@ def test_latest_invocation_and_explicit_parent(store, tmp_path):
     new = parent(client, exp, "two", invoked=2_000_000_000_000)
     a_child = child(client, exp, old, "a=1", "a=1", 0, metrics=finals(1.0, 3.0))
     child(client, exp, new, "a=2", "a=2", 0, metrics=finals(1.0, 3.0))
-    assert report.build("two", tmp_path / "o2", uri=store["uri"]).rows[0].group == "a=1"
-    assert report.build("two", tmp_path / "o3", parent_id=new, uri=store["uri"]).rows[0].group == "a=2"
+    assert collect.build("two", tmp_path / "o2", uri=store["uri"]).rows[0].group == "a=1"
+    assert collect.build("two", tmp_path / "o3", parent_id=new, uri=store["uri"]).rows[0].group == "a=2"
     with pytest.raises(ReportError, match="not a parent run"):
-        report.build("two", tmp_path / "o4", parent_id=a_child, uri=store["uri"])
+        collect.build("two", tmp_path / "o4", parent_id=a_child, uri=store["uri"])
 
 
 def test_missing_grid_is_one_line(store, tmp_path):
     with pytest.raises(ReportError) as err:
-        report.build("never_ran", tmp_path, uri=store["uri"])
+        collect.build("never_ran", tmp_path, uri=store["uri"])
     assert "no MLflow experiment 'lrexp-never_ran'" in str(err.value) and "lrexp grid never_ran" in str(err.value)
     client = store["client"]
     client.create_experiment("lrexp-empty", artifact_location=str(store["root"] / "art"))
     with pytest.raises(ReportError, match="holds no grid parent run"):
-        report.build("empty", tmp_path, uri=store["uri"])
+        collect.build("empty", tmp_path, uri=store["uri"])
 
 
 def test_counts_and_buckets_format():
-    assert report._count(123456) == "123k" and report._count(2.5e6) == "2.5M" and report._count(12) == "12"
-    assert sorted(["1024", "64-256", "0-64"], key=report._bucket_low) == ["0-64", "64-256", "1024"]
-    assert [report._bucket_text(b) for b in ("0-64", "1024")] == ["0-64", "1024+"]
+    assert tables.count(123456) == "123k" and tables.count(2.5e6) == "2.5M" and tables.count(12) == "12"
+    assert sorted(["1024", "64-256", "0-64"], key=plots._bucket_low) == ["0-64", "64-256", "1024"]
+    assert [plots._bucket_text(b) for b in ("0-64", "1024")] == ["0-64", "1024+"]
 
 
 def test_probe_cells_add_an_answer_column_to_table_and_csv(store, tmp_path):
@@ -150,7 +154,7 @@ def test_probe_cells_add_an_answer_column_to_table_and_csv(store, tmp_path):
     for seed, answer in enumerate((3.0, 3.4)):
         metrics = {**finals(0.2, 2.0, 0.8), "final/val_answer_bits_per_token": answer}
         child(client, exp, pid, f"window=4,seed={seed}", "window=4", seed, metrics=metrics)
-    rep = report.build("probe", tmp_path, uri=store["uri"])
+    rep = collect.build("probe", tmp_path, uri=store["uri"])
     header, _, line = [ln for ln in rep.markdown.splitlines() if ln.startswith("|")][:3]
     assert header.split(" | ")[5:11] == ["bits/token", "Δ bits/token", "test bits/token", "bits/byte",
                                          "answer bits/token", "targets"]
@@ -165,7 +169,7 @@ def test_cells_that_log_their_carried_state_bytes_add_a_column(store, tmp_path):
     pid = parent(client, exp, "statebytes")
     for index, (cell, size) in enumerate((("dtype=float32", 32768), ("dtype=bfloat16", 16384))):
         child(client, exp, pid, cell, cell, index, metrics={**finals(0.2, 2.0), "final/state_bytes_per_lane": size})
-    rep = report.build("statebytes", tmp_path, uri=store["uri"])
+    rep = collect.build("statebytes", tmp_path, uri=store["uri"])
     header, _, *lines = [ln for ln in rep.markdown.splitlines() if ln.startswith("|")]
     at = header.split(" | ").index("state bytes/lane")
     assert header.split(" | ")[at - 1] == "params" and [ln.split(" | ")[at] for ln in lines] == ["32.8k", "16.4k"]
@@ -188,7 +192,7 @@ def test_differences_to_the_reference_are_paired_by_seed_and_marked_when_unresol
         child(client, exp, pid, f"row=xl,seed={s}", "row=xl", 2,
               metrics={**finals(1.0, ref + (0.2, -0.15, 0.05)[s]), "final/val_targets": 5000})
     child(client, exp, pid, "row=one,seed=0", "row=one", 3, metrics={**finals(1.0, 5.7), "final/val_targets": 5000})
-    rep = report.build("pairs", tmp_path, uri=store["uri"])
+    rep = collect.build("pairs", tmp_path, uri=store["uri"])
     slide, rec, xl, one = rep.rows
     assert rec.delta.stat.mean == pytest.approx(-0.029) and rec.delta.stat.n == 3 and rec.delta.resolved
     assert xl.delta.stat.mean == pytest.approx(1 / 30) and not xl.delta.resolved
@@ -203,15 +207,15 @@ def test_differences_to_the_reference_are_paired_by_seed_and_marked_when_unresol
 
 
 def test_each_invocation_keeps_its_report_folder_and_latest_points_at_the_newest(store, tmp_path, monkeypatch):
-    monkeypatch.setattr(report, "REPORTS_DIR", tmp_path / "reports")
+    monkeypatch.setattr(collect, "REPORTS_DIR", tmp_path / "reports")
     client = store["client"]
     exp = client.create_experiment("lrexp-twice", artifact_location=str(store["root"] / "art"))
     first = parent(client, exp, "twice", invoked=1_000)
     child(client, exp, first, "a=1", "a=1", 0, metrics=finals(1.0, 3.0))
-    report.build("twice", uri=store["uri"])
+    collect.build("twice", uri=store["uri"])
     second = parent(client, exp, "twice", invoked=2_000)
     child(client, exp, second, "a=2", "a=2", 0, metrics=finals(1.0, 2.0))
-    rep = report.build("twice", uri=store["uri"])
+    rep = collect.build("twice", uri=store["uri"])
     folder = tmp_path / "reports" / "twice"
     assert rep.files[0] == folder / second / "table.md"
     assert "`a=1`" in (folder / first / "table.md").read_text()  # the ad-hoc run did not overwrite it
@@ -223,21 +227,45 @@ def test_single_runs_compare_by_id_and_by_experiment(store, tmp_path):
     exp = client.create_experiment("lrexp-singles", artifact_location=str(store["root"] / "art"))
     ids = {}
     for name, row, bpt in (("xl", "XL:512", 3.2), ("slide", "Slide:13L", 3.0), ("rec", "Rec:fixed:skip", 2.9)):
-        run_id = client.create_run(exp, run_name=name, tags={"lrexp.row": row}).info.run_id
+        tags = {"lrexp.row": row, **({"lrexp.row_preset": "slide13"} if name == "slide" else {})}
+        run_id = client.create_run(exp, run_name=name, tags=tags).info.run_id
         client.log_param(run_id, "train.seed", "0")
         for k, v in finals(0.5 if name == "slide" else 0.6, bpt).items():
             client.log_metric(run_id, k, v, step=4)
         client.set_terminated(run_id, "FINISHED")
         ids[name] = run_id
-    by_id = report.build_runs([ids["xl"], ids["slide"]], out_dir=tmp_path / "ids", uri=store["uri"])
+    by_id = collect.build_runs([ids["xl"], ids["slide"]], out_dir=tmp_path / "ids", uri=store["uri"])
     assert [r.group for r in by_id.rows] == ["xl", "slide"] and by_id.reference == "slide"
     assert by_id.rows[0].delta.stat.mean == pytest.approx(0.2)
-    by_exp = report.build_runs(experiment="lrexp-singles", out_dir=tmp_path / "exp", uri=store["uri"],
+    by_exp = collect.build_runs(experiment="lrexp-singles", out_dir=tmp_path / "exp", uri=store["uri"],
                                reference="rec")
     assert [r.group for r in by_exp.rows] == ["xl", "slide", "rec"] and by_exp.reference == "rec"
     assert by_exp.rows[1].step_time_rel.mean == pytest.approx(0.5 / 0.6)
     assert (tmp_path / "exp" / "table.md").is_file()
     with pytest.raises(ReportError, match="no MLflow run 'nope'"):
-        report.build_runs(["nope"], out_dir=tmp_path / "x", uri=store["uri"])
+        collect.build_runs(["nope"], out_dir=tmp_path / "x", uri=store["uri"])
     with pytest.raises(ReportError, match="no MLflow experiment 'gone'"):
-        report.build_runs(experiment="gone", out_dir=tmp_path / "x", uri=store["uri"])
+        collect.build_runs(experiment="gone", out_dir=tmp_path / "x", uri=store["uri"])
+
+
+def test_single_runs_at_tiny_scale_take_slide13_as_reference(store, tmp_path, capsys):
+    """The step-time reference is a row preset, which every run trained from one carries: at tiny scale
+    slide13 is Slide:5L, and `lrexp report --runs` still takes it (not the first run) as the reference."""
+    client = store["client"]
+    exp = client.create_experiment("lrexp-tiny", artifact_location=str(store["root"] / "art"))
+    ids = {}
+    for row, step_time in (("xl512", 0.6), ("slide13", 0.3)):
+        cfg = config.load(overrides=["scale=tiny", f"row={row}"])
+        run_id = client.create_run(exp, run_name=row, tags=run_tags(cfg)).info.run_id  # as `lrexp train` tags it
+        client.log_param(run_id, "train.seed", "0")
+        for k, v in finals(step_time, 3.0).items():
+            client.log_metric(run_id, k, v, step=4)
+        client.set_terminated(run_id, "FINISHED")
+        ids[row] = run_id
+    assert client.get_run(ids["slide13"]).data.tags["lrexp.row"] == "Slide:5L"
+    code = cli.main(["report", "--runs", ids["xl512"], ids["slide13"], "--out", str(tmp_path),
+                     "--tracking-uri", store["uri"]])
+    assert code == 0 and "relative to `slide13` (1.00 = 0.3 s)" in capsys.readouterr().out
+    rows, ref = collect.aggregate(collect.build_runs([ids["xl512"], ids["slide13"]], out_dir=tmp_path,
+                                                   uri=store["uri"]).cells, None)
+    assert ref == "slide13" and rows[0].step_time_rel.mean == pytest.approx(2.0)

@@ -59,11 +59,16 @@ class DecodeState:
         return self.lanes(index.to(self.next_pos.device))
 
 
+def holds_kv_caches(model) -> bool:
+    """Whether every layer holds a plain KV cache (Full, XL, Slide), the one kind the policies apply to."""
+    return all(s.kind == "attention" for s in model.specs)
+
+
 def check_model(model) -> None:
-    """A one-line error unless every layer holds a plain KV cache (A.1: Rec, Feedback and Memorizing rows
-    update their state or memory from whole blocks or segments, which eviction is undefined against)."""
-    other = sorted({s.kind for s in model.specs if s.kind != "attention"})
-    if other:
+    """A one-line error unless `holds_kv_caches` (A.1: Rec, Feedback and Memorizing rows update their state
+    or memory from whole blocks or segments, which eviction is undefined against)."""
+    if not holds_kv_caches(model):
+        other = sorted({s.kind for s in model.specs if s.kind != "attention"})
         raise PolicyError(f"cache policies apply to models whose layers hold plain KV caches (Full, XL, Slide); "
                           f"this one has {', '.join(other)} layers, whose state or memory reads whole blocks")
 

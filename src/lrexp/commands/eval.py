@@ -3,7 +3,7 @@
 
 A trained row evaluated from its checkpoint (a file, a run's checkpoint folder or an MLflow run id) as a
 bounded multi-state RNN: `full` (the topline) and every policy x budget over the same targets as the
-training's final pass (lrexp.evaluate). The options set `policy.*` config keys (`lrexp show-config` lists
+training's final pass (lrexp.eval). The options set `policy.*` config keys (`lrexp show-config` lists
 them all: sinks, granularity, positions, tova_score_query, protect_first_i, protect_newest, h2o_heavy);
 key=value overrides may set any `policy.*` or `log.*` key.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lrexp.errors import UserError
+from lrexp.commands.options import add_overrides, late_options
 
 # option -> the policy.* key it sets
 _OPTIONS = {"split": "split", "policy": "names", "budget": "budgets", "mode": "mode", "block": "block",
@@ -35,25 +35,7 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", metavar="CHECKPOINT", help="a last.ckpt, its run folder, or the MLflow run id")
-    parser.add_argument("overrides", nargs=argparse.REMAINDER, metavar="key=value",
-                        help="policy.* and log.* config keys (options may follow)")
-    _add_options(parser)
-
-
-def _late_options(args: argparse.Namespace) -> argparse.Namespace:
-    """Options written after an override (`lrexp eval CKPT policy.sinks=2 --policy sinks`): argparse leaves
-    everything after the first override to the overrides, so they are parsed from there."""
-    late = argparse.ArgumentParser(prog="lrexp eval", add_help=False)
-    _add_options(late)
-    found, rest = late.parse_known_args(args.overrides)
-    for key, value in vars(found).items():
-        if value is not None:
-            setattr(args, key, value)
-    unknown = [r for r in rest if r.startswith("-")]
-    if unknown:
-        raise UserError(f"unknown option '{unknown[0]}' (see lrexp eval --help)")
-    args.overrides = rest
-    return args
+    add_overrides(parser, _add_options, "policy.* and log.* config keys (options may follow)")
 
 
 def overrides_of(args: argparse.Namespace) -> list[str]:
@@ -70,10 +52,10 @@ def overrides_of(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lrexp.eval import run as evaluate
+    from lrexp.eval.run import run as evaluate  # torch and the model only when evaluating, not at start-up
 
-    args = _late_options(args)
-    parent, _, folder = evaluate.run(args.checkpoint, overrides_of(args), args.out)
+    args = late_options(args, _add_options, "eval")
+    parent, _, folder = evaluate(args.checkpoint, overrides_of(args), args.out)
     print()
     print((folder / "table.md").read_text(), end="")
     print(f"\nreport: {folder} (MLflow parent run {parent})")

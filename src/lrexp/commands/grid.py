@@ -18,6 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from lrexp.commands.options import add_overrides, late_options
 from lrexp.errors import UserError
 
 PARENT_ENV = "LREXP_GRID_PARENT"
@@ -32,7 +33,7 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
         "FINISHED there with the same config, train on those that only had fewer train.max_steps or were "
         "stopped after a checkpoint",
     )
-    parser.add_argument("--jobs", type=int, metavar="K",  # None: not given (see _late_options), 1
+    parser.add_argument("--jobs", type=int, metavar="K",  # None: not given (see _late_options): 1
                         help="train K cells at once, each on its own share of the CPU cores and, on a GPU machine, "
                         "its own train.devices GPUs; their runs reach the store through one local MLflow server")
     parser.add_argument("--list", action="store_true", help="print the cell ids, one a line, in grid order")
@@ -47,29 +48,13 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", metavar="NAME", help="a grid in experiments/grids, or the path of a grid YAML")
-    parser.add_argument(
-        "overrides",
-        nargs=argparse.REMAINDER,  # options may follow (see _late_options)
-        metavar="key=value",
-        help="applied to every cell (scale=NAME picks the scale); key=[a,b] makes key an axis with these "
-        "values, key=v on an axis key pins it; train.seed=[0,1] sets the seeds",
-    )
-    _add_options(parser)
+    add_overrides(parser, _add_options, "applied to every cell (scale=NAME picks the scale); key=[a,b] makes key "
+                  "an axis with these values, key=v on an axis key pins it; train.seed=[0,1] sets the seeds")
 
 
 def _late_options(args: argparse.Namespace) -> argparse.Namespace:
-    """Options written after NAME (`lrexp grid gates --dry-run scale=small`): argparse leaves everything
-    after the first positional to the overrides, so they are parsed from there."""
-    late = argparse.ArgumentParser(prog="lrexp grid", add_help=False)
-    _add_options(late)
-    found, rest = late.parse_known_args(args.overrides)
-    for key, value in vars(found).items():
-        if value is not None and value is not False:  # not `in`: --jobs 0 == False
-            setattr(args, key, value)
-    unknown = [r for r in rest if r.startswith("-")]
-    if unknown:
-        raise UserError(f"unknown option '{unknown[0]}' (see lrexp grid --help)")
-    args.overrides = rest
+    """Options written after NAME (`lrexp grid gates --dry-run scale=small`), then --jobs 1 unless given."""
+    args = late_options(args, _add_options, "grid")
     args.jobs = 1 if args.jobs is None else args.jobs
     return args
 

@@ -25,14 +25,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from lightning.pytorch.utilities import rank_zero_only
 
-    from lrexp import train  # Lightning, MLflow and the model only when training
+    from lrexp.train.run import resume_config, run as train_run  # Lightning, MLflow, the model: only to train
 
     files, overrides = split_items(args.items)
     if args.resume:
-        cfg, _ = train.resume_config(args.resume, files, overrides)
+        cfg, _ = resume_config(args.resume, files, overrides)
     else:
         cfg = config.load(files, overrides)
-    result = train.run(cfg, resume=args.resume)
+    result = train_run(cfg, resume=args.resume)
     if rank_zero_only.rank == 0:  # under DDP every rank runs this command
         print(json.dumps(result, sort_keys=True), flush=True)
     return 0

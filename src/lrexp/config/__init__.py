@@ -23,6 +23,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lrexp.errors import UserError
+from lrexp.tracking.names import TAG_ROW_PRESET
 
 PROJECT_ROOT = Path(__file__).resolve().parents[3]
 EXPERIMENTS = PROJECT_ROOT / "experiments"
@@ -448,6 +449,8 @@ def compose(files: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> 
     layers.append((f"scale {selected['scale']}", _read_yaml(preset_path("scale", selected["scale"]))))
     if selected["row"]:
         layers.append((f"row {selected['row']}", _read_yaml(preset_path("row", selected["row"]))))
+        # the run is tagged with its preset: the report's step-time reference is a preset (REFERENCE_ROW)
+        layers.append((f"row {selected['row']}", {"log": {"tags": {TAG_ROW_PRESET: selected["row"]}}}))
     layers.extend((str(f), _read_yaml(Path(f))) for f in files)
 
     cfg = OmegaConf.structured(RunConfig)

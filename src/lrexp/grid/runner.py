@@ -56,7 +56,7 @@ from lrexp.errors import Interrupted, UserError
 from lrexp.tracking.names import (
     FINAL_BPT, SEED_KEY, TAG_CELL, TAG_CHECKPOINT_DIR, TAG_CONTINUE, TAG_ERROR, TAG_GRID, TAG_GROUP, TAG_HASH,
     TAG_INDEX, TAG_INVOKED, TAG_OVERRIDES, TAG_PARENT, TAG_PID, TAG_REFERENCE, TAG_ROLE, latest_parent, parents,
-    process_alive, process_tags,
+    REFERENCE_ROW, process_alive, process_tags,
 )
 from lrexp.cli import CPUS_ENV
 from lrexp.grid.live import LiveLine, Running, duration
@@ -68,7 +68,6 @@ from lrexp.runtime.signals import name as signal_name
 
 GRIDS_DIR = EXPERIMENTS / "grids"
 RUNS_DIR = PROJECT_ROOT / "runs"
-REFERENCE_ROW = "slide13"  # Table 1 normalises step time by Slide:13L
 _FILE_KEYS = ("description", "base", "axes", "seeds", "reference", "evaluate")
 
 
@@ -345,7 +344,7 @@ def _evaluate(raw: Dict[str, Any], cells: List[Cell], scale: Optional[str], wher
         _check_key(key, f"{where}, evaluate")
         items.append(f"{key}={_dotlist_value(_per_scale(value, scale, f'{where}: evaluate {key}'))}")
     if items:
-        from lrexp.eval.run import settings
+        from lrexp.eval.passes import settings
 
         for cell in cells:
             try:

@@ -4,8 +4,8 @@ The grid's parent run names its children (`mlflow.parentRunId`); each child carr
 (the cell id without the seed) and position as tags, and its summary as `final/*` metrics. Per cell the
 latest FINISHED run counts (a resumed grid may hold a failed attempt too), else the latest run. Cells
 of one group (seeds) are averaged: mean ± sample standard deviation. Step time is the median step time of
-a cell (`perf/step_time_s`, after warm-up) divided by that of the reference group the parent names
-(Table 1 divides by Slide:13L).
+a cell (`perf/step_time_s`, after warm-up) divided by that of the reference group: the one the parent
+names, else the first trained from the row preset `REFERENCE_ROW` (slide13: Table 1 divides by Slide:13L).
 
 Bits are those of the final passes over the whole validation and test splits, which score the same
 targets in every row (the `targets` column shows it). The difference to the reference group is paired by
@@ -16,40 +16,30 @@ resolve it. With one seed no spread is known, and the table says so instead of p
 Output under `reports/<grid>/<parent run id>/` (one folder per invocation; `reports/<grid>/latest` points
 at the newest): `table.md`, `table.csv`, `val_bits_per_token.png` (validation curves) and
 `loss_by_position.png` (final validation bits/token per bucket of position in the document, a band over
-seeds); all are logged as artifacts of the parent run under `report/`. `build_runs` makes the same table
-of single runs (`lrexp train`), named by run id or by experiment, under `reports/runs/<digest>/`.
+seeds), written by `report.tables` and `report.plots`; all are logged as artifacts of the parent run under
+`report/`. `build_runs` makes the same table of single runs (`lrexp train`), named by run id or by
+experiment, under `reports/runs/<digest>/`.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from lrexp import config
 from lrexp.config import PROJECT_ROOT
 from lrexp.errors import UserError
+from lrexp.report import plots, tables
 from lrexp.tracking.names import (
-    FINAL_BPT, SEED_KEY, TAG_CELL, TAG_ERROR, TAG_GROUP, TAG_INDEX, TAG_PARENT, TAG_REFERENCE, TAG_ROLE, latest_parent,
-    parents,
+    FINAL_ANSWER, FINAL_BPB, FINAL_BPT, FINAL_PARAMS, FINAL_STATE_BYTES, FINAL_STEP_TIME, FINAL_TARGETS,
+    FINAL_TEST_BPT, FINAL_TOKENS, REFERENCE_ROW, SEED_KEY, TAG_CELL, TAG_ERROR, TAG_GROUP, TAG_INDEX, TAG_PARENT,
+    TAG_REFERENCE, TAG_ROLE, TAG_ROW_PRESET, latest_parent, parents,
 )
 
 REPORTS_DIR = PROJECT_ROOT / "reports"
-
-# Metric names the training command logs (src/lrexp/train.py, src/lrexp/lit/).
-VAL_BPT = "val/bits_per_token"
-FINAL_BPB = "final/val_bits_per_byte"
-FINAL_TEST_BPT = "final/test_bits_per_token"
-FINAL_TARGETS = "final/val_targets"
-FINAL_ANSWER = "final/val_answer_bits_per_token"  # probe corpora only
-FINAL_STEP_TIME = "final/step_time_s"
-FINAL_PARAMS = "final/params"
-FINAL_TOKENS = "final/tokens_seen"
-FINAL_STATE_BYTES = "final/state_bytes_per_lane"  # carried floats per lane in model.state_dtype (B.4)
-# + a bucket: "0-64", "64-256", ..., "1024" (the last, open bucket: MLflow names cannot hold its "+")
-FINAL_POS_PREFIX = "final/val_bits_per_token_by_pos_"
 
 
 class ReportError(UserError):
@@ -69,6 +59,7 @@ class CellRun:
     metrics: Dict[str, float]
     error: Optional[str] = None
     seed: Optional[str] = None
+    preset: Optional[str] = None  # the row preset it trained from (TAG_ROW_PRESET; runs before it: None)
 
 
 @dataclass
@@ -238,16 +229,18 @@ def collect(client, parent) -> List[CellRun]:
                 metrics=dict(run.data.metrics),
                 error=tags.get(TAG_ERROR),
                 seed=params.get(SEED_KEY),
+                preset=tags.get(TAG_ROW_PRESET),
             )
         )
     return sorted(cells, key=lambda c: (c.index, c.cell))
 
 
-def aggregate(cells: List[CellRun], reference: Optional[str]) -> Tuple[List[GroupRow], Optional[str]]:
+def aggregate(cells: List[CellRun], reference: Optional[str],
+              preset: str = REFERENCE_ROW) -> Tuple[List[GroupRow], Optional[str]]:
     """Rows per group in grid order, and the group the step time is relative to.
 
-    The reference is the parent's; when it has no finished run with a step time, the first finished
-    Slide:13L group, else the first group with one.
+    The reference is the group `reference` (the parent's); when it has no finished run with a step time,
+    the first such group trained from the row preset `preset`, else the first group with one.
     """
     groups: Dict[str, List[CellRun]] = {}
     for c in cells:
@@ -272,7 +265,7 @@ def aggregate(cells: List[CellRun], reference: Optional[str]) -> Tuple[List[Grou
 
     timed = [r for r in rows if r.step_time_s.mean]
     ref = next((r for r in timed if r.group == reference), None)
-    ref = ref or next((r for r in timed if r.row == "Slide:13L"), None) or (timed[0] if timed else None)
+    ref = ref or next((r for r in timed if r.cells[0].preset == preset), None) or (timed[0] if timed else None)
     for r in rows:
         r.step_time_rel = r.step_time_s.scaled(ref.step_time_s.mean if ref else None)
     ref_bits = next((r for r in rows if r.group == reference), None) or ref
@@ -285,203 +278,23 @@ def aggregate(cells: List[CellRun], reference: Optional[str]) -> Tuple[List[Grou
     return rows, (ref.group if ref else None)
 
 
-# --------------------------------------------------------------------------------------------------
-# Writing
-# --------------------------------------------------------------------------------------------------
+def _client(uri: Optional[str]):
+    """(an MLflow client, its URI): of `uri`, else of the project's store."""
+    from mlflow.tracking import MlflowClient  # MLflow when a report is made, not when `lrexp` starts
 
+    from lrexp.tracking.store import tracking_uri  # the store module imports Lightning (its MLflow logger)
 
-def _count(value: Optional[float]) -> str:
-    if value is None:
-        return "–"
-    for size, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= size:
-            return f"{value / size:.3g}{unit}"
-    return f"{value:.0f}"
-
-
-COLUMNS = ["cell", "row", "N", "W", "step time", "bits/token", "Δ bits/token", "test bits/token", "bits/byte",
-           "targets", "params", "tokens seen", "seeds", "status"]
-ANSWER_COLUMN = "answer bits/token"  # after bits/byte, when a cell trained on a probe corpus
-STATE_BYTES_COLUMN = "state bytes/lane"  # after params, when a cell logged it (runs before it did not)
-
-
-def _bits(stat: Stat) -> str:
-    """Four decimals with a spread, three without: one seed's fourth digit means nothing."""
-    return stat.text(4) if stat.std is not None else stat.text(3)
-
-
-def table_lines(rows: List[GroupRow]) -> List[str]:
-    answers = any(r.answer_bits.mean is not None for r in rows)
-    state = any(r.state_bytes.mean is not None for r in rows)
-    columns = list(COLUMNS)
-    if state:
-        columns.insert(columns.index("params") + 1, STATE_BYTES_COLUMN)
-    if answers:
-        columns.insert(columns.index("bits/byte") + 1, ANSWER_COLUMN)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for r in rows:
-        cells = [
-            f"`{r.group}`", r.row, r.segment_len, r.window, r.step_time_rel.text(2), _bits(r.bits_per_token),
-            r.delta.text(), _bits(r.test_bits_per_token), _bits(r.bits_per_byte),
-            *([_bits(r.answer_bits)] if answers else []), _count(r.targets.mean), _count(r.params.mean),
-            *([_count(r.state_bytes.mean)] if state else []), _count(r.tokens_seen.mean), f"{len(r.finished)}/{len(r.cells)}", r.status,
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
-
-
-def targets_note(rows: List[GroupRow]) -> str:
-    """Whether every finished cell scored the same number of validation targets."""
-    counts = {c.metrics.get(FINAL_TARGETS) for r in rows for c in r.finished}
-    if counts == {None} or not counts:
-        return "No cell logged its scored targets (runs from before the fair final pass)."
-    if len(counts) == 1:
-        return f"Every cell scored the same {int(counts.pop()):,} validation targets."
-    return ("Cells scored different numbers of validation targets (" + ", ".join(
-        "–" if c is None else f"{int(c):,}" for c in sorted(counts, key=lambda c: c or 0)) +
-        "): their bits are not comparable.")
-
-
-def markdown(title: str, source: str, rows: List[GroupRow], reference: Optional[str], plots: List[str],
-             expected: Optional[str] = None) -> str:
-    """`source`: where the runs come from (the parent run, the experiment); `expected`: the grid's cell count."""
-    finished = sum(len(r.finished) for r in rows)
-    total = sum(len(r.cells) for r in rows)
-    ref_row = next((r for r in rows if r.group == reference), None)
-    ref_note = (
-        f"Step time is the median seconds per optimiser step after warm-up, relative to `{reference}` "
-        f"(1.00 = {ref_row.step_time_s.mean:.4g} s)."
-        if ref_row is not None
-        else "Step time: no finished cell logged one."
-    )
-    out = [
-        f"# {title}",
-        "",
-        f"{source}; {finished} of {total} cell runs finished"
-        + (f", {expected} cells in the grid" if expected and int(expected) != total else "")
-        + ". " + ref_note + " Seeds of a cell are averaged: mean ± sample std; bits/token and bits/byte are "
-        "the final pass over the whole validation split, test bits/token over the test split (lower is better). "
-        + targets_note(rows) + " Δ bits/token: minus the reference, paired by seed; ≈ marks a difference "
-        "the seeds do not resolve (a 95% t interval over the pairs holds 0).",
-        "",
-        *table_lines(rows),
-    ]
-    failed = [c for r in rows for c in r.cells if c.status != "FINISHED"]
-    if failed:
-        out += ["", "## Cells that did not finish", ""]
-        out += [f"- `{c.cell}` ({c.status}, run `{c.run_id}`): {c.error or 'no error recorded'}" for c in failed]
-    if plots:
-        out += ["", "Plots: " + ", ".join(f"`{p}`" for p in plots)]
-    return "\n".join(out) + "\n"
-
-
-def write_csv(rows: List[GroupRow], path: Path) -> None:
-    header = [
-        "cell", "row", "N", "W", "seeds_finished", "seeds", "status", "step_time_rel", "step_time_rel_std",
-        "step_time_s", "bits_per_token", "bits_per_token_std", "delta_bits_per_token", "delta_std", "delta_pairs",
-        "delta_resolved", "test_bits_per_token", "test_bits_per_token_std", "bits_per_byte", "bits_per_byte_std",
-        "answer_bits_per_token", "answer_bits_per_token_std", "targets", "params", "state_bytes_per_lane", "tokens_seen", "run_ids",
-    ]
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        for r in rows:
-            w.writerow([
-                r.group, r.row, r.segment_len, r.window, len(r.finished), len(r.cells), r.status,
-                r.step_time_rel.mean, r.step_time_rel.std, r.step_time_s.mean, r.bits_per_token.mean,
-                r.bits_per_token.std, r.delta.stat.mean, r.delta.stat.std, r.delta.stat.n, r.delta.resolved,
-                r.test_bits_per_token.mean, r.test_bits_per_token.std, r.bits_per_byte.mean, r.bits_per_byte.std,
-                r.answer_bits.mean, r.answer_bits.std, r.targets.mean, r.params.mean, r.state_bytes.mean,
-                r.tokens_seen.mean,
-                " ".join(c.run_id for c in r.cells),
-            ])
-
-
-def _bucket_low(label: str) -> int:
-    """"64-256" -> 64, "1024" -> 1024: buckets sort by where they start."""
-    return int(label.split("-")[0])
-
-
-def _bucket_text(label: str) -> str:
-    """A bucket without an upper end is the open last one."""
-    return label if "-" in label else f"{label}+"
-
-
-def plot_val_curves(client, rows: List[GroupRow], path: Path) -> bool:
-    """Validation bits/token against the step, one colour per group (its seeds share it)."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(8, 5))
-    ax = fig.add_subplot()
-    drawn = False
-    for i, r in enumerate(rows):
-        for j, c in enumerate(r.finished):
-            history = sorted(client.get_metric_history(c.run_id, VAL_BPT), key=lambda m: (m.step, m.timestamp))
-            if not history:
-                continue
-            steps = {m.step: m.value for m in history}  # a step validated twice keeps its latest value
-            ax.plot(list(steps), list(steps.values()), color=f"C{i % 10}", marker=".",
-                    label=r.group if j == 0 else None)
-            drawn = True
-    if not drawn:
-        return False
-    _finish_plot(fig, ax, "optimiser step", path)
-    return True
-
-
-def _finish_plot(fig, ax, xlabel: str, path: Path) -> None:
-    """Both plots share the y axis (validation bits/token), grid, legend and file format."""
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("validation bits/token")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
-def plot_loss_by_position(rows: List[GroupRow], path: Path) -> bool:
-    """Final validation bits/token per bucket of position in the document: the mean over seeds, and a band
-    from the lowest to the highest seed."""
-    from matplotlib.figure import Figure
-
-    labels = sorted(
-        {k[len(FINAL_POS_PREFIX):] for r in rows for c in r.finished for k in c.metrics if k.startswith(FINAL_POS_PREFIX)},
-        key=_bucket_low,
-    )
-    if not labels:
-        return False
-    fig = Figure(figsize=(8, 5))
-    ax = fig.add_subplot()
-    for i, r in enumerate(rows):
-        values = [[c.metrics[FINAL_POS_PREFIX + b] for c in r.finished if FINAL_POS_PREFIX + b in c.metrics]
-                  for b in labels]
-        xs = [x for x, v in enumerate(values) if v]
-        if not xs:
-            continue
-        color = f"C{i % 10}"
-        seeds = max(len(values[x]) for x in xs)
-        ax.plot(xs, [statistics.fmean(values[x]) for x in xs], color=color, marker="o",
-                label=f"{r.group} ({seeds} seed{'s' if seeds > 1 else ''})")
-        if seeds > 1:
-            ax.fill_between(xs, [min(values[x]) for x in xs], [max(values[x]) for x in xs], color=color, alpha=0.2)
-    ax.set_xticks(range(len(labels)), [_bucket_text(b) for b in labels])
-    _finish_plot(fig, ax, "position of the target token in its document (tokens)", path)
-    return True
+    if uri is None:
+        uri = tracking_uri(config.load())
+    return MlflowClient(uri), uri
 
 
 def build(
     name: str, out_dir: Optional[Path] = None, parent_id: Optional[str] = None, uri: Optional[str] = None
 ) -> Report:
     """Read the grid's runs, write the table and plots, log them on the parent run."""
-    from mlflow.tracking import MlflowClient
-
-    if uri is None:
-        from lrexp import config
-        from lrexp.tracking import store as tracking
-
-        uri = tracking.tracking_uri(config.load())
+    client, _ = _client(uri)
     name = grid_name(name)
-    client = MlflowClient(uri)
     parent = find_parent(client, name, parent_id)
     cells = collect(client, parent)
     if not cells:
@@ -510,15 +323,15 @@ def _write(client, rows: List[GroupRow], reference: Optional[str], out: Path, ti
            expected: Optional[str] = None) -> Tuple[str, List[Path]]:
     """The plots, table.md and table.csv in `out`; returns the markdown and the files written."""
     out.mkdir(parents=True, exist_ok=True)
-    plots = []
-    if plot_val_curves(client, rows, out / "val_bits_per_token.png"):
-        plots.append("val_bits_per_token.png")
-    if plot_loss_by_position(rows, out / "loss_by_position.png"):
-        plots.append("loss_by_position.png")
-    text = markdown(title, source, rows, reference, plots, expected)
+    drawn = []
+    if plots.plot_val_curves(client, rows, out / "val_bits_per_token.png"):
+        drawn.append("val_bits_per_token.png")
+    if plots.plot_loss_by_position(rows, out / "loss_by_position.png"):
+        drawn.append("loss_by_position.png")
+    text = tables.grid_markdown(title, source, rows, reference, drawn, expected)
     (out / "table.md").write_text(text)
-    write_csv(rows, out / "table.csv")
-    return text, [out / "table.md", out / "table.csv", *(out / p for p in plots)]
+    tables.write_csv(out / "table.csv", tables.grid_csv(rows))
+    return text, [out / "table.md", out / "table.csv", *(out / p for p in drawn)]
 
 
 def build_runs(
@@ -527,15 +340,9 @@ def build_runs(
 ) -> Report:
     """The table of single runs: the given run ids, or every run of `experiment` (its grid parents left
     out), one line per run name (runs of one name with other seeds are averaged). The reference is the
-    line named `reference`, else Slide:13L's, else the first."""
-    from mlflow.tracking import MlflowClient
-
-    if uri is None:
-        from lrexp import config
-        from lrexp.tracking import store as tracking
-
-        uri = tracking.tracking_uri(config.load())
-    client = MlflowClient(uri)
+    line named `reference`, else the first trained from the row preset `reference` (default REFERENCE_ROW),
+    else the first."""
+    client, uri = _client(uri)
     if experiment is not None:
         exp = client.get_experiment_by_name(experiment)
         if exp is None:
@@ -557,10 +364,10 @@ def build_runs(
                 status=r.info.status, run_id=r.info.run_id, row=r.data.tags.get("lrexp.row", "–"),
                 segment_len=r.data.params.get("derived.segment_len", "–"), window=r.data.params.get("model.window", "–"),
                 metrics=dict(r.data.metrics), error=r.data.tags.get(TAG_ERROR),
-                seed=r.data.params.get(SEED_KEY))
+                seed=r.data.params.get(SEED_KEY), preset=r.data.tags.get(TAG_ROW_PRESET))
         for i, r in enumerate(runs)
     ]
-    rows, ref = aggregate(cells, reference)
+    rows, ref = aggregate(cells, reference, reference or REFERENCE_ROW)
     ids = sorted(c.run_id for c in cells)
     digest = hashlib.sha256(" ".join(ids).encode()).hexdigest()[:12]
     out = Path(out_dir) if out_dir else REPORTS_DIR / "runs" / (experiment or digest)

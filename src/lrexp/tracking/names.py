@@ -32,7 +32,25 @@ TAG_CHECKPOINT_DIR = "lrexp.checkpoint_dir"  # on every training run: where its 
 TAG_PID = "lrexp.pid"
 TAG_HOST = "lrexp.host"
 
+# Tag on every run trained from a row preset (`row=NAME`, the YAML's name under experiments/rows): which.
+TAG_ROW_PRESET = "lrexp.row_preset"
+# The row preset whose step time is 1.00 in a grid's or single runs' report (Table 1 divides by Slide:13L);
+# a grid's `reference:` names another.
+REFERENCE_ROW = "slide13"
+
 FINAL_BPT = "final/val_bits_per_token"  # logged by `lrexp train` (train.py)
+# Other metric names the training command logs (src/lrexp/train/run.py, src/lrexp/lit/), read by the report.
+VAL_BPT = "val/bits_per_token"
+FINAL_BPB = "final/val_bits_per_byte"
+FINAL_TEST_BPT = "final/test_bits_per_token"
+FINAL_TARGETS = "final/val_targets"
+FINAL_ANSWER = "final/val_answer_bits_per_token"  # probe corpora only
+FINAL_STEP_TIME = "final/step_time_s"
+FINAL_PARAMS = "final/params"
+FINAL_TOKENS = "final/tokens_seen"
+FINAL_STATE_BYTES = "final/state_bytes_per_lane"  # carried floats per lane in model.state_dtype (B.4)
+# + a bucket: "0-64", "64-256", ..., "1024" (the last, open bucket: MLflow names cannot hold its "+")
+FINAL_POS_PREFIX = "final/val_bits_per_token_by_pos_"
 
 
 def parents(client, experiment_id: str, grid: str) -> list:
