@@ -24,7 +24,8 @@ from mlflow.tracking import MlflowClient
 
 from corpora import word_documents
 from logged import logged
-from lrexp.grid import runner as grid
+from lrexp.grid import runner
+from lrexp.grid.expand import expand
 from lrexp.lit.checkpoint import saved_step
 
 
@@ -84,8 +85,8 @@ def parent(env, name: str):
 
 @pytest.fixture(scope="module")
 def uninterrupted(env):
-    g = grid.expand(str(write_grid(env, "whole")), ["train.seed=0"])
-    grid.run(g, runs_dir=env["root"] / "runs", out=io.StringIO())
+    g = expand(str(write_grid(env, "whole")), ["train.seed=0"])
+    runner.run(g, runs_dir=env["root"] / "runs", out=io.StringIO())
     run = cell_runs(env, "whole")["seed=0"]
     assert run.info.status == "FINISHED"
     return logged(env["client"], run)
@@ -93,7 +94,7 @@ def uninterrupted(env):
 
 def resume(env, path) -> str:
     out = io.StringIO()
-    outcome = grid.run(grid.expand(str(path), ["train.seed=0"]), resume=True, runs_dir=env["root"] / "runs", out=out)
+    outcome = runner.run(expand(str(path), ["train.seed=0"]), resume=True, runs_dir=env["root"] / "runs", out=out)
     assert [r.status for r in outcome.results] == ["FINISHED"], out.getvalue()
     return out.getvalue()
 
