@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from lightning.pytorch.utilities import rank_zero_only
 
-    from lrexp import train  # Lightning, MLflow and the model only when training
+    from lrexp.train import run as train  # Lightning, MLflow and the model only when training
 
     files, overrides = split_items(args.items)
     if args.resume:

@@ -26,17 +26,17 @@ from mlflow.tracking import MlflowClient
 
 from lrexp.config import PROJECT_ROOT
 from lrexp.errors import Interrupted
+from lrexp.grid import live
 from lrexp.grid.expand import Cell, Grid, cell_config, write_cell
 from lrexp.grid.launch import CellResult, Slots, run_cell, slots
-from lrexp.grid import live
 from lrexp.grid.plan import Step, plan, plan_cell, tracking_uri_of
 from lrexp.grid.spec import GRIDS_DIR
 from lrexp.grid.tracker import Tracker
-from lrexp.runtime.cpus import CPUS_ENV
 from lrexp.runtime import signals
+from lrexp.runtime.cpus import CPUS_ENV
 from lrexp.runtime.signals import StopSignals
-from lrexp.tracking.server import SERVER_ENV, artifact_root_of, serve
 from lrexp.tracking.names import FINAL_BPT
+from lrexp.tracking.server import SERVER_ENV, artifact_root_of, serve
 
 RUNS_DIR = PROJECT_ROOT / "runs"
 
