@@ -57,7 +57,9 @@ def write_grid(env, name: str):
 
 
 def launch_and_wait_for_a_checkpoint(env, path, *overrides):
-    """`lrexp grid` in a session of its own; returns it once its first checkpoint is on disk."""
+    """`lrexp grid` in a session of its own; returns it once its first checkpoint is on disk and the metrics of
+    the step it saved are in the store: the step's metrics are logged after its checkpoint is saved, and a kill
+    between the two loses them for good (the resumed run starts after that step)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "lrexp.cli", "grid", str(path), *overrides, "--runs-dir", str(env["root"] / "runs")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
@@ -65,11 +67,23 @@ def launch_and_wait_for_a_checkpoint(env, path, *overrides):
     )
     folder = env["root"] / f"ckpt-{path.stem}"
     deadline = time.monotonic() + 240
-    while not list(folder.glob("*/last.ckpt")):
+    while not _saved_and_logged(env, folder):
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "no checkpoint in 240 s"
         time.sleep(0.05)
     return proc
+
+
+def _saved_and_logged(env, folder) -> bool:
+    found = list(folder.glob("*/last.ckpt"))
+    if not found:
+        return False
+    try:
+        step = saved_step(found[0])
+    except Exception:  # still being written
+        return False
+    history = env["client"].get_metric_history(found[0].parent.name, "train/loss")
+    return any(m.step == step - 1 for m in history)
 
 
 def cell_runs(env, name: str) -> dict:
