@@ -262,7 +262,7 @@ def main() -> None:
     from mlflow.tracking import MlflowClient
 
     from lrexp import config
-    from lrexp.grid.runner import expand
+    from lrexp.grid.expand import expand
     from lrexp.tracking.store import tracking_uri
 
     client = MlflowClient(tracking_uri(config.load()))

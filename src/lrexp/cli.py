@@ -13,10 +13,7 @@ import sys
 from typing import List, Optional
 
 from lrexp.errors import Interrupted, UserError
-
-# CPUs a process may run on ("0,1"), applied before anything starts threads: `lrexp grid --jobs K` gives each
-# of its K cells its own share of the cores this way, so their thread pools do not fight over the same ones.
-CPUS_ENV = "LREXP_CPUS"
+from lrexp.runtime.cpus import CPUS_ENV
 
 # name -> (module, one-line help)
 COMMANDS = {

@@ -96,16 +96,17 @@ def test_a_row_without_kv_caches_is_evaluated_by_its_own_forward_when_no_policy_
 
 
 def test_a_grid_evaluate_section_is_checked_before_any_cell_trains(tmp_path):
-    from lrexp.grid import runner as grid
+    from lrexp.grid.expand import expand
+    from lrexp.grid.spec import GridError
 
     path = tmp_path / "g.yaml"
     for section, error in (({"model.window": 4}, "is not a policy.* key"),
                            ({"policy.names": ["sinks"], "policy.budgets": {"smoke": [4]}}, "needs a budget C > 4"),
                            ({"policy.names": ["tova"], "policy.budgets": {"tiny": [8]}}, "no value for scale 'smoke'")):
         path.write_text(yaml.safe_dump({"base": {"scale": "smoke"}, "axes": {"row": ["full"]}, "evaluate": section}))
-        with pytest.raises(grid.GridError, match=error):
-            grid.expand(str(path))
-    assert grid.expand("cache", ["scale=smoke"]).evaluate == [
+        with pytest.raises(GridError, match=error):
+            expand(str(path))
+    assert expand("cache", ["scale=smoke"]).evaluate == [
         'policy.names=["window", "sinks", "h2o", "tova"]', "policy.budgets=[8, 16, 32]", "policy.mode=block",
         "policy.block=4"]
 

@@ -22,7 +22,10 @@ from mlflow.tracking import MlflowClient
 
 from corpora import word_documents
 from logged import logged
-from lrexp.grid import runner as grid
+from lrexp.grid import runner
+from lrexp.grid.expand import expand
+from lrexp.grid.spec import GRIDS_DIR
+from lrexp.tracking.names import latest_parent
 from lrexp.commands import grid as grid_cmd
 
 
@@ -120,7 +123,7 @@ def test_a_cell_on_two_ranks_finishes_and_reports(env, capsys):
     out = capsys.readouterr()
     assert code == 0, out.out + out.err
     exp = client.get_experiment_by_name("lrexp-smoke_grid")
-    parent = grid.latest_parent(client.search_runs([exp.experiment_id], "tags.`lrexp.role` = 'parent'"))
+    parent = latest_parent(client.search_runs([exp.experiment_id], "tags.`lrexp.role` = 'parent'"))
     kids = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert len(kids) == 1 and kids[0].info.status == "FINISHED"
     assert kids[0].data.params["train.devices"] == "2" and kids[0].data.metrics["final/steps"] == 3
@@ -139,7 +142,7 @@ def test_two_cells_at_once_log_what_they_log_one_at_a_time(env, capsys):
     assert code == 0, out.out + out.err
     assert "2 cells at once" in out.out and out.out.count(" on CPUs ") == 2
     exp = client.get_experiment_by_name("lrexp-smoke_grid")
-    parent = grid.latest_parent(client.search_runs([exp.experiment_id], "tags.`lrexp.role` = 'parent'"))
+    parent = latest_parent(client.search_runs([exp.experiment_id], "tags.`lrexp.role` = 'parent'"))
     kids = {r.data.tags["lrexp.cell"]: r for r in client.search_runs(
         [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")}
     zero, one = "file_suffix=.txt,seed=0", "file_suffix=.txt,seed=1"
@@ -154,18 +157,18 @@ def test_two_cells_at_once_log_what_they_log_one_at_a_time(env, capsys):
     [row] = [ln for ln in (root / "report3" / "table.md").read_text().splitlines() if ln.startswith("| `")]
     assert row.rstrip(" |").endswith("2/2 | FINISHED")  # the seeds of one group
 
-    alone = grid.run(grid.expand(env["grid"], ["data.file_suffix=.txt", "train.seed=0"]),
+    alone = runner.run(expand(env["grid"], ["data.file_suffix=.txt", "train.seed=0"]),
                      runs_dir=root / "runs4", out=io.StringIO())
     [result] = alone.results
     assert result.status == "FINISHED"
     assert logged(client, kids[zero]) == logged(client, client.get_run(result.run_id))
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in grid.GRIDS_DIR.glob("*.yaml")))
+@pytest.mark.parametrize("name", sorted(p.stem for p in GRIDS_DIR.glob("*.yaml")))
 def test_dry_run_validates_every_cell(name, capsys):
     assert grid_cmd.run(_args(name, dry_run=True)) == 0
     out = capsys.readouterr().out
-    g = grid.expand(name)
+    g = expand(name)
     assert f"{len(g.cells)} cell" in out and all(c.id in out for c in g.cells)  # "1 cell", "6 cells"
     assert "every cell's config is valid" in out
 

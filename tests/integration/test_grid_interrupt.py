@@ -24,7 +24,8 @@ from mlflow.tracking import MlflowClient
 
 from corpora import word_documents
 from logged import logged
-from lrexp.grid import runner as grid
+from lrexp.grid import runner
+from lrexp.grid.expand import expand
 from lrexp.lit.checkpoint import saved_step
 
 
@@ -56,7 +57,9 @@ def write_grid(env, name: str):
 
 
 def launch_and_wait_for_a_checkpoint(env, path, *overrides):
-    """`lrexp grid` in a session of its own; returns it once its first checkpoint is on disk."""
+    """`lrexp grid` in a session of its own; returns it once its first checkpoint is on disk and the metrics of
+    the step it saved are in the store: the step's metrics are logged after its checkpoint is saved, and a kill
+    between the two loses them for good (the resumed run starts after that step)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "lrexp.cli", "grid", str(path), *overrides, "--runs-dir", str(env["root"] / "runs")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
@@ -64,11 +67,23 @@ def launch_and_wait_for_a_checkpoint(env, path, *overrides):
     )
     folder = env["root"] / f"ckpt-{path.stem}"
     deadline = time.monotonic() + 240
-    while not list(folder.glob("*/last.ckpt")):
+    while not _saved_and_logged(env, folder):
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "no checkpoint in 240 s"
         time.sleep(0.05)
     return proc
+
+
+def _saved_and_logged(env, folder) -> bool:
+    found = list(folder.glob("*/last.ckpt"))
+    if not found:
+        return False
+    try:
+        step = saved_step(found[0])
+    except Exception:  # still being written
+        return False
+    history = env["client"].get_metric_history(found[0].parent.name, "train/loss")
+    return any(m.step == step - 1 for m in history)
 
 
 def cell_runs(env, name: str) -> dict:
@@ -84,8 +99,8 @@ def parent(env, name: str):
 
 @pytest.fixture(scope="module")
 def uninterrupted(env):
-    g = grid.expand(str(write_grid(env, "whole")), ["train.seed=0"])
-    grid.run(g, runs_dir=env["root"] / "runs", out=io.StringIO())
+    g = expand(str(write_grid(env, "whole")), ["train.seed=0"])
+    runner.run(g, runs_dir=env["root"] / "runs", out=io.StringIO())
     run = cell_runs(env, "whole")["seed=0"]
     assert run.info.status == "FINISHED"
     return logged(env["client"], run)
@@ -93,7 +108,7 @@ def uninterrupted(env):
 
 def resume(env, path) -> str:
     out = io.StringIO()
-    outcome = grid.run(grid.expand(str(path), ["train.seed=0"]), resume=True, runs_dir=env["root"] / "runs", out=out)
+    outcome = runner.run(expand(str(path), ["train.seed=0"]), resume=True, runs_dir=env["root"] / "runs", out=out)
     assert [r.status for r in outcome.results] == ["FINISHED"], out.getvalue()
     return out.getvalue()
 

@@ -9,8 +9,8 @@ import yaml
 
 from lrexp import config
 
-from lrexp.grid import runner as grid
-from lrexp.grid.runner import GridError
+from lrexp.grid.expand import Cell, cell_config, config_hash, expand, write_cell
+from lrexp.grid.spec import GridError
 
 
 def write(tmp_path: Path, name: str, data: dict) -> str:
@@ -23,7 +23,7 @@ BASE = {"scale": "smoke", "model.recurrent.layers": [-3]}
 
 
 def test_product_ids_groups_and_order(tmp_path):
-    g = grid.expand(write(tmp_path, "g", {
+    g = expand(write(tmp_path, "g", {
         "base": BASE,
         "axes": {"model.recurrent.topology": ["dual", "skip"], "model.recurrent.gate": ["lstm", "fixed"]},
         "seeds": [0, 1],
@@ -44,11 +44,11 @@ def test_product_ids_groups_and_order(tmp_path):
 def test_ids_and_hashes_do_not_depend_on_key_order(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    a = grid.expand(write(tmp_path / "a", "g", {
+    a = expand(write(tmp_path / "a", "g", {
         "base": {"scale": "smoke", "model": {"dropout": 0.0}},
         "axes": {"model.window": [4, 8], "model.recurrent.num_states": [2, 4]},
     }))
-    b = grid.expand(write(tmp_path / "b", "g", {
+    b = expand(write(tmp_path / "b", "g", {
         "axes": {"model.recurrent.num_states": [2, 4], "model.window": [4, 8]},
         "base": {"model.dropout": 0.0, "scale": "smoke"},
     }))
@@ -58,9 +58,9 @@ def test_ids_and_hashes_do_not_depend_on_key_order(tmp_path):
 
 
 def test_same_leaf_name_uses_full_keys(tmp_path):
-    g = grid.expand(write(tmp_path, "g", {"base": BASE, "axes": {"data.seed": [1], "model.dropout": [0.0, 0.1]}}))
+    g = expand(write(tmp_path, "g", {"base": BASE, "axes": {"data.seed": [1], "model.dropout": [0.0, 0.1]}}))
     assert [c.id for c in g.cells] == ["dropout=0.0,seed=1", "dropout=0.1,seed=1"]
-    g = grid.expand(write(tmp_path, "g2", {"base": BASE, "axes": {"data.seed": [1]}, "seeds": [0]}))
+    g = expand(write(tmp_path, "g2", {"base": BASE, "axes": {"data.seed": [1]}, "seeds": [0]}))
     assert [c.id for c in g.cells] == ["data.seed=1,train.seed=0"]
 
 
@@ -70,27 +70,27 @@ def test_per_scale_values_follow_the_scale(tmp_path):
         "axes": {"model.recurrent.num_states": {"smoke": [2, 4], "tiny": [8, 16, 32]}},
         "reference": {"num_states": {"smoke": 4, "tiny": 16}},
     })
-    g = grid.expand(path)
+    g = expand(path)
     assert [c.id for c in g.cells] == ["num_states=2", "num_states=4"] and g.reference == "num_states=4"
-    g = grid.expand(path, ["scale=tiny"])
+    g = expand(path, ["scale=tiny"])
     assert g.scale == "tiny" and [c.config.model.recurrent.num_states for c in g.cells] == [8, 16, 32]
     assert g.reference == "num_states=16"
     with pytest.raises(GridError, match="no value for scale 'paper'"):
-        grid.expand(path, ["scale=paper"])
-    assert len(grid.expand(path, ["scale=paper", "model.recurrent.num_states=[128,256]"]).cells) == 2
+        expand(path, ["scale=paper"])
+    assert len(expand(path, ["scale=paper", "model.recurrent.num_states=[128,256]"]).cells) == 2
 
 
 def test_command_line_overrides(tmp_path):
     path = write(tmp_path, "g", {"base": BASE, "axes": {"model.window": [4, 8]}, "seeds": [0]})
-    g = grid.expand(path, ["model.dropout=0.2", "train.max_steps=3"])
+    g = expand(path, ["model.dropout=0.2", "train.max_steps=3"])
     assert all(c.config.model.dropout == 0.2 and c.config.train.max_steps == 3 for c in g.cells)
     assert [c.id for c in g.cells] == ["window=4,seed=0", "window=8,seed=0"]
-    g = grid.expand(path, ["model.window=16"])  # an axis key pins the axis
+    g = expand(path, ["model.window=16"])  # an axis key pins the axis
     assert [c.id for c in g.cells] == ["window=16,seed=0"]
-    g = grid.expand(path, ["train.seed=[3,4]", "model.num_layers=[4,5]"])  # a list value makes an axis
+    g = expand(path, ["train.seed=[3,4]", "model.num_layers=[4,5]"])  # a list value makes an axis
     assert [c.id for c in g.cells][:2] == ["num_layers=4,window=4,seed=3", "num_layers=4,window=4,seed=4"]
     assert len(g.cells) == 8
-    g = grid.expand(path, ["model.recurrent.layers=[-2]"])  # a list-typed key stays a plain override
+    g = expand(path, ["model.recurrent.layers=[-2]"])  # a list-typed key stays a plain override
     assert len(g.cells) == 2 and g.cells[0].config.derived.recurrent_layers == [2]
 
 
@@ -98,23 +98,23 @@ def test_reference_selects_a_group(tmp_path):
     path = write(tmp_path, "g", {
         "base": BASE, "axes": {"model.window": [4, 8]}, "seeds": [0, 1], "reference": {"model.window": 8},
     })
-    assert grid.expand(path).reference == "window=8"
+    assert expand(path).reference == "window=8"
     # an overridden axis that drops the reference value falls back to the default
-    assert grid.expand(path, ["model.window=[4,16]"]).reference == "window=4"
+    assert expand(path, ["model.window=[4,16]"]).reference == "window=4"
     bad = write(tmp_path, "b", {"base": BASE, "axes": {"model.window": [4]}, "reference": {"gate": "lstm"}})
     with pytest.raises(GridError, match="reference names 'gate'"):
-        grid.expand(bad)
+        expand(bad)
 
 
 def test_cell_file_reloads_to_the_same_config(tmp_path):
-    g = grid.expand(write(tmp_path, "g", {
+    g = expand(write(tmp_path, "g", {
         "base": {**BASE, "model.segment_len": "${mul:8,${scale.window}}"}, "axes": {"model.window": [4, 16]},
     }))
     cell = g.cells[1]
-    cfg = grid.cell_config(cell, g, parent_id="p123")
-    path = grid.write_cell(cfg, tmp_path / "runs" / cell.dirname, g, cell)
+    cfg = cell_config(cell, g, parent_id="p123")
+    path = write_cell(cfg, tmp_path / "runs" / cell.dirname, g, cell)
     loaded = config.load([path])
-    assert grid.config_hash(loaded) == cell.config_hash
+    assert config_hash(loaded) == cell.config_hash
     assert loaded.derived.segment_len == 64 and loaded.model.window == 16
     assert loaded.log.tags == {
         "mlflow.parentRunId": "p123", "lrexp.grid": "g", "lrexp.cell": "window=16", "lrexp.group": "window=16",
@@ -126,22 +126,22 @@ def test_cell_file_reloads_to_the_same_config(tmp_path):
 
 def test_hash_ignores_only_per_invocation_fields(tmp_path):
     cfg = config.load(overrides=["scale=smoke"])
-    h = grid.config_hash(cfg)
+    h = config_hash(cfg)
     cfg.log.tags = {"mlflow.parentRunId": "x"}
     cfg.log.run_name = "y"
-    assert grid.config_hash(cfg) == h
-    steps = grid.config_hash(cfg, steps=False)
+    assert config_hash(cfg) == h
+    steps = config_hash(cfg, steps=False)
     cfg.train.max_steps += 1
-    assert grid.config_hash(cfg) != h
-    assert grid.config_hash(cfg, steps=False) == steps  # the run to train on is found by this one
+    assert config_hash(cfg) != h
+    assert config_hash(cfg, steps=False) == steps  # the run to train on is found by this one
     cfg.model.dropout = 0.2
-    assert grid.config_hash(cfg, steps=False) != steps
+    assert config_hash(cfg, steps=False) != steps
 
 
 def test_dirname_is_safe():
-    cell = grid.Cell(0, "corpus=/tmp/a b/c,window=4", "g", {}, [], None, "h", "c")  # type: ignore[arg-type]
+    cell = Cell(0, "corpus=/tmp/a b/c,window=4", "g", {}, [], None, "h", "c")  # type: ignore[arg-type]
     assert cell.dirname == "corpus-_tmp_a_b_c,window-4"
-    long = grid.Cell(0, "x=" + "a" * 300, "g", {}, [], None, "h", "c")  # type: ignore[arg-type]
+    long = Cell(0, "x=" + "a" * 300, "g", {}, [], None, "h", "c")  # type: ignore[arg-type]
     assert len(long.dirname) <= 120
 
 
@@ -167,14 +167,14 @@ def test_dirname_is_safe():
 )
 def test_bad_grids_fail_with_one_line(tmp_path, data, overrides, message):
     with pytest.raises(GridError) as err:
-        grid.expand(write(tmp_path, "bad", data), overrides)
+        expand(write(tmp_path, "bad", data), overrides)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
 
 
 def test_unknown_grid_lists_the_available_ones():
     with pytest.raises(GridError) as err:
-        grid.expand("no_such_grid")
+        expand("no_such_grid")
     assert "unknown grid 'no_such_grid'; available: " in str(err.value)
     for name in ("gates", "table", "window", "states"):
         assert name in str(err.value)
@@ -182,13 +182,13 @@ def test_unknown_grid_lists_the_available_ones():
 
 def test_gates_cells_are_the_six_rec_rows():
     """gates varies gate x topology on rec_fixed_skip: each cell must be exactly the row preset it names."""
-    g = grid.expand("gates")
+    g = expand("gates")
     assert len(g.cells) == 6 and g.reference == "gate=fixed,topology=skip"
     for cell in g.cells:
         row = f"rec_{cell.values['model.recurrent.gate']}_{cell.values['model.recurrent.topology']}"
         preset = config.load(overrides=[f"row={row}", "log.progress_bar=false"])
         preset.log.experiment, preset.log.run_name = cell.config.log.experiment, cell.id
-        assert grid.config_hash(preset) == cell.config_hash, row
+        assert config_hash(preset) == cell.config_hash, row
 
 
 def test_options_may_follow_the_grid_name():

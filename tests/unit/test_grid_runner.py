@@ -19,7 +19,10 @@ from mlflow.tracking import MlflowClient
 
 from lrexp import config
 
-from lrexp.grid import runner as grid
+from lrexp.grid import launch, runner
+from lrexp.grid.expand import expand
+from lrexp.grid.plan import plan, previous_invocation
+from lrexp.grid.spec import GridError
 
 from lrexp.report import collect as report
 from lrexp.errors import Interrupted
@@ -85,7 +88,7 @@ def make_grid(tmp_path, uri, name, *overrides):
         "base": {"scale": "smoke", "log.tracking_uri": uri, "train.checkpoint_dir": str(tmp_path / "ckpt")},
         "axes": {"model.window": [4, 8, 16]},
     }))
-    return grid.expand(str(path), list(overrides))
+    return expand(str(path), list(overrides))
 
 
 def children(client, parent_id):
@@ -99,7 +102,7 @@ def test_failures_are_recorded_and_resume_runs_only_them(tmp_path, uri):
     g = make_grid(tmp_path, uri, "g1")
     fake = FakeTrain(uri, {"window=8": "before-run", "window=16": "killed"})
     out = io.StringIO()
-    outcome = grid.run(g, runs_dir=tmp_path / "runs", out=out, run_cell_fn=fake)
+    outcome = runner.run(g, runs_dir=tmp_path / "runs", out=out, run_cell_fn=fake)
     client = MlflowClient(uri)
 
     assert [r.status for r in outcome.results] == ["FINISHED", "FAILED", "FAILED"]
@@ -120,7 +123,7 @@ def test_failures_are_recorded_and_resume_runs_only_them(tmp_path, uri):
 
     fake = FakeTrain(uri, {})
     out = io.StringIO()
-    again = grid.run(g, resume=True, runs_dir=tmp_path / "runs", out=out, run_cell_fn=fake)
+    again = runner.run(g, resume=True, runs_dir=tmp_path / "runs", out=out, run_cell_fn=fake)
     assert fake.ran == ["window=8", "window=16"]
     assert again.parent_id == outcome.parent_id and "(resumed)" in out.getvalue()
     assert [r.status for r in again.results] == ["SKIPPED", "FINISHED", "FINISHED"]
@@ -133,41 +136,41 @@ def test_failures_are_recorded_and_resume_runs_only_them(tmp_path, uri):
 
 def test_resume_runs_new_and_changed_cells(tmp_path, uri):
     g = make_grid(tmp_path, uri, "g2")
-    first = grid.run(g, runs_dir=tmp_path / "runs", out=io.StringIO(), run_cell_fn=FakeTrain(uri, {}))
+    first = runner.run(g, runs_dir=tmp_path / "runs", out=io.StringIO(), run_cell_fn=FakeTrain(uri, {}))
     fake = FakeTrain(uri, {})
     wider = make_grid(tmp_path, uri, "g2", "model.window=[2,4,8,16]")  # one new value
-    again = grid.run(wider, resume=True, runs_dir=tmp_path / "runs", out=io.StringIO(), run_cell_fn=fake)
+    again = runner.run(wider, resume=True, runs_dir=tmp_path / "runs", out=io.StringIO(), run_cell_fn=fake)
     assert again.parent_id == first.parent_id and fake.ran == ["window=2"]
     fake = FakeTrain(uri, {})
     changed = make_grid(tmp_path, uri, "g2", "model.window=[4,8]", "model.dropout=0.1")  # every config changed
-    grid.run(changed, resume=True, runs_dir=tmp_path / "runs", out=io.StringIO(), run_cell_fn=fake)
+    runner.run(changed, resume=True, runs_dir=tmp_path / "runs", out=io.StringIO(), run_cell_fn=fake)
     assert fake.ran == ["window=4", "window=8"] and fake.resumed == {}
 
 
 def test_resume_with_more_steps_trains_finished_cells_on_in_their_runs(tmp_path, uri):
     g = make_grid(tmp_path, uri, "g4", "train.max_steps=5")
-    first = grid.run(g, runs_dir=tmp_path / "runs", out=io.StringIO(), run_cell_fn=FakeTrain(uri, {}))
+    first = runner.run(g, runs_dir=tmp_path / "runs", out=io.StringIO(), run_cell_fn=FakeTrain(uri, {}))
     runs = {r.cell.id: r.run_id for r in first.results}
     fake = FakeTrain(uri, {})
     out = io.StringIO()
     longer = make_grid(tmp_path, uri, "g4", "train.max_steps=9", "model.window=[4,8,2]")
-    again = grid.run(longer, resume=True, runs_dir=tmp_path / "runs", out=out, run_cell_fn=fake)
+    again = runner.run(longer, resume=True, runs_dir=tmp_path / "runs", out=out, run_cell_fn=fake)
     assert fake.resumed == {"window=4": runs["window=4"], "window=8": runs["window=8"]}
     assert fake.ran == ["window=4", "window=8", "window=2"]  # the new value trains from scratch
     assert "window=4: training on from step 5 in run" in out.getvalue()
     assert [r.run_id for r in again.results[:2]] == [runs["window=4"], runs["window=8"]]
-    attempts = grid.previous_invocation(longer)[1]
-    steps = grid.plan(longer, attempts)
+    attempts = previous_invocation(longer)[1]
+    steps = plan(longer, attempts)
     assert [s.action for s in steps] == ["skip", "skip", "skip"], attempts  # now FINISHED at 9 steps
     shorter = make_grid(tmp_path, uri, "g4", "train.max_steps=3")
-    assert [s.action for s in grid.plan(shorter, grid.previous_invocation(shorter)[1])] == ["train"] * 3
+    assert [s.action for s in plan(shorter, previous_invocation(shorter)[1])] == ["train"] * 3
 
 
 def test_resume_dry_run_lists_the_resumed_invocations_cells(tmp_path, uri, capsys, monkeypatch):
     from lrexp.cli import main
 
     g = make_grid(tmp_path, uri, "g5", "model.window=[4,8]", "train.max_steps=5")
-    grid.run(g, runs_dir=tmp_path / "runs", out=io.StringIO(), run_cell_fn=FakeTrain(uri, {"window=8": "killed"}))
+    runner.run(g, runs_dir=tmp_path / "runs", out=io.StringIO(), run_cell_fn=FakeTrain(uri, {"window=8": "killed"}))
     capsys.readouterr()
     assert main(["grid", str(tmp_path / "g5.yaml"), "--resume", "--dry-run"]) == 0
     out = capsys.readouterr().out
@@ -185,7 +188,7 @@ def test_resume_dry_run_lists_the_resumed_invocations_cells(tmp_path, uri, capsy
 def test_resume_without_an_earlier_run_starts_a_parent(tmp_path, uri):
     g = make_grid(tmp_path, uri, "g3")
     fake = FakeTrain(uri, {})
-    outcome = grid.run(g, resume=True, runs_dir=tmp_path / "runs", out=io.StringIO(), run_cell_fn=fake)
+    outcome = runner.run(g, resume=True, runs_dir=tmp_path / "runs", out=io.StringIO(), run_cell_fn=fake)
     assert len(fake.ran) == 3 and MlflowClient(uri).get_run(outcome.parent_id).info.status == "FINISHED"
 
 
@@ -195,21 +198,21 @@ def test_a_signal_stops_the_grid_after_its_cell_and_resume_continues_that_cell_f
     out = io.StringIO()
     with pytest.raises(Interrupted, match=r"stopped by SIGTERM with 1 of 3 cells done; continue with: lrexp grid "
                                           r"\S+g6.yaml --resume") as stopped:
-        grid.run(g, runs_dir=tmp_path / "runs", out=out, run_cell_fn=fake)
+        runner.run(g, runs_dir=tmp_path / "runs", out=out, run_cell_fn=fake)
     assert stopped.value.exit_code == 143
     assert fake.ran == ["window=4", "window=8"]  # the third cell never started
     client = MlflowClient(uri)
-    parent = grid.previous_invocation(g)[0]
+    parent = previous_invocation(g)[0]
     assert parent.info.status == "KILLED"
     assert children(client, parent.info.run_id) == {("window=4", "FINISHED", None), ("window=8", "KILLED", None)}
     assert "[2/3] window=8: KILLED" in out.getvalue()
-    stopped_run = next(r.run_id for r in grid.previous_invocation(g)[1] if r.status == "KILLED")
+    stopped_run = next(r.run_id for r in previous_invocation(g)[1] if r.status == "KILLED")
 
-    steps = grid.plan(g, grid.previous_invocation(g)[1])
+    steps = plan(g, previous_invocation(g)[1])
     assert [(s.action, s.run_id, s.from_step) for s in steps[1:]] == [("continue", stopped_run, 2), ("train", None, 0)]
     fake = FakeTrain(uri, {})
     out = io.StringIO()
-    grid.run(g, resume=True, runs_dir=tmp_path / "runs", out=out, run_cell_fn=fake)
+    runner.run(g, resume=True, runs_dir=tmp_path / "runs", out=out, run_cell_fn=fake)
     assert fake.ran == ["window=8", "window=16"] and fake.resumed == {"window=8": stopped_run}
     assert "window=8: training on from step 2 in run" in out.getvalue()
     assert client.get_run(parent.info.run_id).info.status == "FINISHED"
@@ -218,7 +221,7 @@ def test_a_signal_stops_the_grid_after_its_cell_and_resume_continues_that_cell_f
 def test_runs_left_running_by_dead_processes_are_taken_over_or_killed(tmp_path, uri):
     """The grid and its cell killed hard (SIGKILL, a lost machine): parent and cells stay RUNNING."""
     g = make_grid(tmp_path, uri, "g7")
-    first = grid.run(g, runs_dir=tmp_path / "runs", out=io.StringIO(),
+    first = runner.run(g, runs_dir=tmp_path / "runs", out=io.StringIO(),
                      run_cell_fn=FakeTrain(uri, {"window=8": "killed", "window=16": "killed"}))
     client = MlflowClient(uri)
     runs = {r.cell.id: r.run_id for r in first.results}
@@ -232,12 +235,12 @@ def test_runs_left_running_by_dead_processes_are_taken_over_or_killed(tmp_path, 
     save_checkpoint(client, runs["window=8"], tmp_path / "ckpt", 3)
 
     client.set_tag(runs["window=16"], "lrexp.pid", str(os.getpid()))  # as if it still trained
-    with pytest.raises(grid.GridError, match=f"still training \\(run {runs['window=16']}\\)"):
-        grid.run(g, resume=True, runs_dir=tmp_path / "runs", out=io.StringIO(), run_cell_fn=FakeTrain(uri, {}))
+    with pytest.raises(GridError, match=f"still training \\(run {runs['window=16']}\\)"):
+        runner.run(g, resume=True, runs_dir=tmp_path / "runs", out=io.StringIO(), run_cell_fn=FakeTrain(uri, {}))
     client.set_tag(runs["window=16"], "lrexp.pid", str(dead.pid))
 
     fake = FakeTrain(uri, {})
-    again = grid.run(g, resume=True, runs_dir=tmp_path / "runs", out=io.StringIO(), run_cell_fn=fake)
+    again = runner.run(g, resume=True, runs_dir=tmp_path / "runs", out=io.StringIO(), run_cell_fn=fake)
     assert again.parent_id == first.parent_id
     assert fake.resumed == {"window=8": runs["window=8"]}  # from its checkpoint, in its run
     assert fake.ran == ["window=8", "window=16"]  # no checkpoint: trained again, in a new run
@@ -254,7 +257,7 @@ def test_experiments_are_tagged_as_model_training_and_make_ui_names_the_latest_g
     client = MlflowClient(uri)
     client.create_experiment("lrexp-g8")  # made by an older lrexp: no kind yet
     g = make_grid(tmp_path, uri, "g8")
-    outcome = grid.run(g, runs_dir=tmp_path / "runs", out=io.StringIO(), run_cell_fn=FakeTrain(uri, {}))
+    outcome = runner.run(g, runs_dir=tmp_path / "runs", out=io.StringIO(), run_cell_fn=FakeTrain(uri, {}))
     exp = client.get_experiment_by_name("lrexp-g8")
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the runs table
 
@@ -291,16 +294,16 @@ def test_cells_fanned_out_to_a_scheduler_join_one_parent_which_ends_with_the_las
     client = MlflowClient(uri)
     fake = FakeTrain(uri, {"window=8": "signal"})  # a preempted job of the array...
     with pytest.raises(Interrupted, match="continue with: the same --cell command"):
-        grid.run_one(g, g.cells[1], parent_id, runs_dir=tmp_path / "runs", out=io.StringIO(), run_cell_fn=fake)
+        runner.run_one(g, g.cells[1], parent_id, runs_dir=tmp_path / "runs", out=io.StringIO(), run_cell_fn=fake)
     fake = FakeTrain(uri, {})
     for cell in (g.cells[1], g.cells[0]):  # ...started again by the scheduler, and another job
-        assert grid.run_one(g, cell, parent_id, runs_dir=tmp_path / "runs", out=io.StringIO(),
+        assert runner.run_one(g, cell, parent_id, runs_dir=tmp_path / "runs", out=io.StringIO(),
                             run_cell_fn=fake).status == "FINISHED"
         assert client.get_run(parent_id).info.status == "RUNNING"  # window=16 has not run yet
     assert list(fake.resumed) == ["window=8"]  # from its checkpoint
-    grid.run_one(g, g.cells[2], parent_id, runs_dir=tmp_path / "runs", out=io.StringIO(), run_cell_fn=fake)
+    runner.run_one(g, g.cells[2], parent_id, runs_dir=tmp_path / "runs", out=io.StringIO(), run_cell_fn=fake)
     assert client.get_run(parent_id).info.status == "FINISHED"
-    again = grid.run_one(g, g.cells[2], parent_id, runs_dir=tmp_path / "runs", out=io.StringIO(), run_cell_fn=fake)
+    again = runner.run_one(g, g.cells[2], parent_id, runs_dir=tmp_path / "runs", out=io.StringIO(), run_cell_fn=fake)
     assert again.status == "SKIPPED" and len(fake.ran) == 3
     rep = report.build("g9", tmp_path / "report", uri=uri)
     assert rep.parent_id == parent_id and [r.status for r in rep.rows] == ["FINISHED"] * 3
@@ -337,7 +340,7 @@ def test_jobs_train_cells_at_once_on_their_own_cpus_through_one_server(tmp_path,
     g = make_grid(tmp_path, uri, "g10")
     fake = AtOnce(uri, {})
     out = io.StringIO()
-    outcome = grid.run(g, runs_dir=tmp_path / "runs", out=out, run_cell_fn=fake, jobs=2)
+    outcome = runner.run(g, runs_dir=tmp_path / "runs", out=out, run_cell_fn=fake, jobs=2)
     assert [r.status for r in outcome.results] == ["FINISHED"] * 3  # in grid order
     assert [r.cell.id for r in outcome.results] == ["window=4", "window=8", "window=16"]
     cpus = [set(fake.envs[c]["LREXP_CPUS"].split(",")) for c in ("window=4", "window=8")]
@@ -356,11 +359,11 @@ def test_a_signal_reaches_every_cell_training_at_once_and_no_other_starts(tmp_pa
     g = make_grid(tmp_path, uri, "g11")
     fake = AtOnce(uri, {"window=4": "wait-for-signal", "window=8": "wait-for-signal"})
     with pytest.raises(Interrupted, match="stopped by SIGTERM with 0 of 3 cells done"):
-        grid.run(g, runs_dir=tmp_path / "runs", out=io.StringIO(), run_cell_fn=fake, jobs=2)
+        runner.run(g, runs_dir=tmp_path / "runs", out=io.StringIO(), run_cell_fn=fake, jobs=2)
     assert fake.forwarded == {"window=4": signal.SIGTERM, "window=8": signal.SIGTERM}
     assert set(fake.envs) == {"window=4", "window=8"}  # window=16 never started
     client = MlflowClient(uri)
-    parent = grid.previous_invocation(g)[0]
+    parent = previous_invocation(g)[0]
     assert parent.info.status == "KILLED"
     assert children(client, parent.info.run_id) == {("window=4", "KILLED", "stopped by SIGTERM at step 2"),
                                                     ("window=8", "KILLED", "stopped by SIGTERM at step 2")}
@@ -369,16 +372,16 @@ def test_a_signal_reaches_every_cell_training_at_once_and_no_other_starts(tmp_pa
 def test_more_jobs_than_cores_or_gpus_is_refused_before_anything_runs(tmp_path, uri, monkeypatch):
     g = make_grid(tmp_path, uri, "g12")
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
-    with pytest.raises(grid.GridError, match="--jobs 3 on 2 CPU cores: each cell needs one of its own"):
-        grid.run(g, runs_dir=tmp_path / "runs", out=io.StringIO(), run_cell_fn=FakeTrain(uri, {}), jobs=3)
-    with pytest.raises(grid.GridError, match="--jobs must be at least 1"):
-        grid.slots(g, 0)
-    monkeypatch.setattr(grid, "_visible_gpus", lambda: ["3", "5"])
-    assert grid.slots(g, 2).gpus == ["3", "5"]
-    monkeypatch.setattr(grid, "_visible_gpus", lambda: ["3"])
+    with pytest.raises(GridError, match="--jobs 3 on 2 CPU cores: each cell needs one of its own"):
+        runner.run(g, runs_dir=tmp_path / "runs", out=io.StringIO(), run_cell_fn=FakeTrain(uri, {}), jobs=3)
+    with pytest.raises(GridError, match="--jobs must be at least 1"):
+        launch.slots(g, 0)
+    monkeypatch.setattr(launch, "_visible_gpus", lambda: ["3", "5"])
+    assert launch.slots(g, 2).gpus == ["3", "5"]
+    monkeypatch.setattr(launch, "_visible_gpus", lambda: ["3"])
     wide = make_grid(tmp_path, uri, "g12", "train.devices=2", "train.accelerator=gpu", "model.window=[4,8]")
-    with pytest.raises(grid.GridError, match="cell window=4: train.devices=2 but 1 GPU\\(s\\) are visible"):
-        grid.slots(wide, 2)
+    with pytest.raises(GridError, match="cell window=4: train.devices=2 but 1 GPU\\(s\\) are visible"):
+        launch.slots(wide, 2)
     assert MlflowClient(uri).get_experiment_by_name("lrexp-g12") is None  # nothing was logged
 
 

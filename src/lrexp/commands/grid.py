@@ -20,6 +20,7 @@ from pathlib import Path
 
 from lrexp.commands.options import add_overrides, late_options
 from lrexp.errors import UserError
+from lrexp.grid.spec import GridError
 
 PARENT_ENV = "LREXP_GRID_PARENT"
 
@@ -89,7 +90,6 @@ def _dry_run(g, steps=None) -> None:
 
 def _check_cells(g) -> None:
     """Every cell as `lrexp train` will check it, before any runs: a dry run that passes means the cells start."""
-    from lrexp.grid.runner import GridError
     from lrexp.train.validate import check_run
 
     for cell in g.cells:
@@ -101,8 +101,6 @@ def _check_cells(g) -> None:
 
 def _pick(g, wanted: str):
     """A cell by its id or by its line number in `--list` (a job array's task id)."""
-    from lrexp.grid.runner import GridError
-
     for cell in g.cells:
         if wanted in (cell.id, str(cell.index + 1)):
             return cell
@@ -113,30 +111,38 @@ def _fan_out(args: argparse.Namespace) -> int:
     """--list, --new-parent and --cell."""
     import os
 
-    from lrexp.grid import runner as grid
+    # mlflow: paid for by `lrexp grid` only, not by every command whose parser this module builds
+    from lrexp.grid import runner
+    from lrexp.grid.expand import expand
+    from lrexp.grid.plan import invocation_overrides, tracking_uri_of
+    from lrexp.grid.tracker import Tracker
 
     parent_id = args.parent or os.environ.get(PARENT_ENV)
-    g = grid.expand(args.name, args.overrides)
+    g = expand(args.name, args.overrides)
     if parent_id and not args.new_parent:  # the invocation's overrides first, the ones given now on top
-        parent = grid.Tracker(grid.tracking_uri_of(g), g).parent(parent_id)
-        g = grid.expand(args.name, [*grid.invocation_overrides(parent), *args.overrides])
+        parent = Tracker(tracking_uri_of(g), g).parent(parent_id)
+        g = expand(args.name, [*invocation_overrides(parent), *args.overrides])
     if args.list:
         print("\n".join(c.id for c in g.cells))
         return 0
     _check_cells(g)
     if args.new_parent:
-        print(grid.Tracker(grid.tracking_uri_of(g), g).new_parent())
+        print(Tracker(tracking_uri_of(g), g).new_parent())
         return 0
     if not parent_id:
         raise UserError(f"--cell needs the invocation's parent run: --parent RUN_ID or ${PARENT_ENV} "
                         f"(lrexp grid {args.name} --new-parent opens one)")
-    result = grid.run_one(g, _pick(g, args.cell), parent_id, runs_dir=args.runs_dir)
+    result = runner.run_one(g, _pick(g, args.cell), parent_id, runs_dir=args.runs_dir)
     return 0 if result.status in ("FINISHED", "SKIPPED") else 1
 
 
 def run(args: argparse.Namespace) -> int:
-    from lrexp.grid import runner as grid
-    from lrexp.report import collect as report
+    # mlflow: paid for by `lrexp grid` only, not by every command whose parser this module builds
+    from lrexp.grid import runner
+    from lrexp.grid.expand import expand
+    from lrexp.grid.launch import slots
+    from lrexp.grid.plan import invocation_overrides, plan, previous_invocation
+    from lrexp.report import collect
 
     args = _late_options(args)
     if args.list or args.new_parent or args.cell:
@@ -144,23 +150,23 @@ def run(args: argparse.Namespace) -> int:
             raise UserError("--list, --new-parent and --cell take no --dry-run, --resume or --jobs (a --cell "
                             "resumes its cell by itself; a scheduler runs as many at once as it starts)")
         return _fan_out(args)
-    g = grid.expand(args.name, args.overrides)
+    g = expand(args.name, args.overrides)
     steps = None
     if args.resume:
-        parent, finished = grid.previous_invocation(g)
-        earlier = grid.invocation_overrides(parent) if parent is not None else []
+        parent, finished = previous_invocation(g)
+        earlier = invocation_overrides(parent) if parent is not None else []
         if earlier:  # the invocation's own overrides first, the ones given now on top
-            g = grid.expand(args.name, [*earlier, *args.overrides])
+            g = expand(args.name, [*earlier, *args.overrides])
             print(f"resuming parent run {parent.info.run_id} with its overrides: {' '.join(earlier)}"
                   + (f", then {' '.join(args.overrides)}" if args.overrides else ""))
-        steps = grid.plan(g, finished)
+        steps = plan(g, finished)
     _check_cells(g)
-    grid.slots(g, args.jobs)  # refused now, not after the dry run said yes
+    slots(g, args.jobs)  # refused now, not after the dry run said yes
     if args.dry_run:
         _dry_run(g, steps)
         return 0
-    outcome = grid.run(g, resume=args.resume, runs_dir=args.runs_dir, jobs=args.jobs)
-    rep = report.build(g.name, args.out, parent_id=outcome.parent_id, uri=outcome.uri)
+    outcome = runner.run(g, resume=args.resume, runs_dir=args.runs_dir, jobs=args.jobs)
+    rep = collect.build(g.name, args.out, parent_id=outcome.parent_id, uri=outcome.uri)
     print()
     print(rep.markdown, end="")
     print(f"\nreport: {rep.files[0].parent} (also on the parent run's artifacts under report/)")

@@ -18,23 +18,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient  # paid for by `lrexp ui` only, not by every command's parser
 
     from lrexp import config
-    from lrexp.tracking import store as tracking
-    from lrexp.tracking.names import latest_invocation, runs_url
+    from lrexp.tracking.names import TAG_GRID, latest_invocation, runs_url
+    from lrexp.tracking.store import artifact_location, tracking_uri
 
-    uri = tracking.tracking_uri(config.load())
-    local = tracking.artifact_location(uri) is not None  # a sqlite store; anything else is a server
+    uri = tracking_uri(config.load())
+    local = artifact_location(uri) is not None  # a sqlite store; anything else is a server
     base = f"http://{args.host}:{args.port}" if local else uri
     parent = latest_invocation(MlflowClient(uri))
     if parent is None:
         print(f"MLflow UI: {base} (no grid has run yet)", flush=True)
     else:
-        grid = parent.data.tags.get("lrexp.grid", "?")
+        grid = parent.data.tags.get(TAG_GRID, "?")
         print(f"MLflow UI: {base}; the latest grid ({grid}): {runs_url(base, parent)}", flush=True)
     if not local:
         return 0
     mlflow = os.path.join(os.path.dirname(sys.executable), "mlflow")
     os.execv(mlflow, [mlflow, "ui", "--backend-store-uri", uri, "--default-artifact-root",
-                      tracking.artifact_location(uri), "--host", args.host, "--port", str(args.port)])
+                      artifact_location(uri), "--host", args.host, "--port", str(args.port)])

@@ -25,38 +25,38 @@ from lrexp.model.variants import row_name
 from lrexp.report import plots, tables
 from lrexp.runtime.signals import StopSignals
 from lrexp.runtime.signals import name as signal_name
-from lrexp.tracking.names import TAG_CELL, TAG_ERROR, TAG_GRID, TAG_PARENT, TAG_ROLE
+from lrexp.tracking import runs
+from lrexp.tracking.names import (
+    TAG_CELL, TAG_CHECKPOINT_RUN, TAG_GIT_SHA, TAG_GRID, TAG_GRID_PARENT, TAG_PARENT, TAG_ROLE, TAG_ROW, TAG_SCALE,
+)
+from lrexp.tracking.store import TrackingError, experiment_id, tracking_uri
 from lrexp.train.run import cpu_threads
 
 REPORTS_DIR = PROJECT_ROOT / "reports" / "eval"
-TAG_CHECKPOINT_RUN = "lrexp.checkpoint_run"  # the training run whose checkpoint an evaluation read
-TAG_GRID_PARENT = "lrexp.grid_parent"  # an evaluation run by a grid: the invocation's parent run
 SPLITS = {"test": "test", "validation": "validation", "val": "validation", "train": "train"}
 
 
 class EvalTracker:
-    """The evaluation's MLflow runs: the parent (RUNNING while it evaluates) and a child per setting."""
+    """The evaluation's MLflow runs: the parent (RUNNING while it evaluates) and a child per setting, opened
+    and ended by the one run writer (tracking/runs.py)."""
 
     def __init__(self, cfg: RunConfig, info: Dict[str, Any], checkpoint_run: Optional[str],
                  tags: Dict[str, str]) -> None:
         from mlflow.tracking import MlflowClient
 
-        from lrexp.tracking import store as tracking
-        from lrexp.model.variants import row_name
-
         self.cfg, self.info = cfg, info
-        uri = tracking.tracking_uri(cfg)
+        uri = tracking_uri(cfg)
         try:
             self.client = MlflowClient(uri)
-            self.experiment = tracking.experiment_id(self.client, cfg.log.experiment, uri)
+            self.experiment = experiment_id(self.client, cfg.log.experiment, uri)
         except Exception as exc:
-            raise tracking.TrackingError(f"cannot open the MLflow tracking store {uri}: {exc}") from None
+            raise TrackingError(f"cannot open the MLflow tracking store {uri}: {exc}") from None
         # not the checkpoint's log.tags: a grid cell's hold its grid parent, which this run is no child of
-        self.tags = {"lrexp.row": row_name(cfg), "lrexp.scale": cfg.scale.name, "lrexp.git_sha": tracking.git_sha(),
+        self.tags = {TAG_ROW: row_name(cfg), TAG_SCALE: cfg.scale.name, TAG_GIT_SHA: runs.git_sha(),
                      TAG_CHECKPOINT_RUN: str(checkpoint_run), "lrexp.eval.targets": str(info["targets"]),
                      "lrexp.eval.docs_hash": info["docs_hash"], **tags}
-        self.parent = self.client.create_run(self.experiment, run_name=f"eval:{row_name(cfg)}:{str(checkpoint_run)[:8]}",
-                                             tags={**self.tags, TAG_ROLE: "eval"}).info.run_id
+        self.parent = runs.open_run(self.client, self.experiment, f"eval:{row_name(cfg)}:{str(checkpoint_run)[:8]}",
+                                    {**self.tags, TAG_ROLE: "eval"})
         p = cfg.policy
         for key, value in {"policies": ",".join(p.names), "budgets": ",".join(map(str, p.budgets)),
                            "mode": p.mode, "block": info["block"], "context": info["context"],
@@ -64,30 +64,24 @@ class EvalTracker:
             self.client.log_param(self.parent, key, str(value))
 
     def log_setting(self, r: Result) -> None:
-        child = self.client.create_run(self.experiment, run_name=r.policy.label(),
-                                       tags={**self.tags, TAG_PARENT: self.parent, TAG_ROLE: "eval-setting"})
-        run_id = child.info.run_id
+        run_id = runs.open_run(self.client, self.experiment, r.policy.label(),
+                               {**self.tags, TAG_PARENT: self.parent, TAG_ROLE: "eval-setting"})
         for key, value in setting_params(self.cfg, r.policy, self.info).items():
             self.client.log_param(run_id, key, value)
         for key, value in setting_metrics(r).items():
             self.client.log_metric(run_id, key, value)
         self.client.log_dict(run_id, {str(d): {"nll": v[0], "targets": v[1]} for d, v in sorted(r.per_document.items())},
                              "per_document_nll.json")
-        self.client.set_terminated(run_id, "FINISHED")
+        runs.finish(self.client, run_id)
         r.run_id = run_id
 
     def finish(self, files: Sequence[Path]) -> None:
         for path in files:
             self.client.log_artifact(self.parent, str(path), "report")
-        self.client.set_terminated(self.parent, "FINISHED")
+        runs.finish(self.client, self.parent)
 
     def fail(self, exc: BaseException) -> None:
-        try:
-            self.client.set_tag(self.parent, TAG_ERROR, str(exc)[:5000])
-            killed = isinstance(exc, (KeyboardInterrupt, Interrupted))
-            self.client.set_terminated(self.parent, "KILLED" if killed else "FAILED")
-        except Exception:  # the store itself may be what failed; the caller re-raises the original error
-            pass
+        runs.end_on_error(self.client, self.parent, exc)
 
 
 def write_report(cfg: RunConfig, results: List[Result], info: Dict[str, Any], out: Path, source: str) -> List[Path]:

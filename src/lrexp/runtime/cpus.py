@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# CPUs a process may run on ("0,1"), applied before anything starts threads: `lrexp grid --jobs K` gives each
+# of its K cells its own share of the cores this way, so their thread pools do not fight over the same ones.
+CPUS_ENV = "LREXP_CPUS"
+
 
 def usable_cpus() -> int:
     """CPUs this process may run on: its affinity mask, bounded by a cgroup v2 CPU quota (a container's

@@ -1,6 +1,6 @@
-"""What the grid runner writes to MLflow and the report reads back: one home for both (neither imports the
-other). Tag names on grid runs, the summary metric the runner prints, and how a grid's invocations (its
-parent runs) are found.
+"""What lrexp writes to MLflow and reads back: one home for writers and readers (neither imports the other).
+Tag names on training, grid and evaluation runs, the summary metric the grid prints, and how a grid's
+invocations (its parent runs) are found.
 """
 
 from __future__ import annotations
@@ -25,7 +25,16 @@ TAG_OVERRIDES = "lrexp.overrides"  # JSON list of the invocation's command-line 
 TAG_ROLE = "lrexp.role"  # "parent" on the grid's own run
 TAG_REFERENCE = "lrexp.reference"  # group id of the step-time reference, on the parent
 TAG_INVOKED = "lrexp.invoked_at"  # ms since the epoch of the latest invocation, on the parent
-TAG_ERROR = "lrexp.error"
+TAG_ERROR = "lrexp.error"  # why a run ended FAILED or KILLED (tracking/runs.py writes it)
+TAG_CELLS = "lrexp.cells"  # the number of cells, on the parent
+TAG_FAILED_CELLS = "lrexp.failed_cells"  # on a parent once it ended
+TAG_ROW = "lrexp.row"  # the paper row a run trained
+TAG_SCALE = "lrexp.scale"
+TAG_GIT_SHA = "lrexp.git_sha"
+# `lrexp train --resume`: a config value that differs from the run's (immutable) param, as TAG_RESUME + key
+TAG_RESUME = "lrexp.resume."
+TAG_CHECKPOINT_RUN = "lrexp.checkpoint_run"  # on an evaluation: the training run whose checkpoint it read
+TAG_GRID_PARENT = "lrexp.grid_parent"  # on an evaluation a grid started: the invocation's parent run
 TAG_CHECKPOINT_DIR = "lrexp.checkpoint_dir"  # on every training run: where its last.ckpt is
 # On every run while its process works (`lrexp train`'s, the grid's parent): a run left RUNNING by a process
 # that is gone (killed hard, its machine lost) is told apart from one still training.

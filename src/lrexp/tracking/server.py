@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Iterator, List
 
 from lrexp.errors import UserError
+from lrexp.tracking.store import artifact_location
 
 # The address of the server a grid's cells log through: a transport to the store their config names, so it
-# takes precedence over `log.tracking_uri` (lit/tracking.py) while the config keeps naming the store itself.
+# takes precedence over `log.tracking_uri` (lit/run_logger.py) while the config keeps naming the store itself.
 SERVER_ENV = "LREXP_TRACKING_SERVER"
 START_TIMEOUT_S = 180.0  # measured: ~14 s on an idle 2-core machine, several times that beside training
 
@@ -92,7 +93,5 @@ def _stop_group(proc: subprocess.Popen) -> None:
 
 def artifact_root_of(uri: str) -> str:
     """Where experiments created through the server keep artifacts: beside a sqlite database, as without one."""
-    from lrexp.tracking import store as tracking
-
-    root = tracking.artifact_location(uri)
+    root = artifact_location(uri)
     return root if root is not None else str(Path.cwd() / "mlartifacts")

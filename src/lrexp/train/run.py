@@ -26,7 +26,7 @@ from lrexp.errors import Interrupted
 from lrexp.data_modules import StreamDataModule, prepare
 from lrexp.data_modules.datamodule import eval_pass
 from lrexp.lit import checkpoint as ckpt_mod
-from lrexp.tracking import store as tracking
+from lrexp.lit import run_logger
 from lrexp.lit.module import LMModule
 from lrexp.lit.perf import PerfCallback
 from lrexp.lit.progress import ProgressFile
@@ -117,7 +117,7 @@ def run(cfg: RunConfig, resume: Optional[str] = None, callbacks: Sequence[pl.Cal
     info = ckpt_mod.read(ckpt_mod.locate(resume, cfg.train.checkpoint_dir)) if resume else None
     if info is not None:
         ckpt_mod.check_compatible(cfg, info)
-    logger = tracking.open_run(cfg, resume_run_id=info.run_id if info else None)
+    logger = run_logger.open_run(cfg, resume_run_id=info.run_id if info else None)
     run_id = logger.run_id
     checkpoint_dir = ckpt_mod.run_dir(cfg, str(run_id))
     last: Optional[LastCheckpoint] = None
@@ -130,7 +130,7 @@ def run(cfg: RunConfig, resume: Optional[str] = None, callbacks: Sequence[pl.Cal
     with StopSignals(stop_unless_training) as signals:
         try:
             # first: a grid's --resume tells a run that still trains from one left RUNNING by a dead process
-            tracking.set_tags(logger, {TAG_CHECKPOINT_DIR: str(checkpoint_dir), **process_tags()})
+            run_logger.set_tags(logger, {TAG_CHECKPOINT_DIR: str(checkpoint_dir), **process_tags()})
             pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
             prepared = prepare(cfg)
             if info is not None:
@@ -139,9 +139,9 @@ def run(cfg: RunConfig, resume: Optional[str] = None, callbacks: Sequence[pl.Cal
             if cfg.train.compile:
                 model.compile()  # in place: the checkpoint's keys are the eager model's
             n_params = sum(p.numel() for p in model.parameters())
-            tracking.set_tags(logger, {"lrexp.backend": model.backend, "lrexp.threads": str(threads),
-                                       **eval_tags(cfg, prepared)})
-            tracking.log_artifact_dict(logger, prepared.meta, "data_meta.json")
+            run_logger.set_tags(logger, {"lrexp.backend": model.backend, "lrexp.threads": str(threads),
+                                         **eval_tags(cfg, prepared)})
+            run_logger.log_artifact_dict(logger, prepared.meta, "data_meta.json")
 
             tbptt = TBPTTCallback(cfg.train.lane_groups, cfg.train.offload_state)
             module = LMModule(cfg, model, tbptt, prepared.vocab_size)
@@ -171,15 +171,15 @@ def run(cfg: RunConfig, resume: Optional[str] = None, callbacks: Sequence[pl.Cal
             trainer.test(module, datamodule=datamodule, verbose=False)  # the split the paper reports
             passes.update(trainer.callback_metrics)
             final = {**{k: float(v) for k, v in passes.items() if k.startswith("final/")}, **summary}
-            tracking.finish(logger, summary, steps)
+            run_logger.finish(logger, summary, steps)
         except Interrupted as exc:
             hint = (f"continue with: lrexp train --resume {run_id}" if (checkpoint_dir / ckpt_mod.LAST).is_file()
                     else "no checkpoint yet: train it again")
             stopped = Interrupted(exc.signum, f"{exc}; {hint}")
-            tracking.fail(logger, stopped)
+            run_logger.fail(logger, stopped)
             raise stopped from None
         except BaseException as exc:
-            tracking.fail(logger, exc)
+            run_logger.fail(logger, exc)
             raise
     return {"run_id": run_id, "checkpoint": str(checkpoint_dir / ckpt_mod.LAST), **final}
 
