@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 from lrexp import cli, config
 from lrexp.report import collect, plots, tables
 from lrexp.report.collect import ReportError
-from lrexp.tracking.store import run_tags
+from lrexp.lit.run_logger import run_tags
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,7 @@ from lrexp import config
 from lrexp.config import PROJECT_ROOT
 from lrexp.errors import UserError
 from lrexp.report import plots, tables
+from lrexp.tracking.store import tracking_uri
 from lrexp.tracking.names import (
     FINAL_ANSWER, FINAL_BPB, FINAL_BPT, FINAL_PARAMS, FINAL_STATE_BYTES, FINAL_STEP_TIME, FINAL_TARGETS,
     FINAL_TEST_BPT, FINAL_TOKENS, REFERENCE_ROW, SEED_KEY, TAG_CELL, TAG_ERROR, TAG_GROUP, TAG_INDEX, TAG_PARENT,
@@ -281,8 +282,6 @@ def aggregate(cells: List[CellRun], reference: Optional[str],
 def _client(uri: Optional[str]):
     """(an MLflow client, its URI): of `uri`, else of the project's store."""
     from mlflow.tracking import MlflowClient  # MLflow when a report is made, not when `lrexp` starts
-
-    from lrexp.tracking.store import tracking_uri  # the store module imports Lightning (its MLflow logger)
 
     if uri is None:
         uri = tracking_uri(config.load())
