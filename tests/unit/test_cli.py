@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from lrexp.config import EXPERIMENTS
+from lrexp.config.paths import EXPERIMENTS
 
 
 def _lrexp(*args):

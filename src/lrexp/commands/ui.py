@@ -20,11 +20,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from mlflow.tracking import MlflowClient
 
-    from lrexp import config
+    from lrexp.config.load import load
     from lrexp.tracking import store as tracking
     from lrexp.tracking.names import latest_invocation, runs_url
 
-    uri = tracking.tracking_uri(config.load())
+    uri = tracking.tracking_uri(load())
     local = tracking.artifact_location(uri) is not None  # a sqlite store; anything else is a server
     base = f"http://{args.host}:{args.port}" if local else uri
     parent = latest_invocation(MlflowClient(uri))

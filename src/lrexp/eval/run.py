@@ -28,10 +28,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from lrexp import config as config_mod
+from lrexp.config.checks import resolve
+from lrexp.config.errors import ConfigError
+from lrexp.config.load import load as load_config
+from lrexp.config.paths import PROJECT_ROOT
+from lrexp.config.schema import RunConfig
 from lrexp.cache import Policy, build_policy
 from lrexp.cache.decode import BoundedDecoder, check_model
-from lrexp.config import PROJECT_ROOT, ConfigError, RunConfig
 from lrexp.errors import Interrupted, UserError
 from lrexp.tracking.names import TAG_ERROR, TAG_PARENT, TAG_ROLE
 from lrexp.runtime.signals import StopSignals
@@ -85,7 +88,7 @@ def load(checkpoint: str, overrides: Sequence[str] = ()):
     from lrexp.train.run import resume_config
 
     try:
-        path = ckpt_mod.locate(checkpoint, config_mod.load().train.checkpoint_dir)
+        path = ckpt_mod.locate(checkpoint, load_config().train.checkpoint_dir)
     except ckpt_mod.CheckpointError:
         raise EvalError(f"no checkpoint '{checkpoint}': neither a checkpoint file, a run folder holding "
                         f"{ckpt_mod.LAST}, nor an MLflow run id with one under train.checkpoint_dir") from None
@@ -133,7 +136,7 @@ def stream_config(cfg: RunConfig, context: int) -> RunConfig:
         return cfg
     lanes = cfg.derived.eval_lanes_per_rank
     try:
-        return config_mod.resolve(replace(
+        return resolve(replace(
             cfg, model=replace(cfg.model, segment_len=context),
             data=replace(cfg.data, tokens_per_step=lanes * context), train=replace(cfg.train, lane_groups=1)))
     except ConfigError as exc:

@@ -50,8 +50,10 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Text
 
 import yaml
 
-from lrexp import config
-from lrexp.config import EXPERIMENTS, PROJECT_ROOT, ConfigError, RunConfig
+from lrexp.config.errors import ConfigError
+from lrexp.config.load import SELECTORS, compose, load, suggest_key, to_dict
+from lrexp.config.paths import EXPERIMENTS, PROJECT_ROOT
+from lrexp.config.schema import SCHEMA_PATHS, RunConfig
 from lrexp.errors import Interrupted, UserError
 from lrexp.tracking.names import (
     FINAL_BPT, SEED_KEY, TAG_CELL, TAG_CHECKPOINT_DIR, TAG_CONTINUE, TAG_ERROR, TAG_GRID, TAG_GROUP, TAG_HASH,
@@ -133,18 +135,18 @@ def grid_path(name: str) -> Path:
 
 
 def _is_list_field(key: str) -> bool:
-    return get_origin(config.SCHEMA_PATHS.get(key)) is list
+    return get_origin(SCHEMA_PATHS.get(key)) is list
 
 
 def _check_key(key: str, where: str) -> None:
     """A key a grid may set: a selector, a config value (not a section), or an entry of log.tags."""
-    if key in config.SELECTORS or key.startswith("log.tags."):
+    if key in SELECTORS or key.startswith("log.tags."):
         return
     if key == "derived" or key.startswith("derived."):
         raise GridError(f"{where}: '{key}' is computed by lrexp and cannot be set")
-    kind = config.SCHEMA_PATHS.get(key)
+    kind = SCHEMA_PATHS.get(key)
     if kind is None:
-        hint = config.suggest_key(key)
+        hint = suggest_key(key)
         raise GridError(f"{where}: unknown config key '{key}'" + (f"; did you mean '{hint}'?" if hint else ""))
     if is_dataclass(kind):
         raise GridError(f"{where}: '{key}' is a config section; name one of its keys ('{key}.<name>')")
@@ -155,7 +157,7 @@ def _flatten_base(node: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     out: Dict[str, Any] = {}
     for key, value in node.items():
         path = f"{prefix}{key}"
-        if isinstance(value, dict) and is_dataclass(config.SCHEMA_PATHS.get(path)):
+        if isinstance(value, dict) and is_dataclass(SCHEMA_PATHS.get(path)):
             out.update(_flatten_base(value, path + "."))
         else:
             out[path] = value
@@ -201,7 +203,7 @@ def _per_scale(value: Any, scale: Optional[str], where: str) -> Any:
 def config_hash(cfg: RunConfig, steps: bool = True) -> str:
     """Identity of a cell's training: the resolved config without what the grid sets per invocation (and
     without train.max_steps when `steps` is False: the runs that training longer continues)."""
-    data = config.to_dict(cfg)
+    data = to_dict(cfg)
     data["log"] = {k: v for k, v in data["log"].items() if k not in ("tags", "run_name", "progress_file")}
     data.pop("policy")  # evaluation-only keys (`lrexp eval`): they never change what a cell trains
     if not steps:
@@ -289,7 +291,7 @@ def expand(name: str, overrides: Sequence[str] = ()) -> Grid:
     # The scale picks per-scale value lists; compose() also checks every base and plain key right here.
     base_items = [f"{k}={_dotlist_value(v)}" for k, v in base.items()]
     try:
-        scale = None if "scale" in raw else str(config.compose(overrides=[*base_items, *plain]).scale.name)
+        scale = None if "scale" in raw else str(compose(overrides=[*base_items, *plain]).scale.name)
     except ConfigError as exc:
         raise GridError(f"{where}: {exc}") from None
     axes = _axis_values(raw, scale, where)
@@ -316,7 +318,7 @@ def expand(name: str, overrides: Sequence[str] = ()) -> Grid:
             *plain,
         ]
         try:
-            cfg = config.load(overrides=cell_overrides)
+            cfg = load(overrides=cell_overrides)
         except ConfigError as exc:
             raise GridError(f"{where}, cell {cell_id}: {exc}") from None
         cfg.log.experiment = f"lrexp-{grid_name}"
@@ -349,7 +351,7 @@ def _evaluate(raw: Dict[str, Any], cells: List[Cell], scale: Optional[str], wher
 
         for cell in cells:
             try:
-                settings(config.load(overrides=[*cell.overrides, *items]))
+                settings(load(overrides=[*cell.overrides, *items]))
             except UserError as exc:  # a config error, or a policy that refuses a budget
                 raise GridError(f"{where}, evaluate (cell {cell.id}): {exc}") from None
     return items
@@ -405,7 +407,7 @@ def cell_config(cell: Cell, grid: Grid, parent_id: str) -> RunConfig:
 
 def write_cell(cfg: RunConfig, cell_dir: Path, grid: Grid, cell: Cell) -> Path:
     """`<cell_dir>/config.yaml`, the file `lrexp train` reads (`derived` left out: it is recomputed)."""
-    data = config.to_dict(cfg)
+    data = to_dict(cfg)
     data.pop("derived")
     cell_dir.mkdir(parents=True, exist_ok=True)
     path = cell_dir / "config.yaml"

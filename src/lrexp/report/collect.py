@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from lrexp.config import PROJECT_ROOT
+from lrexp.config.paths import PROJECT_ROOT
 from lrexp.errors import UserError
 from lrexp.tracking.names import (
     FINAL_BPT, SEED_KEY, TAG_CELL, TAG_ERROR, TAG_GROUP, TAG_INDEX, TAG_PARENT, TAG_REFERENCE, TAG_ROLE, latest_parent,
@@ -476,10 +476,10 @@ def build(
     from mlflow.tracking import MlflowClient
 
     if uri is None:
-        from lrexp import config
+        from lrexp.config.load import load
         from lrexp.tracking import store as tracking
 
-        uri = tracking.tracking_uri(config.load())
+        uri = tracking.tracking_uri(load())
     name = grid_name(name)
     client = MlflowClient(uri)
     parent = find_parent(client, name, parent_id)
@@ -531,10 +531,10 @@ def build_runs(
     from mlflow.tracking import MlflowClient
 
     if uri is None:
-        from lrexp import config
+        from lrexp.config.load import load
         from lrexp.tracking import store as tracking
 
-        uri = tracking.tracking_uri(config.load())
+        uri = tracking.tracking_uri(load())
     client = MlflowClient(uri)
     if experiment is not None:
         exp = client.get_experiment_by_name(experiment)

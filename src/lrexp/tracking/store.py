@@ -27,8 +27,9 @@ from lightning.pytorch.utilities import rank_zero_only
 from mlflow.entities import RunTag
 from mlflow.tracking import MlflowClient
 
-from lrexp import config as config_mod
-from lrexp.config import PROJECT_ROOT, RunConfig
+from lrexp.config.load import flatten, to_yaml
+from lrexp.config.paths import PROJECT_ROOT
+from lrexp.config.schema import RunConfig
 from lrexp.errors import Interrupted, UserError
 from lrexp.tracking.names import TAG_ERROR
 from lrexp.tracking.server import SERVER_ENV
@@ -127,7 +128,7 @@ def open_run(cfg: RunConfig, resume_run_id: Optional[str] = None) -> MLFlowLogge
             recorded = earlier.params
             changed = {
                 f"lrexp.resume.{k}": str(v)[:250]
-                for k, v in config_mod.flatten(cfg).items()
+                for k, v in flatten(cfg).items()
                 if k in recorded and recorded[k] != str(v)[:250]
             }
             client.update_run(run_id, status="RUNNING")
@@ -135,8 +136,8 @@ def open_run(cfg: RunConfig, resume_run_id: Optional[str] = None) -> MLFlowLogge
                 client.delete_tag(run_id, TAG_ERROR)
             set_tags(logger, {**tags, **changed})
         else:
-            logger.log_hyperparams(config_mod.flatten(cfg))
-            client.log_text(run_id, config_mod.to_yaml(cfg), "config.yaml")
+            logger.log_hyperparams(flatten(cfg))
+            client.log_text(run_id, to_yaml(cfg), "config.yaml")
     except Exception as exc:
         raise TrackingError(f"cannot write the MLflow tracking store {uri}: {_one_line(exc)}") from None
     return logger
