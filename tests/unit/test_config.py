@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from lrexp.config.errors import ConfigError
-from lrexp.config.load import compose, flatten, from_dict, load, to_dict
-from lrexp.config.paths import EXPERIMENTS
+from lrexp.config.load import check_key, compose, flatten, from_dict, load, to_dict
+from lrexp.config.paths import EXPERIMENTS, PROJECT_ROOT, project_path
 
 
 def test_defaults_resolve_to_tiny_scale():
@@ -137,3 +137,50 @@ def test_missing_and_invalid_files(tmp_path: Path):
     lst = tmp_path / "list.yaml"
     lst.write_text("- 1\n- 2\n")
     assert "mapping" in _error(files=[lst])
+
+
+def test_flatten_walks_schema_sections_only():
+    """Nested and dotted keys give the same dotted keys; open sections and unknown keys stay one value."""
+    nested = {"model": {"recurrent": {"gate": "lstm"}, "attn.backend": "sdpa"}, "log": {"tags": {"a.b": "c"}}}
+    dotted = {"model.recurrent": {"gate": "lstm"}, "model.attn.backend": "sdpa", "log.tags": {"a.b": "c"}}
+    expected = {"model.recurrent.gate": "lstm", "model.attn.backend": "sdpa", "log.tags": {"a.b": "c"}}
+    assert flatten(nested) == flatten(dotted) == expected
+    assert flatten({"model": {"gone": {"x": 1}}}) == {"model.gone": {"x": 1}}  # not a section: not walked
+    cfg = load(overrides=["log.tags.grid=g"])
+    flat = flatten(cfg)
+    assert flat == flatten(to_dict(cfg))  # a RunConfig is flattened resolved
+    assert flat["log.tags"] == {"grid": "g"} and flat["derived.lanes"] == cfg.derived.lanes
+
+
+class _GridError(ConfigError):
+    pass
+
+
+@pytest.mark.parametrize("key, grid, needle", [
+    ("derived.lanes", False, "'derived.lanes' is computed by lrexp"),
+    ("derived", True, "'derived' is computed by lrexp"),
+    ("model.gatee", False, "unknown config key 'model.gatee'; did you mean 'model.recurrent.gate'?"),
+    ("row", False, "unknown config key 'row'"),
+    ("model.attn", True, "'model.attn' is a config section; name one of its keys ('model.attn.<name>')"),
+])
+def test_check_key_refuses_naming_where(key, grid, needle):
+    options = {"selectors": True, "sections": False, "error": _GridError} if grid else {}
+    with pytest.raises(_GridError if grid else ConfigError) as info:
+        check_key(key, "grid g, axes", **options)
+    assert str(info.value).startswith(f"grid g, axes: {needle}")
+
+
+@pytest.mark.parametrize("key", ["model.window", "log.tags", "log.tags.lrexp.cell", "model.attn"])
+def test_check_key_accepts_values_open_entries_and_sections(key):
+    check_key(key, "override")
+
+
+@pytest.mark.parametrize("key", ["scale", "row", "model.window", "log.tags.anything"])
+def test_check_key_as_a_grid_accepts_selectors(key):
+    check_key(key, "grid", selectors=True, sections=False)
+
+
+def test_project_path_is_under_the_repository_root(tmp_path: Path):
+    assert (PROJECT_ROOT / "experiments" / "base.yaml").is_file() and EXPERIMENTS == PROJECT_ROOT / "experiments"
+    assert project_path("checkpoints") == PROJECT_ROOT / "checkpoints"
+    assert project_path(tmp_path) == tmp_path
