@@ -289,12 +289,9 @@ def _schema_paths(cls: type = RunConfig, prefix: str = "") -> Dict[str, Any]:
     hints = get_type_hints(cls)
     for f in fields(cls):
         path = f"{prefix}{f.name}"
-        tp = hints[f.name]
-        if is_dataclass(tp):
-            out[path] = tp
-            out.update(_schema_paths(tp, path + "."))
-        else:
-            out[path] = tp
+        out[path] = hints[f.name]
+        if is_dataclass(out[path]):
+            out.update(_schema_paths(out[path], path + "."))
     return out
 
 
