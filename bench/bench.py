@@ -44,7 +44,7 @@ import torch  # noqa: E402
 
 # bench/ is the script's folder, so on sys.path
 from harness import TrainStep, ratios, round_robin, saved_bytes, summary, sync, timed  # noqa: E402
-from lrexp import config  # noqa: E402
+from lrexp.config.load import load  # noqa: E402
 from lrexp.runtime.cpus import usable_cpus  # noqa: E402
 from lrexp.model.flops import forward_flops  # noqa: E402
 from lrexp.layers.memorizing import STATE_DTYPES, MemorizingLayer  # noqa: E402
@@ -125,7 +125,7 @@ def rows_section(rows: List[str], overrides: List[str], device: torch.device, re
     if compile_backend:  # one process compiles every row: each is a cache entry of the same code
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(rows))
     for row in rows:
-        cfg = config.load(overrides=[f"row={row}", *overrides])
+        cfg = load(overrides=[f"row={row}", *overrides])
         steps[row] = TrainStep(cfg, device)
         names[row] = row_name(cfg)
         flops[row] = forward_flops(steps[row].model, steps[row].lanes, steps[row].seg_len).train_step
@@ -183,8 +183,8 @@ def scaling_section(overrides: List[str], device: torch.device, lengths: List[in
             if label in stopped:
                 continue
             extra = [f"model.window={t}"] if label == "XL" else []  # XL:W reads segments of its window
-            cfg = config.load(overrides=[f"row={row}", *overrides, f"model.segment_len={t}",
-                                         f"data.tokens_per_step={t}", *extra])
+            cfg = load(overrides=[f"row={row}", *overrides, f"model.segment_len={t}",
+                                  f"data.tokens_per_step={t}", *extra])
             steps[label] = TrainStep(cfg, device, lanes=1, seg_len=t)
         seconds = round_robin(steps, repeats, device)
         for label, step in steps.items():
@@ -280,12 +280,12 @@ def overhead_section(overrides: List[str], device: torch.device, steps: int, war
         f"train.checkpoint_dir={workdir / 'checkpoints'}", f"log.tracking_uri=sqlite:///{workdir / 'mlflow.db'}",
         "log.progress_bar=false", "log.experiment=bench", f"train.accelerator={device.type}",
     ]
-    cfg = config.load(overrides=run_overrides)
+    cfg = load(overrides=run_overrides)
     vocab = prepare(cfg).vocab_size
     threads = torch.get_num_threads()
     bare, loading = bare_loop(cfg, device, vocab, steps, warmup)  # before and after: the drift shows as range
     clock = StepClock()
-    train.run(config.load(overrides=[*run_overrides, f"train.threads={threads}"]), callbacks=[clock])
+    train.run(load(overrides=[*run_overrides, f"train.threads={threads}"]), callbacks=[clock])
     torch.set_num_threads(threads)
     bare2, loading2 = bare_loop(cfg, device, vocab, steps, warmup)
     lit = clock.intervals(warmup)[:steps - warmup]
@@ -314,7 +314,7 @@ def data_section(overrides: List[str], repeats: int, loader: Optional[Dict]) -> 
     from lrexp.data_modules import prepare
     from lrexp.data_modules.tokenizer import BPE_FILE
 
-    cfg = config.load(overrides=overrides)
+    cfg = load(overrides=overrides)
     cached = prepare(cfg)
     tokenizer = cached.dir / BPE_FILE
     extra = [f"data.tokenizer_file={tokenizer}"] if tokenizer.is_file() else []
@@ -324,7 +324,7 @@ def data_section(overrides: List[str], repeats: int, loader: Optional[Dict]) -> 
     for _ in range(repeats):
         for n in counts:
             with tempfile.TemporaryDirectory() as tmp:
-                cold = config.load(overrides=[*overrides, *extra, f"data.cache_dir={tmp}", f"data.prepare_workers={n}"])
+                cold = load(overrides=[*overrides, *extra, f"data.cache_dir={tmp}", f"data.prepare_workers={n}"])
                 started = time.perf_counter()
                 prepare(cold)
                 seconds[n].append(time.perf_counter() - started)
@@ -352,7 +352,7 @@ def data_section(overrides: List[str], repeats: int, loader: Optional[Dict]) -> 
 
 def memory_bytes_per_lane(overrides: List[str]) -> int:
     """Bytes of one lane's kNN memories (every memory layer), counted on the meta device."""
-    cfg = config.load(overrides=["row=mem64k", *overrides])
+    cfg = load(overrides=["row=mem64k", *overrides])
     total = 0
     for spec in layer_specs(cfg):
         if spec.kind != "memorizing":
@@ -368,7 +368,7 @@ def knn_section(overrides: List[str], scale: str) -> Tuple[List[str], Dict]:
     lines = ["| scale | state_dtype | MiB per lane | MiB for all lanes of a device |", "|---|---|---|---|"]
     data = {}
     for name in dict.fromkeys([scale, "paper"]):
-        lanes = config.load(overrides=[f"scale={name}", "row=mem64k"]).derived.lanes_per_rank
+        lanes = load(overrides=[f"scale={name}", "row=mem64k"]).derived.lanes_per_rank
         for dtype in STATE_DTYPES:
             per_lane = memory_bytes_per_lane([f"scale={name}", f"model.knn.state_dtype={dtype}"]
                                              + ([o for o in overrides if not o.startswith("scale=")]
@@ -426,7 +426,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         overrides = list(args.overrides)
         repeats, lengths, matmul_n, steps, warmup, data_repeats = (args.repeats, [1024, 2048, 4096, 8192, 16384],
                                                                    1024, 40, 10, 2)
-    cfg = config.load(overrides=overrides)
+    cfg = load(overrides=overrides)
     scale = cfg.scale.name
     from lrexp.train.run import cpu_threads
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any, List, Optional
 
-from lrexp.config import PROJECT_ROOT
+from lrexp.config.paths import PROJECT_ROOT
 
 
 REPORTS = PROJECT_ROOT / "reports" / "bench"

@@ -19,7 +19,7 @@ from functools import partial
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
-from lrexp.config import RunConfig
+from lrexp.config.schema import RunConfig
 from lrexp.data_modules.errors import DataError
 
 SPLITS = ("train", "validation", "test")

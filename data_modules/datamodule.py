@@ -44,7 +44,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from lrexp.config import RunConfig
+from lrexp.config.schema import RunConfig
 from lrexp.train.curriculum import Stage, stage_at, stages
 from lrexp.data_modules.lanes import Schedule, TrainStream, eval_lengths, eval_schedule, lane_lengths, num_segments
 from lrexp.data_modules.store import Prepared, SplitData, check_stream, prepare

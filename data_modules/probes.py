@@ -21,7 +21,7 @@ import random
 import string
 from typing import List, Tuple
 
-from lrexp.config import RunConfig
+from lrexp.config.schema import RunConfig
 from lrexp.data_modules.corpora import Document, Listing
 
 # Filler words: lowercase, no digits, so a key or value is never repeated by chance.

@@ -30,7 +30,9 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from lrexp.config import PROJECT_ROOT, ConfigError, RunConfig
+from lrexp.config.errors import ConfigError
+from lrexp.config.paths import project_path
+from lrexp.config.schema import RunConfig
 from lrexp.runtime.cpus import usable_cpus
 from lrexp.train.curriculum import stages
 from lrexp.data_modules import tokenizer as tok_mod
@@ -195,8 +197,7 @@ def check_stream(prepared: Prepared, segment_len: int, total_lanes: int) -> None
 
 
 def cache_root(cfg: RunConfig) -> Path:
-    root = Path(cfg.data.cache_dir).expanduser()
-    return root if root.is_absolute() else PROJECT_ROOT / root
+    return project_path(Path(cfg.data.cache_dir).expanduser())
 
 
 def cache_key(listing: Listing, cfg: RunConfig) -> str:

@@ -33,7 +33,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from lrexp.train import run as train
-from lrexp.config import PROJECT_ROOT
+from lrexp.config.paths import PROJECT_ROOT
 from lrexp.data_modules import prepare
 from lrexp.model.lm import build_model
 from lrexp.report.collect import find_parent
@@ -261,11 +261,11 @@ def main() -> None:
 
     from mlflow.tracking import MlflowClient
 
-    from lrexp import config
+    from lrexp.config.load import load
     from lrexp.grid.expand import expand
     from lrexp.tracking.store import tracking_uri
 
-    client = MlflowClient(tracking_uri(config.load()))
+    client = MlflowClient(tracking_uri(load()))
     runs = grid_runs(client, args.grid)
     rank = str(min({c.config.model.svd_state.rank for c in expand(args.grid).cells} - {None}))
     knobs = {"base": [], "fp16": ["model.state_dtype=float16"], "svd": [f"model.svd_state.rank={rank}"],

@@ -3,7 +3,7 @@ tests/ on the path, pyproject.toml)."""
 
 import torch
 
-from lrexp import config
+from lrexp.config.load import load
 from lrexp.model.lm import build_model
 
 V = 64  # the vocabulary of every smoke model
@@ -11,7 +11,7 @@ V = 64  # the vocabulary of every smoke model
 
 def smoke_model(row, *overrides, seed=0):
     """The row at `scale=smoke` with `key=value` overrides, initialised from `seed`, in eval mode; and its config."""
-    cfg = config.load(overrides=["scale=smoke", f"row={row}", *overrides])
+    cfg = load(overrides=["scale=smoke", f"row={row}", *overrides])
     torch.manual_seed(seed)
     return build_model(cfg, V).eval(), cfg
 

@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from lrexp import config
+from lrexp.config.load import load
 from lrexp.cache import PolicyError, build_policy
 from lrexp.cache.decode import BoundedDecoder, check_model
 from lrexp.cache.multistate import EMPTY, KVRows, evict
@@ -20,7 +20,7 @@ POLICIES = ("window", "sinks", "h2o", "tova")
 
 
 def _model(row, *overrides):
-    cfg = config.load(overrides=["scale=smoke", f"row={row}", "model.attn.backend=reference", *overrides])
+    cfg = load(overrides=["scale=smoke", f"row={row}", "model.attn.backend=reference", *overrides])
     torch.manual_seed(0)
     return build_model(cfg, V).eval(), cfg
 
@@ -259,7 +259,7 @@ def test_rows_without_plain_kv_caches_are_refused_naming_why(row):
 
 
 def test_bad_policies_and_budgets_are_one_line_errors():
-    knobs = config.load(overrides=["scale=smoke"]).policy
+    knobs = load(overrides=["scale=smoke"]).policy
     with pytest.raises(PolicyError, match="unknown cache policy 'lru'"):
         build_policy("lru", 8, knobs)
     with pytest.raises(PolicyError, match="budget C > 4"):

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lrexp import config
-from lrexp.config import EXPERIMENTS
+from lrexp.config.load import load
+from lrexp.config.paths import EXPERIMENTS
 from lrexp.model.lm import build_model
 from lrexp.model.variants import get_variant
 
@@ -18,7 +18,7 @@ V = 64
 
 @pytest.mark.parametrize("row", ROWS)
 def test_evaluation_segments_keep_the_logits(row):
-    cfg = config.load(overrides=["scale=smoke", f"row={row}", "model.dropout=0"])
+    cfg = load(overrides=["scale=smoke", f"row={row}", "model.dropout=0"])
     torch.manual_seed(0)
     model = build_model(cfg, V).eval()
     n = cfg.derived.segment_len

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lrexp import config
+from lrexp.config.load import load
 from lrexp.layers.feedback import StateReadingLayer
 from lrexp.layers.recurrent import RecurrentLayer
 from lrexp.model.lm import build_model
@@ -21,7 +21,7 @@ def _tokens(length, seed=1):
 def test_paper_scale_adds_a_query_and_a_wider_projection_to_every_other_layer(row):
     sizes = {}
     for name in (row, row.replace("fb_", "rec_")):
-        cfg = config.load(overrides=["scale=paper", f"row={name}"])
+        cfg = load(overrides=["scale=paper", f"row={name}"])
         with torch.device("meta"):
             model = build_model(cfg, 32128)
         sizes[name] = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("embed."))

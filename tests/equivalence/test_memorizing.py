@@ -7,7 +7,7 @@ Smoke scale: N = W = 8, memory 128 entries (16 segments), k = 8; the memory laye
 import pytest
 import torch
 
-from lrexp import config
+from lrexp.config.load import load
 from lrexp.attention import MaskSpec, attend
 from lrexp.layers.common import merge_heads
 from lrexp.layers.memorizing import MemorizingLayer, memory_stats, track_memory_stats
@@ -18,7 +18,7 @@ V = 64
 
 
 def _model(*overrides, row="mem64k"):
-    cfg = config.load(overrides=["scale=smoke", f"row={row}", *overrides])
+    cfg = load(overrides=["scale=smoke", f"row={row}", *overrides])
     torch.manual_seed(0)
     return build_model(cfg, V).eval(), cfg
 

@@ -21,7 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from lrexp import config
+from lrexp.config.load import load
 from lrexp.model.lm import build_model
 
 VOCAB, KEY, QUERY, FIRST_DIGIT, FIRST_FILLER = 32, 1, 2, 3, 13
@@ -59,7 +59,7 @@ def _train_and_measure(row: str):
     """Train from a fixed seed for STEPS documents x 3 segments (one optimiser step per segment that has
     answers; the state is reset per document); return the mean NLL in bits of the rehearsed and of the
     recalled digits on 64 held-out documents, in eval mode."""
-    cfg = config.load(overrides=[*OVERRIDES, f"row={row}"])
+    cfg = load(overrides=[*OVERRIDES, f"row={row}"])
     n = cfg.derived.segment_len
     torch.manual_seed(0)
     model = build_model(cfg, VOCAB)
@@ -87,7 +87,7 @@ def test_the_key_is_beyond_slides_reach_and_within_recs():
     """The probe's premise: the key's tokens change neither Slide's rehearsal nor recall logits, and do change
     Rec's recall logits two segments later (an untrained model's receptive field)."""
     for row, reached in (("slide12", False), ("rec_lstm_skip", True)):
-        cfg = config.load(overrides=[*OVERRIDES, f"row={row}"])
+        cfg = load(overrides=[*OVERRIDES, f"row={row}"])
         n = cfg.derived.segment_len
         torch.manual_seed(0)
         model = build_model(cfg, VOCAB).eval()

@@ -7,7 +7,8 @@ Smoke scale: W = 8, D = 16 per head, S = 8 states of d = 32; XL:8 has N = W, Rec
 import pytest
 import torch
 
-from lrexp import config
+from lrexp.config.errors import ConfigError
+from lrexp.config.load import load
 from lrexp.model.lm import build_model
 from lrexp.model.state import KNNMemory, ModelState, RecurrentState, StateError, XLCache
 from lrexp.model.svd_state import compress, truncate
@@ -17,7 +18,7 @@ ROWS = ["xl512", "rec_fixed_skip"]
 
 
 def _model(row, *overrides):
-    cfg = config.load(overrides=["scale=smoke", f"row={row}", *overrides])
+    cfg = load(overrides=["scale=smoke", f"row={row}", *overrides])
     torch.manual_seed(0)
     return build_model(cfg, V).eval(), cfg
 
@@ -199,8 +200,8 @@ def test_reconstructed_keys_get_their_norms_back_and_empty_slots_stay_empty(reno
     k = torch.nn.functional.normalize(torch.randn(2, 2, 8, 16, generator=g), dim=-1)  # [B, H, W, D]
     k[0, :, :3] = 0.0  # a cache slot that a reset left empty
     cache = XLCache(fresh=torch.zeros(2, dtype=torch.bool), k=k, v=torch.randn(2, 2, 8, 16, generator=g))
-    cfg = config.load(overrides=["scale=smoke", "model.svd_state.rank=2",
-                                 f"model.svd_state.renormalize_keys={renormalize}"]).model.svd_state
+    cfg = load(overrides=["scale=smoke", "model.svd_state.rank=2",
+                          f"model.svd_state.renormalize_keys={renormalize}"]).model.svd_state
     out, stats = compress(ModelState(layers=(cache,), batch_size=2), cfg)
     norms = out.layers[0].k.norm(dim=-1)  # [B, H, W]
     if renormalize:
@@ -212,7 +213,7 @@ def test_reconstructed_keys_get_their_norms_back_and_empty_slots_stay_empty(reno
 
 
 def test_bad_svd_targets_fail_in_one_line():
-    with pytest.raises(config.ConfigError, match="'model.svd_state.targets' must be distinct names of"):
-        config.load(overrides=["scale=smoke", "model.svd_state.targets=[kv_cache]"])
-    with pytest.raises(config.ConfigError, match="'model.svd_state.rank' must be > 0"):
-        config.load(overrides=["scale=smoke", "model.svd_state.rank=0"])
+    with pytest.raises(ConfigError, match="'model.svd_state.targets' must be distinct names of"):
+        load(overrides=["scale=smoke", "model.svd_state.targets=[kv_cache]"])
+    with pytest.raises(ConfigError, match="'model.svd_state.rank' must be > 0"):
+        load(overrides=["scale=smoke", "model.svd_state.rank=0"])

@@ -7,7 +7,7 @@ dense masked attention over [zero cache; stream] with the reference backend: no 
 import pytest
 import torch
 
-from lrexp import config
+from lrexp.config.load import load
 from lrexp.model.lm import build_model
 
 from oracles import dense_oracle
@@ -16,7 +16,7 @@ V = 64
 
 
 def _model(row, *overrides):
-    cfg = config.load(overrides=["scale=smoke", f"row={row}", *overrides])
+    cfg = load(overrides=["scale=smoke", f"row={row}", *overrides])
     torch.manual_seed(0)
     return build_model(cfg, V).eval(), cfg
 

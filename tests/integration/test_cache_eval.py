@@ -14,7 +14,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from corpora import word_documents
-from lrexp import cli, config
+from lrexp import cli
+from lrexp.config.load import load, to_dict
 from lrexp.train import run as train
 from lrexp.lit.module import CHECKPOINT_META_KEY
 
@@ -29,7 +30,7 @@ def env(tmp_path_factory):
             "data.test_fraction=0.25", f"data.cache_dir={root / 'data'}", f"log.tracking_uri={uri}",
             "log.progress_bar=false", f"train.checkpoint_dir={root / 'ckpt'}", "train.accelerator=cpu",
             "train.max_steps=2", "train.val_every=2", "train.val_tokens=256"]
-    result = train.run(config.load(overrides=[*base, "row=full"]))
+    result = train.run(load(overrides=[*base, "row=full"]))
     return {"root": root, "uri": uri, "base": base, "client": MlflowClient(uri), "trained": result}
 
 
@@ -57,9 +58,9 @@ def test_eval_scores_the_final_pass_targets_and_full_is_the_native_model(env, ca
 
 
 def test_rows_the_policies_do_not_apply_to_and_bad_budgets_fail_before_any_work(env, capsys):
-    rec = config.load(overrides=[*env["base"], "row=rec_fixed_skip"])
+    rec = load(overrides=[*env["base"], "row=rec_fixed_skip"])
     fake = env["root"] / "rec.ckpt"  # never read past its config: the row is refused first
-    torch.save({CHECKPOINT_META_KEY: {"config": config.to_dict(rec), "vocab_size": 257, "run_id": "r"},
+    torch.save({CHECKPOINT_META_KEY: {"config": to_dict(rec), "vocab_size": 257, "run_id": "r"},
                 "state_dict": {}}, fake)
     assert cli.main(["eval", str(fake), "--policy", "tova", "--budget", "8"]) == 2
     assert "this one has recurrent layers" in capsys.readouterr().err
@@ -81,12 +82,12 @@ def test_a_row_without_kv_caches_is_evaluated_by_its_own_forward_when_no_policy_
     """A Rec row: `lrexp eval` without policies runs the model's forward over the same pass (`full`)."""
     from lrexp.model.lm import build_model
 
-    cfg = config.load(overrides=[*env["base"], "row=rec_fixed_skip"])
+    cfg = load(overrides=[*env["base"], "row=rec_fixed_skip"])
     vocab = torch.load(env["trained"]["checkpoint"], weights_only=True)[CHECKPOINT_META_KEY]["vocab_size"]
     torch.manual_seed(0)
     model = build_model(cfg, vocab)
     path = env["root"] / "rec-weights.ckpt"
-    torch.save({CHECKPOINT_META_KEY: {"config": config.to_dict(cfg), "vocab_size": vocab, "run_id": "rec"},
+    torch.save({CHECKPOINT_META_KEY: {"config": to_dict(cfg), "vocab_size": vocab, "run_id": "rec"},
                 "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, path)
     assert cli.main(["eval", str(path), "--out", str(env["root"] / "rec-report")]) == 0
     assert "| full | full |" in capsys.readouterr().out

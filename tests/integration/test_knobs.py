@@ -13,9 +13,9 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from corpora import word_documents
-from lrexp import config
+from lrexp.config.errors import ConfigError
+from lrexp.config.load import load
 from lrexp.train import run as train
-from lrexp.config import ConfigError
 from lrexp.train.curriculum import stages
 from lrexp.data_modules import StreamDataModule, prepare
 from lrexp.data_modules.errors import DataError
@@ -41,7 +41,7 @@ def env(tmp_path_factory):
 
 def run(env, *overrides, resume=None):
     if resume is None:
-        return train.run(config.load(overrides=[*env["base"], *overrides]))
+        return train.run(load(overrides=[*env["base"], *overrides]))
     cfg, path = train.resume_config(resume, [], list(overrides))
     return train.run(cfg, resume=str(path))
 
@@ -77,14 +77,14 @@ def test_a_one_stage_curriculum_is_no_curriculum_bitwise(env):
 def test_the_stream_switches_lanes_and_segment_length_at_the_stage_start(env):
     """Steps 0-2 read 8 lanes of 16 tokens, step 3 on 2 lanes of 64, each batch naming its stage; the last
     stage reads its own stream, not the one stage 0 began with."""
-    dm = StreamDataModule(config.load(overrides=[*env["base"], TWO_STAGES]), world_size=1, rank=0)
+    dm = StreamDataModule(load(overrides=[*env["base"], TWO_STAGES]), world_size=1, rank=0)
     dm.setup("fit")
     batches = iter(dm.train_dataloader())
     shapes = [(int(b["stage"]), tuple(b["tokens"].shape), bool(b["doc_start"].all())) for b in
               (next(batches) for _ in range(5))]
     assert shapes == [(0, (8, 16), True), (0, (8, 16), False), (0, (8, 16), False), (1, (2, 64), True),
                       (1, (2, 64), False)]
-    plain = StreamDataModule(config.load(overrides=env["base"]), world_size=1, rank=0)
+    plain = StreamDataModule(load(overrides=env["base"]), world_size=1, rank=0)
     plain.setup("fit")
     first = next(iter(plain.train_dataloader()))
     dm.load_state_dict({**dm.state_dict(), "train_batches": 3})  # resume at the stage's first step
@@ -117,26 +117,26 @@ def test_a_curriculum_run_stopped_mid_stage_resumes_exactly_across_the_boundary(
 ])
 def test_a_bad_schedule_fails_in_one_line_before_training(env, stages, message):
     with pytest.raises(ConfigError, match=message):
-        config.load(overrides=[*env["base"], f"curriculum.stages={stages}"])
+        load(overrides=[*env["base"], f"curriculum.stages={stages}"])
 
 
 def test_a_stage_without_blocks_has_the_models_own():
     """[start_step, W]: one schedule for rows of any R (XL's 1, Rec's 8) that only changes the window."""
     for row, blocks in (("xl512", 1), ("rec_fixed_skip", 8)):
-        cfg = config.load(overrides=["scale=smoke", f"row={row}", "curriculum.stages=[[0,2],[3,8]]"])
+        cfg = load(overrides=["scale=smoke", f"row={row}", "curriculum.stages=[[0,2],[3,8]]"])
         assert [(s.window, s.segment_len, s.lanes) for s in stages(cfg)] == [
             (2, 2 * blocks, 128 // (2 * blocks)), (8, 8 * blocks, 128 // (8 * blocks))]
 
 
 def test_a_stage_with_more_lanes_than_training_documents_fails_before_training(env):
     with pytest.raises(DataError, match="has 19 documents, fewer than the 32 lanes"):
-        prepare(config.load(overrides=[*env["base"], "curriculum.stages=[[0,2,2],[3,8,8]]"]))
+        prepare(load(overrides=[*env["base"], "curriculum.stages=[[0,2,2],[3,8,8]]"]))
 
 
 def test_lanes_of_a_stage_must_divide_over_the_lane_groups(env):
     with pytest.raises(ConfigError, match="over 4 rank\\(s\\) x lane group\\(s\\)"):
-        config.load(overrides=[*env["base"], "curriculum.stages=[[0,8,16],[3,8,8]]", "data.tokens_per_step=256",
-                               "train.lane_groups=4"])
+        load(overrides=[*env["base"], "curriculum.stages=[[0,8,16],[3,8,8]]", "data.tokens_per_step=256",
+                        "train.lane_groups=4"])
 
 
 # ---- carried state storage and compression (B.4, B.2) --------------------------------------------------

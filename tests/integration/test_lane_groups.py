@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from corpora import word_documents
-from lrexp import config
+from lrexp.config.errors import ConfigError
+from lrexp.config.load import load
 from lrexp.train import run as train
 from lrexp.lit.checkpoint import CheckpointError
 
@@ -42,7 +43,7 @@ def env(tmp_path_factory):
 
 def run(env, *overrides, resume=None):
     if resume is None:
-        return train.run(config.load(overrides=[*env["base"], *overrides]))
+        return train.run(load(overrides=[*env["base"], *overrides]))
     cfg, path = train.resume_config(resume, [], list(overrides))
     return train.run(cfg, resume=str(path))
 
@@ -64,7 +65,7 @@ def assert_close(a: dict, b: dict, tol: float) -> None:
 def test_two_groups_of_b_lanes_step_as_2b_lanes_and_resume_exactly(env):
     whole = run(env, "train.lane_groups=1")
     groups = run(env, "train.lane_groups=2")
-    assert config.load(overrides=[*env["base"], "train.lane_groups=2"]).derived.lanes_per_group == 2
+    assert load(overrides=[*env["base"], "train.lane_groups=2"]).derived.lanes_per_group == 2
     (w_params, w_state), (g_params, g_state) = saved(whole), saved(groups)
     assert_close(g_params, w_params, TOL)  # parameters after 3 optimiser steps
     assert_close(g_state, w_state, TOL)  # each group's carried state is its lanes' rows of the 4-lane state
@@ -100,8 +101,8 @@ def test_offloaded_group_states_change_nothing(env):
 
 
 def test_lanes_must_divide_over_devices_and_groups(env):
-    with pytest.raises(config.ConfigError, match=r"4 lanes .* do not divide over 1 rank\(s\) x 3 lane group"):
-        config.load(overrides=[*env["base"], "train.lane_groups=3"])
+    with pytest.raises(ConfigError, match=r"4 lanes .* do not divide over 1 rank\(s\) x 3 lane group"):
+        load(overrides=[*env["base"], "train.lane_groups=3"])
 
 
 def test_two_ranks_of_b_lanes_step_as_2b_lanes(env):
@@ -119,7 +120,7 @@ def test_two_ranks_of_b_lanes_step_as_2b_lanes(env):
         torch.testing.assert_close(value.flatten(0, 1), w_state[key].flatten(0, 1), rtol=RTOL, atol=TOL, msg=key)
     c = r_state["layers.1.recurrent.c"]
     assert not torch.equal(c[0], c[1])  # the ranks carry different documents
-    client = MlflowClient(config.load(overrides=env["base"]).log.tracking_uri)
+    client = MlflowClient(load(overrides=env["base"]).log.tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("lrexp-groups").experiment_id],
                               filter_string="params.`train.devices` = '2'")
     assert [r.info.run_id for r in runs] == [ranks["run_id"]] and runs[0].info.status == "FINISHED"

@@ -19,11 +19,11 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from corpora import word_documents
-from lrexp import config
+from lrexp.config.load import flatten, load as load_config
+from lrexp.config.paths import EXPERIMENTS
 from lrexp.train import run as train
 from lrexp.data_modules import prepare
 from lrexp.errors import Interrupted
-from lrexp.config import EXPERIMENTS
 from lrexp.lit import checkpoint as ckpt_mod
 from lrexp.lit import saving
 from lrexp.tracking import store as tracking
@@ -34,7 +34,7 @@ ROWS = sorted(p.stem for p in (EXPERIMENTS / "rows").glob("*.yaml"))
 
 def _row_named(prefix: str) -> str:
     for row in ROWS:
-        if row_name(config.load(overrides=["scale=smoke", f"row={row}"])).startswith(prefix):
+        if row_name(load_config(overrides=["scale=smoke", f"row={row}"])).startswith(prefix):
             return row
     raise LookupError(f"no {prefix} row in experiments/rows")
 
@@ -72,7 +72,7 @@ def env(tmp_path_factory):
 
 
 def load(env, *overrides):
-    return config.load(overrides=[*env["base"], *overrides])
+    return load_config(overrides=[*env["base"], *overrides])
 
 
 def history(env, run_id: str, key: str) -> dict:
@@ -88,12 +88,12 @@ def weights(result: dict) -> dict:
 def test_every_row_runs_and_its_mlflow_run_holds_the_contract(env, row):
     tags = env["root"] / f"tags-{row}.yaml"  # as a grid passes them: dotted tag names, so a file
     tags.write_text(json.dumps({"log": {"tags": {"lrexp.grid": "tests", "lrexp.cell": f"row={row}"}}}))
-    cfg = config.load([tags], [*env["base"], f"row={row}"])
+    cfg = load_config([tags], [*env["base"], f"row={row}"])
     result = train.run(cfg)
     run = env["client"].get_run(result["run_id"])
     assert run.info.status == "FINISHED"
     params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
-    flat = config.flatten(cfg)
+    flat = flatten(cfg)
     for key in ("model.variant", "model.d_model", "derived.segment_len", "derived.lanes", "train.max_steps"):
         assert params[key] == str(flat[key])
     for key in ("train/loss", "val/loss", "val/bits_per_token", "val/bits_per_byte", "val/ppl",

@@ -7,8 +7,8 @@ the kNN memory attention; one more case hides the empty cache (memory_valid) and
 import pytest
 import torch
 
-from lrexp import config
-from lrexp.config import EXPERIMENTS
+from lrexp.config.load import load
+from lrexp.config.paths import EXPERIMENTS
 from lrexp.model.lm import build_model
 
 V = 64
@@ -22,7 +22,7 @@ def _models(row, overrides):
     """The row's model on the reference backend and on triton, with the same weights."""
     models = []
     for backend in ("reference", "triton"):
-        cfg = config.load(overrides=["scale=smoke", f"row={row}", f"model.attn.backend={backend}", *overrides])
+        cfg = load(overrides=["scale=smoke", f"row={row}", f"model.attn.backend={backend}", *overrides])
         torch.manual_seed(0)
         models.append(build_model(cfg, V).eval())
     models[1].load_state_dict(models[0].state_dict())

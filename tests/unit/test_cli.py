@@ -8,7 +8,7 @@ import pytest
 
 from lrexp.cli import COMMANDS, build_parser
 from lrexp.commands.options import late_options
-from lrexp.config import EXPERIMENTS
+from lrexp.config.paths import EXPERIMENTS
 
 
 def _lrexp(*args):

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from lrexp import config
-from lrexp.config import ConfigError, EXPERIMENTS
+from lrexp.config.errors import ConfigError
+from lrexp.config.load import load
+from lrexp.config.paths import EXPERIMENTS
 from lrexp.model.lm import build_model
 from lrexp.train.validate import check_run
 
@@ -16,7 +17,7 @@ def two_segments(row: str, compile_backend=None):
     """Logits of two consecutive segments (the second reads the first's carried state), the state after them
     and every parameter's gradient, eager or compiled with `compile_backend`. Two blocks per segment: the
     block loops unroll while tracing, so fewer blocks trace faster and loop the same way."""
-    cfg = config.load(overrides=["scale=smoke", f"row={row}", "model.dropout=0", "model.blocks_per_segment=2"])
+    cfg = load(overrides=["scale=smoke", f"row={row}", "model.dropout=0", "model.blocks_per_segment=2"])
     torch.manual_seed(0)
     model = build_model(cfg, VOCAB)
     if compile_backend is not None:
@@ -57,10 +58,10 @@ def test_every_row_compiled_by_inductor_equals_eager(row):
 
 def test_compile_on_a_cpu_without_a_compiler_is_one_line(monkeypatch):
     monkeypatch.setenv("CXX", "no-such-compiler-lrexp")
-    cfg = config.load(overrides=["scale=smoke", "train.compile=true", "train.accelerator=cpu"])
+    cfg = load(overrides=["scale=smoke", "train.compile=true", "train.accelerator=cpu"])
     with pytest.raises(ConfigError, match="no-such-compiler-lrexp"):
         check_run(cfg)
-    check_run(config.load(overrides=["scale=smoke", "train.accelerator=cpu"]))  # off: no compiler needed
+    check_run(load(overrides=["scale=smoke", "train.accelerator=cpu"]))  # off: no compiler needed
 
 
 @pytest.mark.slow
@@ -69,7 +70,7 @@ def test_a_compiled_run_trains_and_checkpoints_the_eager_keys(tmp_path):
 
     from lrexp.train import run as train
 
-    cfg = config.load(overrides=[
+    cfg = load(overrides=[
         "scale=smoke", "row=rec_fixed_skip", "train.compile=true", "train.accelerator=cpu", "train.max_steps=4",
         "train.val_every=4", "data.corpus=passkey", "data.tokenizer=bytes", "data.probe.num_docs=96",
         f"data.cache_dir={tmp_path / 'data'}", f"train.checkpoint_dir={tmp_path / 'ckpt'}",

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lrexp import config
-from lrexp.config import ConfigError
+from lrexp.config.errors import ConfigError
+from lrexp.config.load import load
 from lrexp.data_modules import DataError, prepare, store
 from lrexp.data_modules import corpora, gutenberg
 from lrexp.data_modules.corpora import SPLITS, list_corpus, split_of
@@ -39,7 +39,7 @@ def write_corpus(folder: Path, n: int = 30, seed: int = 0) -> Path:
 
 
 def cfg_for(tmp_path: Path, corpus, *extra: str):
-    return config.load(overrides=[
+    return load(overrides=[
         "scale=smoke", f"data.corpus={corpus}", f"data.cache_dir={tmp_path / 'cache'}", "data.tokenizer=bytes",
         "data.val_fraction=0.2", "data.test_fraction=0.2", *extra,
     ])
@@ -427,7 +427,7 @@ def test_a_tokenizer_file_replaces_the_bpe_and_keys_the_cache_by_its_content(tmp
     from tokenizers import Tokenizer
 
     file_vocab = Tokenizer.from_file(str(path)).get_vocab_size()
-    assert prepared.vocab_size == file_vocab != config.load(overrides=["scale=smoke"]).data.vocab_size
+    assert prepared.vocab_size == file_vocab != load(overrides=["scale=smoke"]).data.vocab_size
     assert prepared.dir.name.startswith("corpus-file-") and prepared.meta["tokenizer"]["file"] == str(path)
     assert prepared.eos_id == 1  # T5's </s>
     data = prepared.split("train")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from lrexp import config
+from lrexp.config.load import load
 from lrexp.data_modules import StreamDataModule
 from lrexp.data_modules.lanes import TrainStream, num_segments
 
@@ -31,7 +31,7 @@ def corpus(tmp_path_factory):
 
 
 def cfg_for(corpus: Path, lanes: int = 4, devices: int = 1, *extra: str):
-    return config.load(overrides=[
+    return load(overrides=[
         "scale=smoke", f"data.corpus={corpus}", f"data.cache_dir={corpus.parent / 'cache'}", "data.tokenizer=bytes",
         "data.val_fraction=0.25", "data.test_fraction=0.2", f"data.tokens_per_step={lanes * N}",
         f"train.devices={devices}", *extra,
@@ -119,7 +119,7 @@ def test_evaluation_scores_the_same_targets_for_any_segment_length_and_lanes(cor
     setups = [(64, 4, "train.seed=0"), (8, 16, "train.seed=3"), (128, 1, "data.seed=5"), (16, 2, "train.seed=1")]
     seen = []
     for seg, lanes, seed in setups:
-        cfg = config.load(overrides=[
+        cfg = load(overrides=[
             "scale=smoke", f"data.corpus={corpus}", f"data.cache_dir={corpus.parent / 'cache'}",
             "data.tokenizer=bytes", "data.val_fraction=0.25", "data.test_fraction=0.2", "model.window=8",
             f"model.segment_len={seg}", f"data.tokens_per_step={lanes * seg}", seed,
@@ -244,7 +244,7 @@ def test_workers_give_the_same_batches(corpus):
 
 
 def test_probe_batches_flag_the_answer_labels(tmp_path):
-    cfg = config.load(overrides=[
+    cfg = load(overrides=[
         "scale=smoke", "data.corpus=copy", f"data.cache_dir={tmp_path}", "data.tokenizer=bytes",
         "data.probe.num_docs=64", "data.probe.distance=2",
     ])

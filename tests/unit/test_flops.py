@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from lrexp import config
-from lrexp.config import EXPERIMENTS
+from lrexp.config.load import load
+from lrexp.config.paths import EXPERIMENTS
 from lrexp.model.flops import forward_flops
 from lrexp.model.lm import build_model
 
@@ -16,7 +16,7 @@ VOCAB, LANES = 512, 2
 def counted(row: str):
     """(model, T, FLOPs of aten.mm/addmm, of aten.bmm) of one forward; the reference backend runs every
     attention as bmm, which the counter sees (SDPA's CPU kernel it does not)."""
-    cfg = config.load(overrides=["scale=smoke", f"row={row}", "model.attn.backend=reference"])
+    cfg = load(overrides=["scale=smoke", f"row={row}", "model.attn.backend=reference"])
     model = build_model(cfg, VOCAB).eval()
     t = cfg.derived.segment_len
     with FlopCounterMode(display=False) as counter:

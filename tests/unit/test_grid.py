@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lrexp import config
+from lrexp.config.load import load
 
 from lrexp.grid.expand import Cell, cell_config, config_hash, expand, write_cell
 from lrexp.grid.spec import GridError
@@ -113,7 +113,7 @@ def test_cell_file_reloads_to_the_same_config(tmp_path):
     cell = g.cells[1]
     cfg = cell_config(cell, g, parent_id="p123")
     path = write_cell(cfg, tmp_path / "runs" / cell.dirname, g, cell)
-    loaded = config.load([path])
+    loaded = load([path])
     assert config_hash(loaded) == cell.config_hash
     assert loaded.derived.segment_len == 64 and loaded.model.window == 16
     assert loaded.log.tags == {
@@ -125,7 +125,7 @@ def test_cell_file_reloads_to_the_same_config(tmp_path):
 
 
 def test_hash_ignores_only_per_invocation_fields(tmp_path):
-    cfg = config.load(overrides=["scale=smoke"])
+    cfg = load(overrides=["scale=smoke"])
     h = config_hash(cfg)
     cfg.log.tags = {"mlflow.parentRunId": "x"}
     cfg.log.run_name = "y"
@@ -186,7 +186,7 @@ def test_gates_cells_are_the_six_rec_rows():
     assert len(g.cells) == 6 and g.reference == "gate=fixed,topology=skip"
     for cell in g.cells:
         row = f"rec_{cell.values['model.recurrent.gate']}_{cell.values['model.recurrent.topology']}"
-        preset = config.load(overrides=[f"row={row}", "log.progress_bar=false"])
+        preset = load(overrides=[f"row={row}", "log.progress_bar=false"])
         preset.log.experiment, preset.log.run_name = cell.config.log.experiment, cell.id
         assert config_hash(preset) == cell.config_hash, row
 

@@ -17,7 +17,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from lrexp import config
+from lrexp.config.load import load
 
 from lrexp.grid import launch, runner
 from lrexp.grid.expand import expand
@@ -45,7 +45,7 @@ class FakeTrain:
         self.resumed = {}  # cell id -> the run it continued
 
     def __call__(self, path, resume=None, stop=None, env=None):
-        cfg = config.load([path])
+        cfg = load([path])
         cell = cfg.log.run_name
         self.ran.append(cell)
         if self.fail.get(cell) == "before-run":
@@ -320,7 +320,7 @@ class AtOnce(FakeTrain):
         self.forwarded = {}  # cell -> the signal the grid passed on to it
 
     def __call__(self, path, resume=None, stop=None, env=None):
-        cell = config.load([path]).log.run_name
+        cell = load([path]).log.run_name
         self.envs[cell] = dict(env)
         self.client = MlflowClient(env["LREXP_TRACKING_SERVER"])
         if len(self.envs) <= self.barrier.parties:

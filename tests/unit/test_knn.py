@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from lrexp import config
+from lrexp.config.errors import ConfigError
+from lrexp.config.load import load
 from lrexp.attention.knn import (
     MASKED_SCORE, entry_age, gather, memory_attention, recall_at_k, ring_write, select,
 )
-from lrexp.config import ConfigError
 from lrexp.layers.memorizing import COMBINE
 from lrexp.model.lm import build_model
 from lrexp.model.state import KNNMemory, ModelState, XLCache
@@ -209,14 +209,14 @@ def test_model_state_round_trips_a_knn_memory():
 # ---- config and variant -------------------------------------------------------------------------------
 
 def test_the_row_resolves_at_every_scale():
-    paper = config.load(overrides=["scale=paper", "row=mem64k"])
+    paper = load(overrides=["scale=paper", "row=mem64k"])
     assert paper.derived.knn_layers == [8] and paper.derived.recurrent_layers == []  # layer 9 of 12
     assert paper.model.knn.memory_size == 65536 and paper.model.knn.k == 128
     assert paper.derived.segment_len == paper.model.window == 512
     assert row_name(paper) == "Memorizing Trans. 64k"
-    smoke = config.load(overrides=["scale=smoke", "row=mem64k"])
+    smoke = load(overrides=["scale=smoke", "row=mem64k"])
     assert smoke.derived.knn_layers == [0] and row_name(smoke) == "Memorizing Trans. 128"
-    assert config.load(overrides=["scale=small", "row=mem64k"]).derived.knn_layers == [2]
+    assert load(overrides=["scale=small", "row=mem64k"]).derived.knn_layers == [2]
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -231,12 +231,12 @@ def test_the_row_resolves_at_every_scale():
 ])
 def test_bad_knn_settings_fail_with_one_line(overrides, message):
     with pytest.raises(ConfigError, match=message) as err:
-        config.load(overrides=["scale=smoke", "row=mem64k", *overrides])
+        load(overrides=["scale=smoke", "row=mem64k", *overrides])
     assert "\n" not in str(err.value)
 
 
 def test_exact_needs_no_bucket_multiple_and_the_variant_needs_a_memory_layer():
-    assert config.load(overrides=["scale=smoke", "row=mem64k", "model.knn.k=24", "model.knn.backend=exact"])
-    cfg = config.load(overrides=["scale=smoke", "row=mem64k", "model.knn.layers=[]"])
+    assert load(overrides=["scale=smoke", "row=mem64k", "model.knn.k=24", "model.knn.backend=exact"])
+    cfg = load(overrides=["scale=smoke", "row=mem64k", "model.knn.layers=[]"])
     with pytest.raises(VariantError, match="needs a memory layer"):
         build_model(cfg, 16)

@@ -6,7 +6,8 @@ import pytest
 import torch
 from mlflow.utils.validation import _validate_metric_name
 
-from lrexp import config
+from lrexp.config.errors import ConfigError
+from lrexp.config.load import load
 from lrexp.lit.metrics import TokenStats, bucket_names, token_nll
 
 
@@ -49,16 +50,16 @@ def test_bits_per_byte_is_bits_per_token_times_tokens_over_bytes():
 def test_position_buckets_are_the_scales_for_every_row():
     """models.md 7.3: the paper's 0-4k / 4k-16k / 16k-64k / >64k at paper scale, scaled by the scale's window
     elsewhere, never by a row's N: XL:W (N = W) and Slide:13L (N = 8W) of one scale share them."""
-    paper = [config.load(overrides=["scale=paper", f"row={r}"]).derived.position_buckets for r in ("xl512", "slide13")]
+    paper = [load(overrides=["scale=paper", f"row={r}"]).derived.position_buckets for r in ("xl512", "slide13")]
     assert paper == [[4096, 16384, 65536]] * 2
     for scale in ("smoke", "tiny", "small"):
-        rows = {r: config.load(overrides=[f"scale={scale}", f"row={r}"]) for r in ("xl512", "xl2048", "slide13", "full")}
+        rows = {r: load(overrides=[f"scale={scale}", f"row={r}"]) for r in ("xl512", "xl2048", "slide13", "full")}
         assert len({tuple(c.derived.position_buckets) for c in rows.values()}) == 1, scale
         assert rows["xl512"].derived.segment_len != rows["slide13"].derived.segment_len
-    custom = config.load(overrides=["scale=smoke", "log.position_buckets=[100,1000]"])
+    custom = load(overrides=["scale=smoke", "log.position_buckets=[100,1000]"])
     assert custom.derived.position_buckets == [100, 1000]
-    with pytest.raises(config.ConfigError, match="log.position_buckets"):
-        config.load(overrides=["scale=smoke", "log.position_buckets=[100,50]"])
+    with pytest.raises(ConfigError, match="log.position_buckets"):
+        load(overrides=["scale=smoke", "log.position_buckets=[100,50]"])
 
 
 def test_loss_by_position_uses_log_spaced_buckets():

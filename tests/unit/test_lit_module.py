@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lrexp import config
+from lrexp.config.load import load
 from lrexp.lit.module import LMModule, TrainingDiverged
 from lrexp.lit.perf import PerfCallback
 from lrexp.lit.tbptt import TBPTTCallback
@@ -137,7 +137,7 @@ class Probe(pl.Callback):
 
 
 def fit(steps=6, val_every=100, accumulate=1, model=None, extra=(), overrides=()):
-    cfg = config.load(overrides=["scale=smoke", f"train.lane_groups={accumulate}", *overrides])
+    cfg = load(overrides=["scale=smoke", f"train.lane_groups={accumulate}", *overrides])
     tbptt = TBPTTCallback(accumulate)
     probe = Probe(tbptt)
     module = LMModule(cfg, model or ToyLM(), tbptt, V)
@@ -203,7 +203,7 @@ def test_non_finite_loss_stops_with_a_clear_reason():
 
 
 def test_module_without_its_callback_in_the_trainer_fails_early():
-    cfg = config.load(overrides=["scale=smoke"])
+    cfg = load(overrides=["scale=smoke"])
     module = LMModule(cfg, ToyLM(), TBPTTCallback(), V)
     trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
@@ -229,7 +229,7 @@ def _fake_trainer(world_size: int, rank: int = 0):
 
 
 def test_checkpointed_state_restores_on_the_same_layout_and_resets_with_a_warning_otherwise():
-    cfg = config.load(overrides=["scale=smoke"])
+    cfg = load(overrides=["scale=smoke"])
     module = LMModule(cfg, ToyLM(), TBPTTCallback(), V)
     saving = TBPTTCallback()
     saving.update("train", ToyState(torch.arange(B * D, dtype=torch.float32).view(B, D)))

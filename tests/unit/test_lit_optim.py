@@ -8,12 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from lrexp import config
+from lrexp.config.load import load
 from lrexp.lit.optim import build_optimizer, build_scheduler, lr_factor, peak_lr
 
 
 def cfg_of(*overrides):
-    return config.load(overrides=["scale=smoke", *overrides])
+    return load(overrides=["scale=smoke", *overrides])
 
 
 def test_rsqrt_is_the_codes_schedule():

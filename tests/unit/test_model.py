@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from lrexp import config
+from lrexp.config.errors import ConfigError
+from lrexp.config.load import load
 from lrexp.attention import BACKENDS
-from lrexp.config import ConfigError
 from lrexp.errors import UserError
 from lrexp.model.lm import build_model
 from lrexp.model.state import StateError
@@ -23,7 +23,7 @@ def _tokens(b, t, seed=0):
     ("slide12", "Slide:4L", 4, 64), ("slide13", "Slide:5L", 5, 64), ("full", "Full", 4, 64),
 ])
 def test_rows_at_smoke_scale(row, name, layers, n):
-    cfg = config.load(overrides=["scale=smoke", f"row={row}"])
+    cfg = load(overrides=["scale=smoke", f"row={row}"])
     assert row_name(cfg) == name and cfg.model.num_layers == layers and cfg.derived.segment_len == n
     assert cfg.derived.lanes * n == cfg.data.tokens_per_step
 
@@ -31,7 +31,7 @@ def test_rows_at_smoke_scale(row, name, layers, n):
 @pytest.mark.parametrize("row,name,millions", [("slide12", "Slide:12L", 151.0), ("slide13", "Slide:13L", 163.6),
                                                ("xl2048", "XL:2048", 151.0)])
 def test_paper_scale_parameter_counts(row, name, millions):
-    cfg = config.load(overrides=["scale=paper", f"row={row}"])
+    cfg = load(overrides=["scale=paper", f"row={row}"])
     with torch.device("meta"):  # no memory allocated for 180M parameters
         model = build_model(cfg, 32128)
     embedding = model.embed.weight.numel()
@@ -152,5 +152,5 @@ def test_bad_input_raises_one_line_user_errors():
 def test_config_names_variant_and_backend_from_registries(key, registry):
     """The error lists exactly what is registered, so a new variant or backend needs no edit here."""
     with pytest.raises(ConfigError) as info:
-        config.load(overrides=["scale=smoke", f"{key}=nonesuch"])
+        load(overrides=["scale=smoke", f"{key}=nonesuch"])
     assert str(info.value) == f"'{key}' is 'nonesuch'; allowed: {', '.join(sorted(registry))}"

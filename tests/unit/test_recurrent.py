@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from lrexp import config
+from lrexp.config.errors import ConfigError
+from lrexp.config.load import load
 from lrexp.layers.gates import FixedGate, LSTMGate, build_gate, build_update
 from lrexp.layers.recurrent import RecurrentLayer
 from lrexp.model.lm import build_model
@@ -20,7 +21,7 @@ PAPER_PARAMS = {
 
 
 def _cell(row, *overrides, seed=0):
-    cfg = config.load(overrides=["scale=smoke", f"row={row}", *overrides])
+    cfg = load(overrides=["scale=smoke", f"row={row}", *overrides])
     torch.manual_seed(seed)
     model = build_model(cfg, 64).eval()
     (index,) = cfg.derived.recurrent_layers
@@ -29,7 +30,7 @@ def _cell(row, *overrides, seed=0):
 
 @pytest.mark.parametrize("row", ROWS)
 def test_paper_scale_parameter_count_matches_the_spec_table(row):
-    cfg = config.load(overrides=["scale=paper", f"row={row}"])
+    cfg = load(overrides=["scale=paper", f"row={row}"])
     with torch.device("meta"):
         model = build_model(cfg, 32128)
     n = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("embed."))
@@ -128,7 +129,7 @@ def test_the_carried_state_round_trips_through_checkpoint_tensors():
 
 
 def test_unknown_gate_or_topology_is_a_one_line_config_error():
-    with pytest.raises(config.ConfigError, match="gate"):
-        config.load(overrides=["scale=smoke", "row=rec_fixed_skip", "model.recurrent.gate=sigmoid"])
-    with pytest.raises(config.ConfigError, match="topology"):
-        config.load(overrides=["scale=smoke", "row=rec_fixed_skip", "model.recurrent.topology=triple"])
+    with pytest.raises(ConfigError, match="gate"):
+        load(overrides=["scale=smoke", "row=rec_fixed_skip", "model.recurrent.gate=sigmoid"])
+    with pytest.raises(ConfigError, match="topology"):
+        load(overrides=["scale=smoke", "row=rec_fixed_skip", "model.recurrent.topology=triple"])

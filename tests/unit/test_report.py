@@ -8,7 +8,8 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from lrexp import cli, config
+from lrexp import cli
+from lrexp.config.load import load
 from lrexp.report import collect, plots, tables
 from lrexp.report.collect import ReportError
 from lrexp.lit.run_logger import run_tags
@@ -255,7 +256,7 @@ def test_single_runs_at_tiny_scale_take_slide13_as_reference(store, tmp_path, ca
     exp = client.create_experiment("lrexp-tiny", artifact_location=str(store["root"] / "art"))
     ids = {}
     for row, step_time in (("xl512", 0.6), ("slide13", 0.3)):
-        cfg = config.load(overrides=["scale=tiny", f"row={row}"])
+        cfg = load(overrides=["scale=tiny", f"row={row}"])
         run_id = client.create_run(exp, run_name=row, tags=run_tags(cfg)).info.run_id  # as `lrexp train` tags it
         client.log_param(run_id, "train.seed", "0")
         for k, v in finals(step_time, 3.0).items():

@@ -4,7 +4,8 @@ the carried state's kind, shapes, init, reset and gradient path, and the prefix 
 import pytest
 import torch
 
-from lrexp import config
+from lrexp.config.errors import ConfigError
+from lrexp.config.load import load, to_yaml
 from lrexp.attention import MaskSpec, attend
 from lrexp.layers.gates import DualUpdate, SkipUpdate
 from lrexp.layers.slots import SlotLayer
@@ -32,21 +33,21 @@ def _model(row, *overrides):
     (["model.slots.read=prefix_kv", "model.attn.backend=triton"], "banded 'triton' attention backend"),
 ])
 def test_a_bad_slots_config_is_a_one_line_error_at_load(overrides, match):
-    with pytest.raises(config.ConfigError, match=match) as info:
-        config.load(overrides=["scale=smoke", ON, *overrides])
+    with pytest.raises(ConfigError, match=match) as info:
+        load(overrides=["scale=smoke", ON, *overrides])
     assert "\n" not in str(info.value)
 
 
 def test_the_slots_keys_are_in_the_resolved_config_and_off_by_default():
-    cfg = config.load(overrides=["scale=smoke"])
+    cfg = load(overrides=["scale=smoke"])
     assert not cfg.model.slots.enabled and cfg.derived.slot_layers == []
-    text = config.to_yaml(cfg)
+    text = to_yaml(cfg)
     for key in ("slots:", "enabled: false", "read: cross_attn", "token_keys: prev_and_current", "self_attn: true"):
         assert key in text
-    every = config.load(overrides=["scale=smoke", "row=xl512", ON, "model.slots.layers=all"])
+    every = load(overrides=["scale=smoke", "row=xl512", ON, "model.slots.layers=all"])
     assert every.derived.slot_layers == [0, 1, 2, 3]
-    assert config.load(overrides=["scale=smoke", "row=rec_fixed_skip", ON, "model.slots.layers=[0,-1]"]
-                       ).derived.slot_layers == [0, 3]  # a Rec row's attention layers may hold slots
+    assert load(overrides=["scale=smoke", "row=rec_fixed_skip", ON, "model.slots.layers=[0,-1]"]
+                ).derived.slot_layers == [0, 3]  # a Rec row's attention layers may hold slots
 
 
 def test_each_option_builds_its_own_parts_and_nothing_else():

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from lrexp import config
+from lrexp.config.load import load
 from lrexp.model.lm import build_model
 from lrexp.model.state import KNNMemory, ModelState, StateError, XLCache
 
@@ -12,7 +12,7 @@ from lrexp.model.state import KNNMemory, ModelState, StateError, XLCache
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return build_model(config.load(overrides=["scale=smoke", "row=slide12"]), 64).eval()
+    return build_model(load(overrides=["scale=smoke", "row=slide12"]), 64).eval()
 
 
 def _carried(model, b=3):

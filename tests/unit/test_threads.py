@@ -2,7 +2,8 @@
 
 import pytest
 
-from lrexp import config
+from lrexp.config.errors import ConfigError
+from lrexp.config.load import load
 
 from lrexp.train import run as train
 
@@ -22,7 +23,7 @@ def test_threads_resolve(monkeypatch, overrides, env, cpus, want):
     else:
         monkeypatch.setenv("OMP_NUM_THREADS", env)
     monkeypatch.setattr(train, "usable_cpus", lambda: cpus)
-    assert train.cpu_threads(config.load(overrides=["scale=smoke", *overrides])) == want
+    assert train.cpu_threads(load(overrides=["scale=smoke", *overrides])) == want
 
 
 def test_usable_cpus_is_the_affinity_mask_at_most():
@@ -32,5 +33,5 @@ def test_usable_cpus_is_the_affinity_mask_at_most():
 
 
 def test_threads_must_be_positive():
-    with pytest.raises(config.ConfigError, match="'train.threads' must be > 0"):
-        config.load(overrides=["scale=smoke", "train.threads=0"])
+    with pytest.raises(ConfigError, match="'train.threads' must be > 0"):
+        load(overrides=["scale=smoke", "train.threads=0"])

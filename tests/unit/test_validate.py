@@ -8,8 +8,9 @@ tokenizer (only the data side knows). Each fails in all three commands, in one l
 import pytest
 import yaml
 
-from lrexp import cli, config
-from lrexp.config import ConfigError
+from lrexp import cli
+from lrexp.config.errors import ConfigError
+from lrexp.config.load import load
 from lrexp.layers import LayerSpec
 from lrexp.train.validate import check_run
 from lrexp.model.variants import VARIANTS, Variant
@@ -35,7 +36,7 @@ def _one_line_error(capsys, argv, *needles):
 
 
 def test_a_segment_no_layer_window_divides_fails_before_the_run(wide, capsys):
-    cfg = config.load(overrides=wide)  # the schema's rule (N a multiple of model.window) holds
+    cfg = load(overrides=wide)  # the schema's rule (N a multiple of model.window) holds
     with pytest.raises(ConfigError, match=r"segment length \(8\) must be a multiple .* 'wide' needs a multiple of 16"):
         check_run(cfg)
     _one_line_error(capsys, ["show-config", *wide], "model.segment_len")
@@ -43,9 +44,9 @@ def test_a_segment_no_layer_window_divides_fails_before_the_run(wide, capsys):
 
 def test_a_probe_with_the_bpe_tokenizer_fails_before_the_run(capsys):
     with pytest.raises(ConfigError, match="set data.tokenizer=bytes"):
-        check_run(config.load(overrides=PASSKEY_BPE))
+        check_run(load(overrides=PASSKEY_BPE))
     _one_line_error(capsys, ["show-config", *PASSKEY_BPE], "set data.tokenizer=bytes")
-    check_run(config.load(overrides=[*PASSKEY_BPE, "data.tokenizer=bytes"]))
+    check_run(load(overrides=[*PASSKEY_BPE, "data.tokenizer=bytes"]))
 
 
 @pytest.mark.parametrize("axis,bad", [("model.variant", "wide"), ("data.corpus", "passkey")])
@@ -62,15 +63,15 @@ def test_train_fails_before_its_mlflow_run(wide, tmp_path, bad):
 
     store = tmp_path / "mlflow.db"
     overrides = wide if bad == "wide" else PASSKEY_BPE
-    cfg = config.load(overrides=[*overrides, f"log.tracking_uri=sqlite:///{store}"])
+    cfg = load(overrides=[*overrides, f"log.tracking_uri=sqlite:///{store}"])
     with pytest.raises(ConfigError):
         train.run(cfg)
     assert not store.exists()  # nothing was opened, logged or prepared
 
 
 def test_every_row_at_every_scale_passes():
-    from lrexp.config import EXPERIMENTS
+    from lrexp.config.paths import EXPERIMENTS
 
     for scale in sorted(p.stem for p in (EXPERIMENTS / "scales").glob("*.yaml")):
         for row in sorted(p.stem for p in (EXPERIMENTS / "rows").glob("*.yaml")):
-            check_run(config.load(overrides=[f"scale={scale}", f"row={row}"]))
+            check_run(load(overrides=[f"scale={scale}", f"row={row}"]))

@@ -24,7 +24,7 @@ from torch import Tensor
 from lrexp.errors import UserError
 
 if TYPE_CHECKING:
-    from lrexp.config import PolicyConfig
+    from lrexp.config.schema import PolicyConfig
 
 
 class PolicyError(UserError, ValueError):

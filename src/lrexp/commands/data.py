@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import time
 
-from lrexp import config
 from lrexp.commands.show_config import add_config_arguments, split_items
 
 
@@ -32,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lrexp.config.load import load  # imports torch (the registries): not while the parser is built
     from lrexp.data_modules import prepare
 
     files, overrides = split_items(args.items)
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"data.corpus={corpus}")
     if args.workers is not None:
         overrides.append(f"data.prepare_workers={args.workers}")
-    cfg = config.load(files, overrides)
+    cfg = load(files, overrides)
     started = time.perf_counter()
     prepared = prepare(cfg)
     seconds = time.perf_counter() - started

@@ -20,7 +20,6 @@ from pathlib import Path
 
 from lrexp.commands.options import add_overrides, late_options
 from lrexp.errors import UserError
-from lrexp.grid.spec import GridError
 
 PARENT_ENV = "LREXP_GRID_PARENT"
 
@@ -90,6 +89,7 @@ def _dry_run(g, steps=None) -> None:
 
 def _check_cells(g) -> None:
     """Every cell as `lrexp train` will check it, before any runs: a dry run that passes means the cells start."""
+    from lrexp.grid.spec import GridError  # the grid modules load configs (torch): not while the parser is built
     from lrexp.train.validate import check_run
 
     for cell in g.cells:
@@ -101,6 +101,8 @@ def _check_cells(g) -> None:
 
 def _pick(g, wanted: str):
     """A cell by its id or by its line number in `--list` (a job array's task id)."""
+    from lrexp.grid.spec import GridError  # the grid modules load configs (torch): not while the parser is built
+
     for cell in g.cells:
         if wanted in (cell.id, str(cell.index + 1)):
             return cell

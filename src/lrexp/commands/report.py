@@ -11,7 +11,6 @@ import argparse
 from pathlib import Path
 
 from lrexp.errors import UserError
-from lrexp.report import collect
 from lrexp.tracking.names import REFERENCE_ROW
 
 
@@ -29,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lrexp.report import collect  # loads configs (torch): not while the parser is built
+
     chosen = [bool(args.name), bool(args.runs), bool(args.experiment)]
     if sum(chosen) != 1:
         raise UserError("name a grid, or --runs RUN_ID ..., or --experiment NAME (exactly one of them)")

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lrexp import config
-
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """The config arguments every sub-command that builds a run shares."""
@@ -31,10 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lrexp.config.load import load, to_yaml  # imports torch (the registries): not while the parser is built
     from lrexp.train.validate import check_run
 
     files, overrides = split_items(args.items)
-    cfg = config.load(files, overrides)
+    cfg = load(files, overrides)
     check_run(cfg)  # valid means a run starts: the model and the corpus are checked too
-    print(config.to_yaml(cfg), end="")
+    print(to_yaml(cfg), end="")
     return 0

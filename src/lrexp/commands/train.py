@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from lrexp import config
 from lrexp.commands.show_config import add_config_arguments, split_items
 
 
@@ -25,13 +24,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from lightning.pytorch.utilities import rank_zero_only
 
+    from lrexp.config.load import load  # imports torch (the registries): not while the parser is built
     from lrexp.train.run import resume_config, run as train_run  # Lightning, MLflow, the model: only to train
 
     files, overrides = split_items(args.items)
     if args.resume:
         cfg, _ = resume_config(args.resume, files, overrides)
     else:
-        cfg = config.load(files, overrides)
+        cfg = load(files, overrides)
     result = train_run(cfg, resume=args.resume)
     if rank_zero_only.rank == 0:  # under DDP every rank runs this command
         print(json.dumps(result, sort_keys=True), flush=True)

@@ -20,11 +20,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from mlflow.tracking import MlflowClient  # paid for by `lrexp ui` only, not by every command's parser
 
-    from lrexp import config
+    from lrexp.config.load import load
     from lrexp.tracking.names import TAG_GRID, latest_invocation, runs_url
     from lrexp.tracking.store import artifact_location, tracking_uri
 
-    uri = tracking_uri(config.load())
+    uri = tracking_uri(load())
     local = artifact_location(uri) is not None  # a sqlite store; anything else is a server
     base = f"http://{args.host}:{args.port}" if local else uri
     parent = latest_invocation(MlflowClient(uri))

@@ -7,9 +7,9 @@ from typing import Sequence
 
 import torch
 
-from lrexp import config
+from lrexp.config.errors import ConfigError
+from lrexp.config.load import load as load_config
 from lrexp.cache.decode import check_model
-from lrexp.config import ConfigError
 from lrexp.errors import UserError
 from lrexp.lit import checkpoint as ckpt_mod
 from lrexp.model.lm import build_model
@@ -33,7 +33,7 @@ def load(checkpoint: str, overrides: Sequence[str] = ()):
             raise EvalError(f"'{key}' cannot be changed at evaluation (it is the checkpoint's); lrexp eval takes "
                             f"{', '.join(k.rstrip('.') + ('.*' if k.endswith('.') else '') for k in EVAL_KEYS)}")
     try:
-        path = ckpt_mod.locate(checkpoint, config.load().train.checkpoint_dir)
+        path = ckpt_mod.locate(checkpoint, load_config().train.checkpoint_dir)
     except ckpt_mod.CheckpointError:
         raise EvalError(f"no checkpoint '{checkpoint}': neither a checkpoint file, a run folder holding "
                         f"{ckpt_mod.LAST}, nor an MLflow run id with one under train.checkpoint_dir") from None

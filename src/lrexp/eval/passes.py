@@ -20,10 +20,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from lrexp import config
+from lrexp.config.checks import resolve
+from lrexp.config.errors import ConfigError
+from lrexp.config.schema import RunConfig
 from lrexp.cache import Policy, build_policy
 from lrexp.cache.decode import BoundedDecoder, holds_kv_caches
-from lrexp.config import ConfigError, RunConfig
 from lrexp.data_modules.datamodule import StreamDataModule
 from lrexp.eval.load import EvalError
 from lrexp.lit.metrics import TokenStats, token_nll
@@ -76,7 +77,7 @@ def stream_config(cfg: RunConfig, context: int) -> RunConfig:
         return cfg
     lanes = cfg.derived.eval_lanes_per_rank
     try:
-        return config.resolve(replace(
+        return resolve(replace(
             cfg, model=replace(cfg.model, segment_len=context),
             data=replace(cfg.data, tokens_per_step=lanes * context), train=replace(cfg.train, lane_groups=1)))
     except ConfigError as exc:

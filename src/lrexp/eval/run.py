@@ -16,7 +16,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from lrexp.config import PROJECT_ROOT, RunConfig
+from lrexp.config.paths import PROJECT_ROOT
+from lrexp.config.schema import RunConfig
 from lrexp.errors import Interrupted, UserError
 from lrexp.eval.load import EvalError, load
 from lrexp.eval.passes import Result, evaluate, setting_metrics, setting_params, settings, stream

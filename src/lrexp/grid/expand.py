@@ -19,11 +19,12 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
-from lrexp import config
-from lrexp.config import ConfigError, RunConfig
+from lrexp.config.errors import ConfigError
+from lrexp.config.load import compose, flatten, load, to_dict
+from lrexp.config.schema import RunConfig
 from lrexp.errors import UserError
 from lrexp.grid.spec import (
-    GridError, _check_key, _flatten_base, dotlist_value, grid_path, id_value, is_list_field, parse_value, per_scale,
+    GridError, check_grid_key, dotlist_value, grid_path, id_value, is_list_field, parse_value, per_scale,
     read_file,
 )
 from lrexp.tracking.names import (
@@ -68,7 +69,7 @@ class Grid:
 def config_hash(cfg: RunConfig, steps: bool = True) -> str:
     """Identity of a cell's training: the resolved config without what the grid sets per invocation (and
     without train.max_steps when `steps` is False: the runs that training longer continues)."""
-    data = config.to_dict(cfg)
+    data = to_dict(cfg)
     data["log"] = {k: v for k, v in data["log"].items() if k not in ("tags", "run_name", "progress_file")}
     data.pop("policy")  # evaluation-only keys (`lrexp eval`): they never change what a cell trains
     if not steps:
@@ -93,7 +94,7 @@ def _split_overrides(overrides: Sequence[str], axes: Dict[str, Any]) -> List[str
         key = key.strip()
         if not sep or not key:
             raise GridError(f"override '{item}' is not of the form key=value")
-        _check_key(key, "override")
+        check_grid_key(key, "override")
         parsed = parse_value(value)
         if key in axes or (isinstance(parsed, list) and not is_list_field(key)):
             axes[key] = parsed if isinstance(parsed, list) else [parsed]
@@ -124,12 +125,12 @@ def expand(name: str, overrides: Sequence[str] = ()) -> Grid:
     where = f"grid {grid_name}"
     text, data = read_file(path)
 
-    base = _flatten_base(data.get("base") or {})
+    base = flatten(data.get("base") or {})
     for key in base:
-        _check_key(key, f"{where}, base")
+        check_grid_key(key, f"{where}, base")
     raw: Dict[str, Any] = dict(data.get("axes") or {})
     for key in raw:
-        _check_key(key, f"{where}, axes")
+        check_grid_key(key, f"{where}, axes")
     if SEED_KEY in base or SEED_KEY in raw:
         raise GridError(f"{where}: set '{SEED_KEY}' with 'seeds:'")
     if data.get("seeds") is not None:
@@ -139,7 +140,7 @@ def expand(name: str, overrides: Sequence[str] = ()) -> Grid:
     # The scale picks per-scale value lists; compose() also checks every base and plain key right here.
     base_items = [f"{k}={dotlist_value(v)}" for k, v in base.items()]
     try:
-        scale = None if "scale" in raw else str(config.compose(overrides=[*base_items, *plain]).scale.name)
+        scale = None if "scale" in raw else str(compose(overrides=[*base_items, *plain]).scale.name)
     except ConfigError as exc:
         raise GridError(f"{where}: {exc}") from None
     axes = _axis_values(raw, scale, where)
@@ -166,7 +167,7 @@ def expand(name: str, overrides: Sequence[str] = ()) -> Grid:
             *plain,
         ]
         try:
-            cfg = config.load(overrides=cell_overrides)
+            cfg = load(overrides=cell_overrides)
         except ConfigError as exc:
             raise GridError(f"{where}, cell {cell_id}: {exc}") from None
         cfg.log.experiment = f"lrexp-{grid_name}"
@@ -192,14 +193,14 @@ def _evaluate(raw: Dict[str, Any], cells: List[Cell], scale: Optional[str], wher
     for key, value in raw.items():
         if not key.startswith("policy."):
             raise GridError(f"{where}, evaluate: '{key}' is not a policy.* key (lrexp eval sets only those)")
-        _check_key(key, f"{where}, evaluate")
+        check_grid_key(key, f"{where}, evaluate")
         items.append(f"{key}={dotlist_value(per_scale(value, scale, f'{where}: evaluate {key}'))}")
     if items:
         from lrexp.eval.passes import settings  # torch: only a grid with an `evaluate:` section pays for it
 
         for cell in cells:
             try:
-                settings(config.load(overrides=[*cell.overrides, *items]))
+                settings(load(overrides=[*cell.overrides, *items]))
             except UserError as exc:  # a config error, or a policy that refuses a budget
                 raise GridError(f"{where}, evaluate (cell {cell.id}): {exc}") from None
     return items
@@ -255,7 +256,7 @@ def cell_config(cell: Cell, grid: Grid, parent_id: str) -> RunConfig:
 
 def write_cell(cfg: RunConfig, cell_dir: Path, grid: Grid, cell: Cell) -> Path:
     """`<cell_dir>/config.yaml`, the file `lrexp train` reads (`derived` left out: it is recomputed)."""
-    data = config.to_dict(cfg)
+    data = to_dict(cfg)
     data.pop("derived")
     cell_dir.mkdir(parents=True, exist_ok=True)
     path = cell_dir / "config.yaml"

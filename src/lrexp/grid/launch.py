@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from lrexp.config import PROJECT_ROOT
+from lrexp.config.paths import PROJECT_ROOT
 from lrexp.grid.expand import Cell, Grid
 from lrexp.grid.spec import GridError
 from lrexp.runtime.cpus import usable_cpus

@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Text
 
 from mlflow.tracking import MlflowClient
 
-from lrexp.config import PROJECT_ROOT
+from lrexp.config.paths import PROJECT_ROOT
 from lrexp.errors import Interrupted
 from lrexp.grid import live
 from lrexp.grid.expand import Cell, Grid, cell_config, write_cell

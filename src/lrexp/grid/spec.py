@@ -17,14 +17,15 @@ A grid file (`experiments/grids/NAME.yaml`) has:
 from __future__ import annotations
 
 import json
-from dataclasses import is_dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, get_origin
 
 import yaml
 
-from lrexp import config
-from lrexp.config import EXPERIMENTS, ConfigError
+from lrexp.config.errors import ConfigError
+from lrexp.config.load import check_key
+from lrexp.config.paths import EXPERIMENTS
+from lrexp.config.schema import SCHEMA_PATHS
 
 GRIDS_DIR = EXPERIMENTS / "grids"
 FILE_KEYS = ("description", "base", "axes", "seeds", "reference", "evaluate")
@@ -51,34 +52,14 @@ def grid_path(name: str) -> Path:
     return path
 
 
+def check_grid_key(key: str, where: str) -> None:
+    """A key a grid may set: a selector (`row`, `scale`), one config value (a section is refused: a grid's
+    keys each set one value), or an entry of an open section such as log.tags."""
+    check_key(key, where, selectors=True, sections=False, error=GridError)
+
+
 def is_list_field(key: str) -> bool:
-    return get_origin(config.SCHEMA_PATHS.get(key)) is list
-
-
-def _check_key(key: str, where: str) -> None:
-    """A key a grid may set: a selector, a config value (not a section), or an entry of log.tags."""
-    if key in config.SELECTORS or key.startswith("log.tags."):
-        return
-    if key == "derived" or key.startswith("derived."):
-        raise GridError(f"{where}: '{key}' is computed by lrexp and cannot be set")
-    kind = config.SCHEMA_PATHS.get(key)
-    if kind is None:
-        hint = config.suggest_key(key)
-        raise GridError(f"{where}: unknown config key '{key}'" + (f"; did you mean '{hint}'?" if hint else ""))
-    if is_dataclass(kind):
-        raise GridError(f"{where}: '{key}' is a config section; name one of its keys ('{key}.<name>')")
-
-
-def _flatten_base(node: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-    """Nested and dotted keys alike -> dotted key -> value (sections are walked, open sections kept)."""
-    out: Dict[str, Any] = {}
-    for key, value in node.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict) and is_dataclass(config.SCHEMA_PATHS.get(path)):
-            out.update(_flatten_base(value, path + "."))
-        else:
-            out[path] = value
-    return out
+    return get_origin(SCHEMA_PATHS.get(key)) is list
 
 
 def dotlist_value(value: Any) -> str:

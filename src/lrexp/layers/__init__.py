@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Callable, Dict, Optional
 from torch import nn
 
 if TYPE_CHECKING:
-    from lrexp.config import RunConfig
+    from lrexp.config.schema import RunConfig
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from lrexp.layers.common import FeedForward, RMSNorm, linear, merge_heads, split
 from lrexp.model.state import XLCache
 
 if TYPE_CHECKING:
-    from lrexp.config import RunConfig
+    from lrexp.config.schema import RunConfig
 
 
 class SelfAttentionProjections(nn.Module):

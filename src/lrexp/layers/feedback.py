@@ -25,7 +25,7 @@ from lrexp.layers.common import linear, merge_heads, split_heads
 from lrexp.model.state import XLCache
 
 if TYPE_CHECKING:
-    from lrexp.config import RunConfig
+    from lrexp.config.schema import RunConfig
 
 UNMASKED = MaskSpec(causal=False)  # B, P and R: every key visible, no position bias, no dropout (4.3)
 

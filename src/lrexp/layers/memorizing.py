@@ -27,7 +27,7 @@ from lrexp.layers.common import merge_heads
 from lrexp.model.state import STATE_DTYPES, KNNMemory, StateError
 
 if TYPE_CHECKING:
-    from lrexp.config import RunConfig
+    from lrexp.config.schema import RunConfig
 
 
 def _weighted_mean(local: Tensor, mem: Tensor, gate_bias: Optional[Tensor]) -> Tensor:

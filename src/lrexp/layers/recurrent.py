@@ -37,7 +37,7 @@ from lrexp.layers.gates import build_update
 from lrexp.model.state import CellState, RecurrentState
 
 if TYPE_CHECKING:
-    from lrexp.config import RunConfig
+    from lrexp.config.schema import RunConfig
 
 _C_INIT_STD = 0.1
 

@@ -26,7 +26,7 @@ from lrexp.layers.recurrent import CellOptions, RecurrentLayer
 from lrexp.model.state import SlotState
 
 if TYPE_CHECKING:
-    from lrexp.config import RunConfig
+    from lrexp.config.schema import RunConfig
 
 
 class SlotLayer(RecurrentLayer):

@@ -14,8 +14,9 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from lrexp import config as config_mod
-from lrexp.config import PROJECT_ROOT, RunConfig
+from lrexp.config.load import flatten
+from lrexp.config.paths import project_path
+from lrexp.config.schema import RunConfig
 from lrexp.errors import UserError
 from lrexp.lit.module import CHECKPOINT_META_KEY
 
@@ -38,8 +39,7 @@ class CheckpointInfo:
 
 
 def run_dir(cfg: RunConfig, run_id: str) -> Path:
-    root = Path(cfg.train.checkpoint_dir)
-    return (root if root.is_absolute() else PROJECT_ROOT / root) / run_id
+    return project_path(cfg.train.checkpoint_dir) / run_id
 
 
 def locate(resume: str, checkpoint_dir: str | Path) -> Path:
@@ -49,9 +49,7 @@ def locate(resume: str, checkpoint_dir: str | Path) -> Path:
         return given
     if given.is_dir() and (given / LAST).is_file():
         return given / LAST
-    root = Path(checkpoint_dir)
-    root = root if root.is_absolute() else PROJECT_ROOT / root
-    by_run = root / resume / LAST
+    by_run = project_path(checkpoint_dir) / resume / LAST
     if by_run.is_file():
         return by_run
     raise CheckpointError(f"--resume {resume}: no such checkpoint file, and no {by_run}")
@@ -73,19 +71,9 @@ def saved_step(path: Path) -> int:
     return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
 
 
-def _flat(data: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-    out: Dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def check_compatible(cfg: RunConfig, info: CheckpointInfo, vocab_size: Optional[int] = None) -> None:
     """Raise naming every model/tokenizer key on which `cfg` and the checkpoint's config differ."""
-    ours, theirs = config_mod.flatten(cfg), _flat(info.config)
+    ours, theirs = flatten(cfg), flatten(info.config)
     keys = sorted(
         k for k in set(ours) | set(theirs)
         if k.startswith(_MODEL_KEYS) or k in _DATA_KEYS

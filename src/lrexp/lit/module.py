@@ -17,8 +17,8 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 
-from lrexp import config as config_mod
-from lrexp.config import RunConfig
+from lrexp.config.load import to_dict
+from lrexp.config.schema import RunConfig
 from lrexp.errors import UserError
 from lrexp.layers.memorizing import memory_stats, track_memory_stats
 from lrexp.lit.metrics import TokenStats, token_nll
@@ -140,7 +140,7 @@ class LMModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_META_KEY] = {
-            "config": config_mod.to_dict(self.cfg),
+            "config": to_dict(self.cfg),
             "vocab_size": self.vocab_size,
             "run_id": getattr(self.logger, "run_id", None),
         }

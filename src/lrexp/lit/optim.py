@@ -18,7 +18,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from lrexp.config import RunConfig
+from lrexp.config.schema import RunConfig
 from lrexp.lit.adafactor import Adafactor
 
 

@@ -23,8 +23,8 @@ from mlflow.entities import RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.tracking.context.registry import resolve_tags
 
-from lrexp import config as config_mod
-from lrexp.config import RunConfig
+from lrexp.config.load import flatten, to_yaml
+from lrexp.config.schema import RunConfig
 from lrexp.model.variants import row_name
 from lrexp.tracking import runs
 from lrexp.tracking.names import TAG_GIT_SHA, TAG_RESUME, TAG_ROW, TAG_SCALE
@@ -66,14 +66,14 @@ def open_run(cfg: RunConfig, resume_run_id: Optional[str] = None) -> MLFlowLogge
             recorded = client.get_run(run_id).data.params
             changed = {
                 f"{TAG_RESUME}{k}": str(v)[:250]
-                for k, v in config_mod.flatten(cfg).items()
+                for k, v in flatten(cfg).items()
                 if k in recorded and recorded[k] != str(v)[:250]
             }
             runs.reopen(client, run_id)  # the error an earlier attempt stopped with is no longer true
             set_tags(logger, {**tags, **changed})
         else:
-            logger.log_hyperparams(config_mod.flatten(cfg))
-            client.log_text(run_id, config_mod.to_yaml(cfg), "config.yaml")
+            logger.log_hyperparams(flatten(cfg))
+            client.log_text(run_id, to_yaml(cfg), "config.yaml")
     except Exception as exc:
         raise TrackingError(f"cannot write the MLflow tracking store {uri}: {runs.one_line(exc)}") from None
     return logger

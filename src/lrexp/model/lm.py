@@ -38,7 +38,7 @@ from lrexp.model.state import STATE_DTYPES, ModelState, StateError
 from lrexp.model.svd_state import compress
 
 if TYPE_CHECKING:
-    from lrexp.config import RunConfig
+    from lrexp.config.schema import RunConfig
 
 
 class ModelInputError(UserError, ValueError):

@@ -29,7 +29,7 @@ from torch import Tensor
 from lrexp.model.state import ModelState, RecurrentState, SlotState, XLCache
 
 if TYPE_CHECKING:
-    from lrexp.config import SVDStateConfig
+    from lrexp.config.schema import SVDStateConfig
 
 LOWRANK_NITER = 2  # subspace iterations of torch.svd_lowrank (spec B.2)
 LOWRANK_SEED = 0  # its random start: fixed, so a compressed run is reproducible and resumes exactly

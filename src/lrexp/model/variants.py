@@ -10,12 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Dict, List
 
-from lrexp.config import ConfigError
+from lrexp.config.errors import ConfigError
 from lrexp.errors import UserError
 from lrexp.layers import LayerSpec
 
 if TYPE_CHECKING:
-    from lrexp.config import RunConfig
+    from lrexp.config.schema import RunConfig
 
 
 class VariantError(UserError, ValueError):

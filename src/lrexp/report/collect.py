@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from lrexp import config
-from lrexp.config import PROJECT_ROOT
+from lrexp.config.load import load
+from lrexp.config.paths import PROJECT_ROOT
 from lrexp.errors import UserError
 from lrexp.report import plots, tables
 from lrexp.tracking.store import tracking_uri
@@ -284,7 +284,7 @@ def _client(uri: Optional[str]):
     from mlflow.tracking import MlflowClient  # MLflow when a report is made, not when `lrexp` starts
 
     if uri is None:
-        uri = tracking_uri(config.load())
+        uri = tracking_uri(load())
     return MlflowClient(uri), uri
 
 

@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
-from lrexp.config import RunConfig
+from lrexp.config.schema import RunConfig
 from lrexp.tracking.names import FINAL_TARGETS
 
 if TYPE_CHECKING:

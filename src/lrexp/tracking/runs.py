@@ -12,7 +12,7 @@ from __future__ import annotations
 import subprocess
 from typing import Dict, Optional
 
-from lrexp.config import PROJECT_ROOT
+from lrexp.config.paths import PROJECT_ROOT
 from lrexp.errors import Interrupted
 from lrexp.tracking.names import TAG_ERROR
 

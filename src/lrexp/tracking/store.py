@@ -13,7 +13,8 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from lrexp.config import PROJECT_ROOT, RunConfig
+from lrexp.config.paths import PROJECT_ROOT
+from lrexp.config.schema import RunConfig
 from lrexp.errors import UserError
 
 _SQLITE = "sqlite:///"

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, List
 
 if TYPE_CHECKING:
-    from lrexp.config import RunConfig
+    from lrexp.config.schema import RunConfig
 
 STAGE_EPOCHS = 1 << 20  # stage i's stream shuffles with epochs i x STAGE_EPOCHS, ...: its own document orders
 

@@ -19,8 +19,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import MLFlowLogger
 
-from lrexp import config as config_mod
-from lrexp.config import RunConfig
+from lrexp.config.load import load
+from lrexp.config.schema import RunConfig
 from lrexp.runtime.cpus import usable_cpus
 from lrexp.errors import Interrupted
 from lrexp.data_modules import StreamDataModule, prepare
@@ -187,11 +187,11 @@ def run(cfg: RunConfig, resume: Optional[str] = None, callbacks: Sequence[pl.Cal
 def resume_config(resume: str, files: Sequence[str], overrides: Sequence[str]) -> Tuple[RunConfig, Path]:
     """The config of a resumed run: the checkpoint's config, then the given files and overrides on top
     (say `train.max_steps=...`). The checkpoint folder is found with the checkpoint_dir they give."""
-    path = ckpt_mod.locate(resume, config_mod.load(files, overrides).train.checkpoint_dir)
+    path = ckpt_mod.locate(resume, load(files, overrides).train.checkpoint_dir)
     info = ckpt_mod.read(path)
     with tempfile.TemporaryDirectory() as tmp:
         saved = Path(tmp) / "checkpoint-config.yaml"
         saved.write_text(json.dumps(ckpt_mod.resume_config_dict(info)))  # JSON is YAML
-        cfg = config_mod.load([saved, *files], overrides)
+        cfg = load([saved, *files], overrides)
     return cfg, path
 

@@ -9,7 +9,8 @@ time), against the segment length. Reading and tokenizing the corpus is left to 
 
 from __future__ import annotations
 
-from lrexp.config import ConfigError, RunConfig
+from lrexp.config.errors import ConfigError
+from lrexp.config.schema import RunConfig
 
 
 def check_run(cfg: RunConfig) -> None:
