@@ -13,6 +13,7 @@ __all__ = ["DataError", "Prepared", "SplitData", "StreamDataModule", "prepare"]
 
 def __getattr__(name: str):
     if name == "StreamDataModule":
+        # on first use: `lrexp data prepare` and the CLI's help must not load Lightning
         from lrexp.data_modules.datamodule import StreamDataModule
 
         return StreamDataModule

@@ -34,9 +34,8 @@ from lrexp.config import PROJECT_ROOT, ConfigError, RunConfig
 from lrexp.runtime.cpus import usable_cpus
 from lrexp.train.curriculum import stages
 from lrexp.data_modules import tokenizer as tok_mod
-from lrexp.data_modules.corpora import (
-    PROBES, SPLITS, Document, Listing, TableFile, fingerprint_key, list_corpus, split_of, table_documents,
-)
+from lrexp.data_modules.corpora import PROBES, SPLITS, fingerprint_key, list_corpus, split_of, table_documents
+from lrexp.data_modules.documents import Document, Listing, TableFile
 from lrexp.data_modules.errors import DataError
 
 FORMAT_VERSION = 1

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Optional, Tuple
 from torch import Tensor, nn
 
 from lrexp.attention import HeadScale, MaskSpec, RelativePositionBias, attend, l2_normalize, sliding_window_attention
-from lrexp.layers import LayerSpec, register_layer
 from lrexp.layers.common import FeedForward, RMSNorm, linear, merge_heads, split_heads
+from lrexp.layers.registry import LayerSpec, register_layer
 from lrexp.model.state import XLCache
 
 if TYPE_CHECKING:

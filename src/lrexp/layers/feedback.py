@@ -19,9 +19,9 @@ import torch
 from torch import Tensor
 
 from lrexp.attention import HeadScale, MaskSpec, attend, l2_normalize
-from lrexp.layers import LayerSpec, register_layer
 from lrexp.layers.block import AttentionLayer
 from lrexp.layers.common import linear, merge_heads, split_heads
+from lrexp.layers.registry import LayerSpec, register_layer
 from lrexp.model.state import XLCache
 
 if TYPE_CHECKING:

@@ -21,9 +21,9 @@ import torch
 from torch import Tensor, nn
 
 from lrexp.attention.knn import entry_age, gather, memory_attention, recall_at_k, ring_write, select
-from lrexp.layers import LayerSpec, register_layer
 from lrexp.layers.block import AttentionLayer
 from lrexp.layers.common import merge_heads
+from lrexp.layers.registry import LayerSpec, register_layer
 from lrexp.model.state import STATE_DTYPES, KNNMemory, StateError
 
 if TYPE_CHECKING:

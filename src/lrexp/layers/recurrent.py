@@ -30,10 +30,10 @@ import torch
 from torch import Tensor, nn
 
 from lrexp.attention import HeadScale, MaskSpec, attend, l2_normalize
-from lrexp.layers import LayerSpec, register_layer
 from lrexp.layers.common import RMSNorm, linear, merge_heads, split_heads
 from lrexp.layers.feedback import UNMASKED, StateReadingLayer
 from lrexp.layers.gates import build_update
+from lrexp.layers.registry import LayerSpec, register_layer
 from lrexp.model.state import CellState, RecurrentState
 
 if TYPE_CHECKING:

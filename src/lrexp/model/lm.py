@@ -36,6 +36,7 @@ from lrexp.layers import LayerSpec, build_layer
 from lrexp.layers.common import RMSNorm
 from lrexp.model.state import STATE_DTYPES, ModelState, StateError
 from lrexp.model.svd_state import compress
+from lrexp.model.variants import layer_specs
 
 if TYPE_CHECKING:
     from lrexp.config import RunConfig
@@ -176,6 +177,4 @@ class LongRangeLM(nn.Module):
 
 def build_model(cfg: "RunConfig", vocab_size: int) -> LongRangeLM:
     """The model of cfg's variant: its per-layer specs assembled into one LongRangeLM."""
-    from lrexp.model.variants import layer_specs
-
     return LongRangeLM(cfg, vocab_size, layer_specs(cfg))
