@@ -10,7 +10,7 @@ import torch
 from lrexp import config
 from lrexp.attention import MaskSpec, attend
 from lrexp.layers.common import merge_heads
-from lrexp.layers.memorizing import MemorizingLayer, memory_stats, track_memory_stats
+from lrexp.layers.memorizing import MemorizingLayer
 from lrexp.model.lm import build_model
 from lrexp.model.state import KNNMemory, StateError
 
@@ -149,17 +149,17 @@ def test_local_position_bias_off_drops_the_bias_table():
 def test_statistics_are_computed_when_asked_and_only_then():
     model, cfg = _model()
     n = cfg.derived.segment_len
-    index, layer = _memory_layer(model)
+    index, _ = _memory_layer(model)
     state = model.initial_state(2, "cpu")
     with torch.no_grad():
-        track_memory_stats(model, True)
-        _, state = model(_tokens(2, n), state)
-        assert memory_stats(model) == {}  # every memory was empty: nothing to measure
+        _, state = model(_tokens(2, n), state, measure=True)
+        assert state.stats == {}  # every memory was empty: nothing to measure
         for segment in _tokens(2, 3 * n, seed=5).split(n, dim=1):
-            _, state = model(segment, state)
-        stats = memory_stats(model)
+            _, state = model(segment, state, measure=True)
+        stats = state.stats
         assert set(stats) == {f"knn{index}/recall_at_k", f"knn{index}/age_steps"}
         assert 0.0 < stats[f"knn{index}/recall_at_k"] <= 1.0 and 1.0 <= stats[f"knn{index}/age_steps"] <= 3.0
-        track_memory_stats(model, False)
-        _, state = model(_tokens(2, n, seed=6), state)
-        assert memory_stats(model) == stats  # off: nothing recomputed, the last values kept
+        measured_logits, _ = model(_tokens(2, n, seed=6), state, measure=True)
+        logits, state = model(_tokens(2, n, seed=6), state)
+        assert state.stats == {}  # not asked: nothing measured
+        torch.testing.assert_close(logits, measured_logits, rtol=0, atol=0)  # measuring changes no output
