@@ -12,6 +12,8 @@ from lrexp.model.lm import build_model
 from lrexp.model.state import KNNMemory, ModelState, RecurrentState, StateError, XLCache
 from lrexp.model.svd_state import compress, truncate
 
+from smoke import run_stream
+
 V = 64
 ROWS = ["xl512", "rec_fixed_skip"]
 
@@ -30,7 +32,7 @@ def _stream(model, cfg, segments=3, state=None):
     """Logits [2, segments*N, V] and the final state of a stream that carries state over segment boundaries."""
     n = cfg.derived.segment_len
     with torch.no_grad():
-        return model.run_stream(_tokens(2, segments * n), n, state)
+        return run_stream(model, _tokens(2, segments * n), n, state)
 
 
 # ---- model.state_dtype (B.4) ---------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Dict, List, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -159,18 +159,6 @@ class LongRangeLM(nn.Module):
         """Logits [B, T, V] of the last layer's output x [B, T, d]: final norm, then the tied embedding."""
         h = self.drop_out(self.norm_f(x))  # [B, T, d]
         return h @ self.embed.weight.t() / math.sqrt(self.vocab_size)  # [B, T, V]
-
-    def run_stream(
-        self, tokens: Tensor, segment_len: int, state: Optional[ModelState] = None
-    ) -> Tuple[Tensor, ModelState]:
-        """Logits [B, T, V] of a stream tokens [B, T] cut into segments of segment_len, the state carried
-        from one to the next (fresh lanes when state is None): what training sees, in one call."""
-        state = self.initial_state(tokens.shape[0], tokens.device) if state is None else state
-        out = []
-        for segment in tokens.split(segment_len, dim=1):
-            logits, state = self(segment, state)
-            out.append(logits)
-        return torch.cat(out, dim=1), state
 
     def _block_serial(self, x: Tensor, states: list) -> Tuple[Tensor, list]:
         """The whole stack on block t before any layer sees block t+1; x [B, T, d] -> [B, T, d]."""

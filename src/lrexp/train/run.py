@@ -21,12 +21,10 @@ from lightning.pytorch.loggers import MLFlowLogger
 
 from lrexp import config as config_mod
 from lrexp.config import RunConfig
-from lrexp.runtime.cpus import usable_cpus
-from lrexp.errors import Interrupted
 from lrexp.data_modules import StreamDataModule, prepare
 from lrexp.data_modules.datamodule import eval_pass
+from lrexp.errors import Interrupted
 from lrexp.lit import checkpoint as ckpt_mod
-from lrexp.tracking import store as tracking
 from lrexp.lit.module import LMModule
 from lrexp.lit.perf import PerfCallback
 from lrexp.lit.progress import ProgressFile
@@ -34,8 +32,10 @@ from lrexp.lit.saving import LastCheckpoint
 from lrexp.lit.seeding import StepSeedCallback
 from lrexp.lit.tbptt import TBPTTCallback
 from lrexp.model.lm import build_model
-from lrexp.tracking.names import TAG_CHECKPOINT_DIR, process_tags
+from lrexp.runtime.cpus import usable_cpus
 from lrexp.runtime.signals import StopSignals, name
+from lrexp.tracking import store
+from lrexp.tracking.names import TAG_CHECKPOINT_DIR, process_tags
 from lrexp.train.validate import check_run
 
 # Metrics summarised as final/* at the end of a run (the final passes log their own final/val_*, final/test_*).
@@ -90,20 +90,20 @@ def build_trainer(
 def _summary(metrics: Dict[str, Any]) -> Dict[str, float]:
     """train/loss -> final/train_loss; perf/step_time_s -> final/step_time_s."""
     return {
-        "final/" + name.removeprefix("perf/").replace("/", "_"): float(value)
-        for name, value in sorted(metrics.items())
-        if name.startswith(_SUMMARY_PREFIXES)
+        "final/" + key.removeprefix("perf/").replace("/", "_"): float(value)
+        for key, value in sorted(metrics.items())
+        if key.startswith(_SUMMARY_PREFIXES)
     }
 
 
 def eval_tags(cfg: RunConfig, prepared) -> Dict[str, str]:
     """Digests of the targets each evaluation scores, so a reader can check that runs match (models.md 7.5)."""
     tags = {}
-    for name, split, budget in (("val", "validation", None), ("test", "test", None),
-                                ("val_budget", "validation", cfg.train.val_tokens)):
+    for evaluation, split, budget in (("val", "validation", None), ("test", "test", None),
+                                      ("val_budget", "validation", cfg.train.val_tokens)):
         scored = eval_pass(prepared, split, budget)
-        tags[f"lrexp.eval.{name}_targets"] = str(scored.targets)
-        tags[f"lrexp.eval.{name}_docs_hash"] = scored.docs_hash
+        tags[f"lrexp.eval.{evaluation}_targets"] = str(scored.targets)
+        tags[f"lrexp.eval.{evaluation}_docs_hash"] = scored.docs_hash
     return tags
 
 
@@ -117,7 +117,7 @@ def run(cfg: RunConfig, resume: Optional[str] = None, callbacks: Sequence[pl.Cal
     info = ckpt_mod.read(ckpt_mod.locate(resume, cfg.train.checkpoint_dir)) if resume else None
     if info is not None:
         ckpt_mod.check_compatible(cfg, info)
-    logger = tracking.open_run(cfg, resume_run_id=info.run_id if info else None)
+    logger = store.open_run(cfg, resume_run_id=info.run_id if info else None)
     run_id = logger.run_id
     checkpoint_dir = ckpt_mod.run_dir(cfg, str(run_id))
     last: Optional[LastCheckpoint] = None
@@ -130,7 +130,7 @@ def run(cfg: RunConfig, resume: Optional[str] = None, callbacks: Sequence[pl.Cal
     with StopSignals(stop_unless_training) as signals:
         try:
             # first: a grid's --resume tells a run that still trains from one left RUNNING by a dead process
-            tracking.set_tags(logger, {TAG_CHECKPOINT_DIR: str(checkpoint_dir), **process_tags()})
+            store.set_tags(logger, {TAG_CHECKPOINT_DIR: str(checkpoint_dir), **process_tags()})
             pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
             prepared = prepare(cfg)
             if info is not None:
@@ -139,9 +139,9 @@ def run(cfg: RunConfig, resume: Optional[str] = None, callbacks: Sequence[pl.Cal
             if cfg.train.compile:
                 model.compile()  # in place: the checkpoint's keys are the eager model's
             n_params = sum(p.numel() for p in model.parameters())
-            tracking.set_tags(logger, {"lrexp.backend": model.backend, "lrexp.threads": str(threads),
+            store.set_tags(logger, {"lrexp.backend": model.backend, "lrexp.threads": str(threads),
                                        **eval_tags(cfg, prepared)})
-            tracking.log_artifact_dict(logger, prepared.meta, "data_meta.json")
+            store.log_artifact_dict(logger, prepared.meta, "data_meta.json")
 
             tbptt = TBPTTCallback(cfg.train.lane_groups, cfg.train.offload_state)
             module = LMModule(cfg, model, tbptt, prepared.vocab_size)
@@ -171,15 +171,15 @@ def run(cfg: RunConfig, resume: Optional[str] = None, callbacks: Sequence[pl.Cal
             trainer.test(module, datamodule=datamodule, verbose=False)  # the split the paper reports
             passes.update(trainer.callback_metrics)
             final = {**{k: float(v) for k, v in passes.items() if k.startswith("final/")}, **summary}
-            tracking.finish(logger, summary, steps)
+            store.finish(logger, summary, steps)
         except Interrupted as exc:
             hint = (f"continue with: lrexp train --resume {run_id}" if (checkpoint_dir / ckpt_mod.LAST).is_file()
                     else "no checkpoint yet: train it again")
             stopped = Interrupted(exc.signum, f"{exc}; {hint}")
-            tracking.fail(logger, stopped)
+            store.fail(logger, stopped)
             raise stopped from None
         except BaseException as exc:
-            tracking.fail(logger, exc)
+            store.fail(logger, exc)
             raise
     return {"run_id": run_id, "checkpoint": str(checkpoint_dir / ckpt_mod.LAST), **final}
 
