@@ -6,7 +6,8 @@ The DataModule is imported on first use, so `lrexp data prepare` and the CLI's h
 """
 
 from lrexp.data_modules.errors import DataError
-from lrexp.data_modules.store import Prepared, SplitData, prepare
+from lrexp.data_modules.prepared import Prepared, SplitData
+from lrexp.data_modules.store import prepare
 
 __all__ = ["DataError", "Prepared", "SplitData", "StreamDataModule", "prepare"]
 
