@@ -6,13 +6,15 @@ The DataModule is imported on first use, so `lrexp data prepare` and the CLI's h
 """
 
 from lrexp.data_modules.errors import DataError
-from lrexp.data_modules.store import Prepared, SplitData, prepare
+from lrexp.data_modules.prepared import Prepared, SplitData
+from lrexp.data_modules.store import prepare
 
 __all__ = ["DataError", "Prepared", "SplitData", "StreamDataModule", "prepare"]
 
 
 def __getattr__(name: str):
     if name == "StreamDataModule":
+        # on first use: `lrexp data prepare` and the CLI's help must not load Lightning
         from lrexp.data_modules.datamodule import StreamDataModule
 
         return StreamDataModule

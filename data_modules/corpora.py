@@ -14,37 +14,18 @@ import os
 import platform
 import re
 import sysconfig
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple
 
 from lrexp.config.schema import RunConfig
+from lrexp.data_modules import gutenberg, probes
+from lrexp.data_modules.documents import Document, Listing, TableFile
 from lrexp.data_modules.errors import DataError
 
 SPLITS = ("train", "validation", "test")
 _TABLE_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 _COMPRESSION = (".gz", ".zst", ".bz2", ".xz")
-
-
-@dataclass
-class Document:
-    id: str  # stable across machines: the split is a hash of it
-    read: Callable[[], Union[bytes, str]]  # bytes are checked for UTF-8 by the caller
-    size: Optional[int] = None  # bytes, when known without reading (selects the data.max_bytes subset)
-    split: Optional[str] = None  # fixed by the layout (PG19 folders); None: by hash of the id
-    answers: Tuple[Tuple[int, int], ...] = ()  # probes: [start, end) byte spans of the answer text
-
-
-@dataclass
-class Listing:
-    name: str  # short, used in the cache folder name
-    documents: List[Document]
-    fingerprint: Dict  # identifies the content; part of the cache key
-    sources: List[Dict[str, str]]  # {"name", "licence", and "path" or "url"}
-    probe: bool = False  # synthetic: per-token answer flags are stored
-    notes: List[str] = field(default_factory=list)  # dropped duplicates and the like, for meta.json
-    tables: List["TableFile"] = field(default_factory=list)  # files whose rows are documents, read on a build
 
 
 def split_of(doc_id: str, val_fraction: float, test_fraction: float) -> str:
@@ -120,15 +101,6 @@ _FORMATS = {
 }
 # Hugging Face names split shards `train-00000-of-00004.parquet`: in a flat folder the split is in the name.
 _SHARD = re.compile(r"^(train|validation|test)-\d+-of-\d+\.")
-
-
-@dataclass
-class TableFile:
-    """A JSON-lines / parquet file whose rows are documents; read only when a prepare builds (`table_documents`)."""
-
-    path: Path
-    rel: str  # relative to the corpus root: the prefix of its rows' ids
-    split: Optional[str]
 
 
 def _table_kind(path: Path) -> Optional[str]:
@@ -259,14 +231,10 @@ def directory(path: Path, cfg: RunConfig) -> Listing:
 
 
 def _gutenberg(cfg: RunConfig, cache_root: Path) -> Listing:
-    from lrexp.data_modules import gutenberg
-
     return gutenberg.listing(cache_root)
 
 
 def _probe(kind: str, cfg: RunConfig, cache_root: Path) -> Listing:
-    from lrexp.data_modules import probes
-
     return probes.listing(kind, cfg)
 
 

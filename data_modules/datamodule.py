@@ -47,7 +47,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from lrexp.config.schema import RunConfig
 from lrexp.train.curriculum import Stage, stage_at, stages
 from lrexp.data_modules.lanes import Schedule, TrainStream, eval_lengths, eval_schedule, lane_lengths, num_segments
-from lrexp.data_modules.store import Prepared, SplitData, check_stream, prepare
+from lrexp.data_modules.prepared import Prepared, SplitData
+from lrexp.data_modules.store import check_stream, prepare
 
 
 class SegmentDataset(Dataset):

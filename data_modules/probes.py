@@ -22,7 +22,7 @@ import string
 from typing import List, Tuple
 
 from lrexp.config.schema import RunConfig
-from lrexp.data_modules.corpora import Document, Listing
+from lrexp.data_modules.documents import Document, Listing
 
 # Filler words: lowercase, no digits, so a key or value is never repeated by chance.
 _WORDS = (

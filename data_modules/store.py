@@ -12,6 +12,7 @@ Layout of `<cache_dir>/<corpus>-<tokenizer>-<key>/`:
 
 The folder is built under a temporary name and renamed when complete, so a killed prepare is never
 mistaken for a finished one; a changed setting or corpus file gives another key, never a stale dataset.
+The finished folder is read back through `Prepared` (lrexp.data_modules.prepared).
 `datasets` reads table files into a scratch cache inside that folder, removed before the rename.
 """
 
@@ -24,7 +25,7 @@ import shutil
 import sys
 import tempfile
 import time
-from functools import cached_property, partial
+from functools import partial
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -33,96 +34,20 @@ import numpy as np
 from lrexp.config.errors import ConfigError
 from lrexp.config.paths import project_path
 from lrexp.config.schema import RunConfig
+from lrexp.data_modules import tokenizer as tok_mod
+from lrexp.data_modules.corpora import PROBES, SPLITS, fingerprint_key, list_corpus, split_of, table_documents
+from lrexp.data_modules.documents import Document, Listing, TableFile
+from lrexp.data_modules.errors import DataError
+from lrexp.data_modules.prepared import META, Prepared
 from lrexp.runtime.cpus import usable_cpus
 from lrexp.train.curriculum import stages
-from lrexp.data_modules import tokenizer as tok_mod
-from lrexp.data_modules.corpora import (
-    PROBES, SPLITS, Document, Listing, TableFile, fingerprint_key, list_corpus, split_of, table_documents,
-)
-from lrexp.data_modules.errors import DataError
 
 FORMAT_VERSION = 1
-META = "meta.json"
 # A chunk is one encode_batch call: at most this many documents and (past its first document) bytes of text,
 # so the chunks queued for the workers stay small even for books (PG19's run to megabytes each).
 _CHUNK_DOCS = 256
 _CHUNK_BYTES = 4 << 20
 _HF_SCRATCH = "hf_datasets"  # datasets' cache while a build reads table files; inside the partial folder
-
-
-# --------------------------------------------------------------------------------------------------
-# Reading a prepared dataset
-# --------------------------------------------------------------------------------------------------
-
-
-class SplitData:
-    """One split's memmaps, opened lazily (and again in each DataLoader worker: never pickled)."""
-
-    def __init__(self, folder: Path, meta: Dict) -> None:
-        self.dir = folder
-        self.meta = meta
-
-    def __getstate__(self) -> Dict:
-        return {"dir": self.dir, "meta": self.meta}
-
-    @cached_property
-    def tokens(self) -> np.ndarray:
-        return np.memmap(self.dir / "tokens.bin", dtype=self.meta["dtype"], mode="r")  # [T]
-
-    @cached_property
-    def offsets(self) -> np.ndarray:
-        return np.load(self.dir / "offsets.npy")  # [D + 1] int64
-
-    @cached_property
-    def doc_bytes(self) -> np.ndarray:
-        return np.load(self.dir / "doc_bytes.npy")  # [D] int64
-
-    @cached_property
-    def answer(self) -> Optional[np.ndarray]:
-        path = self.dir / "answer.bin"
-        return np.memmap(path, dtype=np.uint8, mode="r") if path.is_file() else None  # [T]
-
-    @property
-    def num_docs(self) -> int:
-        return len(self.offsets) - 1
-
-    def doc_lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)  # [D] tokens per document, <eos> included
-
-    def doc(self, i: int) -> np.ndarray:
-        """Document i's tokens as int64, the dtype the model takes."""
-        return self.tokens[self.offsets[i]: self.offsets[i + 1]].astype(np.int64)
-
-    def doc_ids(self) -> List[str]:
-        return json.loads((self.dir / "doc_ids.json").read_text())
-
-
-class Prepared:
-    def __init__(self, folder: Path) -> None:
-        self.dir = folder
-        self.meta: Dict = json.loads((folder / META).read_text())
-        self.vocab_size: int = self.meta["vocab_size"]
-        self.eos_id: int = self.meta["tokenizer"]["eos_id"]
-        self.key: str = self.meta["key"]
-        self.probe: bool = self.meta["probe"]
-
-    def __getstate__(self) -> Dict:
-        return {k: v for k, v in self.__dict__.items() if k not in ("tokenizer", "token_bytes", "_splits")}
-
-    @cached_property
-    def tokenizer(self) -> tok_mod.Tokenizer:
-        return tok_mod.load(self.dir, self.meta["tokenizer"]["kind"])
-
-    @cached_property
-    def token_bytes(self) -> np.ndarray:
-        return np.load(self.dir / "token_bytes.npy")  # [V] int64
-
-    @cached_property
-    def _splits(self) -> Dict[str, SplitData]:
-        return {s: SplitData(self.dir / s, self.meta["splits"][s]) for s in SPLITS}
-
-    def split(self, name: str) -> SplitData:
-        return self._splits[name]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -75,8 +75,8 @@ def measure(checkpoint: str, overrides: List[str], n_tokens: int, drift_tokens: 
         for i in range(0, n_tokens, n):
             logits, state = model(inputs[:, i:i + n], state)  # [1, N, V]
             nll += float(torch.nn.functional.cross_entropy(logits[0], targets[0, i:i + n], reduction="sum"))
-            for name, value in model.svd_stats.items():
-                energies.setdefault(name, []).append(float(value))
+            for name, value in state.stats.items():  # the compression's, "svd/<target>_energy", ...
+                energies.setdefault(name.removeprefix("svd/"), []).append(float(value))
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     out = {

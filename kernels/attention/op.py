@@ -16,8 +16,8 @@ import triton
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from lrexp.attention.backends import BackendError
 from lrexp.attention.bias import BiasSpec
+from lrexp.attention.errors import BackendError
 from lrexp.attention.mask import MaskSpec
 from lrexp.kernels.attention.kernel import INTERPRET, attention_bwd_dkdv, attention_bwd_dq, attention_fwd
 

@@ -15,6 +15,8 @@ from lrexp.cache.decode import BoundedDecoder, check_model
 from lrexp.cache.multistate import EMPTY, KVRows, evict
 from lrexp.model.lm import build_model
 
+from smoke import run_stream
+
 V = 64
 POLICIES = ("window", "sinks", "h2o", "tova")
 
@@ -55,7 +57,7 @@ def test_full_policy_at_the_default_context_is_the_native_model(row, overrides):
     tokens = _tokens(2, 2 * cfg.derived.segment_len)
     context = cfg.derived.segment_len if row == "full" else cfg.model.window
     with torch.no_grad():
-        native = model.run_stream(tokens, cfg.derived.segment_len)[0]
+        native = run_stream(model, tokens, cfg.derived.segment_len)[0]
     torch.testing.assert_close(_decode(model, cfg, "full", None, tokens, context)[0], native, atol=2e-6, rtol=1e-5)
 
 
@@ -79,7 +81,7 @@ def test_window_of_w_with_the_window_lifted_is_the_native_windowed_model(row):
     w = cfg.model.window
     tokens = _tokens(2, 2 * cfg.derived.segment_len)
     with torch.no_grad():
-        native = model.run_stream(tokens, cfg.derived.segment_len)[0]
+        native = run_stream(model, tokens, cfg.derived.segment_len)[0]
     lifted = _decode(model, cfg, "full", None, tokens, 4 * w)[0]
     assert not torch.allclose(lifted, native, atol=1e-3)  # the lifted context sees more: the policy must cut
     torch.testing.assert_close(_decode(model, cfg, "window", w, tokens, 4 * w)[0], native, atol=2e-6, rtol=1e-5)

@@ -12,6 +12,8 @@ from lrexp.config.paths import EXPERIMENTS
 from lrexp.model.lm import build_model
 from lrexp.model.variants import get_variant
 
+from smoke import run_stream
+
 ROWS = sorted(p.stem for p in (EXPERIMENTS / "rows").glob("*.yaml"))
 V = 64
 
@@ -25,8 +27,8 @@ def test_evaluation_segments_keep_the_logits(row):
     long = 8 * cfg.scale.window if 8 * cfg.scale.window != n else 2 * n  # another cut of the same stream
     tokens = torch.randint(0, V, (2, 3 * max(n, long)), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        short, _ = model.run_stream(tokens, n)
-        longer, _ = model.run_stream(tokens, long)
+        short, _ = run_stream(model, tokens, n)
+        longer, _ = run_stream(model, tokens, long)
     if get_variant(cfg.model.variant).segment_invariant:
         assert cfg.derived.eval_segment_len == max(n, 8 * cfg.scale.window)
         torch.testing.assert_close(longer, short, rtol=1e-4, atol=1e-5)

@@ -8,7 +8,7 @@ from lrexp.layers.feedback import StateReadingLayer
 from lrexp.layers.recurrent import RecurrentLayer
 from lrexp.model.lm import build_model
 
-from smoke import V, smoke_model as _model
+from smoke import V, run_stream, smoke_model as _model
 
 ROWS = ["fb_lstm_single", "fb_fixed_skip"]
 
@@ -37,9 +37,9 @@ def test_logits_do_not_depend_on_the_segment_length(row):
     w, n = cfg.model.window, cfg.derived.segment_len
     tokens = _tokens(2 * n)
     with torch.no_grad():
-        whole = model.run_stream(tokens, 2 * n)[0]
+        whole = run_stream(model, tokens, 2 * n)[0]
         for seg in (w, 2 * w, n):
-            torch.testing.assert_close(model.run_stream(tokens, seg)[0], whole, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(run_stream(model, tokens, seg)[0], whole, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("row", ROWS)
@@ -59,7 +59,7 @@ def test_with_every_feedback_read_zeroed_feedback_is_rec(row):
                 layer.wo.weight[:, d:] = 0.0
         tokens = _tokens(2 * cfg.derived.segment_len)
         n = cfg.derived.segment_len
-        torch.testing.assert_close(fb.run_stream(tokens, n)[0], rec.run_stream(tokens, n)[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(run_stream(fb, tokens, n)[0], run_stream(rec, tokens, n)[0], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("row", ROWS)
@@ -94,6 +94,6 @@ def test_always_clear_state_clears_at_the_segment_start_not_at_every_block(row):
     tokens = _tokens(2 * cfg.derived.segment_len)
     n = cfg.derived.segment_len
     with torch.no_grad():
-        plain, both = model.run_stream(tokens, n)[0], cleared.run_stream(tokens, n)[0]
+        plain, both = run_stream(model, tokens, n)[0], run_stream(cleared, tokens, n)[0]
     torch.testing.assert_close(both[:, :n], plain[:, :n], atol=1e-6, rtol=1e-6)
     assert not torch.allclose(both[:, n:], plain[:, n:], atol=1e-4)  # the second segment lost its carry

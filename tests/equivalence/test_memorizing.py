@@ -10,9 +10,11 @@ import torch
 from lrexp.config.load import load
 from lrexp.attention import MaskSpec, attend
 from lrexp.layers.common import merge_heads
-from lrexp.layers.memorizing import MemorizingLayer, memory_stats, track_memory_stats
+from lrexp.layers.memorizing import MemorizingLayer
 from lrexp.model.lm import build_model
 from lrexp.model.state import KNNMemory, StateError
+
+from smoke import run_stream
 
 V = 64
 
@@ -42,11 +44,11 @@ def test_gate_forced_to_zero_equals_xl_with_the_same_weights():
     tokens = _tokens(2, 6 * cfg.derived.segment_len)
     with torch.no_grad():
         layer.gate_bias.fill_(float("-inf"))
-        gated_off, state = mem.run_stream(tokens, cfg.derived.segment_len)
+        gated_off, state = run_stream(mem, tokens, cfg.derived.segment_len)
         assert state.layers[index].count.tolist() == [48, 48]  # the memory was read, just not mixed in
-        torch.testing.assert_close(gated_off, xl.run_stream(tokens, cfg.derived.segment_len)[0], rtol=0, atol=0)
+        torch.testing.assert_close(gated_off, run_stream(xl, tokens, cfg.derived.segment_len)[0], rtol=0, atol=0)
         layer.gate_bias.zero_()
-        assert not torch.allclose(mem.run_stream(tokens, cfg.derived.segment_len)[0], gated_off)
+        assert not torch.allclose(run_stream(mem, tokens, cfg.derived.segment_len)[0], gated_off)
 
 
 def test_a_segment_retrieves_exactly_the_earlier_segments_never_its_own():
@@ -93,12 +95,12 @@ def test_reset_isolation():
     index, _ = _memory_layer(model)
     history, nxt = _tokens(3, 5 * n), _tokens(3, 2 * n, seed=3)
     with torch.no_grad():
-        _, carried = model.run_stream(history, n)
+        _, carried = run_stream(model, history, n)
         reset = carried.reset_rows(torch.tensor([False, True, False]))
         assert reset.layers[index].count.tolist() == [5 * n, 0, 5 * n]
-        logits, _ = model.run_stream(nxt, n, reset)
-        kept, _ = model.run_stream(nxt, n, carried)
-        fresh, _ = model.run_stream(nxt[1:2], n)
+        logits, _ = run_stream(model, nxt, n, reset)
+        kept, _ = run_stream(model, nxt, n, carried)
+        fresh, _ = run_stream(model, nxt[1:2], n)
     torch.testing.assert_close(logits[1:2], fresh, rtol=1e-5, atol=1e-5)
     assert torch.equal(logits[[0, 2]], kept[[0, 2]])
     assert not torch.allclose(kept[1:2], fresh, atol=1e-3)  # the carried memory did matter in lane 1
@@ -110,7 +112,7 @@ def test_training_gradients_reach_the_query_scale_and_gate_but_not_the_memory():
     n = cfg.derived.segment_len
     index, layer = _memory_layer(model)
     with torch.no_grad():
-        _, state = model.run_stream(_tokens(2, 3 * n), n)  # a non-empty memory
+        _, state = run_stream(model, _tokens(2, 3 * n), n)  # a non-empty memory
     logits, new_state = model(_tokens(2, n, seed=4), state)
     logits.square().mean().backward()
     for p in (layer.gate_bias, layer.scale.weight, layer.qkv.wq.weight):
@@ -125,8 +127,8 @@ def test_bfloat16_storage_halves_the_bytes_and_stays_close():
     n = cfg.derived.segment_len
     tokens = _tokens(2, 4 * n)
     with torch.no_grad():
-        a, sa = full.run_stream(tokens, n)
-        b, sb = half.run_stream(tokens, n)
+        a, sa = run_stream(full, tokens, n)
+        b, sb = run_stream(half, tokens, n)
     ma, mb = sa.layers[index], sb.layers[index]
     assert mb.memory_k.dtype == torch.bfloat16 and mb.memory_k.element_size() * 2 == ma.memory_k.element_size()
     filled = ma.memory_v[:, :, : 4 * n]
@@ -142,24 +144,24 @@ def test_local_position_bias_off_drops_the_bias_table():
     assert layer.rel_bias is None and layer.gate_bias is None
     assert not any(name.startswith(f"layers.{index}.rel_bias") for name, _ in model.named_parameters())
     with torch.no_grad():
-        logits, state = model.run_stream(_tokens(2, 2 * cfg.derived.segment_len), cfg.derived.segment_len)
+        logits, state = run_stream(model, _tokens(2, 2 * cfg.derived.segment_len), cfg.derived.segment_len)
     assert torch.isfinite(logits).all() and isinstance(state.layers[index], KNNMemory)
 
 
 def test_statistics_are_computed_when_asked_and_only_then():
     model, cfg = _model()
     n = cfg.derived.segment_len
-    index, layer = _memory_layer(model)
+    index, _ = _memory_layer(model)
     state = model.initial_state(2, "cpu")
     with torch.no_grad():
-        track_memory_stats(model, True)
-        _, state = model(_tokens(2, n), state)
-        assert memory_stats(model) == {}  # every memory was empty: nothing to measure
+        _, state = model(_tokens(2, n), state, measure=True)
+        assert state.stats == {}  # every memory was empty: nothing to measure
         for segment in _tokens(2, 3 * n, seed=5).split(n, dim=1):
-            _, state = model(segment, state)
-        stats = memory_stats(model)
+            _, state = model(segment, state, measure=True)
+        stats = state.stats
         assert set(stats) == {f"knn{index}/recall_at_k", f"knn{index}/age_steps"}
         assert 0.0 < stats[f"knn{index}/recall_at_k"] <= 1.0 and 1.0 <= stats[f"knn{index}/age_steps"] <= 3.0
-        track_memory_stats(model, False)
-        _, state = model(_tokens(2, n, seed=6), state)
-        assert memory_stats(model) == stats  # off: nothing recomputed, the last values kept
+        measured_logits, _ = model(_tokens(2, n, seed=6), state, measure=True)
+        logits, state = model(_tokens(2, n, seed=6), state)
+        assert state.stats == {}  # not asked: nothing measured
+        torch.testing.assert_close(logits, measured_logits, rtol=0, atol=0)  # measuring changes no output

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from lrexp.config.load import load
 from lrexp.model.lm import build_model
 
+from smoke import run_stream
+
 VOCAB, KEY, QUERY, FIRST_DIGIT, FIRST_FILLER = 32, 1, 2, 3, 13
 OVERRIDES = ["scale=smoke", "scale.num_layers=3", "model.window=4", "model.blocks_per_segment=10", "model.dropout=0",
              "data.tokens_per_step=320"]
@@ -79,7 +81,7 @@ def _train_and_measure(row: str):
     model.eval()
     tokens, answer = _documents(torch.Generator().manual_seed(1), 64, n)
     with torch.no_grad():
-        nll, kind = _answer_nll(model.run_stream(tokens, n)[0], tokens, answer)
+        nll, kind = _answer_nll(run_stream(model, tokens, n)[0], tokens, answer)
     return float(nll[kind == 1].mean()), float(nll[kind == 2].mean())
 
 
@@ -95,7 +97,7 @@ def test_the_key_is_beyond_slides_reach_and_within_recs():
         changed = tokens.clone()
         changed[:, :5] = (tokens[:, :5] + 1) % VOCAB  # the key marker and digits, wherever they are
         with torch.no_grad():
-            base, other = model.run_stream(tokens, n)[0], model.run_stream(changed, n)[0]
+            base, other = run_stream(model, tokens, n)[0], run_stream(model, changed, n)[0]
         queried = (answer[:, 1:] > 0).nonzero(as_tuple=True)  # the positions predicting an answer digit
         same = torch.equal(base[:, :-1][queried], other[:, :-1][queried])
         assert same != reached, row

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from oracles import reference_cell
-from smoke import V, random_tokens as _tokens, smoke_model as _model
+from smoke import V, random_tokens as _tokens, run_stream, smoke_model as _model
 
 ROWS = [f"rec_{g}_{t}" for g in ("lstm", "fixed") for t in ("dual", "single", "skip")]
 
@@ -30,9 +30,9 @@ def test_two_segments_with_carried_state_equal_one_segment_twice_as_long(row):
     n = cfg.derived.segment_len
     tokens = _tokens(2, 2 * n)
     with torch.no_grad():
-        two, state2 = model.run_stream(tokens, n)
-        one, state1 = model.run_stream(tokens, 2 * n)
-        blocks, _ = model.run_stream(tokens, cfg.model.window)  # N = W: every block its own segment
+        two, state2 = run_stream(model, tokens, n)
+        one, state1 = run_stream(model, tokens, 2 * n)
+        blocks, _ = run_stream(model, tokens, cfg.model.window)  # N = W: every block its own segment
     torch.testing.assert_close(two, one, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(blocks, one, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(state2.layers[1].c, state1.layers[1].c, atol=1e-5, rtol=1e-5)
@@ -52,7 +52,7 @@ def test_with_the_state_columns_of_its_output_projection_zeroed_rec_is_slide():
         assert not missing
         tokens = _tokens(2, 2 * cfg.derived.segment_len)
         n = cfg.derived.segment_len
-        torch.testing.assert_close(rec.run_stream(tokens, n)[0], slide.run_stream(tokens, n)[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(run_stream(rec, tokens, n)[0], run_stream(slide, tokens, n)[0], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("row", [*ROWS, "slide12"])
@@ -64,8 +64,8 @@ def test_a_token_reaches_two_segments_ahead_through_the_state_only(row):
     changed = tokens.clone()
     changed[0, 5] = (tokens[0, 5] + 1) % V  # a token of segment 0
     with torch.no_grad():
-        base = model.run_stream(tokens, n)[0][:, 2 * n:]
-        other = model.run_stream(changed, n)[0][:, 2 * n:]  # segment 2's logits
+        base = run_stream(model, tokens, n)[0][:, 2 * n:]
+        other = run_stream(model, changed, n)[0][:, 2 * n:]  # segment 2's logits
     assert (row == "slide12") == torch.equal(base, other)
 
 
@@ -106,8 +106,8 @@ def test_a_document_start_isolates_the_lane_from_its_past(row):
     n = cfg.derived.segment_len
     a, b = _tokens(1, 2 * n, seed=3), _tokens(1, n, seed=4)
     with torch.no_grad():
-        _, after_a = model.run_stream(a, n)
-        other_lane = model.run_stream(_tokens(1, n, seed=5), n)[1]
+        _, after_a = run_stream(model, a, n)
+        other_lane = run_stream(model, _tokens(1, n, seed=5), n)[1]
         both = type(after_a)(layers=tuple(
             type(s).from_tensors({k: torch.cat([s.to_tensors()[k], o.to_tensors()[k]]) for k in s.to_tensors()})
             for s, o in zip(after_a.layers, other_lane.layers)), batch_size=2)

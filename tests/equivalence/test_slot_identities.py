@@ -8,7 +8,7 @@ import torch
 from lrexp.model.state import SlotState
 
 from oracles import reference_cell
-from smoke import V, random_tokens as _tokens, smoke_model as _model
+from smoke import V, random_tokens as _tokens, run_stream, smoke_model as _model
 
 ON = "model.slots.enabled=true"
 
@@ -147,7 +147,7 @@ def test_slots_keep_xl_segment_invariant(read):
     w = cfg.model.window
     tokens = _tokens(2, 16 * w)
     with torch.no_grad():
-        by_block, state_w = model.run_stream(tokens, w)
-        by_8w, state_8w = model.run_stream(tokens, 8 * w)
+        by_block, state_w = run_stream(model, tokens, w)
+        by_8w, state_8w = run_stream(model, tokens, 8 * w)
     torch.testing.assert_close(by_block, by_8w, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(state_w.layers[2].c, state_8w.layers[2].c, atol=1e-5, rtol=1e-5)

@@ -13,6 +13,8 @@ from lrexp.model.lm import build_model
 from lrexp.model.state import KNNMemory, ModelState, RecurrentState, StateError, XLCache
 from lrexp.model.svd_state import compress, truncate
 
+from smoke import run_stream
+
 V = 64
 ROWS = ["xl512", "rec_fixed_skip"]
 
@@ -31,7 +33,7 @@ def _stream(model, cfg, segments=3, state=None):
     """Logits [2, segments*N, V] and the final state of a stream that carries state over segment boundaries."""
     n = cfg.derived.segment_len
     with torch.no_grad():
-        return model.run_stream(_tokens(2, segments * n), n, state)
+        return run_stream(model, _tokens(2, segments * n), n, state)
 
 
 # ---- model.state_dtype (B.4) ---------------------------------------------------------------------------
@@ -137,7 +139,8 @@ def test_full_rank_is_a_no_op_within_1e_5(row, method):
             err = (full_state.to_tensors()[name] - value).norm() / value.norm()
             assert err <= 1e-5, name
     torch.testing.assert_close(full_logits, logits, rtol=1e-5, atol=1e-5)
-    for key, value in full.svd_stats.items():
+    assert full_state.stats and all(key.startswith("svd/") for key in full_state.stats)
+    for key, value in full_state.stats.items():
         assert abs(float(value) - (1.0 if key.endswith("energy") else 0.0)) <= 1e-5, key
     low, _ = _model(row, "model.svd_state.rank=1", f"model.svd_state.method={method}")
     assert (_stream(low, cfg)[0] - logits).abs().amax() > 1e-3
@@ -152,10 +155,10 @@ def test_memory_slots_are_a_target_of_their_own():
     full, _ = _model("xl512", *slots, "model.svd_state.rank=8", "model.svd_state.targets=[slots]")
     full_logits, full_state = _stream(full, cfg)
     torch.testing.assert_close(full_logits, logits, rtol=1e-5, atol=1e-5)
-    assert set(full.svd_stats) == {"slots_energy", "slots_rel_error"}
+    assert set(full_state.stats) == {"svd/slots_energy", "svd/slots_rel_error"}
     low, _ = _model("xl512", *slots, "model.svd_state.rank=1", "model.svd_state.targets=[slots]")
     low_logits, low_state = _stream(low, cfg)
-    assert float(low.svd_stats["slots_energy"]) < 1 - 1e-5  # M is near rank 1 (its learned start) at smoke
+    assert float(low_state.stats["svd/slots_energy"]) < 1 - 1e-5  # M is near rank 1 (its learned start) at smoke
     assert (low_logits - logits).abs().amax() > 1e-4
     ours, theirs = low_state.to_tensors(), state.to_tensors()
     changed = {name for name in theirs if not torch.equal(ours[name], theirs[name])}

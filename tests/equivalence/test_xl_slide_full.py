@@ -11,6 +11,7 @@ from lrexp.config.load import load
 from lrexp.model.lm import build_model
 
 from oracles import dense_oracle
+from smoke import run_stream
 
 V = 64
 
@@ -30,7 +31,7 @@ def test_consecutive_segments_with_carried_cache_equal_one_dense_pass(row, segme
     n = cfg.derived.segment_len
     tokens = torch.randint(0, V, (2, segments * n), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        torch.testing.assert_close(model.run_stream(tokens, n)[0], dense_oracle(model, tokens), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(run_stream(model, tokens, n)[0], dense_oracle(model, tokens), atol=1e-5, rtol=1e-5)
 
 
 def test_xl512_and_slide12_give_identical_logits_with_the_same_weights():
@@ -42,8 +43,8 @@ def test_xl512_and_slide12_give_identical_logits_with_the_same_weights():
     assert cfg_slide.derived.segment_len == 8 * cfg_xl.derived.segment_len
     tokens = torch.randint(0, V, (2, 2 * cfg_slide.derived.segment_len), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        torch.testing.assert_close(xl.run_stream(tokens, cfg_xl.derived.segment_len)[0],
-                                   slide.run_stream(tokens, cfg_slide.derived.segment_len)[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(run_stream(xl, tokens, cfg_xl.derived.segment_len)[0],
+                                   run_stream(slide, tokens, cfg_slide.derived.segment_len)[0], atol=1e-5, rtol=1e-5)
 
 
 def test_full_is_dense_causal_over_each_segment_alone():
@@ -51,7 +52,7 @@ def test_full_is_dense_causal_over_each_segment_alone():
     n = cfg.derived.segment_len
     tokens = torch.randint(0, V, (2, 2 * n), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        segmented = model.run_stream(tokens, n)[0]
+        segmented = run_stream(model, tokens, n)[0]
         for s in range(2):  # no carried state: each segment equals a fresh dense pass over it
             part = slice(s * n, (s + 1) * n)
             torch.testing.assert_close(segmented[:, part], dense_oracle(model, tokens[:, part]), atol=1e-5, rtol=1e-5)

@@ -9,6 +9,8 @@ from lrexp.config.paths import EXPERIMENTS
 from lrexp.model.lm import build_model
 from lrexp.train.validate import check_run
 
+from smoke import run_stream
+
 ROWS = sorted(p.stem for p in (EXPERIMENTS / "rows").glob("*.yaml"))
 VOCAB = 512
 
@@ -25,7 +27,7 @@ def two_segments(row: str, compile_backend=None):
         model.compile(backend=compile_backend, fullgraph=True)  # fullgraph: a graph break fails the test
     lanes, n = cfg.derived.lanes_per_rank, cfg.derived.segment_len
     tokens = torch.randint(0, VOCAB, (lanes, 2 * n), generator=torch.Generator().manual_seed(1))
-    logits, state = model.run_stream(tokens, n)  # [B, 2N, V]
+    logits, state = run_stream(model, tokens, n)  # [B, 2N, V]
     logits.square().mean().backward()
     grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
     return logits.detach(), state.to_tensors(), grads, list(model.state_dict())

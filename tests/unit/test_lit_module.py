@@ -1,7 +1,7 @@
 """LMModule + TBPTTCallback + PerfCallback inside a real Trainer, around a toy model and a toy stream.
 
-The toy honours the model interface (initial_state, forward(tokens, state), ModelState's reset_rows /
-detach / to_tensors) with a one-vector state per lane, so the state's lifecycle is visible exactly.
+The toy honours the model interface (initial_state, forward(tokens, state, measure), ModelState's
+reset_rows / detach / to_tensors / stats) with a one-vector state per lane, so the state's lifecycle is visible exactly.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ V, B, N, D = 16, 2, 8, 8
 class ToyState:
     def __init__(self, h: torch.Tensor) -> None:
         self.h = h  # [B, D]
+        self.stats = {}  # the toy measures nothing
 
     def reset_rows(self, doc_start: torch.Tensor) -> "ToyState":
         return ToyState(torch.where(doc_start[:, None], torch.zeros_like(self.h), self.h))
@@ -60,7 +61,7 @@ class ToyLM(nn.Module):
     def initial_state(self, batch_size: int, device) -> ToyState:
         return ToyState(torch.zeros(batch_size, D, device=device))
 
-    def forward(self, tokens, state):
+    def forward(self, tokens, state, measure=False):
         self.calls += self.training  # training calls only: the sanity check runs first
         x = self.embed(tokens) + state.h[:, None, :]  # [B, N, D]
         logits = self.out(x)  # [B, N, V]

@@ -154,3 +154,27 @@ def test_config_names_variant_and_backend_from_registries(key, registry):
     with pytest.raises(ConfigError) as info:
         load(overrides=["scale=smoke", f"{key}=nonesuch"])
     assert str(info.value) == f"'{key}' is 'nonesuch'; allowed: {', '.join(sorted(registry))}"
+
+
+@pytest.mark.parametrize("row,overrides", [
+    ("xl512", ["model.svd_state.rank=2"]),  # the boundary compression's energy and error
+    ("mem64k", []),  # the kNN memory's retrieval statistics
+])
+def test_a_forward_keeps_nothing_on_a_module_and_returns_what_it_measured(row, overrides):
+    """What a segment measures comes back in the new state's `stats`; no module attribute changes (the model
+    once kept the compression's statistics on itself between calls)."""
+    model, cfg = _model(row, *overrides)
+    n = cfg.derived.segment_len
+
+    def attributes():
+        return {(name, key): id(value) for name, m in model.named_modules() for key, value in vars(m).items()
+                if not key.startswith("_")}
+
+    before = attributes()
+    state = model.initial_state(2, "cpu")
+    with torch.no_grad():
+        for seed in range(3):
+            _, state = model(_tokens(2, n, seed=seed), state, measure=True)
+    assert attributes() == before
+    prefix = "svd/" if overrides else "knn"
+    assert state.stats and all(key.startswith(prefix) for key in state.stats)

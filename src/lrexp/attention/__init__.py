@@ -6,9 +6,10 @@ in lrexp; layers build on `sliding_window_attention`, `RelativePositionBias`, `l
 probabilities returned: a bounded KV cache's keys (lrexp.cache) are no contiguous run a `MaskSpec` describes.
 """
 
-from lrexp.attention.backends import BACKENDS, BackendError, attend, register_backend, resolve_backend
+from lrexp.attention.backends import BACKENDS, attend, register_backend, resolve_backend
 from lrexp.attention.bias import BiasSpec, RelativePositionBias, relative_bucket
-from lrexp.attention.mask import MaskError, MaskSpec
+from lrexp.attention.errors import BackendError, MaskError
+from lrexp.attention.mask import MaskSpec
 from lrexp.attention.qk import HeadScale, l2_normalize
 from lrexp.attention.rows import attend_rows
 from lrexp.attention.window import sliding_window_attention

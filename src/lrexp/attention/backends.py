@@ -28,16 +28,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lrexp.attention.bias import BiasSpec
+from lrexp.attention.errors import BackendError
 from lrexp.attention.mask import MaskSpec
-from lrexp.errors import UserError
 from lrexp.kernels.attention.reference import MASKED_LOGIT, SINK_LOGIT, attention_reference
 
 # (q, k, v, mask, bias, scale [H] | None, dropout_p) -> [B, H, Tq, D]
 BackendFn = Callable[[Tensor, Tensor, Tensor, MaskSpec, Optional[BiasSpec], Optional[Tensor], float], Tensor]
-
-
-class BackendError(UserError, ValueError):
-    """An unknown attention backend, or a case the chosen backend does not support."""
 
 
 @dataclass(frozen=True)
@@ -131,6 +127,6 @@ def _sdpa(q, k, v, mask, bias, scale, dropout_p):
 @register_backend("triton", banded=True, requires="triton")
 def _triton(q, k, v, mask, bias, scale, dropout_p):
     """The fused kernel; imported on first use, since importing it defines the kernels (and needs triton)."""
-    from lrexp.kernels.attention.op import attention
+    from lrexp.kernels.attention.op import attention  # defines the kernels on import and needs triton
 
     return attention(q, k, v, mask, bias, scale, dropout_p)

@@ -24,11 +24,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from lrexp.errors import UserError
-
-
-class MaskError(UserError, ValueError):
-    """A mask that cannot apply to the given query/key lengths."""
+from lrexp.attention.errors import MaskError
 
 
 @dataclass(frozen=True, eq=False)

@@ -17,8 +17,9 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from lrexp.attention.backends import BACKENDS, BackendError, attend, resolve_backend
+from lrexp.attention.backends import BACKENDS, attend, resolve_backend
 from lrexp.attention.bias import BiasSpec
+from lrexp.attention.errors import BackendError
 from lrexp.attention.mask import MaskSpec
 
 

@@ -12,13 +12,14 @@ The recurrent cell's token self-attention is this layer's windowed attention ove
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional, Tuple
+from typing import TYPE_CHECKING, ClassVar, Optional, Tuple
 
 from torch import Tensor, nn
 
 from lrexp.attention import HeadScale, MaskSpec, RelativePositionBias, attend, l2_normalize, sliding_window_attention
-from lrexp.layers import LayerSpec, register_layer
 from lrexp.layers.common import FeedForward, RMSNorm, linear, merge_heads, split_heads
+from lrexp.layers.registry import LayerSpec, register_layer
+from lrexp.model.flops import Flops, linear_flops
 from lrexp.model.state import XLCache
 
 if TYPE_CHECKING:
@@ -54,6 +55,10 @@ class SelfAttentionProjections(nn.Module):
 class AttentionLayer(nn.Module):
     """x -> x + W_O attn(x), then the FFN sublayer; `layer(x, state) -> (x, new_state)`."""
 
+    # a kind that measures itself for the training log names its stats "<prefix><layer index>/<name>" and takes
+    # `layer(x, state, stats={})` (lrexp.model.lm); None: nothing to measure
+    stats_prefix: ClassVar[Optional[str]] = None
+
     def __init__(self, spec: LayerSpec, cfg: "RunConfig", backend: str) -> None:
         super().__init__()
         m, a = cfg.model, cfg.model.attn
@@ -79,6 +84,20 @@ class AttentionLayer(nn.Module):
         o, _, k, v = self.self_attention(x, state)  # [B, H, T, D] each
         new_state = None if self.window is None else state.advance(k, v)
         return self.output(x, o), new_state
+
+    def flops(self, t: int, states: int) -> Flops:
+        """Forward FLOPs over one lane's segment of t tokens (lrexp.model.flops): the band T W of a windowed
+        layer, T (T +- 1) / 2 pairs of a dense one; `states` is for the kinds that read a recurrent state."""
+        if self.window is not None:
+            pairs = t * self.window
+        else:
+            pairs = t * (t + 1) // 2 if self.include_self else t * (t - 1) // 2
+        return Flops(linear_flops(self) * t, self.pair_flops * pairs)
+
+    @property
+    def pair_flops(self) -> int:
+        """FLOPs per (query, visible key) pair: QK^T and AV over all heads, 2 d each."""
+        return 4 * self.num_heads * self.head_dim
 
     def output(self, x: Tensor, o: Tensor) -> Tensor:
         """The layer's output [B, T, d] from its input x [B, T, d] and attention output o [B, H, T, D]: the

@@ -19,9 +19,10 @@ import torch
 from torch import Tensor
 
 from lrexp.attention import HeadScale, MaskSpec, attend, l2_normalize
-from lrexp.layers import LayerSpec, register_layer
 from lrexp.layers.block import AttentionLayer
 from lrexp.layers.common import linear, merge_heads, split_heads
+from lrexp.layers.registry import LayerSpec, register_layer
+from lrexp.model.flops import Flops, linear_flops
 from lrexp.model.state import XLCache
 
 if TYPE_CHECKING:
@@ -73,6 +74,10 @@ class StateReadingLayer(AttentionLayer):
         cross = attend(q2, k_s, v_s, UNMASKED, scale=self.scale2(), backend=self.backend)  # [B*nb, H, W, D]
         cross = cross.reshape(b, blocks, hd, self.window, dh).transpose(1, 2).reshape(b, hd, t, dh)  # [B, H, T, D]
         return x + self.wo(merge_heads(torch.cat([a, cross], dim=1)))  # [B, T, d]; [A ; B] along the head axis
+
+    def flops(self, t: int, states: int) -> Flops:
+        """A Feedback row's non-recurrent layer: A over the band T W and B over the `states` S of c_t."""
+        return Flops(linear_flops(self) * t, self.pair_flops * (t * self.window + t * states))
 
     def forward(
         self, x: Tensor, state: XLCache, feedback: Optional[Tuple[Tensor, Tensor]] = None

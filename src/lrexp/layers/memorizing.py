@@ -8,22 +8,23 @@ with the stop-gradient q-hat); (3) Y_mem is a softmax over them with the live qu
 keys and values are written, detached, into the ring buffer. The write comes after the retrieval, so a
 segment never retrieves its own tokens.
 
-`track_stats` (set by the trainer on its logging steps) makes the next forward fill `last_stats` with
-recall@k of the bucket selection against exact search and the mean age of the retrieved entries: plain
-floats for the log, never part of the carried state.
+`layer(x, state, stats={})` (the model's `measure`, on the trainer's logging steps) also fills the dict
+with recall@k of the bucket selection against exact search and the mean age of the retrieved entries:
+plain floats for the log, never part of the carried state.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, ClassVar, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from lrexp.attention.knn import entry_age, gather, memory_attention, recall_at_k, ring_write, select
-from lrexp.layers import LayerSpec, register_layer
 from lrexp.layers.block import AttentionLayer
 from lrexp.layers.common import merge_heads
+from lrexp.layers.registry import LayerSpec, register_layer
+from lrexp.model.flops import Flops, linear_flops
 from lrexp.model.state import STATE_DTYPES, KNNMemory, StateError
 
 if TYPE_CHECKING:
@@ -53,6 +54,8 @@ COMBINE: Dict[str, Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]] = {
 class MemorizingLayer(AttentionLayer):
     """`layer(x, state) -> (x, new_state)` with state a `KNNMemory` (lrexp.model's layer interface)."""
 
+    stats_prefix: ClassVar[Optional[str]] = "knn"
+
     def __init__(self, spec: LayerSpec, cfg: "RunConfig", backend: str) -> None:
         if spec.window is None:
             raise ValueError("a 'memorizing' layer needs a window: its local attention is the XL layer's")
@@ -67,19 +70,20 @@ class MemorizingLayer(AttentionLayer):
             self.rel_bias = None  # the 2025 code: no T5 bias on the memory layer's local attention
         # b_h, initialised to 0 (g = 0.5); only the weighted mean has a gate
         self.gate_bias = nn.Parameter(torch.zeros(self.num_heads)) if knn.combine == "weighted_mean" else None
-        self.track_stats = False
-        self.last_stats: Dict[str, float] = {}
 
     def initial_state(self, batch_size: int, device) -> KNNMemory:
         return KNNMemory.initial(super().initial_state(batch_size, device), self.memory_size, self.state_dtype)
 
-    def forward(self, x: Tensor, state: KNNMemory) -> Tuple[Tensor, KNNMemory]:
+    def forward(
+        self, x: Tensor, state: KNNMemory, stats: Optional[Dict[str, float]] = None
+    ) -> Tuple[Tensor, KNNMemory]:
+        """`stats`: a dict to fill with this forward's retrieval statistics (`_stats`)."""
         local, q, k, v = self.self_attention(x, state)  # [B, H, T, D] each
         slots = select(q.detach(), state.memory_k, state.count, self.k, self.selection)  # [B, H, T, k]
         keys, values = gather(state.memory_k, slots), gather(state.memory_v, slots)  # [B, H, T, k, D]
         mem = memory_attention(q, keys, values, self.scale(), self.backend)  # [B, H, T, D]
-        if self.track_stats:
-            self.last_stats = self._stats(q, state, slots)
+        if stats is not None:
+            stats.update(self._stats(q, state, slots))
         y = COMBINE[self.combine](local, mem, self.gate_bias)  # [B, H, T, D]
         x = x + self.wo(merge_heads(y))
         memory_k, memory_v, pointer, count = ring_write(
@@ -87,6 +91,11 @@ class MemorizingLayer(AttentionLayer):
         )
         new_state = state.advance(k, v, memory_k=memory_k, memory_v=memory_v, pointer=pointer, count=count)
         return self.ffn(x), new_state
+
+    def flops(self, t: int, states: int) -> Flops:
+        """The band T W and the T k retrieved entries; the search scores every slot, 2 d per (query, slot)."""
+        search = 2 * self.num_heads * self.head_dim * t * self.memory_size
+        return Flops(linear_flops(self) * t, self.pair_flops * (t * self.window + t * self.k), search)
 
     def _store(self, x: Tensor) -> Tensor:
         """x [B, H, T, D] detached in the storage dtype; fp16 can overflow, which fails here (B.4)."""
@@ -110,22 +119,6 @@ class MemorizingLayer(AttentionLayer):
         age = (entry_age(slots, state.pointer, self.memory_size) - 1) // t + 1  # [B, H, T, k] segments
         stats["age_steps"] = float(age[slots < count[:, None, None, None]].float().mean())
         return stats
-
-
-def track_memory_stats(model: nn.Module, on: bool) -> None:
-    """Whether the memory layers of model compute their statistics at the next forwards; turning it on
-    clears the previous ones, turning it off keeps the last for `memory_stats`."""
-    for layer in model.modules():
-        if isinstance(layer, MemorizingLayer):
-            layer.track_stats = on
-            if on:
-                layer.last_stats = {}
-
-
-def memory_stats(model: nn.Module) -> Dict[str, float]:
-    """The last forward's statistics of every memory layer: {"knn<i>/<name>": value}, i its stack index."""
-    return {f"knn{i}/{name}": value for i, layer in enumerate(getattr(model, "layers", ()))
-            if isinstance(layer, MemorizingLayer) for name, value in layer.last_stats.items()}
 
 
 register_layer("memorizing", MemorizingLayer)

@@ -30,10 +30,11 @@ import torch
 from torch import Tensor, nn
 
 from lrexp.attention import HeadScale, MaskSpec, attend, l2_normalize
-from lrexp.layers import LayerSpec, register_layer
 from lrexp.layers.common import RMSNorm, linear, merge_heads, split_heads
 from lrexp.layers.feedback import UNMASKED, StateReadingLayer
 from lrexp.layers.gates import build_update
+from lrexp.layers.registry import LayerSpec, register_layer
+from lrexp.model.flops import Flops, linear_flops
 from lrexp.model.state import CellState, RecurrentState
 
 if TYPE_CHECKING:
@@ -124,6 +125,15 @@ class RecurrentLayer(StateReadingLayer):
             fresh = state.fresh.to(state.c.device)[:, None, None]  # [B, 1, 1]
             c = torch.where(fresh, self.c_init.to(state.c.dtype), state.c)  # [B, S, d]
         return replace(state, c=c)
+
+    def flops(self, t: int, states: int) -> Flops:
+        """The token side over T tokens, the state module and the update over S states once per block; A
+        over the band T W, B over T S, and per block P (S S) and R (S keys of W or 2W tokens)."""
+        blocks, s = t // self.window, self.num_states
+        state_side = linear_flops(self.state) + linear_flops(self.update)
+        matmul = (linear_flops(self) - state_side) * t + state_side * s * blocks
+        keys_r = 2 * self.window if self.reads_prev_block else self.window
+        return Flops(matmul, self.pair_flops * (t * self.window + t * s + blocks * s * (s + keys_r)))
 
     def forward(
         self, x: Tensor, state: CellState, projected: Optional[Tuple[Tensor, ...]] = None

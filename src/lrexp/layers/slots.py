@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from lrexp.layers import register_layer
 from lrexp.layers.recurrent import CellOptions, RecurrentLayer
+from lrexp.layers.registry import register_layer
 from lrexp.model.state import SlotState
 
 if TYPE_CHECKING:

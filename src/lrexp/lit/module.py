@@ -10,7 +10,7 @@ a grid compares (the data module picks the pass by the same rule).
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Mapping
 
 import lightning.pytorch as pl
 import torch
@@ -20,7 +20,6 @@ from torch import Tensor, nn
 from lrexp.config.load import to_dict
 from lrexp.config.schema import RunConfig
 from lrexp.errors import UserError
-from lrexp.layers.memorizing import memory_stats, track_memory_stats
 from lrexp.lit.metrics import TokenStats, token_nll
 from lrexp.lit.optim import build_optimizer, build_scheduler
 from lrexp.lit.tbptt import TBPTTCallback
@@ -48,25 +47,23 @@ class LMModule(pl.LightningModule):
 
     # ---- loss ---------------------------------------------------------------------------------------
 
-    def _forward(self, stage: str, batch: Dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """Per-token NLL [B, N] (0 where masked) and the loss mask [B, N]."""
-        logits, state = self.model(batch["tokens"], self.tbptt.state(stage))  # [B, N, V]
+    def _forward(
+        self, stage: str, batch: Dict[str, Tensor], measure: bool = False
+    ) -> tuple[Tensor, Tensor, Mapping[str, Any]]:
+        """Per-token NLL [B, N] (0 where masked), the loss mask [B, N] and what the forward measured (the new
+        state's `stats`; the layers' own only when `measure`)."""
+        logits, state = self.model(batch["tokens"], self.tbptt.state(stage), measure=measure)  # [B, N, V]
         self.tbptt.update(stage, state)
         # padding and, unless loss.cross_segment_target, the segment-boundary target are masked by the data
         mask = batch["loss_mask"]  # [B, N] bool
-        return token_nll(logits, batch["labels"], mask), mask
+        return token_nll(logits, batch["labels"], mask), mask, state.stats
 
     # ---- steps --------------------------------------------------------------------------------------
 
     def training_step(self, batch: Dict[str, Tensor], batch_idx: int) -> Tensor:
         # the kNN memory's recall@k and staleness cost an exact search: only on the steps Lightning logs
         logged = (self.global_step + 1) % self.cfg.log.every_n_steps == 0
-        tracked = logged and bool(self.cfg.derived.knn_layers)
-        if tracked:
-            track_memory_stats(self.model, True)
-        nll, mask = self._forward("train", batch)
-        if tracked:
-            track_memory_stats(self.model, False)
+        nll, mask, measured = self._forward("train", batch, measure=logged and bool(self.cfg.derived.knn_layers))
         nll_sum, count = nll.sum(), mask.sum()
         # The gradient is the token mean over every lane of the step: Lightning divides each micro-batch's
         # loss by the lane groups and DDP averages over ranks, so scaling by both leaves the sum over this
@@ -94,15 +91,14 @@ class LMModule(pl.LightningModule):
                  batch_size=batch_size)
         if "stage" in batch:  # a curriculum's (spec B.3)
             self.log("train/stage", batch["stage"].float(), on_step=True, on_epoch=False, batch_size=batch_size)
-        # the state compression's retained energy and error at this step's segment boundary (spec B.2)
-        stats = {**(memory_stats(self.model) if tracked else {}),
-                 **{f"svd/{name}": value for name, value in self.model.svd_stats.items()}} if logged else {}
-        for name, value in stats.items():
+        # the kNN memory's retrieval, and the state compression's retained energy and error at this step's
+        # segment boundary (spec B.2)
+        for name, value in (measured.items() if logged else ()):
             self.log(f"train/{name}", value, on_step=True, on_epoch=False, batch_size=batch_size)
         return loss
 
     def _eval_step(self, stage: str, batch: Dict[str, Tensor]) -> None:
-        nll, mask = self._forward(stage, batch)
+        nll, mask, _ = self._forward(stage, batch)
         self.stats[stage].update(nll, mask, batch["target_bytes"], batch["doc_pos"], batch.get("answer_mask"))
 
     def _eval_epoch_end(self, stage: str) -> Dict[str, Tensor]:

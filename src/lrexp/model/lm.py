@@ -8,9 +8,15 @@ Layer interface. Every layer module built by `lrexp.layers.build_layer` provides
 The state passed in is the one `initial_state` describes (same kind and shapes), possibly reset
 (`fresh` lanes) and carried from the previous segment; the layer returns the state for the next one. The
 model detaches the whole state once, at the segment's end: that is the truncated-BPTT boundary, and the
-only one (inside a segment the previous block's keys and the recurrent state carry gradient). The model checks kinds and shapes against `initial_state` before
-running, so a layer never sees a state built for another model or batch. Layers run one after the other
-over the whole segment; nothing is stored on a module between calls.
+only one (inside a segment the previous block's keys and the recurrent state carry gradient). The model
+checks kinds and shapes against `initial_state` before running, so a layer never sees a state built for
+another model or batch. Layers run one after the other over the whole segment; nothing is stored on a
+module between calls.
+
+What a segment measures for the training log comes back in the new state's `stats`: the boundary
+compression's energy and error every segment, and, with `measure=True`, what a layer kind that measures
+itself reports (`layer.stats_prefix` set: the kNN memory's retrieval), from
+`layer(x, state, stats={})`, which fills the dict.
 
 At that boundary the carried state may be compressed to rank k (`model.svd_state`, lrexp.svd_state) and is
 stored in `model.state_dtype` (spec B.4): layers read it upcast to fp32, so within a segment the carry
@@ -25,7 +31,8 @@ The states carry gradient from block to block within the segment, as the tiled l
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, List, Optional, Tuple
+from dataclasses import replace
+from typing import TYPE_CHECKING, Dict, List, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -36,6 +43,7 @@ from lrexp.layers import LayerSpec, build_layer
 from lrexp.layers.common import RMSNorm
 from lrexp.model.state import STATE_DTYPES, ModelState, StateError
 from lrexp.model.svd_state import compress
+from lrexp.model.variants import layer_specs
 
 if TYPE_CHECKING:
     from lrexp.config.schema import RunConfig
@@ -61,7 +69,6 @@ class LongRangeLM(nn.Module):
         self.drop_out = nn.Dropout(m.dropout)
         self.state_dtype = STATE_DTYPES[m.state_dtype]
         self.svd_state = m.svd_state if m.svd_state.rank is not None else None
-        self.svd_stats: dict = {}  # the last compression's energy and error (tensors, for the training log)
         windows = {s.window for s in specs if s.window is not None}
         self.segment_multiple = math.lcm(*windows) if windows else 1
         self.feedback_source = None  # index of the recurrent layer whose state the feedback layers read
@@ -115,47 +122,43 @@ class LongRangeLM(nn.Module):
                 if have != need:
                     raise StateError(f"layer {i}'s {s.kind} state has shapes {have}, this model needs {need}")
 
-    def forward(self, tokens: Tensor, state: ModelState) -> Tuple[Tensor, ModelState]:
-        """logits [B, T, V] of tokens [B, T] int64, and the state after this segment."""
+    def forward(self, tokens: Tensor, state: ModelState, measure: bool = False) -> Tuple[Tensor, ModelState]:
+        """logits [B, T, V] of tokens [B, T] int64, and the state after this segment, whose `stats` hold the
+        layers' own measurements too when `measure` (they cost work: the trainer asks on its logging steps)."""
         self._check_inputs(tokens, state)
         state = state.cast(torch.float32)  # stored in model.state_dtype, computed with in fp32
-        return self._segment(tokens, state)
+        return self._segment(tokens, state, measure)
 
     def compile(self, *args, **kwargs) -> None:
         """`torch.compile` the segment's work (`train.compile`) in place. The input checks stay eager: they read
         token values, a graph break each. Parameters and state_dict keys are unchanged."""
         self._segment = torch.compile(self._segment, *args, **kwargs)
 
-    def _segment(self, tokens: Tensor, state: ModelState) -> Tuple[Tensor, ModelState]:
+    def _segment(self, tokens: Tensor, state: ModelState, measure: bool) -> Tuple[Tensor, ModelState]:
         x = self.embed(tokens)  # [B, T, d]; no dropout on the embedding (3.7)
+        stats: Dict[str, Union[Tensor, float]] = {}
         if self.feedback_source is None:
             new_layers = []
-            for layer, s in zip(self.layers, state.layers):
-                x, s = layer(x, s)
+            for i, (layer, s) in enumerate(zip(self.layers, state.layers)):
+                if measure and layer.stats_prefix is not None:
+                    measured: Dict[str, float] = {}
+                    x, s = layer(x, s, stats=measured)
+                    stats.update({f"{layer.stats_prefix}{i}/{name}": value for name, value in measured.items()})
+                else:
+                    x, s = layer(x, s)
                 new_layers.append(s)
         else:
             x, new_layers = self._block_serial(x, list(state.layers))
         carried = ModelState(layers=tuple(new_layers), batch_size=state.batch_size).detach()
         if self.svd_state is not None:
-            carried, self.svd_stats = compress(carried, self.svd_state)
-        return self.logits(x), carried.store(self.state_dtype)
+            carried, compressed = compress(carried, self.svd_state)
+            stats.update({f"svd/{name}": value for name, value in compressed.items()})
+        return self.logits(x), replace(carried.store(self.state_dtype), stats=stats)
 
     def logits(self, x: Tensor) -> Tensor:
         """Logits [B, T, V] of the last layer's output x [B, T, d]: final norm, then the tied embedding."""
         h = self.drop_out(self.norm_f(x))  # [B, T, d]
         return h @ self.embed.weight.t() / math.sqrt(self.vocab_size)  # [B, T, V]
-
-    def run_stream(
-        self, tokens: Tensor, segment_len: int, state: Optional[ModelState] = None
-    ) -> Tuple[Tensor, ModelState]:
-        """Logits [B, T, V] of a stream tokens [B, T] cut into segments of segment_len, the state carried
-        from one to the next (fresh lanes when state is None): what training sees, in one call."""
-        state = self.initial_state(tokens.shape[0], tokens.device) if state is None else state
-        out = []
-        for segment in tokens.split(segment_len, dim=1):
-            logits, state = self(segment, state)
-            out.append(logits)
-        return torch.cat(out, dim=1), state
 
     def _block_serial(self, x: Tensor, states: list) -> Tuple[Tensor, list]:
         """The whole stack on block t before any layer sees block t+1; x [B, T, d] -> [B, T, d]."""
@@ -176,6 +179,4 @@ class LongRangeLM(nn.Module):
 
 def build_model(cfg: "RunConfig", vocab_size: int) -> LongRangeLM:
     """The model of cfg's variant: its per-layer specs assembled into one LongRangeLM."""
-    from lrexp.model.variants import layer_specs
-
     return LongRangeLM(cfg, vocab_size, layer_specs(cfg))

@@ -18,8 +18,8 @@ A new kind is one `@register_state` dataclass here with a unique `kind` name (th
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
-from typing import ClassVar, Dict, Optional, Sequence, Tuple, Type, TypeVar
+from dataclasses import dataclass, field, fields, replace
+from typing import ClassVar, Dict, Mapping, Optional, Sequence, Tuple, Type, TypeVar, Union
 
 import torch
 from torch import Tensor
@@ -219,10 +219,14 @@ class KNNMemory(XLCache):
 
 @dataclass(frozen=True)
 class ModelState:
-    """The carried state of every layer, index-aligned with the model's layers (None: stateless layer)."""
+    """The carried state of every layer, index-aligned with the model's layers (None: stateless layer).
+
+    `stats`: what the segment that produced this state measured, for the training log (lrexp.model.lm's
+    forward). No layer reads it and checkpoints leave it out: it is not carried."""
 
     layers: Tuple[Optional[LayerState], ...]
     batch_size: int
+    stats: Mapping[str, Union[Tensor, float]] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         for i, s in enumerate(self.layers):

@@ -90,20 +90,20 @@ def build_trainer(
 def _summary(metrics: Dict[str, Any]) -> Dict[str, float]:
     """train/loss -> final/train_loss; perf/step_time_s -> final/step_time_s."""
     return {
-        "final/" + name.removeprefix("perf/").replace("/", "_"): float(value)
-        for name, value in sorted(metrics.items())
-        if name.startswith(_SUMMARY_PREFIXES)
+        "final/" + key.removeprefix("perf/").replace("/", "_"): float(value)
+        for key, value in sorted(metrics.items())
+        if key.startswith(_SUMMARY_PREFIXES)
     }
 
 
 def eval_tags(cfg: RunConfig, prepared) -> Dict[str, str]:
     """Digests of the targets each evaluation scores, so a reader can check that runs match (models.md 7.5)."""
     tags = {}
-    for name, split, budget in (("val", "validation", None), ("test", "test", None),
-                                ("val_budget", "validation", cfg.train.val_tokens)):
+    for evaluation, split, budget in (("val", "validation", None), ("test", "test", None),
+                                      ("val_budget", "validation", cfg.train.val_tokens)):
         scored = eval_pass(prepared, split, budget)
-        tags[f"lrexp.eval.{name}_targets"] = str(scored.targets)
-        tags[f"lrexp.eval.{name}_docs_hash"] = scored.docs_hash
+        tags[f"lrexp.eval.{evaluation}_targets"] = str(scored.targets)
+        tags[f"lrexp.eval.{evaluation}_docs_hash"] = scored.docs_hash
     return tags
 
 

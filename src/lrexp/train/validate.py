@@ -9,14 +9,20 @@ time), against the segment length. Reading and tokenizing the corpus is left to 
 
 from __future__ import annotations
 
+import os
+import shutil
+import sys
+
+import torch
+
 from lrexp.config.errors import ConfigError
 from lrexp.config.schema import RunConfig
+from lrexp.data_modules import corpora, store
+from lrexp.model.lm import build_model
 
 
 def check_run(cfg: RunConfig) -> None:
     """Raise a UserError with one line naming the first problem a run of `cfg` would meet."""
-    from lrexp.data_modules import corpora, store
-
     store.check_config(cfg)
     corpora.check_source(cfg)
     _check_model(cfg, store.vocab_size(cfg))
@@ -26,12 +32,6 @@ def check_run(cfg: RunConfig) -> None:
 def _check_compile(cfg: RunConfig) -> None:
     """torch.compile's CPU code is C++ built by the compiler inductor looks for: $CXX, else g++ (clang++ on
     macOS). Without one the first step would fail deep in a traceback."""
-    import os
-    import shutil
-    import sys
-
-    import torch
-
     if not cfg.train.compile:
         return
     on_cpu = cfg.train.accelerator == "cpu" or (cfg.train.accelerator == "auto" and not torch.cuda.is_available())
@@ -42,10 +42,6 @@ def _check_compile(cfg: RunConfig) -> None:
 
 
 def _check_model(cfg: RunConfig, vocab_size: int) -> None:
-    import torch
-
-    from lrexp.model.lm import build_model
-
     with torch.device("meta"):
         model = build_model(cfg, vocab_size)
     n = cfg.derived.segment_len
