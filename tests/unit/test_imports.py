@@ -123,11 +123,16 @@ def test_no_import_cycle_between_lrexp_modules():
 
 
 def test_every_function_level_lrexp_import_says_why():
-    """A comment on the import's line or the line above: why it is not at the top (an optional heavy
-    dependency, or a light command that must not load torch or lightning at start-up)."""
+    """A comment saying why it is not at the top (an optional heavy dependency, or a light command that must
+    not load torch or lightning at start-up): on the import's line or the line above, or, for a block of
+    imports written together, on the block's first line or the line above it."""
     unexplained = []
     for file, line, module in import_graph()[1]:
         lines = (ROOT / file).read_text().splitlines()
-        if "#" not in lines[line - 1] and not lines[line - 2].strip().startswith("#"):
+        first = line - 1  # 0-based index of the block's first import line
+        while first > 0 and lines[first - 1].strip().startswith(("from ", "import ")):
+            first -= 1
+        said = any("#" in lines[i] for i in range(first, line)) or lines[first - 1].strip().startswith("#")
+        if not said:
             unexplained.append(f"{file}:{line} imports {module}")
     assert not unexplained, "function-level imports without a reason:\n" + "\n".join(unexplained)

@@ -9,7 +9,7 @@ from lrexp.commands.show_config import add_config_arguments, split_items
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from lrexp.data_modules.corpora import CORPORA
+    from lrexp.data_modules.corpora import CORPORA  # numpy and the corpus readers: only for `lrexp data`
 
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     prep = actions.add_parser(

@@ -61,7 +61,7 @@ def _late_options(args: argparse.Namespace) -> argparse.Namespace:
 
 def _dry_run(g, steps=None) -> None:
     """The cells; with `steps` (a --resume plan) what the resume does with each."""
-    from lrexp.model.variants import row_name
+    from lrexp.model.variants import row_name  # the row registry imports torch: not while the parser is built
 
     print(
         f"grid {g.name} ({g.path}): {len(g.cells)} cell{'s' * (len(g.cells) != 1)} at scale {g.scale}; "
@@ -174,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nreport: {rep.files[0].parent} (also on the parent run's artifacts under report/)")
     failed = [r.cell.id for r in outcome.results if r.status == "FAILED"]
     if g.evaluate:  # the grid's `evaluate:` section: `lrexp eval` of every trained cell's checkpoint
-        from lrexp.eval.run import evaluate_grid
+        from lrexp.eval.run import evaluate_grid  # the model and the decoders: only for a grid that evaluates
 
         print()
         failed += [f"{c} (eval)" for c in evaluate_grid(g, outcome, rep.files[0].parent)]

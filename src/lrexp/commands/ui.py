@@ -20,6 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from mlflow.tracking import MlflowClient  # paid for by `lrexp ui` only, not by every command's parser
 
+    # the config loader imports torch (the registries): not while the parser is built
     from lrexp.config.load import load
     from lrexp.tracking.names import TAG_GRID, latest_invocation, runs_url
     from lrexp.tracking.store import artifact_location, tracking_uri
