@@ -28,7 +28,7 @@ import statistics
 import sys
 import time
 
-if "--smoke" in sys.argv:  # before any kernel is defined (engineering.md 7)
+if "--smoke" in sys.argv:  # before any kernel is defined (docs/design.md#triton-without-a-gpu)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
@@ -138,7 +138,7 @@ def main(argv=None) -> list:
         dtype, heads, w, steps = torch.bfloat16, HEADS, 512, args.steps
         shapes = [(t, d) for t in (4096, 16384) for d in (64, 128)]
     candidates = {"triton": _window("triton", w), "sdpa tiles": _window("sdpa", w), "sdpa dense mask": _dense_mask(w)}
-    if not args.smoke:  # FlexAttention has no backward on CPU (engineering.md 8)
+    if not args.smoke:  # FlexAttention has no backward on CPU (docs/design.md#attention-backends)
         candidates.update({"flex": _flex(w), "flash causal": _flash_causal})
     name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     lines = [f"# Attention kernels ({name}, {dtype}, W = {w}, {heads} heads, torch {torch.__version__})", "",

@@ -51,7 +51,7 @@ from lrexp.layers.memorizing import STATE_DTYPES, MemorizingLayer  # noqa: E402
 from lrexp.model.variants import layer_specs, row_name  # noqa: E402
 from report import REPORTS, write_report  # noqa: E402
 
-# Table 1's step time relative to Slide:13L (models.md 10); Full is not in the table.
+# Table 1's step time relative to Slide:13L (docs/models.md#paper-results-table-1); Full is not in the table.
 PAPER_STEP_TIME = {
     "xl512": 0.88, "xl1024": 1.20, "xl2048": 2.11, "slide12": 0.93, "slide13": 1.00,
     "rec_lstm_dual": 1.06, "rec_lstm_single": 1.05, "rec_lstm_skip": 1.00, "rec_fixed_dual": 1.01,

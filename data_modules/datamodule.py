@@ -1,4 +1,4 @@
-"""`StreamDataModule`: one segment of every lane of this rank per batch (engineering.md 2, models.md 7.1-7.2).
+"""`StreamDataModule`: one segment of every lane of this rank per batch (docs/data.md#lanes, docs/models.md#lanes-and-tokens-per-step).
 
 The dataset is map-style, indexed by step x total_lanes + lane, and builds a whole batch at once
 (`__getitems__`); a rank-aware batch sampler gives rank r the lanes [r*B, (r+1)*B) step by step, so the
@@ -13,7 +13,7 @@ each stage has a stream, lanes and segment length of its own; one DataLoader ser
 sampler switching stage at the stage's first step, and each batch says its stage (`stage`).
 
 Evaluation scores one fixed set of (document, position) targets per pass, whatever N and the lanes
-(models.md 7.5), and always scores the segment-boundary target (its input token is in the segment, so the
+(docs/models.md#evaluation), and always scores the segment-boundary target (its input token is in the segment, so the
 model can predict it; `loss.cross_segment_target` is a training choice). The validations during `fit` read
 the first `train.val_tokens` targets of the fixed document order; `trainer.validate` and `trainer.test`
 (the run's final numbers) read the whole split. A segment-invariant row (its logits do not depend on where
@@ -109,7 +109,7 @@ class SegmentDataset(Dataset):
             if answer is not None:
                 answer[i, : k - 1] = flags[start + 1: start + k] != 0
         if not self.cross_segment_target:
-            loss_mask[:, N - 1] = False  # models.md 7.2: the segment-boundary token is never a target
+            loss_mask[:, N - 1] = False  # docs/models.md#inputs-targets-and-the-loss-mask: the segment-boundary token is never a target
         batch = {
             "tokens": torch.from_numpy(tokens),
             "labels": torch.from_numpy(labels),

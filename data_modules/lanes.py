@@ -1,4 +1,4 @@
-"""Lane schedules: which segment of which document every lane reads at every step (engineering.md 2).
+"""Lane schedules: which segment of which document every lane reads at every step (docs/data.md#lanes).
 
 A schedule is a pure function of (document lengths, order, total lanes, N): each document goes, in order,
 to the lane with the fewest segments so far (ties: the lowest lane), and a lane reads its documents one
@@ -6,7 +6,7 @@ after the other, one segment per step. Segment s of a document reads doc[sN : sN
 targets), so a document of L tokens has ceil((L - 1) / N) segments. Training truncates every lane to the
 shortest (every rank must take the same number of steps).
 
-Evaluation scores the same targets whatever N and the lane count (models.md 7.5): the documents of a pass
+Evaluation scores the same targets whatever N and the lane count (docs/models.md#evaluation): the documents of a pass
 and how much of each is read (`eval_lengths`) depend on the split and a token budget alone, in one fixed
 order. Its lanes are sorted longest first, so the lanes still reading at any step are a prefix: the batch
 shrinks as lanes finish instead of carrying padding to the end of the longest document.

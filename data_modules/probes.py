@@ -7,8 +7,8 @@ distance is exact. Every document records the byte spans of its answer text; `pr
 per-token answer flag, and the batches carry `answer_mask`: runs log the loss on the answers alone.
 
 Trained on alone, a probe teaches a recurrent state nothing: the state crosses segment boundaries detached,
-so an answer at distance >= 1 sends no gradient to the block that stored its information (the README's
-Data section; tests/equivalence/test_rec_learning.py rehearses the key inside its segment for that reason).
+so an answer at distance >= 1 sends no gradient to the block that stored its information (docs/data.md#probes;
+tests/equivalence/test_rec_learning.py rehearses the key inside its segment for that reason).
 
 - `passkey`: a 5-digit key stated once, filler, then "The pass key is " and the key (the answer).
 - `assoc_recall`: key=value pairs, filler, then every key again in another order with its value (answers).

@@ -1,4 +1,4 @@
-"""The claims of issue 16 (spec B.0) measured on the runs of grid `knobs`, at the grid's scale.
+"""The claims behind the optional recurrent knobs (docs/knobs.md#status-of-the-claims) measured on the runs of grid `knobs`, at the grid's scale.
 
     python scripts/knobs_claims.py [--tokens 262144] [--drift-tokens 65536] [--out docs/results/knobs-tiny]
 
@@ -13,7 +13,7 @@ Reads the latest invocation of `lrexp grid knobs` from MLflow (run it first), th
   against fp32 storage over the first --drift-tokens tokens;
 - from the grid's runs: bits/token when trained with each knob, training peak memory, and the curriculum's
   convergence (tokens and wall-clock to reach its control's final validation bits/token, the control being
-  the same row trained at the last stage from step 0, B.3).
+  the same row trained at the last stage from step 0, docs/knobs.md#window-curriculum).
 
 Writes claims.md and claims.json to --out. Numbers are this machine's (CPU threads: 1 per stream).
 """
@@ -183,7 +183,7 @@ def yes(held: bool) -> str:
 
 def claims(streams: Dict[str, Dict[str, Dict]], runs, conv: Dict[str, Dict], rank: str, drift_tokens: int
            ) -> List[str]:
-    """The B.0 table: one line per claim and row (and knob, for the claims against XL)."""
+    """The docs/knobs.md#status-of-the-claims table: one line per claim and row (and knob, for the claims against XL)."""
     lines = ["| claim | what we measured | our number | holds here? |", "|---|---|---|---|"]
     bits = lambda r: r["metrics"]["final/val_bits_per_token"]  # noqa: E731
     for row, variant, name in ROWS:

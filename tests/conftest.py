@@ -1,4 +1,4 @@
-"""Shared test setup. TRITON_INTERPRET must be set before any kernel module is imported (engineering.md 7)."""
+"""Shared test setup. TRITON_INTERPRET must be set before any kernel module is imported (docs/design.md#triton-without-a-gpu)."""
 
 import os
 

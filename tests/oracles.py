@@ -30,9 +30,9 @@ def dense_oracle(model, tokens):
 
 def reference_cell(cell: RecurrentLayer, x, c, k_prev, v_prev):
     """The cell one block at a time, every attention dense with the reference backend: block t's tokens
-    attend to [previous block; block t] and to c_t, then c_t is updated (models.md 4.3-4.6, eval mode).
+    attend to [previous block; block t] and to c_t, then c_t is updated (docs/models.md#four-attentions, eval mode).
 
-    The memory slots' options too (cache_policies.md B.1): no P without the states' self-attention, R over
+    The memory slots' options too (docs/knobs.md#gated-memory-slots): no P without the states' self-attention, R over
     the current block alone, and the `prefix_kv` read as one softmax written out here by hand."""
     w, heads = cell.window, cell.num_heads
     outputs = []

@@ -144,7 +144,7 @@ KEY = ["D", "window", "Tq", "Tk"]
 
 def _configs(*shapes):
     """Autotune candidates (BLOCK_M, BLOCK_N, num_warps, num_stages); one under the interpreter, which cannot
-    benchmark (engineering.md 7): 32 x 32 tiles, so the tests' T <= 100 still span several blocks while the
+    benchmark (docs/design.md#triton-without-a-gpu): 32 x 32 tiles, so the tests' T <= 100 still span several blocks while the
     interpreter's cost per tile op (not per element) stays low."""
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32})]

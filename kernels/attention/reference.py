@@ -1,6 +1,6 @@
 """The torch reference of the attention kernel: the test oracle and the `reference` backend.
 
-Per lane b, head h, query i, key j (models.md 3.2 steps 4-5):
+Per lane b, head h, query i, key j (docs/models.md#attention-logits-and-the-safe-softmax):
 
     a_ij = s_h * (q_i . k_j + b_h(n_ij))           q and k already L2-normalised; no 1/sqrt(d_h)
     a_ij = -1e6 where the mask hides key j         (after the scale)

@@ -1,4 +1,4 @@
-"""The `lrexp` console script (DESIGN.md section 4).
+"""The `lrexp` console script (docs/design.md#command-line).
 
 Each sub-command lives in the module that owns it and exposes `add_arguments(parser)` and `run(args) -> int`;
 this file only routes. Modules are imported lazily, so `lrexp show-config` does not pay for Lightning.

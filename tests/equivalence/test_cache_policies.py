@@ -1,4 +1,4 @@
-"""The identity tests of the bounded multi-state evaluation (cache_policies.md A.10), on tiny random models.
+"""The identity tests of the bounded multi-state evaluation (docs/cache-policies.md#identity-tests), on tiny random models.
 
 Every policy decodes through the model's own layers (lrexp.cache.decode); these tests pin what each policy,
 the tie rule, block mode, the position knob and the resets must equal.

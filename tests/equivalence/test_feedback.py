@@ -1,4 +1,4 @@
-"""Feedback rows (models.md 5, 12.3, 12.6): block-serial reach, wiring to Rec, segmentation invariance."""
+"""Feedback rows (docs/models.md#feedback, docs/models.md#identity-tests): block-serial reach, wiring to Rec, segmentation invariance."""
 
 import pytest
 import torch

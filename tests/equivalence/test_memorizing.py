@@ -1,4 +1,4 @@
-"""The Memorizing row (models.md 6, 12.5, 12.6, 12.8): gate 0 == XL:W, retrieval before the write, the ring's
+"""The Memorizing row (docs/models.md#memorizing-transformer, docs/models.md#identity-tests): gate 0 == XL:W, retrieval before the write, the ring's
 contents, reset isolation, reduced-precision storage and the logged statistics.
 
 Smoke scale: N = W = 8, memory 128 entries (16 segments), k = 8; the memory layer is layer 0 of 4.
@@ -132,7 +132,7 @@ def test_bfloat16_storage_halves_the_bytes_and_stays_close():
     ma, mb = sa.layers[index], sb.layers[index]
     assert mb.memory_k.dtype == torch.bfloat16 and mb.memory_k.element_size() * 2 == ma.memory_k.element_size()
     filled = ma.memory_v[:, :, : 4 * n]
-    assert ((mb.memory_v[:, :, : 4 * n].float() - filled).abs() <= filled.abs() * 2 ** -8).all()  # B.4 test 2
+    assert ((mb.memory_v[:, :, : 4 * n].float() - filled).abs() <= filled.abs() * 2 ** -8).all()  # docs/knobs.md#state-storage-dtype test 2
     torch.testing.assert_close(a, b, rtol=0, atol=0.05)
     with pytest.raises(StateError, match="overflows float16"):
         _model("model.knn.state_dtype=float16")[0].layers[index]._store(torch.full((1, 1, 1, 2), 1e6))

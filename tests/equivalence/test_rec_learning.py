@@ -1,7 +1,7 @@
-"""Learning test of the block-recurrent state (issue 5): a token-level passkey whose answer lies two segments
+"""Learning test of the block-recurrent state: a token-level passkey whose answer lies two segments
 after the key, beyond the reach of Slide's windows and XL cache, is learnt by Rec and not by Slide.
 
-Why a token-level probe with an in-segment rehearsal: the state crosses segments detached (models.md 4.7), so
+Why a token-level probe with an in-segment rehearsal: the state crosses segments detached (docs/models.md#carry-and-order-of-computation), so
 the loss of an answer k >= 1 segments after its key never sends gradient to the block that stored the key. A
 probe whose only answer is beyond the segment (the byte-level `passkey` of data_modules, an evaluation probe)
 cannot teach storing to a model trained on it alone. Here each document rehearses the key inside its first

@@ -1,5 +1,5 @@
 """The Rec rows against oracles: a block-by-block reference cell, segmentation invariance, wiring to Slide,
-reach across segments, gradient paths and reset isolation (models.md 4, 12.3, 12.5, 12.6, 12.9)."""
+reach across segments, gradient paths and reset isolation (docs/models.md#block-recurrent-transformer, docs/models.md#identity-tests)."""
 
 import pytest
 import torch
@@ -101,7 +101,7 @@ def test_gradient_flows_from_block_to_block_within_a_segment_and_not_across_segm
 
 @pytest.mark.parametrize("row", ["rec_fixed_skip", "rec_lstm_single"])
 def test_a_document_start_isolates_the_lane_from_its_past(row):
-    """Document B after document A in a lane (reset at B) == B alone in a fresh lane (models.md 12.5)."""
+    """Document B after document A in a lane (reset at B) == B alone in a fresh lane (docs/models.md#identity-tests)."""
     model, cfg = _model(row)
     n = cfg.derived.segment_len
     a, b = _tokens(1, 2 * n, seed=3), _tokens(1, n, seed=4)

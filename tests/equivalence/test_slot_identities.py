@@ -1,5 +1,5 @@
-"""Gated memory slots against their identities (cache_policies.md B.1): off is the row itself, bit for bit;
-with the read zeroed the tokens see the row whatever the write path; the B.1 configuration with copied
+"""Gated memory slots against their identities (docs/knobs.md#gated-memory-slots): off is the row itself, bit for bit;
+with the read zeroed the tokens see the row whatever the write path; the docs/knobs.md#gated-memory-slots configuration with copied
 weights is Rec:fixed:skip; every option against the block-by-block reference cell."""
 
 import pytest

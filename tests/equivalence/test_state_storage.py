@@ -1,4 +1,4 @@
-"""Knobs on the state carried between steps (spec B.4, B.2): its storage dtype (`model.state_dtype`) and its
+"""Knobs on the state carried between steps (docs/knobs.md#state-storage-dtype, docs/knobs.md#rank-k-state-compression): its storage dtype (`model.state_dtype`) and its
 rank-k compression at the segment boundary (`model.svd_state`).
 
 Smoke scale: W = 8, D = 16 per head, S = 8 states of d = 32; XL:8 has N = W, Rec:fixed:skip N = 8W.
@@ -36,12 +36,12 @@ def _stream(model, cfg, segments=3, state=None):
         return run_stream(model, _tokens(2, segments * n), n, state)
 
 
-# ---- model.state_dtype (B.4) ---------------------------------------------------------------------------
+# ---- model.state_dtype (docs/knobs.md#state-storage-dtype) ---------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("row", ROWS)
 def test_float32_storage_is_the_unconverted_state_bitwise(row, monkeypatch):
-    """B.4 identity 1: storing in fp32 (the default) gives the logits and state of a model that never casts."""
+    """docs/knobs.md#state-storage-dtype identity 1: storing in fp32 (the default) gives the logits and state of a model that never casts."""
     model, cfg = _model(row, "model.state_dtype=float32")
     logits, state = _stream(model, cfg)
     monkeypatch.setattr(ModelState, "cast", lambda self, dtype: self)
@@ -89,7 +89,7 @@ def test_the_knn_memory_keeps_its_own_dtype():
 
 @pytest.mark.parametrize("dtype,bound", [(torch.bfloat16, 2.0**-8), (torch.float16, 2.0**-11)])
 def test_round_trip_error_is_bounded_per_element(dtype, bound):
-    """B.4 identity 2: |x - upcast(store(x))| <= 2^-8 |x| (bf16), 2^-11 |x| (fp16) in the normal range."""
+    """docs/knobs.md#state-storage-dtype identity 2: |x - upcast(store(x))| <= 2^-8 |x| (bf16), 2^-11 |x| (fp16) in the normal range."""
     g = torch.Generator().manual_seed(0)
     r = torch.randn(3, 4, 16, 32, generator=g)
     x = r.sign() * (r.abs() + 0.5) * torch.logspace(-3, 4, 32)  # magnitudes 5e-4 .. 5e4: fp16's normal range
@@ -112,12 +112,12 @@ def test_a_float16_overflow_fails_at_the_store_naming_the_layer():
     assert state.store(torch.bfloat16).layers[1].k[0, 0, 1, 0] == 1e5  # bfloat16 has fp32's range
 
 
-# ---- model.svd_state (B.2) -----------------------------------------------------------------------------
+# ---- model.svd_state (docs/knobs.md#rank-k-state-compression) -----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("row", ROWS)
 def test_svd_off_or_without_targets_is_the_baseline_bitwise(row):
-    """B.2 identity 1: off by default; a compression that targets nothing leaves the logits bit for bit."""
+    """docs/knobs.md#rank-k-state-compression identity 1: off by default; a compression that targets nothing leaves the logits bit for bit."""
     model, cfg = _model(row)
     assert cfg.model.svd_state.rank is None and model.svd_state is None
     off, _ = _stream(model, cfg)
@@ -128,7 +128,7 @@ def test_svd_off_or_without_targets_is_the_baseline_bitwise(row):
 @pytest.mark.parametrize("row", ROWS)
 @pytest.mark.parametrize("method", ["exact", "lowrank"])
 def test_full_rank_is_a_no_op_within_1e_5(row, method):
-    """B.2 identity 2: k >= min(n, m) reconstructs every carried matrix (relative error <= 1e-5) and leaves
+    """docs/knobs.md#rank-k-state-compression identity 2: k >= min(n, m) reconstructs every carried matrix (relative error <= 1e-5) and leaves
     the logits of the following segments unchanged within tolerance; rank 1 does change them."""
     model, cfg = _model(row)
     logits, state = _stream(model, cfg)
@@ -176,7 +176,7 @@ def test_rank_k_is_the_best_rank_k_and_its_energy():
 
 
 def test_lowrank_energy_matches_exact_within_1e_3():
-    """B.2 identity 3, on random rank-8 matrices plus 1% noise, compressed to rank 8 and 12."""
+    """docs/knobs.md#rank-k-state-compression identity 3, on random rank-8 matrices plus 1% noise, compressed to rank 8 and 12."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, 64, 8, generator=g) @ torch.randn(6, 8, 48, generator=g)  # [6, 64, 48], rank 8
     x = x + 0.01 * x.std() * torch.randn(x.shape, generator=g)

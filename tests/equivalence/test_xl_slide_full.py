@@ -1,4 +1,4 @@
-"""Segmented == unsegmented for the XL, Slide and Full rows (models.md 12.3, 12.4; DESIGN.md principle 8).
+"""Segmented == unsegmented for the XL, Slide and Full rows (docs/models.md#identity-tests; docs/design.md#tests).
 
 The oracle (`oracles.dense_oracle`) runs the model's weights over a whole stream in one pass, each layer one
 dense masked attention over [zero cache; stream] with the reference backend: no tiles, no carried state.

@@ -1,4 +1,4 @@
-"""Training with the optional recurrent knobs (spec B.2-B.4) at smoke scale: the window / segment curriculum
+"""Training with the optional recurrent knobs (docs/knobs.md) at smoke scale: the window / segment curriculum
 (its one-stage identity, its stages in the stream, exact resume across a stage boundary, bad schedules) and
 the carried-state storage and compression in a real run (logged, resumed exactly).
 
@@ -64,11 +64,11 @@ def assert_same_run(env, a, b):
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-# ---- curriculum (B.3) ----------------------------------------------------------------------------------
+# ---- curriculum (docs/knobs.md#window-curriculum) ----------------------------------------------------------------------------------
 
 
 def test_a_one_stage_curriculum_is_no_curriculum_bitwise(env):
-    """The B.3 identity: the staged stream and the stage switching with the base config as its only stage."""
+    """The docs/knobs.md#window-curriculum identity: the staged stream and the stage switching with the base config as its only stage."""
     one = run(env, "curriculum.stages=[[0,8,8]]", "train.max_steps=3")
     assert_same_run(env, one, run(env, "train.max_steps=3"))
     assert set(history(env, one["run_id"], "train/stage").values()) == {0.0}
@@ -139,7 +139,7 @@ def test_lanes_of_a_stage_must_divide_over_the_lane_groups(env):
                         "train.lane_groups=4"])
 
 
-# ---- carried state storage and compression (B.4, B.2) --------------------------------------------------
+# ---- carried state storage and compression (docs/knobs.md#state-storage-dtype, docs/knobs.md#rank-k-state-compression) --------------------------------------------------
 
 
 def test_compressed_bf16_state_is_logged_checkpointed_and_resumed_exactly(env):

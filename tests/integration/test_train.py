@@ -123,7 +123,7 @@ def test_every_row_runs_and_its_mlflow_run_holds_the_contract(env, row):
 
 
 def test_rows_of_a_grid_are_scored_on_the_same_targets(env):
-    """models.md 7.5: XL (N = W, 16 lanes) and Slide (N = 8W, 2 lanes) score the same targets in the final passes
+    """docs/models.md#evaluation: XL (N = W, 16 lanes) and Slide (N = 8W, 2 lanes) score the same targets in the final passes
     (every target of every document but its first) and in the validations during training."""
     runs = {row: train.run(load(env, f"row={row}", "train.max_steps=2", "train.val_every=2")) for row in ("xl512", "slide13")}
     metrics = {row: env["client"].get_run(r["run_id"]).data for row, r in runs.items()}

@@ -1,4 +1,4 @@
-"""The Triton attention kernel against its torch reference (DESIGN.md principle 7; engineering.md 7).
+"""The Triton attention kernel against its torch reference (docs/design.md#triton-without-a-gpu).
 
 CPU runs use the interpreter (TRITON_INTERPRET=1, set by conftest before any kernel is defined) at tiny
 shapes in fp32 and fp16; bf16 and large shapes run only on a GPU (marked `gpu`).

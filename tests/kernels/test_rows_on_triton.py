@@ -1,5 +1,5 @@
 """Every paper row runs on the Triton kernel: logits and parameter gradients equal the reference backend's
-(smoke scale, under the interpreter; DESIGN.md principle 8). The rows use every kind of `attend` call:
+(smoke scale, under the interpreter; docs/design.md#tests). The rows use every kind of `attend` call:
 windowed with the XL prefix, dense (Full), the cell's state attentions and state reads, Feedback's reads,
 the kNN memory attention; one more case hides the empty cache (memory_valid) and includes the query itself.
 """

@@ -1,4 +1,4 @@
-"""attend, its masks and backends, T5 buckets, and the blockwise sliding window (models.md 3.2-3.4, 12.1-12.4)."""
+"""attend, its masks and backends, T5 buckets, and the blockwise sliding window (docs/models.md#shared-backbone, docs/models.md#identity-tests)."""
 
 import pytest
 import torch
@@ -9,7 +9,7 @@ from lrexp.attention import (
 )
 from lrexp.errors import UserError
 
-# models.md 3.3: the first distance of every log bucket
+# docs/models.md#t5-relative-position-bias: the first distance of every log bucket
 BUCKET_STARTS = {16: 16, 19: 17, 21: 18, 24: 19, 27: 20, 31: 21, 35: 22, 40: 23, 46: 24, 52: 25, 59: 26,
                  67: 27, 77: 28, 87: 29, 99: 30, 113: 31}
 
@@ -113,7 +113,7 @@ def test_gradients_of_every_backend_match_the_reference():
 
 
 def _dense_window(q, k, v, k_prev, v_prev, w, rb, scale, include_self, prev_valid, backend):
-    """The oracle: one dense masked attention over [previous block; segment] (models.md 12.4)."""
+    """The oracle: one dense masked attention over [previous block; segment] (docs/models.md#identity-tests)."""
     t = q.shape[2]
     memory_valid = None if prev_valid is None else prev_valid[:, None].expand(-1, w)
     return attend(q, torch.cat([k_prev, k], 2), torch.cat([v_prev, v], 2),

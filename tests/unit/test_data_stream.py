@@ -114,7 +114,7 @@ def scored_targets(batches):
 
 @pytest.mark.parametrize("budget", [None, 700])
 def test_evaluation_scores_the_same_targets_for_any_segment_length_and_lanes(corpus, budget):
-    """models.md 7.5: a full pass scores every target but each document's first token; a budget pass the
+    """docs/models.md#evaluation: a full pass scores every target but each document's first token; a budget pass the
     first `budget` targets of the fixed document order; both whatever N, the lanes and the shuffle seed."""
     setups = [(64, 4, "train.seed=0"), (8, 16, "train.seed=3"), (128, 1, "data.seed=5"), (16, 2, "train.seed=1")]
     seen = []

@@ -1,4 +1,4 @@
-"""kNN retrieval, memory attention, the ring buffer, the KNNMemory state and the knn config (models.md 6, 12.8)."""
+"""kNN retrieval, memory attention, the ring buffer, the KNNMemory state and the knn config (docs/models.md#memorizing-transformer, docs/models.md#identity-tests)."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Token-weighted metrics on hand-made batches (models.md 7.3)."""
+"""Token-weighted metrics on hand-made batches (docs/models.md#metrics)."""
 
 import math
 
@@ -48,7 +48,7 @@ def test_bits_per_byte_is_bits_per_token_times_tokens_over_bytes():
 
 
 def test_position_buckets_are_the_scales_for_every_row():
-    """models.md 7.3: the paper's 0-4k / 4k-16k / 16k-64k / >64k at paper scale, scaled by the scale's window
+    """docs/models.md#metrics: the paper's 0-4k / 4k-16k / 16k-64k / >64k at paper scale, scaled by the scale's window
     elsewhere, never by a row's N: XL:W (N = W) and Slide:13L (N = 8W) of one scale share them."""
     paper = [load(overrides=["scale=paper", f"row={r}"]).derived.position_buckets for r in ("xl512", "slide13")]
     assert paper == [[4096, 16384, 65536]] * 2

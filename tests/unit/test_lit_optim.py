@@ -1,4 +1,4 @@
-"""Optimisers and schedules (models.md 7.4)."""
+"""Optimisers and schedules (docs/models.md#optimiser-and-schedule)."""
 
 import io
 import math

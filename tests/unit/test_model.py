@@ -1,4 +1,4 @@
-"""LongRangeLM: rows, parameter counts, causality, reset, backends, bad input (models.md 2, 3, 12)."""
+"""LongRangeLM: rows, parameter counts, causality, reset, backends, bad input (docs/models.md#rows, docs/models.md#shared-backbone, docs/models.md#identity-tests)."""
 
 import pytest
 import torch
@@ -89,7 +89,7 @@ def test_reset_lane_is_bit_identical_to_fresh_and_others_untouched(row, mask_emp
 
 
 def test_reset_isolation_document_after_document():
-    """models.md 12.5: document B after document A in a lane (reset at B) == B alone in a fresh lane."""
+    """docs/models.md#identity-tests: document B after document A in a lane (reset at B) == B alone in a fresh lane."""
     model, cfg = _model("slide12")
     n = cfg.derived.segment_len
     doc_a, doc_b = _tokens(1, 2 * n, seed=3), _tokens(1, 2 * n, seed=4)

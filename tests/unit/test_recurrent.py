@@ -1,4 +1,4 @@
-"""The block-recurrent cell's parts: sizes, gates, topologies, initial state (models.md 4.2-4.8, 12.7)."""
+"""The block-recurrent cell's parts: sizes, gates, topologies, initial state (docs/models.md#block-recurrent-transformer, docs/models.md#identity-tests)."""
 
 import pytest
 import torch
@@ -13,7 +13,7 @@ from lrexp.model.state import ModelState, RecurrentState
 GATES = ("lstm", "fixed")
 TOPOLOGIES = ("dual", "single", "skip")
 ROWS = [f"rec_{g}_{t}" for g in GATES for t in TOPOLOGIES]
-# models.md 4.8: non-embedding parameters at paper scale, in millions
+# docs/models.md#parameters: non-embedding parameters at paper scale, in millions
 PAPER_PARAMS = {
     "rec_fixed_skip": 160.4, "rec_fixed_dual": 168.8, "rec_fixed_single": 170.9,
     "rec_lstm_skip": 164.6, "rec_lstm_dual": 181.4, "rec_lstm_single": 179.3,

@@ -1,4 +1,4 @@
-"""Gated memory slots' parts (cache_policies.md B.1): config and its errors, the layer each option builds,
+"""Gated memory slots' parts (docs/knobs.md#gated-memory-slots): config and its errors, the layer each option builds,
 the carried state's kind, shapes, init, reset and gradient path, and the prefix keys of the mask."""
 
 import pytest

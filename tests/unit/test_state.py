@@ -1,4 +1,4 @@
-"""ModelState: reset_rows, detach, checkpoint tensors; never a module attribute (models.md 3.5-3.6, 12.9)."""
+"""ModelState: reset_rows, detach, checkpoint tensors; never a module attribute (docs/models.md#xl-cache, docs/models.md#identity-tests)."""
 
 import pytest
 import torch

@@ -1,6 +1,6 @@
-"""`attend` and the backend registry (DESIGN.md principle 2).
+"""`attend` and the backend registry (docs/design.md#attention-backends).
 
-Every backend computes the function of `lrexp.kernels.attention.reference` (models.md 3.2 steps 4-5) from
+Every backend computes the function of `lrexp.kernels.attention.reference` (docs/models.md#attention-logits-and-the-safe-softmax) from
 the same arguments: q, k, v, the `MaskSpec` itself and the T5 bias as a `BiasSpec` (table and bucket
 parameters), never a dense mask or bias tensor, so a fused kernel can compute both per tile.
 

@@ -1,7 +1,7 @@
-"""T5-style relative position bias: unidirectional buckets, one table per layer (models.md 3.3).
+"""T5-style relative position bias: unidirectional buckets, one table per layer (docs/models.md#t5-relative-position-bias).
 
 Backends receive the bias as a `BiasSpec` (the table and its bucket parameters), never as a dense
-[H, T_q, T_k] tensor (DESIGN.md principle 2): the reference and SDPA backends materialise it, the Triton
+[H, T_q, T_k] tensor (docs/design.md#attention-backends): the reference and SDPA backends materialise it, the Triton
 kernel looks it up per tile. Queries are aligned with the last keys (bottom-right, as in `MaskSpec`), so
 query i of T_q and key j of T_k are n = T_k - T_q + i - j apart.
 """

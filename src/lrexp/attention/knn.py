@@ -1,4 +1,4 @@
-"""kNN retrieval from a per-lane memory of earlier keys, and attention over what it returns (models.md 6).
+"""kNN retrieval from a per-lane memory of earlier keys, and attention over what it returns (docs/models.md#memorizing-transformer).
 
 Pure functions of tensors; the memory layer (lrexp.layers.memorizing) owns the state and the parameters.
 

@@ -1,4 +1,4 @@
-"""`MaskSpec`: which keys each query may see, as a value (models.md 3.4-3.6).
+"""`MaskSpec`: which keys each query may see, as a value (docs/models.md#sliding-window-and-its-exact-mask).
 
 Queries are aligned with the **last** T_q of the T_k keys (bottom-right), so with a memory prefix of M keys
 query i sits at key position M + i and its distance to key j is n = M + i - j. Every mask of lrexp is one
@@ -31,7 +31,7 @@ from lrexp.attention.errors import MaskError
 class MaskSpec:
     causal: bool = True
     window: Optional[int] = None  # W: only the W closest previous keys; None: every previous key
-    include_self: bool = False  # paper choice 3: the code excludes the query's own token
+    include_self: bool = False  # docs/models.md#paper-and-code: the code excludes the query's own token
     memory_valid: Optional[Tensor] = None  # [B, M] bool: False hides memory slot m of lane b
     prefix: int = 0  # P keys in front, visible to every query, without position bias
 

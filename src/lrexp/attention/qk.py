@@ -1,4 +1,4 @@
-"""QK normalisation and the learned per-head attention scale (models.md 3.2 steps 3-4)."""
+"""QK normalisation and the learned per-head attention scale (docs/models.md#attention-logits-and-the-safe-softmax)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ def l2_normalize(x: Tensor, eps: float = 1e-6) -> Tensor:
 class HeadScale(nn.Module):
     """s_h, one learned scale per head, initialised to 1 (no 1/sqrt(d_h) factor: q and k are unit vectors).
 
-    `scale_abs` uses |s_h| (meliad 2025) instead of s_h (2022, the default), paper choice 7.
+    `scale_abs` uses |s_h| (meliad 2025) instead of s_h (2022, the default), docs/models.md#paper-and-code.
     """
 
     def __init__(self, num_heads: int, scale_abs: bool = False) -> None:

@@ -1,4 +1,4 @@
-"""Blockwise sliding-window attention: cost linear in the segment length (models.md 3.4).
+"""Blockwise sliding-window attention: cost linear in the segment length (docs/models.md#sliding-window-and-its-exact-mask).
 
 The segment [B, H, N, D] is cut into N/W blocks of W queries; block t attends to the 2W keys
 [K_{t-1}; K_t] under the tile mask (query i sees key j iff i <= j <= W+i-1, bias distance n = W+i-j).

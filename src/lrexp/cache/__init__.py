@@ -1,4 +1,4 @@
-"""KV-cache policies: a transformer as a bounded multi-state RNN (cache_policies.md part A).
+"""KV-cache policies: a transformer as a bounded multi-state RNN (docs/cache-policies.md).
 
 A policy keeps at most C real-token rows per layer and lane (the budget) and decides which to evict. Each
 policy is one module here that registers itself (`register_policy`); the shared machinery is the bounded

@@ -1,4 +1,4 @@
-"""Decode a Full / XL / Slide model as a bounded multi-state RNN, through its own layers (A.1, A.5).
+"""Decode a Full / XL / Slide model as a bounded multi-state RNN, through its own layers (docs/cache-policies.md#formalism, docs/cache-policies.md#block-mode).
 
 Each step takes b tokens of every lane (b = 1: token mode, the reference; b > 1: block mode). In every layer,
 with the layer's own projections, bias table, scale, W_O and FFN (`AttentionLayer.output`):
@@ -65,7 +65,7 @@ def holds_kv_caches(model) -> bool:
 
 
 def check_model(model) -> None:
-    """A one-line error unless `holds_kv_caches` (A.1: Rec, Feedback and Memorizing rows update their state
+    """A one-line error unless `holds_kv_caches` (docs/cache-policies.md#formalism: Rec, Feedback and Memorizing rows update their state
     or memory from whole blocks or segments, which eviction is undefined against)."""
     if not holds_kv_caches(model):
         other = sorted({s.kind for s in model.specs if s.kind != "attention"})
@@ -159,7 +159,7 @@ class BoundedDecoder:
             pinned = rows.valid[:, :, None, :] & (rows.pos[:, :, None, :] < self.policy.pinned)  # [B, H, 1, n + b]
             recent = lanes["budgets"][:, None, None, None] - (visible & pinned).sum(-1, keepdim=True)  # [B, H, b, 1]
             visible &= (dist <= recent) | pinned
-        if self.check_visible:  # A.9: a query never sees more real rows than the multi-state may hold
+        if self.check_visible:  # docs/cache-policies.md#formalism: a query never sees more real rows than the multi-state may hold
             most = lanes["caps"] + (1 - self.near if exact else b - self.near)  # [B]
             if bool((visible.sum(-1) > most[:, None, None]).any()):
                 raise RuntimeError("a query sees more real rows than its policy's budget allows")

@@ -1,5 +1,5 @@
 """The bounded multi-state of one attention layer: at most C real-token rows per lane and head, with their
-original positions and fp32 scores, and the one eviction rule every policy shares (cache_policies.md A.3).
+original positions and fp32 scores, and the one eviction rule every policy shares (docs/cache-policies.md#tie-rule).
 
 Slots hold a row or are empty (position -1, zero K/V, score 0). Kept rows are in temporal order, empty slots
 first, so a lane that has read fewer rows (its document started later) simply has more empty slots: lanes
@@ -65,7 +65,7 @@ def evict(rows: KVRows, slots: int, protected: Tensor, caps: Optional[Tensor] = 
     """The `slots` slots every lane and head keeps, in temporal order (empty ones first), of which lane l
     fills at most caps[l] [B] (default: all) with rows.
 
-    The tie rule (A.3): empty slots go first, then the unprotected rows by (score ascending, position
+    The tie rule (docs/cache-policies.md#tie-rule): empty slots go first, then the unprotected rows by (score ascending, position
     ascending), the lowest score first and on equal scores the oldest; protected rows [B, H, n] only when
     nothing else is left. Scores compare exactly in fp32. One sort on the composite key (class, score,
     position) packed into an int64, unique per row, gives that order without relying on `topk`, whose order

@@ -1,7 +1,7 @@
 """`tova`: Token Omission Via Attention. The rows' scores are the last query's probabilities, averaged over
 heads at the default granularity `layer`, recomputed every step (nothing accumulates); the C best are kept in
 temporal order. In block mode `policy.tova_score_query` picks the last query's row (the reference's), or
-the block's mean or max (A.5, approximate)."""
+the block's mean or max (docs/cache-policies.md#block-mode, approximate)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """`window`: Window(C), FIFO. Keeps the C most recent real rows: every score stays 0, so the tie rule evicts
-the oldest. Under exclude-self Window(W) is the model's native sliding window (A.2)."""
+the oldest. Under exclude-self Window(W) is the model's native sliding window (docs/cache-policies.md#policies)."""
 
 from __future__ import annotations
 

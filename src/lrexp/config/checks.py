@@ -149,7 +149,7 @@ def _check_slots(slots: SlotsConfig, num_layers: int, backend: str) -> None:
 
 def _check_curriculum(cfg: RunConfig, segment_len: int, shards: int, knn_layers: List[int]) -> None:
     """Stages that can run at data.tokens_per_step on every rank and lane group, in step order, ending at the
-    model's own window and segment (spec B.3)."""
+    model's own window and segment (docs/knobs.md#window-curriculum)."""
     stages = cfg.curriculum.stages
     if not stages:
         return
@@ -188,7 +188,7 @@ def _check_svd_state(svd: SVDStateConfig) -> None:
 
 
 def _check_knn(knn: KNNConfig, layers: List[int], recurrent_layers: List[int], segment_len: int) -> None:
-    """The kNN memory's sizes (models.md 6), checked only where a memory layer exists."""
+    """The kNN memory's sizes (docs/models.md#memorizing-transformer), checked only where a memory layer exists."""
     both = sorted(set(layers) & set(recurrent_layers))
     if both:
         raise ConfigError(f"layer {both[0]} is both a kNN memory layer ('model.knn.layers') and a recurrent "

@@ -33,7 +33,7 @@ def slot_layers(slots: SlotsConfig, num_layers: int) -> List[int]:
 
 def position_buckets(cfg: RunConfig) -> List[int]:
     """Bucket edges of the loss by position: a function of the scale alone, never of a row's N or W, so
-    every row of a grid logs the same buckets (models.md 7.3)."""
+    every row of a grid logs the same buckets (docs/models.md#metrics)."""
     edges = cfg.log.position_buckets
     if edges is None:
         return [8 * cfg.scale.window * 4**i for i in range(3)]  # 4096, 16384, 65536 at the paper's W = 512

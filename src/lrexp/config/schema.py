@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Literal, Optional, get_type_hints
 
 @dataclass
 class ScaleConfig:
-    """Base sizes of one scale preset. Paper values by default (models.md section 3.1)."""
+    """Base sizes of one scale preset. Paper values by default (docs/models.md#sizes)."""
 
     name: str = "paper"
     d_model: int = 1024
@@ -27,16 +27,16 @@ class ScaleConfig:
     # paper's 32 (32 devices x 1 lane). Tokens per step are lanes x 8W in every row, so XL:W reads 8x more
     # lanes (256), XL:2W 4x (128), XL:4W 2x (64): lanes, not only tokens, decide how diverse a step is.
     lanes: int = 32
-    memory_size: int = 65536  # kNN memory entries per (lane, head) of the Memorizing row (models.md 6)
+    memory_size: int = 65536  # kNN memory entries per (lane, head) of the Memorizing row (docs/models.md#memorizing-transformer)
     knn_k: int = 128  # neighbours retrieved per query and head
 
 
 @dataclass
 class AttnConfig:
     backend: str = "sdpa"  # a name in lrexp.attention's backend registry
-    window_includes_self: bool = False  # paper choice 3: the code excludes the query's own token
-    mask_empty_cache: bool = False  # paper choice 4: the code keeps zero cache slots visible
-    scale_abs: bool = False  # paper choice 7: meliad 2025 uses |s_h|, 2022 (the default) s_h
+    window_includes_self: bool = False  # docs/models.md#paper-and-code: the code excludes the query's own token
+    mask_empty_cache: bool = False  # docs/models.md#paper-and-code: the code keeps zero cache slots visible
+    scale_abs: bool = False  # docs/models.md#paper-and-code: meliad 2025 uses |s_h|, 2022 (the default) s_h
     num_buckets: int = 32
     max_distance: int = 128
 
@@ -44,20 +44,20 @@ class AttnConfig:
 @dataclass
 class RecurrentConfig:
     # Stack indices of the cells (used by the rec and feedback variants); negative counts from the top:
-    # -3 is layer 10 of 12 at paper scale and L-3 at every smaller one (models.md 2 scaling rule).
+    # -3 is layer 10 of 12 at paper scale and L-3 at every smaller one (docs/models.md#rows).
     layers: List[int] = field(default_factory=lambda: [-3])
     num_states: int = "${scale.num_states}"  # type: ignore[assignment]
     gate: Literal["lstm", "fixed"] = "fixed"
     topology: Literal["dual", "single", "skip"] = "skip"
     state_ids: bool = True
-    candidate_tanh: bool = False  # paper choice 1
-    state_reads_prev_block: bool = True  # paper choice 2: R reads the previous and the current block
+    candidate_tanh: bool = False  # docs/models.md#paper-and-code
+    state_reads_prev_block: bool = True  # docs/models.md#paper-and-code: R reads the previous and the current block
     always_clear_state: bool = False  # ablation: reset the state at every segment
 
 
 @dataclass
 class KNNConfig:
-    """The Memorizing row's kNN memory layers (models.md 6)."""
+    """The Memorizing row's kNN memory layers (docs/models.md#memorizing-transformer)."""
 
     # Stack indices of the memory layers (the memorizing variant); negative counts from the top: -4 is layer 9
     # of 12 at paper scale and L-4 at every smaller one.
@@ -67,12 +67,12 @@ class KNNConfig:
     backend: Literal["bucket", "exact"] = "bucket"  # bucket: the code's per-bucket argmax; exact: top-k
     combine: Literal["weighted_mean", "add", "stop_forward"] = "weighted_mean"
     local_position_bias: bool = True  # the 2022 code keeps the T5 bias on the memory layer's local attention
-    state_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # storage of the memory (B.4)
+    state_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # storage of the memory (docs/knobs.md#state-storage-dtype)
 
 
 @dataclass
 class SlotsConfig:
-    """Gated memory slots (cache_policies.md B.1): on the layers named, the sliding-window layer becomes a
+    """Gated memory slots (docs/knobs.md#gated-memory-slots): on the layers named, the sliding-window layer becomes a
     gated state cell over n learned slots M [n, d] per lane, written from every block and read by the tokens."""
 
     enabled: bool = False
@@ -81,7 +81,7 @@ class SlotsConfig:
     layers: Any = field(default_factory=lambda: [-3])
     n: int = 64  # slots per layer and lane
     read: Literal["cross_attn", "prefix_kv"] = "cross_attn"  # BRT's B path, or prefix keys in one softmax
-    gate: Literal["fixed", "lstm"] = "fixed"  # models.md 4.5
+    gate: Literal["fixed", "lstm"] = "fixed"  # docs/models.md#gates
     self_attn: bool = True  # the write reads the slots themselves too: U = [SelfAttn(M) ; CrossAttn]
     ffn: bool = False  # false: the skip topology; true: dual (an FFN and a second gate on the write path)
     token_keys: Literal["prev_and_current", "current"] = "prev_and_current"  # the block tokens the write reads
@@ -89,9 +89,9 @@ class SlotsConfig:
 
 @dataclass
 class SVDStateConfig:
-    """Rank-k compression of the carried state at the segment boundary (spec B.2); off while rank is null."""
+    """Rank-k compression of the carried state at the segment boundary (docs/knobs.md#rank-k-state-compression); off while rank is null."""
 
-    rank: Optional[int] = None  # k; null: off. The spec's value is 64
+    rank: Optional[int] = None  # k; null: off. The claim's value is 64 (docs/knobs.md#status-of-the-claims)
     # recurrent_state: the cell's c [S, d] per lane; slots: the memory slots' M [n, d] per lane; xl_cache: every
     # cache's keys and values [W, D] per (lane, head)
     targets: List[str] = field(default_factory=lambda: ["recurrent_state", "slots", "xl_cache"])
@@ -115,7 +115,7 @@ class ModelConfig:
     knn: KNNConfig = field(default_factory=KNNConfig)
     slots: SlotsConfig = field(default_factory=SlotsConfig)
     # Storage of the state carried between steps: XL caches and the recurrent state (the kNN memory has
-    # knn.state_dtype); computed in float32 (spec B.4)
+    # knn.state_dtype); computed in float32 (docs/knobs.md#state-storage-dtype)
     state_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     svd_state: SVDStateConfig = field(default_factory=SVDStateConfig)
 
@@ -159,7 +159,7 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    cross_segment_target: bool = False  # paper choice 5: the code never predicts a segment-boundary token
+    cross_segment_target: bool = False  # docs/models.md#paper-and-code: the code never predicts a segment-boundary token
 
 
 @dataclass
@@ -194,7 +194,7 @@ class TrainConfig:
     # use but one, shared by the train.devices ranks (a thread more than the free cores costs several times).
     threads: Optional[int] = None
     # torch.compile (inductor) of the model, every row; the input checks stay eager. Off by default: slower than
-    # eager on the CPU measured (README "Compiling"). On a CPU it needs a C++ compiler ($CXX, else g++).
+    # eager on the CPU measured (docs/configuration.md#compiling). On a CPU it needs a C++ compiler ($CXX, else g++).
     compile: bool = False
     checkpoint_dir: str = "checkpoints"  # <checkpoint_dir>/<MLflow run id>/last.ckpt; relative: project root
     checkpoint_every: Optional[int] = None  # optimiser steps between saves of last.ckpt; null: train.val_every
@@ -218,7 +218,7 @@ class LogConfig:
 
 @dataclass
 class CurriculumConfig:
-    """A window / segment-length curriculum at constant tokens per step (spec B.3); off while empty."""
+    """A window / segment-length curriculum at constant tokens per step (docs/knobs.md#window-curriculum); off while empty."""
 
     # [start_step, W, R] per stage, N = R x W and lanes = data.tokens_per_step / N ([start_step, W]: R the
     # model's own, so one schedule fits rows of any R); the first starts at step 0, the last is the model's own
@@ -228,17 +228,17 @@ class CurriculumConfig:
 
 @dataclass
 class PolicyConfig:
-    """Bounded multi-state evaluation (`lrexp eval`, cache_policies.md A): KV-cache policies x budgets."""
+    """Bounded multi-state evaluation (`lrexp eval`, docs/cache-policies.md): KV-cache policies x budgets."""
 
     split: str = "test"  # the split `lrexp eval` scores (the same targets as the training's final pass)
     names: List[str] = field(default_factory=lambda: ["full"])  # policies (lrexp.cache registry)
     budgets: List[int] = field(default_factory=list)  # C, real rows kept per layer; `full` takes none
-    mode: Literal["token", "block"] = "token"  # token: the reference; block: b tokens per step (A.5)
+    mode: Literal["token", "block"] = "token"  # token: the reference; block: b tokens per step (docs/cache-policies.md#block-mode)
     block: Optional[int] = None  # b of block mode; null: the model's window
     context: Optional[int] = None  # T_eval, the visibility limit; null: W (XL, Slide), the segment N (Full)
     sinks: int = 4  # i of Window+i (policy `sinks`)
     granularity: Optional[Literal["layer", "head"]] = None  # null: the policy's default (H2O head, TOVA layer)
-    positions: Literal["original", "cache_relative"] = "original"  # A.4
+    positions: Literal["original", "cache_relative"] = "original"  # docs/cache-policies.md#positions
     protect_first_i: int = 0  # pins the first i rows of a document under any policy (ablation)
     protect_newest: bool = False  # include-self only: the newest row cannot be evicted (exclude-self: always)
     h2o_heavy: Optional[int] = None  # h of H2O's C = r + h; null: C / 2

@@ -1,4 +1,4 @@
-"""The decode passes of `lrexp eval` and their scores (cache_policies.md A.6): every KV-cache policy x
+"""The decode passes of `lrexp eval` and their scores (docs/cache-policies.md#evaluation-protocol): every KV-cache policy x
 budget over the same scored targets as the training's final pass.
 
 The stream is the data module's own evaluation pass (`StreamDataModule.eval_loader`: the split's documents
@@ -214,7 +214,7 @@ def _gaps(r: Result, top: Result) -> None:
 
 
 def setting_params(cfg: RunConfig, policy: Policy, info: Dict[str, Any]) -> Dict[str, str]:
-    """Logged with every number (A.6): the setting, the knobs, the context and the mask variant."""
+    """Logged with every number (docs/cache-policies.md#evaluation-protocol): the setting, the knobs, the context and the mask variant."""
     p = cfg.policy
     return {
         "policy": policy.name, "budget": "full" if policy.budget is None else str(policy.budget),

@@ -1,5 +1,5 @@
-"""`lrexp eval`: a trained row evaluated from its checkpoint as a bounded multi-state RNN (cache_policies.md
-A.6): every KV-cache policy x budget over the same scored targets as the training's final pass
+"""`lrexp eval`: a trained row evaluated from its checkpoint as a bounded multi-state RNN
+(docs/cache-policies.md#evaluation-protocol): every KV-cache policy x budget over the same scored targets as the training's final pass
 (`eval.load` reads the checkpoint, `eval.passes` decodes and scores, `report.tables` and `report.plots` write
 the table and the plot).
 

@@ -1,4 +1,4 @@
-"""A grid file -> its cells (DESIGN.md 2.9): every cell a complete resolved config with a stable id, the
+"""A grid file -> its cells (docs/design.md#a-grids-lifecycle): every cell a complete resolved config with a stable id, the
 step-time reference, the `evaluate:` section, and the config file each cell trains from.
 
 A cell's id is built from its axis values, sorted by name, the seed last (`gate=lstm,topology=dual,seed=0`),

@@ -1,4 +1,4 @@
-"""Running a grid (DESIGN.md 2.9): the pool of cells training at once, the invocation's parent run, and what a
+"""Running a grid (docs/design.md#a-grids-lifecycle): the pool of cells training at once, the invocation's parent run, and what a
 signal does.
 
 One parent MLflow run per invocation in experiment `lrexp-<grid>`; each cell writes its config to

@@ -1,4 +1,4 @@
-"""A grid file, read and checked (DESIGN.md 2.9): where grid files are, the keys a file has, the config keys
+"""A grid file, read and checked (docs/design.md#a-grids-lifecycle): where grid files are, the keys a file has, the config keys
 it may set, and values given per scale.
 
 A grid file (`experiments/grids/NAME.yaml`) has:

@@ -1,4 +1,4 @@
-"""The plain layer (kind "attention"): pre-norm attention sublayer + FFN sublayer (models.md 3.2-3.7).
+"""The plain layer (kind "attention"): pre-norm attention sublayer + FFN sublayer (docs/models.md#one-layer).
 
 With `spec.window = W` it is a sliding-window layer: blockwise attention over [previous block; current
 block], block 0's previous block being the carried `XLCache`, which the layer rewrites with the segment's

@@ -12,7 +12,7 @@ _TRUNC_STD = 0.87962566103423978
 
 
 def init_fan_in(weight: Tensor, scale: float = 1.0) -> None:
-    """Truncated normal with variance scale/fan_in for an nn.Linear weight [out, in] (models.md 3.8)."""
+    """Truncated normal with variance scale/fan_in for an nn.Linear weight [out, in] (docs/models.md#initialisation)."""
     std = math.sqrt(scale / weight.shape[1]) / _TRUNC_STD
     nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
 
@@ -25,7 +25,7 @@ def linear(d_in: int, d_out: int) -> nn.Linear:
 
 
 class RMSNorm(nn.Module):
-    """LN(x) = gamma * x / sqrt(mean(x^2) + 1e-6): RMS statistics in fp32, no mean, no bias (models.md 3.2)."""
+    """LN(x) = gamma * x / sqrt(mean(x^2) + 1e-6): RMS statistics in fp32, no mean, no bias (docs/models.md#one-layer)."""
 
     def __init__(self, d_model: int, eps: float = 1e-6) -> None:
         super().__init__()

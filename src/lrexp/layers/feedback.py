@@ -1,4 +1,4 @@
-"""Layers whose tokens read a recurrent state (models.md 4.4, 5): x' = x + W_O [A ; B].
+"""Layers whose tokens read a recurrent state (docs/models.md#vertical-and-horizontal-directions, docs/models.md#feedback): x' = x + W_O [A ; B].
 
 A is the plain layer's windowed self-attention and B the tokens' cross-attention (second query Q2, scale
 s2; no mask, bias or dropout) to the keys and values K_s, V_s of a state c; W_O widens to 2H heads -> d.
@@ -6,8 +6,8 @@ s2; no mask, bias or dropout) to the keys and values K_s, V_s of a state c; W_O 
 (lrexp.layers.recurrent); registered alone as kind "feedback" it is every non-recurrent layer of a Feedback
 row, which the model runs block by block, handing each block the recurrent layer's K_s, V_s of c_t.
 
-Memory slots may read their state the other way instead (`model.slots.read=prefix_kv`, cache_policies.md
-B.1): K_s, V_s join each block's window keys in front, in one softmax with A and without position bias, and
+Memory slots may read their state the other way instead (`model.slots.read=prefix_kv`,
+docs/knobs.md#gated-memory-slots): K_s, V_s join each block's window keys in front, in one softmax with A and without position bias, and
 W_O keeps its H heads.
 """
 

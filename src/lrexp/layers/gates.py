@@ -1,4 +1,4 @@
-"""The horizontal state path of the block-recurrent cell: gates and topologies (models.md 4.5, 4.6).
+"""The horizontal state path of the block-recurrent cell: gates and topologies (docs/models.md#gates, docs/models.md#topologies).
 
 A topology maps (c_t, u) -> c_{t+1}, where c_t [B, S, d] is the state before block t and u = [P ; R]
 [B, S, d_u] what the states read from themselves and from the tokens (d_u = 2d; d for memory slots that

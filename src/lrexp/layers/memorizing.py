@@ -1,4 +1,4 @@
-"""The kNN memory layer (kind "memorizing", models.md 6): a sliding-window layer with an XL cache whose
+"""The kNN memory layer (kind "memorizing", docs/models.md#memorizing-transformer): a sliding-window layer with an XL cache whose
 attention also reads a per-lane memory of the document's earlier keys and values.
 
 Per segment, in this order: (1) lanes starting a document arrive with an empty memory (`KNNMemory.reset_rows`
@@ -98,7 +98,7 @@ class MemorizingLayer(AttentionLayer):
         return Flops(linear_flops(self) * t, self.pair_flops * (t * self.window + t * self.k), search)
 
     def _store(self, x: Tensor) -> Tensor:
-        """x [B, H, T, D] detached in the storage dtype; fp16 can overflow, which fails here (B.4)."""
+        """x [B, H, T, D] detached in the storage dtype; fp16 can overflow, which fails here (docs/knobs.md#state-storage-dtype)."""
         stored = x.detach().to(self.state_dtype)
         if self.state_dtype == torch.float16 and not torch.isfinite(stored).all():
             raise StateError("a kNN memory entry overflows float16; use model.knn.state_dtype=bfloat16")

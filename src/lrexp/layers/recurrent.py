@@ -1,4 +1,4 @@
-"""The block-recurrent cell (kind "recurrent", models.md 4): a sliding-window layer whose attention also
+"""The block-recurrent cell (kind "recurrent", docs/models.md#block-recurrent-transformer): a sliding-window layer whose attention also
 reads, and block by block rewrites, S state vectors per lane.
 
 Two projection modules share their keys and values between two directions:
@@ -45,7 +45,7 @@ _C_INIT_STD = 0.1
 
 @dataclass(frozen=True)
 class CellOptions:
-    """What a gated state cell is made of (models.md 4; cache_policies.md B.1 for the slots' choices)."""
+    """What a gated state cell is made of (docs/models.md#block-recurrent-transformer; docs/knobs.md#gated-memory-slots for the slots' choices)."""
 
     num_states: int  # S
     gate: str  # a name in lrexp.layers.gates.GATES
@@ -165,7 +165,7 @@ class RecurrentLayer(StateReadingLayer):
             keys.append(k_s)
             values.append(v_s)
             k_cur, v_cur = k[:, :, i * w:(i + 1) * w], v[:, :, i * w:(i + 1) * w]  # [B, H, W, D]
-            if self.reads_prev_block:  # paper choice 2: the code reads previous + current block, unmasked
+            if self.reads_prev_block:  # docs/models.md#paper-and-code: the code reads previous + current block, unmasked
                 k_e, v_e = torch.cat([k_prev, k_cur], dim=2), torch.cat([v_prev, v_cur], dim=2)  # [B, H, 2W, D]
                 valid = None if (prev_valid is None or i > 0) else prev_valid[:, None].expand(-1, w)  # [B, W]
                 mask = UNMASKED if valid is None else MaskSpec(causal=False, memory_valid=valid)

@@ -1,4 +1,4 @@
-"""Gated memory slots (kind "slots", cache_policies.md B.1): a sliding-window layer that keeps n learned
+"""Gated memory slots (kind "slots", docs/knobs.md#gated-memory-slots): a sliding-window layer that keeps n learned
 slots M [n, d] per lane, written from every block through a gate and read by the block's tokens.
 
 The slots are the block-recurrent cell (lrexp.layers.recurrent) with the options of `model.slots`, so they

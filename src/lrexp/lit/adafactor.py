@@ -1,4 +1,4 @@
-"""Adafactor as the reference code steps (Shazeer & Stern 2018, in the Flax form meliad trains with; models.md 7.4).
+"""Adafactor as the reference code steps (Shazeer & Stern 2018, in the Flax form meliad trains with; docs/models.md#optimiser-and-schedule).
 
 Per parameter x with gradient g, at update t = 1, 2, ... (decay rate c = 0.8):
 

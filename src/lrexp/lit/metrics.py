@@ -1,4 +1,4 @@
-"""Token-weighted language-model metrics (models.md 7.3, engineering.md 4).
+"""Token-weighted language-model metrics (docs/models.md#metrics).
 
 Every number is a ratio of sums reduced over lanes, batches and ranks: summed NLL (nats), summed target
 tokens, summed target bytes. Averaging per-batch means would be wrong, because padded segments make batches

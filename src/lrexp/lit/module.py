@@ -89,10 +89,10 @@ class LMModule(pl.LightningModule):
             self.logger.log_metrics({"train/loss": global_loss.item()}, step=self.global_step)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False,
                  batch_size=batch_size)
-        if "stage" in batch:  # a curriculum's (spec B.3)
+        if "stage" in batch:  # a curriculum's (docs/knobs.md#window-curriculum)
             self.log("train/stage", batch["stage"].float(), on_step=True, on_epoch=False, batch_size=batch_size)
         # the kNN memory's retrieval, and the state compression's retained energy and error at this step's
-        # segment boundary (spec B.2)
+        # segment boundary (docs/knobs.md#rank-k-state-compression)
         for name, value in (measured.items() if logged else ()):
             self.log(f"train/{name}", value, on_step=True, on_epoch=False, batch_size=batch_size)
         return loss

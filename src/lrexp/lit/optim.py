@@ -1,4 +1,4 @@
-"""Optimisers and learning-rate schedules (models.md 7.4).
+"""Optimisers and learning-rate schedules (docs/models.md#optimiser-and-schedule).
 
 The paper's schedule is lr(t) = min(t, w)/w * 1/sqrt(max(t, w)) with w warm-up steps: a linear warm-up to
 1/sqrt(w), then inverse square-root decay. With another peak p it is scaled by p * sqrt(w). The cosine

@@ -1,4 +1,4 @@
-"""Step time, throughput and peak memory, logged as `perf/*` (models.md 7.6).
+"""Step time, throughput and peak memory, logged as `perf/*` (docs/models.md#step-time).
 
 The step time is the median wall-clock time of the last `window` optimiser steps after `warmup_steps`
 steps (compilation, allocator growth, caches; at most half of the steps this process runs), measured from batch start to batch end, so data loading

@@ -1,4 +1,4 @@
-"""Truncated BPTT over a stream of segments: the lifecycle of the carried state (engineering.md 1 and 3).
+"""Truncated BPTT over a stream of segments: the lifecycle of the carried state (docs/design.md#the-tbptt-lifecycle).
 
 One batch is one segment of every lane of this rank, trained with automatic optimisation, so clipping,
 accumulation, precision plugins and DDP keep working. This callback decides *when* things happen to the

@@ -1,4 +1,4 @@
-"""`LongRangeLM`: embed -> layers built from per-layer specs -> norm -> tied logits (models.md 3).
+"""`LongRangeLM`: embed -> layers built from per-layer specs -> norm -> tied logits (docs/models.md#shared-backbone).
 
 Layer interface. Every layer module built by `lrexp.layers.build_layer` provides
 
@@ -19,10 +19,10 @@ itself reports (`layer.stats_prefix` set: the kNN memory's retrieval), from
 `layer(x, state, stats={})`, which fills the dict.
 
 At that boundary the carried state may be compressed to rank k (`model.svd_state`, lrexp.svd_state) and is
-stored in `model.state_dtype` (spec B.4): layers read it upcast to fp32, so within a segment the carry
+stored in `model.state_dtype` (docs/knobs.md#state-storage-dtype): layers read it upcast to fp32, so within a segment the carry
 stays in the compute dtype and only the state kept between steps is reduced.
 
-Feedback stacks (a "feedback" layer in the specs) run block by block instead (models.md 5): before block t
+Feedback stacks (a "feedback" layer in the specs) run block by block instead (docs/models.md#feedback): before block t
 the recurrent layer's state module projects c_t once, every feedback layer reads its K_s, V_s through
 `layer(x, state, feedback=(K_s, V_s))`, and the recurrent layer takes the projection as `projected=`.
 The states carry gradient from block to block within the segment, as the tiled layers' do.
@@ -79,7 +79,7 @@ class LongRangeLM(nn.Module):
             self.feedback_source = cells[0]
 
     def set_window(self, window: int) -> None:
-        """W of every windowed layer, and so of the XL caches they carry: a curriculum stage's (spec B.3).
+        """W of every windowed layer, and so of the XL caches they carry: a curriculum stage's (docs/knobs.md#window-curriculum).
         No parameter depends on W (the T5 bias is by distance), so the stages train one set of weights; a
         state of another W no longer fits and is refused by the shape check."""
         windowed = [layer for layer in self.layers if layer.window is not None]

@@ -1,4 +1,4 @@
-"""The carried state: an explicit, typed value, never a module attribute or buffer (DESIGN.md principle 3).
+"""The carried state: an explicit, typed value, never a module attribute or buffer (docs/design.md#carried-state).
 
 `ModelState` holds one entry per layer: a `LayerState` of the kind that layer carries, or None for a
 stateless layer. A layer state kind is a frozen dataclass of tensors whose first dimension is the lane:
@@ -10,7 +10,7 @@ stateless layer. A layer state kind is a frozen dataclass of tensors whose first
 - `detach()`, `lanes(index)`, `cat(parts)`, `to(device)`, `to_tensors()`, `from_tensors()` work field by
   field.
 - `cast(dtype)` converts the carried floating-point fields, the storage dtype of `model.state_dtype`
-  (spec B.4); fields named in a kind's `own_dtype` keep the dtype their layer chose (the kNN memory's),
+  (docs/knobs.md#state-storage-dtype); fields named in a kind's `own_dtype` keep the dtype their layer chose (the kNN memory's),
   and the bool / integer bookkeeping (`fresh`, pointers) is never converted.
 
 A new kind is one `@register_state` dataclass here with a unique `kind` name (the checkpoint key).
@@ -108,7 +108,7 @@ def register_state(cls: Type[S]) -> Type[S]:
 @register_state
 @dataclass(frozen=True)
 class XLCache(LayerState):
-    """The normalised keys k-hat and values of a layer's last W tokens (models.md 3.5).
+    """The normalised keys k-hat and values of a layer's last W tokens (docs/models.md#xl-cache).
 
     A reset zeroes the lane's slots at once (3.6: zero K/V, visible by default); `fresh` tells the layer
     they are empty, so `attn.mask_empty_cache` can hide them.
@@ -165,7 +165,7 @@ class CellState(XLCache):
 @register_state
 @dataclass(frozen=True)
 class RecurrentState(CellState):
-    """The block-recurrent cell's carry (models.md 4.2, 4.7): c holds its S states."""
+    """The block-recurrent cell's carry (docs/models.md#state-state-ids-and-the-initial-state, docs/models.md#carry-and-order-of-computation): c holds its S states."""
 
     kind: ClassVar[str] = "recurrent"
 
@@ -173,7 +173,7 @@ class RecurrentState(CellState):
 @register_state
 @dataclass(frozen=True)
 class SlotState(CellState):
-    """A layer's gated memory slots (cache_policies.md B.1): c holds M [B, n, d]."""
+    """A layer's gated memory slots (docs/knobs.md#gated-memory-slots): c holds M [B, n, d]."""
 
     kind: ClassVar[str] = "slots"
 
@@ -181,7 +181,7 @@ class SlotState(CellState):
 @register_state
 @dataclass(frozen=True)
 class KNNMemory(XLCache):
-    """The kNN memory layer's carry (models.md 6): its local attention's XL cache plus a ring buffer of the
+    """The kNN memory layer's carry (docs/models.md#memorizing-transformer): its local attention's XL cache plus a ring buffer of the
     document's earlier (k-hat, v) per (lane, head), stored in the layer's `state_dtype`.
 
     Slots fill from 0, so slot j of lane b holds an entry iff j < count[b]; pointer[b] is the next slot
@@ -266,7 +266,7 @@ class ModelState:
         return replace(self, layers=tuple(s if s is None else s.cast(dtype) for s in self.layers))
 
     def store(self, dtype: torch.dtype) -> "ModelState":
-        """`cast(dtype)` for keeping between steps (spec B.4). A value the dtype cannot hold (fp16 overflows
+        """`cast(dtype)` for keeping between steps (docs/knobs.md#state-storage-dtype). A value the dtype cannot hold (fp16 overflows
         above 65504) fails here, naming the layer and field, instead of carrying inf into the next step."""
         stored = self.cast(dtype)
         if dtype != torch.float32:

@@ -1,15 +1,15 @@
-"""Rank-k compression of the carried state at the segment boundary (spec B.2, `model.svd_state`).
+"""Rank-k compression of the carried state at the segment boundary (docs/knobs.md#rank-k-state-compression, `model.svd_state`).
 
 Every carried matrix X of a target, one per lane (per lane and head for a cache), is replaced by its best
 rank-k approximation X_k = U_k S_k V_k^T, computed in fp32 on the detached state: no gradient ever flows
 through the SVD, which is unstable where singular values nearly repeat. The targets:
 
 - `recurrent_state`: the block-recurrent cell's c, S x d per lane;
-- `slots`: the gated memory slots' M, n x d per lane (cache_policies.md B.1);
+- `slots`: the gated memory slots' M, n x d per lane (docs/knobs.md#gated-memory-slots);
 - `xl_cache`: the keys and values of every layer's XL cache (the cell's and the kNN layer's local cache
   included), W x D per lane and head.
 
-Cache keys are stored L2-normalised (models.md 3.5) and a reconstruction is not, so `renormalize_keys`
+Cache keys are stored L2-normalised (docs/models.md#xl-cache) and a reconstruction is not, so `renormalize_keys`
 scales every reconstructed key row back to the norm it had: 1 for a real key, 0 for an empty slot (a
 renormalised rounding error would otherwise become a unit-norm key out of nothing).
 
@@ -31,7 +31,7 @@ from lrexp.model.state import ModelState, RecurrentState, SlotState, XLCache
 if TYPE_CHECKING:
     from lrexp.config.schema import SVDStateConfig
 
-LOWRANK_NITER = 2  # subspace iterations of torch.svd_lowrank (spec B.2)
+LOWRANK_NITER = 2  # subspace iterations of torch.svd_lowrank (docs/knobs.md#rank-k-state-compression)
 LOWRANK_SEED = 0  # its random start: fixed, so a compressed run is reproducible and resumes exactly
 
 

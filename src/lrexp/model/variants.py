@@ -56,7 +56,7 @@ def layer_specs(cfg: "RunConfig") -> List[LayerSpec]:
 
 def check_slot_places(cfg: "RunConfig") -> None:
     """A one-line ConfigError, at config time, unless every layer `model.slots.layers` names is a
-    sliding-window attention layer: the slots are that layer's gated state (cache_policies.md B.1)."""
+    sliding-window attention layer: the slots are that layer's gated state (docs/knobs.md#gated-memory-slots)."""
     specs = get_variant(cfg.model.variant).layers(cfg)
     for i in cfg.derived.slot_layers:
         spec = specs[i]
@@ -74,7 +74,7 @@ def row_name(cfg: "RunConfig") -> str:
 
 
 def sliding_stack(cfg: "RunConfig") -> List[LayerSpec]:
-    """Every layer a sliding-window layer with an XL cache of W (models.md 2)."""
+    """Every layer a sliding-window layer with an XL cache of W (docs/models.md#rows)."""
     return [LayerSpec("attention", window=cfg.model.window) for _ in range(cfg.model.num_layers)]
 
 
@@ -96,12 +96,12 @@ def _with_cells(cfg: "RunConfig", other: str) -> List[LayerSpec]:
 
 
 def recurrent_stack(cfg: "RunConfig") -> List[LayerSpec]:
-    """The sliding stack with a block-recurrent cell at `model.recurrent.layers` (models.md 4.1)."""
+    """The sliding stack with a block-recurrent cell at `model.recurrent.layers` (docs/models.md#placement)."""
     return _with_cells(cfg, "attention")
 
 
 def feedback_stack(cfg: "RunConfig") -> List[LayerSpec]:
-    """Every other layer also reads the cell's state before each block, block by block (models.md 5)."""
+    """Every other layer also reads the cell's state before each block, block by block (docs/models.md#feedback)."""
     if len(cfg.derived.recurrent_layers) != 1:
         raise VariantError(f"a feedback row needs one recurrent layer, got model.recurrent.layers="
                            f"{list(cfg.model.recurrent.layers)}")
@@ -117,7 +117,7 @@ register_variant("feedback", feedback_stack, lambda cfg: f"Feedback:{_gates(cfg)
 
 
 def memorizing_stack(cfg: "RunConfig") -> List[LayerSpec]:
-    """The XL stack with a kNN memory layer at `model.knn.layers` (models.md 6)."""
+    """The XL stack with a kNN memory layer at `model.knn.layers` (docs/models.md#memorizing-transformer)."""
     memory = set(cfg.derived.knn_layers)
     if not memory:
         raise VariantError("the memorizing variant needs a memory layer: set model.knn.layers (e.g. [-4])")

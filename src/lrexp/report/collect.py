@@ -1,4 +1,4 @@
-"""The comparison table and plots of a grid, from MLflow alone (DESIGN.md 5; models.md 7.6 and 10).
+"""The comparison table and plots of a grid, from MLflow alone (docs/grids.md#reading-the-table; docs/models.md#step-time, docs/models.md#paper-results-table-1).
 
 The grid's parent run names its children (`mlflow.parentRunId`); each child carries its cell id, group
 (the cell id without the seed) and position as tags, and its summary as `final/*` metrics. Per cell the

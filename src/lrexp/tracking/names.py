@@ -57,7 +57,7 @@ FINAL_ANSWER = "final/val_answer_bits_per_token"  # probe corpora only
 FINAL_STEP_TIME = "final/step_time_s"
 FINAL_PARAMS = "final/params"
 FINAL_TOKENS = "final/tokens_seen"
-FINAL_STATE_BYTES = "final/state_bytes_per_lane"  # carried floats per lane in model.state_dtype (B.4)
+FINAL_STATE_BYTES = "final/state_bytes_per_lane"  # carried floats per lane in model.state_dtype (docs/knobs.md#state-storage-dtype)
 # + a bucket: "0-64", "64-256", ..., "1024" (the last, open bucket: MLflow names cannot hold its "+")
 FINAL_POS_PREFIX = "final/val_bits_per_token_by_pos_"
 

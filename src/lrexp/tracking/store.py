@@ -1,10 +1,10 @@
-"""The MLflow store lrexp writes to (DESIGN.md section 6, engineering.md 5): its URI, where its artifacts go,
+"""The MLflow store lrexp writes to (docs/grids.md#the-mlflow-contract): its URI, where its artifacts go,
 and the experiments in it. No Lightning and no MLflow import: a grid learns its store without either.
 
 - The tracking URI is always explicit: `log.tracking_uri`, else `$MLFLOW_TRACKING_URI` read now (the
   logger's own default is read at import time), else `sqlite:///<project root>/mlflow.db`. Artifacts of a
   sqlite store go to `mlartifacts/` next to the database (the project root by default).
-- Every experiment lrexp creates is tagged `mlflow.experimentKind=custom_model_development` (DESIGN.md 6).
+- Every experiment lrexp creates is tagged `mlflow.experimentKind=custom_model_development` (docs/grids.md#the-mlflow-contract).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The window / segment-length curriculum (spec B.3, `curriculum.stages`): the stages of a run.
+"""The window / segment-length curriculum (docs/knobs.md#window-curriculum, `curriculum.stages`): the stages of a run.
 
 Stage i trains from its start step with window W_i and segments of N_i = R_i x W_i tokens in
 data.tokens_per_step / N_i lanes, so every step reads the same tokens and the LR schedule simply continues.

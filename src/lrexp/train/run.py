@@ -4,7 +4,7 @@ Order: `check_run` (a config that cannot start fails in one line, in a second), 
 that cannot be written fails before any work, and every later failure is recorded on the run), then the
 data, the model and the Lightning objects, then `fit` (with validations of `train.val_tokens` targets), the
 final passes over the whole validation and test splits (`final/val_*`, `final/test_*`: every target of
-every document but its first, the same for every row of a grid, models.md 7.5), and the `final/*` summary.
+every document but its first, the same for every row of a grid, docs/models.md#evaluation), and the `final/*` summary.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def _summary(metrics: Dict[str, Any]) -> Dict[str, float]:
 
 
 def eval_tags(cfg: RunConfig, prepared) -> Dict[str, str]:
-    """Digests of the targets each evaluation scores, so a reader can check that runs match (models.md 7.5)."""
+    """Digests of the targets each evaluation scores, so a reader can check that runs match (docs/models.md#evaluation)."""
     tags = {}
     for evaluation, split, budget in (("val", "validation", None), ("test", "test", None),
                                       ("val_budget", "validation", cfg.train.val_tokens)):
@@ -157,11 +157,11 @@ def run(cfg: RunConfig, resume: Optional[str] = None, callbacks: Sequence[pl.Cal
             # Rank 0's run id names the folder on every rank (ModelCheckpoint broadcasts its dirpath).
             checkpoint_dir = Path(trainer.checkpoint_callback.dirpath)
             # Under ddp_fork / ddp_spawn the main process's trainer never sees the workers' step (it stays 0,
-            # engineering.md 6; max_steps > 0 otherwise): the final checkpoint holds it.
+            # docs/design.md#tests; max_steps > 0 otherwise): the final checkpoint holds it.
             steps = trainer.global_step or ckpt_mod.saved_step(checkpoint_dir / ckpt_mod.LAST)
             summary = _summary(metrics)
             summary["final/params"] = float(n_params)
-            # the floats a lane carries between steps, in model.state_dtype (B.4); meta: nothing allocated
+            # the floats a lane carries between steps, in model.state_dtype (docs/knobs.md#state-storage-dtype); meta: nothing allocated
             summary["final/state_bytes_per_lane"] = float(model.initial_state(1, "meta").carried_bytes())
             summary["final/steps"] = float(steps)
             summary["final/tokens_seen"] = float(steps * cfg.data.tokens_per_step)
