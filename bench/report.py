@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from lrexp.config.paths import PROJECT_ROOT
 
@@ -24,3 +24,13 @@ def write_report(name: str, lines: List[str], data: Optional[Any] = None, folder
         out.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
     print(f"written to {out}")
     return out
+
+
+def ms(s: Dict[str, float]) -> str:
+    """Seconds as 'median (min-max)' milliseconds."""
+    return f"{s['median'] * 1e3:.1f} ({s['min'] * 1e3:.1f}-{s['max'] * 1e3:.1f})"
+
+
+def x(s: Dict[str, float]) -> str:
+    """A ratio as 'median (min-max)'."""
+    return f"{s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f})"

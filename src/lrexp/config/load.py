@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Type
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -29,6 +29,7 @@ from lrexp.tracking.names import TAG_ROW_PRESET
 
 SELECTORS = ("scale", "row")  # `scale=tiny`, `row=xl512` pick a preset file
 _USER_FORBIDDEN = ("derived",)
+Layer = Tuple[str, Dict[str, Any]]  # (where it came from, for messages; its nested dict)
 
 
 def _mul(a: int, b: int) -> int:
@@ -147,8 +148,9 @@ def _parse_override(item: str) -> tuple[str, str]:
     return key, value
 
 
-def compose(files: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> DictConfig:
-    """Merge the layers in order and return the (unresolved, unvalidated) typed OmegaConf node."""
+def compose(files: Sequence[str | Path | Layer] = (), overrides: Sequence[str] = ()) -> DictConfig:
+    """Merge the layers in order and return the (unresolved, unvalidated) typed OmegaConf node. A file is a
+    YAML path or a layer already in memory, (where it came from, its dict): a checkpoint's config."""
     selected = {"scale": "tiny", "row": None}
     dotlist: List[str] = []
     for item in overrides:
@@ -159,13 +161,13 @@ def compose(files: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> 
             check_key(key, "override")
             dotlist.append(f"{key}={value}")
 
-    layers: List[tuple[str, Dict[str, Any]]] = [("experiments/base.yaml", _read_yaml(EXPERIMENTS / "base.yaml"))]
+    layers: List[Layer] = [("experiments/base.yaml", _read_yaml(EXPERIMENTS / "base.yaml"))]
     layers.append((f"scale {selected['scale']}", _read_yaml(preset_path("scale", selected["scale"]))))
     if selected["row"]:
         layers.append((f"row {selected['row']}", _read_yaml(preset_path("row", selected["row"]))))
         # the run is tagged with its preset: the report's step-time reference is a preset (REFERENCE_ROW)
         layers.append((f"row {selected['row']}", {"log": {"tags": {TAG_ROW_PRESET: selected["row"]}}}))
-    layers.extend((str(f), _read_yaml(Path(f))) for f in files)
+    layers.extend(f if isinstance(f, tuple) else (str(f), _read_yaml(Path(f))) for f in files)
 
     cfg = OmegaConf.structured(RunConfig)
     for where, data in layers:
@@ -190,7 +192,7 @@ def _omegaconf_message(exc: OmegaConfBaseException) -> str:
     return f"'{key}': {msg}" if key else msg
 
 
-def load(files: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> RunConfig:
+def load(files: Sequence[str | Path | Layer] = (), overrides: Sequence[str] = ()) -> RunConfig:
     """Compose, type-check, resolve derived values and validate. Raises ConfigError with one line."""
     cfg = compose(files, overrides)
     try:

@@ -9,9 +9,7 @@ every document but its first, the same for every row of a grid, docs/models.md#e
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -189,9 +187,5 @@ def resume_config(resume: str, files: Sequence[str], overrides: Sequence[str]) -
     (say `train.max_steps=...`). The checkpoint folder is found with the checkpoint_dir they give."""
     path = ckpt_mod.locate(resume, load(files, overrides).train.checkpoint_dir)
     info = ckpt_mod.read(path)
-    with tempfile.TemporaryDirectory() as tmp:
-        saved = Path(tmp) / "checkpoint-config.yaml"
-        saved.write_text(json.dumps(ckpt_mod.resume_config_dict(info)))  # JSON is YAML
-        cfg = load([saved, *files], overrides)
-    return cfg, path
+    return load([(f"checkpoint {path}", ckpt_mod.resume_config_dict(info)), *files], overrides), path
 
