@@ -13,9 +13,12 @@ from lrexp.model.lm import build_model
 
 V = 64
 ROWS = sorted(p.stem for p in (EXPERIMENTS / "rows").glob("*.yaml"))
-CASES = [(row, ()) for row in ROWS] + [
+# Over 10 s each under the interpreter (Feedback's block-serial reads, the dual LSTM cell): the slow tier
+SLOW = {"fb_fixed_skip", "fb_lstm_single", "rec_lstm_dual"}
+CASES = [pytest.param(row, overrides, marks=[pytest.mark.slow] if row in SLOW else []) for row, overrides in [
+    *((row, ()) for row in ROWS),
     ("rec_lstm_dual", ("model.attn.mask_empty_cache=true", "model.attn.window_includes_self=true")),
-]
+]]
 
 
 def _models(row, overrides):
