@@ -194,7 +194,7 @@ def test_resume_is_exact(env, uninterrupted, kind):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # three runs of two forked ranks
 def test_resume_is_exact_under_ddp(env, uninterrupted):
     """Two CPU ranks (ddp_fork): the gathered per-rank carried state is restored rank by rank."""
     row, ddp = _row_named("XL"), ["train.devices=2", "train.strategy=ddp_fork"]
