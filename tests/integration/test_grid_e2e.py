@@ -60,6 +60,7 @@ def env(tmp_path_factory):
     return {"root": root, "corpus": corpus, "uri": uri, "grid": str(path), "client": MlflowClient(uri)}
 
 
+@pytest.mark.slow  # two grid invocations of real processes: over a minute on 2 CPU cores
 def test_failing_cell_then_resume(env, capsys):
     root, client = env["root"], env["client"]
     common = dict(runs_dir=root / "runs", out=root / "report")
@@ -115,6 +116,7 @@ def test_failing_cell_then_resume(env, capsys):
     assert steps == set(range(5))  # steps 0-2 from the first training, 3-4 from the continuation
 
 
+@pytest.mark.slow  # a grid process, its cell process and two forked ranks
 def test_a_cell_on_two_ranks_finishes_and_reports(env, capsys):
     """A grid cell with train.devices=2 (DDP, two CPU ranks): one child run, every rank's steps, a table."""
     root, client = env["root"], env["client"]
@@ -132,6 +134,7 @@ def test_a_cell_on_two_ranks_finishes_and_reports(env, capsys):
     assert len(table) == 1 and table[0].rstrip(" |").endswith("FINISHED")
 
 
+@pytest.mark.slow  # two grids of two cells, each cell a process
 def test_two_cells_at_once_log_what_they_log_one_at_a_time(env, capsys):
     """`--jobs 2` on two CPU cores: each cell on a core of its own, both logging through the grid's MLflow
     server into the sqlite store at the same time; every metric but the timings equals a cell trained alone."""

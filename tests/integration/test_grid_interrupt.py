@@ -28,6 +28,10 @@ from lrexp.grid import runner
 from lrexp.grid.expand import expand
 from lrexp.lit.checkpoint import saved_step
 
+# real grid processes trained to 20 steps, twice a test; tests/unit/test_grid_runner.py covers the bookkeeping
+# of runs left RUNNING in the default tier
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
@@ -113,7 +117,6 @@ def resume(env, path) -> str:
     return out.getvalue()
 
 
-@pytest.mark.slow  # 20 s; tests/unit/test_grid_runner.py covers the bookkeeping of runs left RUNNING
 def test_sigkill_of_grid_and_cell_then_resume_equals_an_uninterrupted_grid(env, uninterrupted):
     path = write_grid(env, "killed")
     proc = launch_and_wait_for_a_checkpoint(env, path, "train.seed=0")

@@ -67,6 +67,7 @@ def assert_same_run(env, a, b):
 # ---- curriculum (docs/knobs.md#window-curriculum) ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # two runs; the stage switching itself is the stream test below
 def test_a_one_stage_curriculum_is_no_curriculum_bitwise(env):
     """The docs/knobs.md#window-curriculum identity: the staged stream and the stage switching with the base config as its only stage."""
     one = run(env, "curriculum.stages=[[0,8,8]]", "train.max_steps=3")
@@ -92,6 +93,7 @@ def test_the_stream_switches_lanes_and_segment_length_at_the_stage_start(env):
     assert int(again["stage"]) == 1 and not torch.equal(again["doc_id"], first["doc_id"])
 
 
+@pytest.mark.slow  # an uninterrupted run and three pieces of it
 def test_a_curriculum_run_stopped_mid_stage_resumes_exactly_across_the_boundary(env):
     """Stopped at step 2 (inside stage 0, a validation just run at the model's own window), resumed across the
     boundary to step 4 (inside stage 1: its state is kept), resumed to step 5: the run equals the
@@ -142,6 +144,7 @@ def test_lanes_of_a_stage_must_divide_over_the_lane_groups(env):
 # ---- carried state storage and compression (docs/knobs.md#state-storage-dtype, docs/knobs.md#rank-k-state-compression) --------------------------------------------------
 
 
+@pytest.mark.slow  # four runs, one resumed, with the SVD of every state
 def test_compressed_bf16_state_is_logged_checkpointed_and_resumed_exactly(env):
     knobs = ["model.state_dtype=bfloat16", "model.svd_state.rank=2", "model.svd_state.method=lowrank"]
     whole = run(env, *knobs, "train.max_steps=4")

@@ -48,6 +48,12 @@ def run(env, *overrides, resume=None):
     return train.run(cfg, resume=str(path))
 
 
+@pytest.fixture(scope="module")
+def one_group(env):
+    """The uninterrupted run both the groups and the ranks test compare against: 4 lanes in one micro-batch."""
+    return run(env, "train.lane_groups=1")
+
+
 def saved(result):
     ckpt = torch.load(result["checkpoint"], map_location="cpu", weights_only=True)
     return ckpt["state_dict"], ckpt["lrexp_carried_state"]["tensors"]
@@ -62,8 +68,8 @@ def assert_close(a: dict, b: dict, tol: float) -> None:
             assert torch.equal(a[key], b[key]), key
 
 
-def test_two_groups_of_b_lanes_step_as_2b_lanes_and_resume_exactly(env):
-    whole = run(env, "train.lane_groups=1")
+def test_two_groups_of_b_lanes_step_as_2b_lanes_and_resume_exactly(env, one_group):
+    whole = one_group
     groups = run(env, "train.lane_groups=2")
     assert load(overrides=[*env["base"], "train.lane_groups=2"]).derived.lanes_per_group == 2
     (w_params, w_state), (g_params, g_state) = saved(whole), saved(groups)
@@ -105,12 +111,12 @@ def test_lanes_must_divide_over_devices_and_groups(env):
         load(overrides=[*env["base"], "train.lane_groups=3"])
 
 
-def test_two_ranks_of_b_lanes_step_as_2b_lanes(env):
+def test_two_ranks_of_b_lanes_step_as_2b_lanes(env, one_group):
     """DDP on 2 CPU ranks (ddp_fork): the same parameters as one process reading all 4 lanes, each rank's
     carried state its own lanes' rows (DDP's buffer broadcast cannot clobber it), one MLflow run."""
     from mlflow.tracking import MlflowClient
 
-    whole = run(env)
+    whole = one_group
     ranks = run(env, "train.devices=2", "train.strategy=ddp_fork")
     (w_params, w_state), (r_params, r_state) = saved(whole), saved(ranks)
     assert_close(r_params, w_params, TOL)

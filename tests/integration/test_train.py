@@ -1,7 +1,9 @@
 """End-to-end training runs at smoke scale on a tiny byte-level corpus, logged to one shared sqlite store.
 
-Exact resume, validation isolation with the real model, accumulation, the MLflow contract for every paper
-row in experiments/rows, failures recorded on the run, and the bad-input errors.
+Exact resume, validation isolation with the real model, accumulation, the MLflow contract (on three rows:
+what a run logs does not depend on the row; each row's mechanics are the equivalence tests'), failures
+recorded on the run, and the bad-input errors. The uninterrupted runs that the resume tests compare against
+are trained once per session (`uninterrupted`).
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ def _row_named(prefix: str) -> str:
     raise LookupError(f"no {prefix} row in experiments/rows")
 
 
+# the rows the resume tests train too (their runs are shared), and the one with a kNN memory
+CONTRACT_ROWS = [_row_named("XL"), _row_named("Rec"), _row_named("Memorizing")]
+
+
 @pytest.fixture(scope="session")
 def env(tmp_path_factory):
     """One sqlite store (creating one runs migrations: seconds), one corpus, one data cache."""
@@ -71,6 +77,23 @@ def env(tmp_path_factory):
     }
 
 
+@pytest.fixture(scope="session")
+def uninterrupted(env):
+    """(row, *overrides) -> (config, result) of its run on the base config (4 steps, validations at 2 and 4),
+    tagged as a grid tags its cells, trained the first time a test asks for it."""
+    runs = {}
+
+    def trained(row, *overrides):
+        if (row, *overrides) not in runs:
+            tags = env["root"] / f"tags-{row}.yaml"  # as a grid passes them: dotted tag names, so a file
+            tags.write_text(json.dumps({"log": {"tags": {"lrexp.grid": "tests", "lrexp.cell": f"row={row}"}}}))
+            cfg = load_config([tags], [*env["base"], f"row={row}", *overrides])
+            runs[(row, *overrides)] = cfg, train.run(cfg)
+        return runs[(row, *overrides)]
+
+    return trained
+
+
 def load(env, *overrides):
     return load_config(overrides=[*env["base"], *overrides])
 
@@ -84,12 +107,9 @@ def weights(result: dict) -> dict:
     return torch.load(result["checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
 
 
-@pytest.mark.parametrize("row", ROWS)
-def test_every_row_runs_and_its_mlflow_run_holds_the_contract(env, row):
-    tags = env["root"] / f"tags-{row}.yaml"  # as a grid passes them: dotted tag names, so a file
-    tags.write_text(json.dumps({"log": {"tags": {"lrexp.grid": "tests", "lrexp.cell": f"row={row}"}}}))
-    cfg = load_config([tags], [*env["base"], f"row={row}"])
-    result = train.run(cfg)
+@pytest.mark.parametrize("row", CONTRACT_ROWS)
+def test_a_row_runs_and_its_mlflow_run_holds_the_contract(env, uninterrupted, row):
+    cfg, result = uninterrupted(row)
     run = env["client"].get_run(result["run_id"])
     assert run.info.status == "FINISHED"
     params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
@@ -149,10 +169,10 @@ def test_validations_are_logged_at_their_optimiser_step_and_the_last_loss_too(en
 
 
 @pytest.mark.parametrize("kind", ["XL", "Slide", "Rec"])
-def test_resume_is_exact(env, kind):
+def test_resume_is_exact(env, uninterrupted, kind):
     """2k steps == k steps, then resumed to 2k, metric for metric (CPU, deterministic, dropout on)."""
     row = _row_named(kind)
-    whole = train.run(load(env, f"row={row}"))
+    _, whole = uninterrupted(row)
     first = train.run(load(env, f"row={row}", "train.max_steps=2"))
     if kind == "XL":  # through the command line, by run id, with the step count raised by an override
         out = subprocess.run(
@@ -174,11 +194,12 @@ def test_resume_is_exact(env, kind):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_resume_is_exact_under_ddp(env):
+@pytest.mark.slow  # three runs of two forked ranks
+def test_resume_is_exact_under_ddp(env, uninterrupted):
     """Two CPU ranks (ddp_fork): the gathered per-rank carried state is restored rank by rank."""
-    ddp = [f"row={_row_named('XL')}", "train.devices=2", "train.strategy=ddp_fork"]
-    whole = train.run(load(env, *ddp))
-    first = train.run(load(env, *ddp, "train.max_steps=2"))
+    row, ddp = _row_named("XL"), ["train.devices=2", "train.strategy=ddp_fork"]
+    _, whole = uninterrupted(row, *ddp)
+    first = train.run(load(env, f"row={row}", *ddp, "train.max_steps=2"))
     cfg, _ = train.resume_config(first["checkpoint"], [], ["train.max_steps=4"])
     resumed = train.run(cfg, resume=first["checkpoint"])
     assert history(env, first["run_id"], "train/loss") == history(env, whole["run_id"], "train/loss")
@@ -258,15 +279,17 @@ class SignalAt(pl.Callback):
 
 # SIGTERM end to end, through a grid: test_grid_interrupt.py
 @pytest.mark.parametrize("signum", [pytest.param(signal.SIGTERM, marks=pytest.mark.slow), signal.SIGINT])
-def test_a_signal_saves_at_the_end_of_the_step_marks_the_run_killed_and_resume_is_exact(env, monkeypatch, signum):
-    overrides = [f"row={_row_named('Rec')}", "train.lane_groups=2", "train.checkpoint_every=100"]
-    whole = train.run(load(env, *overrides))
+def test_a_signal_saves_at_the_end_of_the_step_marks_the_run_killed_and_resume_is_exact(
+    env, uninterrupted, monkeypatch, signum
+):
+    row, overrides = _row_named("Rec"), ["train.lane_groups=2", "train.checkpoint_every=100"]
+    _, whole = uninterrupted(row, *overrides)
     build = train.build_trainer
     with monkeypatch.context() as m:
         m.setattr(train, "build_trainer",
                   lambda cfg, logger, last, cbs: build(cfg, logger, last, [*cbs, SignalAt(2, signum)]))
         with pytest.raises(Interrupted, match=f"stopped by {signal.Signals(signum).name} at step 2") as stopped:
-            train.run(load(env, *overrides, "log.run_name=stopped"))
+            train.run(load(env, f"row={row}", *overrides, "log.run_name=stopped"))
     assert stopped.value.exit_code == 128 + signum and "continue with: lrexp train --resume" in str(stopped.value)
     run = env["client"].search_runs(
         [env["client"].get_experiment_by_name("lrexp-tests").experiment_id],

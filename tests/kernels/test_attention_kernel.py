@@ -165,6 +165,7 @@ def test_backend_without_triton_raises_at_resolve_time(monkeypatch):
         backends._importable.cache_clear()
 
 
+@pytest.mark.slow  # triton compiles every kernel for a GPU target: over 10 s
 def test_the_kernels_compile_for_a_gpu_without_one():
     """The interpreter runs code a GPU compiler may reject: compile the three kernels in bf16 with every feature
     on for sm_90 (MLIR, LLVM and ptxas, no device needed)."""

@@ -22,6 +22,7 @@ def quick(tmp_path_factory):
     return (out / "bench.md").read_text(), json.loads((out / "bench.json").read_text())
 
 
+@pytest.mark.slow  # the quick bench trains and times two rows, compiles, prepares data: about 10 s
 def test_quick_bench_writes_every_section(quick):
     md, data = quick
     for n, title in enumerate(["Step time of every row", "Scaling with the segment length", "Model FLOP utilisation",

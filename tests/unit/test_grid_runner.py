@@ -336,6 +336,7 @@ class AtOnce(FakeTrain):
         return super().__call__(path, resume, stop, env)
 
 
+@pytest.mark.slow  # two cells trained at once through a started MLflow server: over 10 s
 def test_jobs_train_cells_at_once_on_their_own_cpus_through_one_server(tmp_path, uri):
     g = make_grid(tmp_path, uri, "g10")
     fake = AtOnce(uri, {})
