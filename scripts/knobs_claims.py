@@ -40,8 +40,6 @@ from lrexp.report.collect import find_parent
 from lrexp.tracking.names import TAG_CHECKPOINT_DIR
 
 ROWS = (("xl512", "xl", "XL:W"), ("rec_fixed_skip", "rec", "Rec:fixed:skip"))  # preset, model.variant, name
-KNOB_KEYS = {"row": "lrexp.row", "dtype": "model.state_dtype", "rank": "model.svd_state.rank",
-             "stages": "curriculum.stages"}
 
 
 # ---- one stream, in its own process (its peak memory is its own) ---------------------------------------

@@ -202,18 +202,6 @@ def load(files: Sequence[str | Path | Layer] = (), overrides: Sequence[str] = ()
     return resolve(run)
 
 
-def from_dict(data: Dict[str, Any]) -> RunConfig:
-    """A RunConfig from a resolved dict (a grid cell's config.yaml, a checkpoint's hparams)."""
-    given = {k: v for k, v in data.items() if k != "derived"}
-    for key in flatten(given):
-        check_key(key, "config")
-    node = _merge(OmegaConf.structured(RunConfig), OmegaConf.create(given), "config")
-    try:
-        return resolve(OmegaConf.to_object(node))  # type: ignore[arg-type]
-    except OmegaConfBaseException as exc:
-        raise ConfigError(_omegaconf_message(exc)) from None
-
-
 def to_dict(cfg: RunConfig) -> Dict[str, Any]:
     """Plain, fully resolved dict (for YAML, MLflow params and checkpoints)."""
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)  # type: ignore
