@@ -107,7 +107,7 @@ def test_failing_cell_then_resume(env, capsys):
     code = grid_cmd.run(_args(env["grid"], "train.max_steps=5", resume=True, **common))
     out = capsys.readouterr()
     assert code == 0, out.out + out.err
-    assert out.out.count("training on from step 3 in run") == 2
+    assert out.out.count("training on from step 3 in run") == 2, out.out
     finished = {r.info.run_name: r for r in client.search_runs(
         [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{pid}' and attributes.status = 'FINISHED'")}
     assert finished["file_suffix=.txt"].info.run_id == ok.info.run_id

@@ -124,6 +124,18 @@ def test_cell_file_reloads_to_the_same_config(tmp_path):
     assert cell.config.log.tags == {}  # the expanded cell is not changed by adding the tags
 
 
+def test_cell_file_keeps_tags_that_read_as_numbers(tmp_path):
+    """A hash is hex: '9e94038183485901' is a float to OmegaConf's YAML loader (inf) and '0123' an int; the cell
+    file keeps them strings, else --resume finds no run of the cell to skip or continue."""
+    g = expand(write(tmp_path, "g", {"base": BASE, "axes": {"model.window": [4]}}))
+    cell = g.cells[0]
+    cfg = cell_config(cell, g, parent_id="p123")
+    tags = {"lrexp.continue_hash": "9e94038183485901", "lrexp.config_hash": "0123456789012345", "x": "yes"}
+    cfg.log.tags.update(tags)
+    loaded = load([write_cell(cfg, tmp_path / "runs" / cell.dirname, g, cell)])
+    assert {k: loaded.log.tags[k] for k in tags} == tags
+
+
 def test_hash_ignores_only_per_invocation_fields(tmp_path):
     cfg = load(overrides=["scale=smoke"])
     h = config_hash(cfg)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-import yaml
+from omegaconf import OmegaConf
 
 from lrexp.config.errors import ConfigError
 from lrexp.config.load import compose, flatten, load, to_dict
@@ -261,5 +261,8 @@ def write_cell(cfg: RunConfig, cell_dir: Path, grid: Grid, cell: Cell) -> Path:
     cell_dir.mkdir(parents=True, exist_ok=True)
     path = cell_dir / "config.yaml"
     header = f"# lrexp grid {grid.name}, cell {cell.id} ({cell.index + 1}/{len(grid.cells)}); written by lrexp grid\n"
-    path.write_text(header + yaml.safe_dump(data, sort_keys=False))
+    # written by OmegaConf, which reads it back: it quotes a string its loader would take for another type
+    # (PyYAML does not: a hash tag such as 9e94038183485901 came back as the float inf, and --resume then
+    # found no run to skip or continue)
+    path.write_text(header + OmegaConf.to_yaml(OmegaConf.create(data)))
     return path
