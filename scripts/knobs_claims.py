@@ -295,7 +295,7 @@ def main() -> None:
     if missing:
         raise SystemExit(f"grid {args.grid}: cells not finished yet (variant, dtype, rank, curriculum): {missing}")
     (out / "claims.json").write_text(json.dumps({"streams": streams, "convergence": conv, "rank": rank}, indent=1))
-    lines = [f"# Issue 16's claims at the {args.grid} grid's scale", "",
+    lines = [f"# The optional knobs' claims at the {args.grid} grid's scale", "",
              f"From `python scripts/knobs_claims.py` on the latest `lrexp grid {args.grid}` (parent run "
              f"`{find_parent(client, args.grid).info.run_id}`); streams of {args.tokens:,} validation tokens, "
              f"batch 1, 1 CPU thread each.", "", *claims(streams, runs, conv, rank, args.drift_tokens), "",
