@@ -4,6 +4,7 @@ lines, and --resume."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
@@ -25,6 +26,7 @@ from lrexp.grid.plan import plan, previous_invocation
 from lrexp.grid.spec import GridError
 
 from lrexp.report import collect as report
+from lrexp.tracking import server
 from lrexp.errors import Interrupted
 
 
@@ -262,14 +264,21 @@ def test_experiments_are_tagged_as_model_training_and_make_ui_names_the_latest_g
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the runs table
 
     served = []
+
+    @contextlib.contextmanager
+    def serve(uri, root, host, port, workers):
+        served.append((host, port, workers))
+        yield f"http://{host}:{port}"
+
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setattr(os, "execv", lambda path, argv: served.append(argv))
+    monkeypatch.setattr(server, "serve", serve)
+    monkeypatch.setattr(server, "serve_until_stopped", lambda url: served.append(url))
     main(["ui", "--port", "5123"])
     line = capsys.readouterr().out
     assert (f"the latest grid (g8): http://127.0.0.1:5123/#/experiments/{exp.experiment_id}/runs"
             "?workflowType=machine_learning&searchFilter="
             f"tags.%60mlflow.parentRunId%60%20%3D%20%27{outcome.parent_id}%27") in line
-    assert served[0][1:3] == ["ui", "--backend-store-uri"] and served[0][-2:] == ["--port", "5123"]
+    assert served == [("127.0.0.1", 5123, 1), "http://127.0.0.1:5123"]  # the link printed once it answers
 
 
 def test_cells_fanned_out_to_a_scheduler_join_one_parent_which_ends_with_the_last(tmp_path, uri, capsys, monkeypatch):
