@@ -18,20 +18,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mlflow.tracking import MlflowClient  # paid for by `lrexp ui` only, not by every command's parser
-
     # the config loader imports torch (the registries): not while the parser is built
     from lrexp.config.load import load
     from lrexp.tracking.server import serve, serve_until_stopped
-    from lrexp.tracking.store import artifact_location, tracking_uri
+    from lrexp.tracking.store import artifact_location, client, tracking_uri
 
     uri = tracking_uri(load())
     local = artifact_location(uri) is not None  # a sqlite store; anything else is a server
     if not local:
-        _say(uri, MlflowClient(uri))
+        _say(uri, client(uri))
         return 0
     with serve(uri, artifact_location(uri), host=args.host, port=args.port, workers=args.workers) as base:
-        _say(base, MlflowClient(uri))  # now that the server answers: the first load of the link works
+        _say(base, client(uri))  # now that the server answers: the first load of the link works
         try:
             serve_until_stopped(base)
         except KeyboardInterrupt:

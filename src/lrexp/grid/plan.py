@@ -14,14 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from mlflow.tracking import MlflowClient
 
 from lrexp.grid.expand import Cell, Grid
 from lrexp.tracking.names import (
     TAG_CHECKPOINT_DIR, TAG_CONTINUE, TAG_HASH, TAG_OVERRIDES, TAG_PARENT, TAG_RESUME, latest_parent, parents,
     process_alive,
 )
-from lrexp.tracking.store import tracking_uri
+from lrexp.tracking.store import client as store_client, tracking_uri
 
 
 @dataclass
@@ -108,7 +107,7 @@ def find_attempts(client, experiment_id: str, parent_id: str) -> List[Attempt]:
 
 def previous_invocation(grid: Grid) -> Tuple[Optional[Any], List[Attempt]]:
     """The parent run `--resume` would continue and its cell runs; reads the store, writes nothing."""
-    client = MlflowClient(tracking_uri_of(grid))
+    client = store_client(tracking_uri_of(grid))
     exp = client.get_experiment_by_name(f"lrexp-{grid.name}")
     parent = latest_parent(parents(client, exp.experiment_id, grid.name)) if exp is not None else None
     return parent, (find_attempts(client, exp.experiment_id, parent.info.run_id) if parent is not None else [])

@@ -9,7 +9,6 @@ import json
 import time
 from typing import Dict, List, Optional, Tuple
 
-from mlflow.tracking import MlflowClient
 
 from lrexp.grid.expand import Cell, Grid, cell_config
 from lrexp.grid.launch import CellResult
@@ -20,7 +19,7 @@ from lrexp.tracking.names import (
     TAG_CELLS, TAG_FAILED_CELLS, TAG_GIT_SHA, TAG_GRID, TAG_HASH, TAG_INVOKED, TAG_OVERRIDES, TAG_PARENT, TAG_PID,
     TAG_REFERENCE, TAG_ROLE, TAG_SCALE, latest_parent, parents, process_alive, process_tags,
 )
-from lrexp.tracking.store import experiment_id
+from lrexp.tracking.store import client as store_client, experiment_id
 
 
 class Tracker:
@@ -29,7 +28,7 @@ class Tracker:
     def __init__(self, uri: str, grid: Grid) -> None:
         self.uri = uri
         self.grid = grid
-        self.client = MlflowClient(uri)
+        self.client = store_client(uri)  # the first to open a new store creates it, under a lock
         self.experiment_id = experiment_id(self.client, f"lrexp-{grid.name}", uri)
         self.git_sha = runs.git_sha()
 

@@ -4,14 +4,19 @@ and the experiments in it. No Lightning and no MLflow import: a grid learns its 
 - The tracking URI is always explicit: `log.tracking_uri`, else `$MLFLOW_TRACKING_URI` read now (the
   logger's own default is read at import time), else `sqlite:///<project root>/mlflow.db`. Artifacts of a
   sqlite store go to `mlartifacts/` next to the database (the project root by default).
+- A sqlite store is opened under a lock on its folder (`client`): MLflow creates a new store's tables when a
+  client first opens it, and two processes doing that at once (two grids started together) collide with
+  "table experiments already exists".
 - Every experiment lrexp creates is tagged `mlflow.experimentKind=custom_model_development` (docs/grids.md#the-mlflow-contract).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from lrexp.config.paths import PROJECT_ROOT
 from lrexp.config.schema import RunConfig
@@ -34,6 +39,32 @@ def artifact_location(uri: str) -> Optional[str]:
     if uri.startswith(_SQLITE):
         return str(Path(uri[len(_SQLITE):]).resolve().parent / "mlartifacts")
     return None
+
+
+def client(uri: str):
+    """An `MlflowClient` over `uri`; a sqlite store is opened (and, the first time, created) under a lock."""
+    from mlflow.tracking import MlflowClient  # this module stays free of MLflow for those that only need paths
+
+    if not uri.startswith(_SQLITE):
+        return MlflowClient(uri)
+    with _locked(Path(uri[len(_SQLITE):]).parent):
+        return MlflowClient(uri)
+
+
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """An exclusive flock on `folder` while the block runs: no file of its own is left beside the store.
+    Without the folder there is nothing to lock; opening the store then fails and says why."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def experiment_id(client, name: str, uri: str) -> str:
