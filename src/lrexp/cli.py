@@ -12,7 +12,7 @@ import os
 import sys
 from typing import List, Optional
 
-from lrexp.errors import Interrupted, UserError
+from lrexp.errors import Interrupted, UserError, storage_failure
 from lrexp.runtime.cpus import CPUS_ENV
 
 # name -> (module, one-line help)
@@ -55,6 +55,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"lrexp {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        storage = storage_failure(exc)  # a full disk or a read-only folder met anywhere: one line too
+        if storage is None:
+            raise
+        print(f"lrexp {args.command}: error: {storage}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -70,8 +70,8 @@ def _dry_run(g, steps=None) -> None:
     header = ("#", "cell", "row", "N", "W", "lanes", "steps", "config hash", *(["on resume"] if steps else []))
     actions = {
         "skip": lambda s: f"skip (FINISHED in run {s.run_id})",
-        "continue": lambda s: f"train on from step {s.from_step} (run {s.run_id})",
-        "train": lambda s: "train",
+        "continue": lambda s: f"train on from step {s.from_step} (run {s.run_id})" + (f"; {s.note}" if s.note else ""),
+        "train": lambda s: "train" + (f" ({s.note})" if s.note else ""),
     }
     lines = [
         (str(c.index + 1), c.id, row_name(c.config), str(c.config.derived.segment_len), str(c.config.model.window),

@@ -26,10 +26,10 @@ def run(args: argparse.Namespace) -> int:
     uri = tracking_uri(load())
     local = artifact_location(uri) is not None  # a sqlite store; anything else is a server
     if not local:
-        _say(uri, client(uri))
+        _say(uri, client(uri, write=False))
         return 0
     with serve(uri, artifact_location(uri), host=args.host, port=args.port, workers=args.workers) as base:
-        _say(base, client(uri))  # now that the server answers: the first load of the link works
+        _say(base, client(uri, write=False))  # now that the server answers: the first load of the link works
         try:
             serve_until_stopped(base)
         except KeyboardInterrupt:

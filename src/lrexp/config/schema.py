@@ -199,6 +199,8 @@ class TrainConfig:
     checkpoint_dir: str = "checkpoints"  # <checkpoint_dir>/<MLflow run id>/last.ckpt; relative: project root
     checkpoint_every: Optional[int] = None  # optimiser steps between saves of last.ckpt; null: train.val_every
     checkpoint_minutes: Optional[float] = None  # also save when this many minutes passed since the last save
+    # checkpoints kept per run: last.ckpt and the saves before it (last-1.ckpt, ...), a fallback for a resume
+    keep_checkpoints: int = 2
 
 
 @dataclass

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
-
 from lrexp.config.errors import ConfigError
 from lrexp.config.load import load as load_config
 from lrexp.cache.decode import check_model
@@ -45,6 +43,6 @@ def load(checkpoint: str, overrides: Sequence[str] = ()):
     model = build_model(cfg, info.vocab_size)
     if any(n != "full" for n in cfg.policy.names) or cfg.policy.context:
         check_model(model)  # before any weights or data are read: Rec, Feedback, Memorizing rows stop here
-    weights = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    weights = ckpt_mod.load(path, mmap=False)["state_dict"]
     model.load_state_dict({k[len("model."):]: v for k, v in weights.items() if k.startswith("model.")})
     return cfg, model.float().eval(), info

@@ -3,8 +3,8 @@ invocation's parent already has in MLflow.
 
 A cell that FINISHED there with the same config hash (`lrexp.config_hash`) is skipped; one with a run of the
 same config up to `train.max_steps` (tag `lrexp.continue_hash`), that FINISHED with fewer steps or was stopped
-(FAILED, KILLED, left RUNNING by a dead process) after a checkpoint, continues from that checkpoint in the
-same MLflow run; any other trains.
+(FAILED, KILLED, left RUNNING by a dead process) after a checkpoint, continues from its newest readable
+checkpoint in the same MLflow run (the plan says which one, and why a newer one was skipped); any other trains.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ class Attempt:
     continue_hash: Optional[str]
     steps: Optional[int]  # FINISHED: the steps it trained; else the step of its last.ckpt, None without one
     alive: bool = False  # RUNNING in a process that still runs
+    note: Optional[str] = None  # which checkpoint it continues from, when a newer one does not read
 
 
 @dataclass
@@ -44,6 +45,7 @@ class Step:
     action: str
     run_id: Optional[str] = None
     from_step: int = 0
+    note: Optional[str] = None  # which checkpoint it continues from, or why a stopped run has none
 
 
 def plan_cell(cell: Cell, attempts: Sequence[Attempt]) -> Step:
@@ -59,27 +61,26 @@ def plan_cell(cell: Cell, attempts: Sequence[Attempt]) -> Step:
         return Step(cell, "skip", same.run_id)
     if onward:
         best = max(onward, key=lambda a: a.steps)
-        return Step(cell, "continue", best.run_id, best.steps)
-    return Step(cell, "train")
+        return Step(cell, "continue", best.run_id, best.steps, best.note)
+    lost = next((a for a in attempts if a.continue_hash == cell.continue_hash and a.steps is None and a.note), None)
+    return Step(cell, "train", note=f"run {lost.run_id}: {lost.note}" if lost else None)
 
 
 def plan(grid: Grid, attempts: Sequence[Attempt]) -> List[Step]:
     return [plan_cell(cell, attempts) for cell in grid.cells]
 
 
-def _checkpoint_step(tags: Dict[str, str]) -> Optional[int]:
-    """The step of a run's last.ckpt; None without a readable one (the cell then starts over)."""
+def _checkpoint_step(tags: Dict[str, str]) -> Tuple[Optional[int], Optional[str]]:
+    """(the step of a run's newest readable checkpoint, the line naming a newer one skipped); (None, why)
+    without one: the cell then starts over."""
     if TAG_CHECKPOINT_DIR not in tags:
-        return None
-    from lrexp.lit.checkpoint import LAST, saved_step  # torch: only for runs that train(ed)
+        return None, None
+    from lrexp.lit.checkpoint import newest  # torch: only for runs that train(ed)
 
-    path = Path(tags[TAG_CHECKPOINT_DIR]) / LAST
-    if not path.is_file():
-        return None
-    try:
-        return saved_step(path)
-    except Exception:  # torch and zip errors alike: a file cut short by a kill is no checkpoint
-        return None
+    found = newest(Path(tags[TAG_CHECKPOINT_DIR]))
+    if found.path is None:
+        return None, f"no readable checkpoint: {'; '.join(found.skipped)}" if found.skipped else None
+    return found.step, found.note() if found.skipped else None
 
 
 def find_attempts(client, experiment_id: str, parent_id: str) -> List[Attempt]:
@@ -95,19 +96,20 @@ def find_attempts(client, experiment_id: str, parent_id: str) -> List[Attempt]:
         tags, status = r.data.tags, r.info.status
         if TAG_HASH not in tags:
             continue
+        note = None
         if status == "FINISHED":  # params are immutable: a run trained on records its new steps as a tag
             steps: Optional[int] = int(tags.get(f"{TAG_RESUME}train.max_steps",
                                                 r.data.params.get("train.max_steps", 0)))
         else:
-            steps = _checkpoint_step(tags)
+            steps, note = _checkpoint_step(tags)
         found.append(Attempt(r.info.run_id, status, tags[TAG_HASH], tags.get(TAG_CONTINUE), steps,
-                             alive=status == "RUNNING" and process_alive(tags)))
+                             alive=status == "RUNNING" and process_alive(tags), note=note))
     return found
 
 
 def previous_invocation(grid: Grid) -> Tuple[Optional[Any], List[Attempt]]:
     """The parent run `--resume` would continue and its cell runs; reads the store, writes nothing."""
-    client = store_client(tracking_uri_of(grid))
+    client = store_client(tracking_uri_of(grid), write=False)
     exp = client.get_experiment_by_name(f"lrexp-{grid.name}")
     parent = latest_parent(parents(client, exp.experiment_id, grid.name)) if exp is not None else None
     return parent, (find_attempts(client, exp.experiment_id, parent.info.run_id) if parent is not None else [])

@@ -59,6 +59,8 @@ def open_run(cfg: RunConfig, resume_run_id: Optional[str] = None) -> MLFlowLogge
         run_id = resume_run_id or runs.open_run(MlflowClient(uri), exp, None, resolve_tags(new))
         logger = MLFlowLogger(**logger_args, run_id=run_id)
         client = logger.experiment  # reads the run now: an unknown resume id fails here
+    except TrackingError:  # a read-only store, said already
+        raise
     except Exception as exc:  # sqlalchemy, mlflow and OS errors alike
         raise TrackingError(f"cannot open {what} the MLflow tracking store {uri}: {runs.one_line(exc)}") from None
     try:

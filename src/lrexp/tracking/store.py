@@ -41,14 +41,26 @@ def artifact_location(uri: str) -> Optional[str]:
     return None
 
 
-def client(uri: str):
-    """An `MlflowClient` over `uri`; a sqlite store is opened (and, the first time, created) under a lock."""
+def client(uri: str, write: bool = True):
+    """An `MlflowClient` over `uri`; a sqlite store is opened (and, the first time, created) under a lock,
+    and one that is read-only where `write` is asked is refused in one line."""
     from mlflow.tracking import MlflowClient  # this module stays free of MLflow for those that only need paths
 
     if not uri.startswith(_SQLITE):
         return MlflowClient(uri)
-    with _locked(Path(uri[len(_SQLITE):]).parent):
+    db = Path(uri[len(_SQLITE):])
+    if write:
+        _check_writable(db)
+    with _locked(db.parent):
         return MlflowClient(uri)
+
+
+def _check_writable(db: Path) -> None:
+    """SQLite writes the database and a journal beside it: both the file and its folder must be writable."""
+    for path in (db, db.parent):
+        if path.exists() and not os.access(path, os.W_OK):
+            raise TrackingError(f"the MLflow store {db} is read-only ({path} cannot be written): make it writable, "
+                                f"or set log.tracking_uri or $MLFLOW_TRACKING_URI to a store that is")
 
 
 @contextlib.contextmanager

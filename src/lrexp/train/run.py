@@ -10,6 +10,7 @@ every document but its first, the same for every row of a grid, docs/models.md#e
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -78,6 +79,7 @@ def build_trainer(
         log_every_n_steps=cfg.log.every_n_steps,
         logger=logger if logger is not None else False,
         callbacks=[StepSeedCallback(t.seed), *callbacks, perf, *progress, last],
+        plugins=[last.io],
         use_distributed_sampler=False,  # the data module deals whole lanes to ranks itself
         deterministic="warn" if t.deterministic else False,  # warn, not fail, on ops without one (GPU)
         enable_progress_bar=cfg.log.progress_bar,
@@ -112,7 +114,7 @@ def run(cfg: RunConfig, resume: Optional[str] = None, callbacks: Sequence[pl.Cal
     check_run(cfg)  # before the MLflow run: a config that cannot start is one line, not a FAILED run
     threads = cpu_threads(cfg)
     torch.set_num_threads(threads)  # before the model exists: the CLI, unlike the tests, sets no OMP_NUM_THREADS
-    info = ckpt_mod.read(ckpt_mod.locate(resume, cfg.train.checkpoint_dir)) if resume else None
+    info = ckpt_mod.read(ckpt_mod.locate(resume, cfg.train.checkpoint_dir, say=_say)) if resume else None
     if info is not None:
         ckpt_mod.check_compatible(cfg, info)
     logger = run_logger.open_run(cfg, resume_run_id=info.run_id if info else None)
@@ -145,7 +147,8 @@ def run(cfg: RunConfig, resume: Optional[str] = None, callbacks: Sequence[pl.Cal
             module = LMModule(cfg, model, tbptt, prepared.vocab_size)
             datamodule = StreamDataModule(cfg)
             t = cfg.train
-            last = LastCheckpoint(checkpoint_dir, t.checkpoint_every or t.val_every, t.checkpoint_minutes, signals)
+            last = LastCheckpoint(checkpoint_dir, t.checkpoint_every or t.val_every, t.checkpoint_minutes, signals,
+                                  t.keep_checkpoints)
             trainer = build_trainer(cfg, logger, last, [tbptt, *callbacks])
             trainer.fit(module, datamodule=datamodule, ckpt_path=info.path if info else None, weights_only=True)
             if signals.received is not None:  # during the last step: its checkpoint is saved
@@ -156,7 +159,7 @@ def run(cfg: RunConfig, resume: Optional[str] = None, callbacks: Sequence[pl.Cal
             checkpoint_dir = Path(trainer.checkpoint_callback.dirpath)
             # Under ddp_fork / ddp_spawn the main process's trainer never sees the workers' step (it stays 0,
             # docs/design.md#tests; max_steps > 0 otherwise): the final checkpoint holds it.
-            steps = trainer.global_step or ckpt_mod.saved_step(checkpoint_dir / ckpt_mod.LAST)
+            steps = trainer.global_step or ckpt_mod.newest(checkpoint_dir).step
             summary = _summary(metrics)
             summary["final/params"] = float(n_params)
             # the floats a lane carries between steps, in model.state_dtype (docs/knobs.md#state-storage-dtype); meta: nothing allocated
@@ -171,7 +174,7 @@ def run(cfg: RunConfig, resume: Optional[str] = None, callbacks: Sequence[pl.Cal
             final = {**{k: float(v) for k, v in passes.items() if k.startswith("final/")}, **summary}
             run_logger.finish(logger, summary, steps)
         except Interrupted as exc:
-            hint = (f"continue with: lrexp train --resume {run_id}" if (checkpoint_dir / ckpt_mod.LAST).is_file()
+            hint = (f"continue with: lrexp train --resume {run_id}" if ckpt_mod.saved(checkpoint_dir)
                     else "no checkpoint yet: train it again")
             stopped = Interrupted(exc.signum, f"{exc}; {hint}")
             run_logger.fail(logger, stopped)
@@ -180,6 +183,10 @@ def run(cfg: RunConfig, resume: Optional[str] = None, callbacks: Sequence[pl.Cal
             run_logger.fail(logger, exc)
             raise
     return {"run_id": run_id, "checkpoint": str(checkpoint_dir / ckpt_mod.LAST), **final}
+
+
+def _say(line: str) -> None:
+    print(f"lrexp train: {line}", file=sys.stderr, flush=True)
 
 
 def resume_config(resume: str, files: Sequence[str], overrides: Sequence[str]) -> Tuple[RunConfig, Path]:
