@@ -28,12 +28,12 @@ def run(args: argparse.Namespace) -> int:
     if not local:
         _say(uri, client(uri, write=False))
         return 0
-    with serve(uri, artifact_location(uri), host=args.host, port=args.port, workers=args.workers) as base:
-        _say(base, client(uri, write=False))  # now that the server answers: the first load of the link works
-        try:
+    try:  # Ctrl-C is how the UI is stopped: the server with it, in about a second (tracking/server.py)
+        with serve(uri, artifact_location(uri), host=args.host, port=args.port, workers=args.workers) as base:
+            _say(base, client(uri, write=False))  # now that the server answers: the first load of the link works
             serve_until_stopped(base)
-        except KeyboardInterrupt:
-            pass
+    except KeyboardInterrupt:
+        pass
     print("MLflow UI stopped", flush=True)
     return 0
 
