@@ -1,8 +1,10 @@
 """`lrexp ui [--host H] [--port P]`
 
-The MLflow UI over the project's store (`make ui`), after a line with the address of the latest grid
-invocation's runs. With a tracking server (`MLFLOW_TRACKING_URI=http://...`) the server is the UI: only the
-address is printed.
+The MLflow UI over the project's store (`make ui`), after a line with the link to the latest grid
+invocation's comparison (tracking/view.py): its cells, their final metrics as columns and their validation
+curves as the first charts, in Model-training mode. The server runs MLflow's app with lrexp's page that keeps
+the UI in that mode (tracking/ui_app.py). With a tracking server (`MLFLOW_TRACKING_URI=http://...`) the
+server is the UI: only the link is printed.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+
+APP_NAME = "lrexp"  # the `mlflow.app` entry point (pyproject.toml): MLflow's app and tracking/ui_app.py's page
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,20 +26,29 @@ def run(args: argparse.Namespace) -> int:
 
     # the config loader imports torch (the registries): not while the parser is built
     from lrexp.config.load import load
-    from lrexp.tracking.names import TAG_GRID, latest_invocation, runs_url
     from lrexp.tracking.store import artifact_location, tracking_uri
+    from lrexp.tracking.view import ui_base
 
     uri = tracking_uri(load())
-    local = artifact_location(uri) is not None  # a sqlite store; anything else is a server
-    base = f"http://{args.host}:{args.port}" if local else uri
-    parent = latest_invocation(MlflowClient(uri))
-    if parent is None:
-        print(f"MLflow UI: {base} (no grid has run yet)", flush=True)
-    else:
-        grid = parent.data.tags.get(TAG_GRID, "?")
-        print(f"MLflow UI: {base}; the latest grid ({grid}): {runs_url(base, parent)}", flush=True)
+    base, local = ui_base(uri, args.host, args.port)
+    say(MlflowClient(uri), base, local)
     if not local:
         return 0
     mlflow = os.path.join(os.path.dirname(sys.executable), "mlflow")
     os.execv(mlflow, [mlflow, "ui", "--backend-store-uri", uri, "--default-artifact-root",
-                      artifact_location(uri), "--host", args.host, "--port", str(args.port)])
+                      artifact_location(uri), "--host", args.host, "--port", str(args.port), "--app-name", APP_NAME])
+
+
+def say(client, base: str, lrexp_ui: bool = True) -> None:
+    """The line with the latest grid invocation's comparison, its view published now."""
+    from lrexp.report.collect import collect  # mlflow and the report's readers: see run()
+    from lrexp.tracking.names import TAG_GRID, latest_invocation
+    from lrexp.tracking.view import publish
+
+    parent = latest_invocation(client)
+    if parent is None:
+        print(f"MLflow UI: {base} (no grid has run yet)", flush=True)
+        return
+    grid = parent.data.tags.get(TAG_GRID, "?")
+    url = publish(client, parent, collect(client, parent), base, lrexp_ui)
+    print(f"MLflow UI: {base}; the latest grid ({grid}), its comparison: {url}", flush=True)
