@@ -272,7 +272,7 @@ def test_experiments_are_tagged_as_model_training_and_make_ui_names_the_latest_g
     opens = link("http://127.0.0.1:5123", exp.experiment_id, outcome.parent_id)
     assert f"the latest grid (g8), its comparison: {opens}" in line
     assert f"mlflow.sharedViewState.lrexp-{outcome.parent_id}" in client.get_experiment(exp.experiment_id).tags
-    assert served[0][1:3] == ["ui", "--backend-store-uri"]
+    assert served[0][1:5] == ["-m", "mlflow", "ui", "--backend-store-uri"]
     assert served[0][-4:] == ["--port", "5123", "--app-name", "lrexp"]
 
 

@@ -26,7 +26,8 @@ def test_cells_name_the_axes_that_vary_and_that_the_row_does_not_say():
                                                "Rec:fixed:dual seed=0", "Rec:fixed:dual seed=1"]
     # window: Slide:13L's name does not say the window; the preset axis is never named, one seed is not
     rows = ["Slide:13L", "Slide:13L", "Rec:fixed:skip", "Rec:fixed:skip"]
-    values = [{"row": r, "model.window": w, "train.seed": "0"} for r in ("slide13", "rec_fixed_skip") for w in ("4", "8")]
+    values = [{"row": r, "model.window": w, "train.seed": "0"}
+              for r in ("slide13", "rec_fixed_skip") for w in ("4", "8")]
     assert cell_names(rows, values, SHORT, skip=["row"]) == [
         "Slide:13L window=4", "Slide:13L window=8", "Rec:fixed:skip window=4", "Rec:fixed:skip window=8"]
     # two presets of one paper name: the preset is named after all

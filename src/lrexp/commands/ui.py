@@ -34,9 +34,10 @@ def run(args: argparse.Namespace) -> int:
     say(MlflowClient(uri), base, local)
     if not local:
         return 0
-    mlflow = os.path.join(os.path.dirname(sys.executable), "mlflow")
-    os.execv(mlflow, [mlflow, "ui", "--backend-store-uri", uri, "--default-artifact-root",
-                      artifact_location(uri), "--host", args.host, "--port", str(args.port), "--app-name", APP_NAME])
+    # this interpreter's MLflow: the one that sees lrexp's `mlflow.app` entry point
+    os.execv(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+                              "--default-artifact-root", artifact_location(uri), "--host", args.host,
+                              "--port", str(args.port), "--app-name", APP_NAME])
 
 
 def say(client, base: str, lrexp_ui: bool = True) -> None:
