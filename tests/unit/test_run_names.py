@@ -15,7 +15,7 @@ def test_parent_and_standalone_names_say_what_and_when():
         "table · 2026-12-04 17:20 · scale=smoke train.max_steps=40"
     assert parent_name("gates", [], WHEN) == "gates · 2026-12-04 17:20"
     assert len(parent_name("gates", ["x=" + "9" * 300], WHEN)) == MAX_CHARS  # the full list is a tag
-    assert standalone_name("Slide:13L", WHEN) == "Slide:13L · 2026-12-04 17:20"
+    assert standalone_name("Slide:13L", WHEN + 31) == "Slide:13L · 2026-12-04 17:20:31"
 
 
 def test_cells_name_the_axes_that_vary_and_that_the_row_does_not_say():

@@ -17,8 +17,9 @@ SEP = " · "
 MAX_CHARS = 120  # the run list shows about 40; MLflow keeps 250, the full overrides are a tag
 
 
-def _when(epoch_s: Optional[float]) -> str:
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(time.time() if epoch_s is None else epoch_s))
+def _when(epoch_s: Optional[float], seconds: bool = False) -> str:
+    stamp = "%Y-%m-%d %H:%M:%S" if seconds else "%Y-%m-%d %H:%M"
+    return time.strftime(stamp, time.localtime(time.time() if epoch_s is None else epoch_s))
 
 
 def _cut(text: str) -> str:
@@ -32,8 +33,9 @@ def parent_name(grid: str, overrides: Sequence[str], epoch_s: Optional[float] = 
 
 
 def standalone_name(row: str, epoch_s: Optional[float] = None) -> str:
-    """`Slide:13L · 2026-12-04 17:20`."""
-    return SEP.join([row, _when(epoch_s)])
+    """`Slide:13L · 2026-12-04 17:20:31`: to the second, as `lrexp report --experiment` makes one line per run
+    name (runs given one name with `log.run_name` are seeds of one line)."""
+    return SEP.join([row, _when(epoch_s, seconds=True)])
 
 
 def cell_names(rows: Sequence[str], values: Sequence[Mapping[str, str]], short: Mapping[str, str],
