@@ -1,4 +1,4 @@
-"""The names runs carry in the MLflow UI's run list (docs/grids.md#the-mlflow-contract): short and telling
+"""The names runs carry in the MLflow UI's run list (docs/ui.md#run-names): short and telling
 apart the runs shown together. Ids stay in tags (`lrexp.cell`, `lrexp.group`, `lrexp.overrides`); a name is
 for reading only and nothing looks a run up by it.
 

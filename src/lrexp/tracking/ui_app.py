@@ -1,6 +1,6 @@
 """The MLflow server app `lrexp ui` runs (`mlflow server --app-name lrexp`, the `mlflow.app` entry point):
 MLflow's own, plus one page, `/lrexp/open?to=<a page of the UI>`, that opens a UI page in Model-training
-mode for good (docs/grids.md#the-mlflow-ui).
+mode for good (docs/ui.md#how-the-link-does-it).
 
 The 3.17 UI is GenAI or Model training by its `workflowType`: the address's parameter, else the browser's
 last choice (`localStorage["mlflow.workflowType_v1"]`, GenAI at first). The UI's own links drop the

@@ -1,4 +1,4 @@
-"""The MLflow UI's view of one grid invocation (docs/grids.md#the-mlflow-ui): the link `lrexp ui` and a
+"""The MLflow UI's view of one grid invocation (docs/ui.md#how-the-link-does-it): the link `lrexp ui` and a
 grid print opens the experiment's runs on the invocation's cells, the final metrics as columns, best first,
 and the validation curves as the first charts.
 
@@ -33,7 +33,7 @@ VIEW_TAG = "mlflow.sharedViewState."  # + the view's key: what the UI reads for 
 FINAL_DELTA = "final/val_bits_per_token_minus_ref"  # a cell's bits/token minus the reference's, same seed
 DEFLATED = "deflate;"  # the UI's prefix of a compressed state: zlib, then base64
 RUN_NAME_COLUMN = "attributes.`Run Name`"
-# The table's columns, in order: the comparison first (run names say the cell, docs/grids.md#the-mlflow-ui)
+# The table's columns, in order: the comparison first (run names say the cell, docs/ui.md#run-names)
 COLUMNS = [FINAL_BPT, FINAL_DELTA, FINAL_TEST_BPT, FINAL_STEP_TIME, FINAL_PARAMS]
 # Chart sections in this order; a metric's section is its name up to the last "/", as the UI groups them.
 SECTION_ORDER = ["val", "val/bits_per_token_by_pos", "final", "train", "perf"]
@@ -75,8 +75,8 @@ def _chart_rank(key: str) -> tuple:
 
 
 def charts(metrics: Mapping[str, int], runs: int) -> Dict[str, list]:
-    """`compareRunCharts` and `compareRunSections` for the metrics the runs have (key -> how many values the
-    longest history holds): a line chart per curve, a bar chart per one-value metric, sections and charts
+    """`compareRunCharts` and `compareRunSections` for the metrics the runs have (key -> how many values a
+    run's history of it holds): a line chart per curve, a bar chart per one-value metric, sections and charts
     in reading order, every section marked as placed by hand so that the UI keeps the order and appends
     what it finds later. `final/*` beyond the table's columns start hidden (the UI's chart menu adds them)."""
     names = sorted({_section(k) for k in metrics}, key=_section_rank)
