@@ -122,7 +122,7 @@ def test_cell_file_reloads_to_the_same_config(tmp_path):
         "mlflow.parentRunId": "p123", "lrexp.grid": "g", "lrexp.cell": "window=16", "lrexp.group": "window=16",
         "lrexp.cell_index": "1", "lrexp.config_hash": cell.config_hash, "lrexp.continue_hash": cell.continue_hash,
     }
-    assert loaded.log.run_name == "window=16" and loaded.log.experiment == "lrexp-g"
+    assert loaded.log.run_name == "Slide:4L window=16" and loaded.log.experiment == "lrexp-g"
     assert cell.config.log.tags == {}  # the expanded cell is not changed by adding the tags
 
 
