@@ -21,7 +21,7 @@ export TOKENIZERS_PARALLELISM := false
 export HF_DATASETS_OFFLINE := 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install test test-slow test-all ablation report bench ui clean
+.PHONY: install test test-slow test-all ablation report bench ui ui-screenshots clean
 
 install: $(STAMP)
 
@@ -66,6 +66,11 @@ bench: $(STAMP)
 # Prints the address of the latest grid's runs first; the store is $MLFLOW_TRACKING_URI or ./mlflow.db.
 ui: $(STAMP)
 	$(PY) -m lrexp.cli ui --port $(PORT)
+
+# Screenshots of the MLflow UI as `make ui` opens it, under docs/ui/ (docs/ui.md): headless Chromium over the
+# store STORE (an MLflow URI), else over a smoke grid it trains first.
+ui-screenshots: $(STAMP)
+	$(PY) scripts/ui_screenshots.py $(if $(STORE),--store $(STORE))
 
 clean:
 	rm -rf runs reports checkpoints .pytest_cache build *.egg-info

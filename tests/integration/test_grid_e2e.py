@@ -75,9 +75,12 @@ def test_failing_cell_then_resume(env, capsys):
     parent = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("lrexp.role") == "parent"]
     assert len(parent) == 1 and parent[0].info.status == "FAILED"
     pid = parent[0].info.run_id
-    kids = {r.info.run_name: r for r in client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{pid}'")}
+    kids = {r.data.tags["lrexp.cell"]: r
+            for r in client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{pid}'")}
     assert set(kids) == {"file_suffix=.txt", "file_suffix=.md"}
     ok, bad = kids["file_suffix=.txt"], kids["file_suffix=.md"]
+    assert ok.info.run_name == "Slide:4L file_suffix=.txt"  # the row's name and the axis value that varies
+    assert parent[0].info.run_name.startswith("smoke_grid · ")
     assert ok.info.status == "FINISHED" and ok.data.metrics["final/steps"] == 3
     assert ok.data.tags["lrexp.cell"] == "file_suffix=.txt" and ok.data.tags["lrexp.grid"] == "smoke_grid"
     assert bad.info.status == "FAILED" and "larger than every document" in bad.data.tags["lrexp.error"]
@@ -92,7 +95,7 @@ def test_failing_cell_then_resume(env, capsys):
     assert "[1/2] file_suffix=.txt: skipped" in out.out and "[2/2] file_suffix=.md: FINISHED" in out.out
     assert client.get_run(pid).info.status == "FINISHED"
     runs = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{pid}'")
-    assert sorted((r.info.run_name, r.info.status) for r in runs) == [
+    assert sorted((r.data.tags["lrexp.cell"], r.info.status) for r in runs) == [
         ("file_suffix=.md", "FAILED"), ("file_suffix=.md", "FINISHED"), ("file_suffix=.txt", "FINISHED"),
     ]
 
@@ -108,7 +111,7 @@ def test_failing_cell_then_resume(env, capsys):
     out = capsys.readouterr()
     assert code == 0, out.out + out.err
     assert out.out.count("training on from step 3 in run") == 2, out.out
-    finished = {r.info.run_name: r for r in client.search_runs(
+    finished = {r.data.tags["lrexp.cell"]: r for r in client.search_runs(
         [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{pid}' and attributes.status = 'FINISHED'")}
     assert finished["file_suffix=.txt"].info.run_id == ok.info.run_id
     assert all(r.data.metrics["final/steps"] == 5 for r in finished.values())

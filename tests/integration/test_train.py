@@ -113,6 +113,7 @@ def test_a_row_runs_and_its_mlflow_run_holds_the_contract(env, uninterrupted, ro
     run = env["client"].get_run(result["run_id"])
     assert run.info.status == "FINISHED"
     params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
+    assert run.info.run_name.startswith(f"{tags['lrexp.row']} · 20")  # the row's name and the time, not random
     flat = flatten(cfg)
     for key in ("model.variant", "model.d_model", "derived.segment_len", "derived.lanes", "train.max_steps"):
         assert params[key] == str(flat[key])

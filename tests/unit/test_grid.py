@@ -11,6 +11,7 @@ from lrexp.config.load import load
 
 from lrexp.grid.expand import Cell, cell_config, config_hash, expand, write_cell
 from lrexp.grid.spec import GridError
+from lrexp.model.variants import row_name
 
 
 def write(tmp_path: Path, name: str, data: dict) -> str:
@@ -37,7 +38,8 @@ def test_product_ids_groups_and_order(tmp_path):
     assert g.cells[1].group == "gate=lstm,topology=dual"
     c = g.cells[2]
     assert (c.config.model.recurrent.gate, c.config.model.recurrent.topology, c.config.train.seed) == ("fixed", "dual", 0)
-    assert c.config.log.experiment == "lrexp-g" and c.config.log.run_name == c.id
+    assert c.config.log.experiment == "lrexp-g"
+    assert c.config.log.run_name == "Slide:4L gate=fixed topology=dual seed=0"  # Slide's name says neither axis
     assert g.reference == g.cells[0].group  # no reference and no Slide:13L cell: the first cell
 
 
@@ -120,7 +122,7 @@ def test_cell_file_reloads_to_the_same_config(tmp_path):
         "mlflow.parentRunId": "p123", "lrexp.grid": "g", "lrexp.cell": "window=16", "lrexp.group": "window=16",
         "lrexp.cell_index": "1", "lrexp.config_hash": cell.config_hash, "lrexp.continue_hash": cell.continue_hash,
     }
-    assert loaded.log.run_name == "window=16" and loaded.log.experiment == "lrexp-g"
+    assert loaded.log.run_name == "Slide:4L window=16" and loaded.log.experiment == "lrexp-g"
     assert cell.config.log.tags == {}  # the expanded cell is not changed by adding the tags
 
 
@@ -201,6 +203,7 @@ def test_gates_cells_are_the_six_rec_rows():
         preset = load(overrides=[f"row={row}", "log.progress_bar=false"])
         preset.log.experiment, preset.log.run_name = cell.config.log.experiment, cell.id
         assert config_hash(preset) == cell.config_hash, row
+        assert cell.config.log.run_name == row_name(preset)  # Rec:lstm:dual says gate and topology: nothing more
 
 
 def test_options_may_follow_the_grid_name():

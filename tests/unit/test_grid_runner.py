@@ -28,6 +28,7 @@ from lrexp.grid.spec import GridError
 from lrexp.report import collect as report
 from lrexp.tracking import server
 from lrexp.errors import Interrupted
+from lrexp.tracking.view import link
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,7 @@ class FakeTrain:
 
     def __call__(self, path, resume=None, stop=None, env=None):
         cfg = load([path])
-        cell = cfg.log.run_name
+        cell = cfg.log.tags["lrexp.cell"]
         self.ran.append(cell)
         if self.fail.get(cell) == "before-run":
             return 1, None, "ModuleNotFoundError: No module named 'x'"
@@ -60,7 +61,8 @@ class FakeTrain:
             for k, v in cfg.log.tags.items():
                 self.client.set_tag(run_id, k, v)
         else:
-            run_id = self.client.create_run(exp.experiment_id, run_name=cell, tags=dict(cfg.log.tags)).info.run_id
+            run_id = self.client.create_run(exp.experiment_id, run_name=cfg.log.run_name,
+                                            tags=dict(cfg.log.tags)).info.run_id
             self.client.log_param(run_id, "train.max_steps", str(cfg.train.max_steps))
         if self.fail.get(cell) == "killed":
             return -9, None, "killed by signal 9"
@@ -266,8 +268,8 @@ def test_experiments_are_tagged_as_model_training_and_make_ui_names_the_latest_g
     served = []
 
     @contextlib.contextmanager
-    def serve(uri, root, host, port, workers):
-        served.append((host, port, workers))
+    def serve(uri, root, host, port, workers, app_name):
+        served.append((host, port, workers, app_name))
         yield f"http://{host}:{port}"
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -275,10 +277,11 @@ def test_experiments_are_tagged_as_model_training_and_make_ui_names_the_latest_g
     monkeypatch.setattr(server, "serve_until_stopped", lambda url: served.append(url))
     main(["ui", "--port", "5123"])
     line = capsys.readouterr().out
-    assert (f"the latest grid (g8): http://127.0.0.1:5123/#/experiments/{exp.experiment_id}/runs"
-            "?workflowType=machine_learning&searchFilter="
-            f"tags.%60mlflow.parentRunId%60%20%3D%20%27{outcome.parent_id}%27") in line
-    assert served == [("127.0.0.1", 5123, 1), "http://127.0.0.1:5123"]  # the link printed once it answers
+    # the link opens the invocation's view, which the command has just written (tracking/view.py)
+    opens = link("http://127.0.0.1:5123", exp.experiment_id, outcome.parent_id)
+    assert f"the latest grid (g8), its comparison: {opens}" in line
+    assert f"mlflow.sharedViewState.lrexp-{outcome.parent_id}" in client.get_experiment(exp.experiment_id).tags
+    assert served == [("127.0.0.1", 5123, 1, "lrexp"), "http://127.0.0.1:5123"]  # the link printed once it answers
 
 
 def test_cells_fanned_out_to_a_scheduler_join_one_parent_which_ends_with_the_last(tmp_path, uri, capsys, monkeypatch):
@@ -329,7 +332,7 @@ class AtOnce(FakeTrain):
         self.forwarded = {}  # cell -> the signal the grid passed on to it
 
     def __call__(self, path, resume=None, stop=None, env=None):
-        cell = load([path]).log.run_name
+        cell = load([path]).log.tags["lrexp.cell"]
         self.envs[cell] = dict(env)
         self.client = MlflowClient(env["LREXP_TRACKING_SERVER"])
         if len(self.envs) <= self.barrier.parties:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from lrexp.commands.options import add_overrides, late_options
 from lrexp.errors import UserError
+from lrexp.tracking.view import publish, ui_base
 
 PARENT_ENV = "LREXP_GRID_PARENT"
 
@@ -138,6 +139,15 @@ def _fan_out(args: argparse.Namespace) -> int:
     return 0 if result.status in ("FINISHED", "SKIPPED") else 1
 
 
+def _view(outcome, cells) -> str:
+    """The invocation's view in the MLflow UI, published now (tracking/view.py), as its link."""
+    from mlflow.tracking import MlflowClient  # mlflow: see run()
+
+    client = MlflowClient(outcome.uri)
+    base, lrexp_ui = ui_base(outcome.uri)
+    return publish(client, client.get_run(outcome.parent_id), cells, base, lrexp_ui)
+
+
 def run(args: argparse.Namespace) -> int:
     # mlflow: paid for by `lrexp grid` only, not by every command whose parser this module builds
     from lrexp.grid import runner
@@ -172,6 +182,7 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(rep.markdown, end="")
     print(f"\nreport: {rep.files[0].parent} (also on the parent run's artifacts under report/)")
+    print(f"MLflow UI (make ui), the comparison: {_view(outcome, rep.cells)}")
     failed = [r.cell.id for r in outcome.results if r.status == "FAILED"]
     if g.evaluate:  # the grid's `evaluate:` section: `lrexp eval` of every trained cell's checkpoint
         from lrexp.eval.run import evaluate_grid  # the model and the decoders: only for a grid that evaluates

@@ -27,9 +27,11 @@ from lrexp.grid.spec import (
     GridError, check_grid_key, dotlist_value, grid_path, id_value, is_list_field, parse_value, per_scale,
     read_file,
 )
+from lrexp.model.variants import row_name
 from lrexp.tracking.names import (
     REFERENCE_ROW, SEED_KEY, TAG_CELL, TAG_CONTINUE, TAG_GRID, TAG_GROUP, TAG_HASH, TAG_INDEX, TAG_PARENT,
 )
+from lrexp.tracking.run_names import cell_names
 
 
 
@@ -171,10 +173,13 @@ def expand(name: str, overrides: Sequence[str] = ()) -> Grid:
         except ConfigError as exc:
             raise GridError(f"{where}, cell {cell_id}: {exc}") from None
         cfg.log.experiment = f"lrexp-{grid_name}"
-        cfg.log.run_name = cell_id
         group = ",".join(p for k, p in zip(id_order, parts) if k != SEED_KEY) or "base"
         cells.append(Cell(index, cell_id, group, values, cell_overrides, cfg, config_hash(cfg),
                           config_hash(cfg, steps=False)))
+
+    shown = [{k: id_value(c.values[k]) for k in id_order} for c in cells]
+    for cell, run_name in zip(cells, cell_names([row_name(c.config) for c in cells], shown, names, skip=["row"])):
+        cell.config.log.run_name = run_name
 
     dirnames = [c.dirname for c in cells]
     for c in cells:

@@ -19,6 +19,7 @@ from lrexp.tracking.names import (
     TAG_CELLS, TAG_FAILED_CELLS, TAG_GIT_SHA, TAG_GRID, TAG_HASH, TAG_INVOKED, TAG_OVERRIDES, TAG_PARENT, TAG_PID,
     TAG_REFERENCE, TAG_ROLE, TAG_SCALE, latest_parent, parents, process_alive, process_tags,
 )
+from lrexp.tracking.run_names import parent_name
 from lrexp.tracking.store import client as store_client, experiment_id
 
 
@@ -64,7 +65,8 @@ class Tracker:
 
     def new_parent(self) -> str:
         """A new invocation: its parent run, RUNNING, with the grid file as an artifact."""
-        run_id = runs.open_run(self.client, self.experiment_id, f"grid:{self.grid.name}", self._parent_tags())
+        run_id = runs.open_run(self.client, self.experiment_id,
+                               parent_name(self.grid.name, self.grid.overrides), self._parent_tags())
         self.client.log_text(run_id, self.grid.text, "grid.yaml")
         return run_id
 
@@ -117,7 +119,7 @@ class Tracker:
             return run.info.run_id
         # it died before creating its run (a crash at start-up, an import error, a kill)
         tags = dict(cell_config(cell, self.grid, parent_id).log.tags)
-        run_id = runs.open_run(self.client, self.experiment_id, cell.id, tags)
+        run_id = runs.open_run(self.client, self.experiment_id, cell.config.log.run_name, tags)
         runs.end(self.client, run_id, status, error)
         return run_id
 

@@ -28,8 +28,11 @@ from lrexp.config.schema import RunConfig
 from lrexp.model.variants import row_name
 from lrexp.tracking import runs
 from lrexp.tracking.names import TAG_GIT_SHA, TAG_RESUME, TAG_ROW, TAG_SCALE
+from lrexp.tracking.run_names import standalone_name
 from lrexp.tracking.server import SERVER_ENV
-from lrexp.tracking.store import TrackingError, artifact_location, client as store_client, experiment_id, tracking_uri
+from lrexp.tracking.store import (
+    TrackingError, artifact_location, client as store_client, experiment_id, tracking_uri,
+)
 
 
 def run_tags(cfg: RunConfig) -> Dict[str, str]:
@@ -54,8 +57,9 @@ def open_run(cfg: RunConfig, resume_run_id: Optional[str] = None) -> MLFlowLogge
     what = f"run {resume_run_id} in" if resume_run_id else "a run in"
     try:  # the client opens (and for sqlite creates) the store right away
         exp = experiment_id(store_client(uri), cfg.log.experiment, store)
-        # the run name and MLflow's own context tags (source, user), as Lightning creates a run
-        new = {**tags, "mlflow.runName": cfg.log.run_name} if cfg.log.run_name is not None else dict(tags)
+        # the run name (a grid's cell name, else the row's and the time) and MLflow's own context tags
+        # (source, user), as Lightning creates a run
+        new = {**tags, "mlflow.runName": cfg.log.run_name or standalone_name(tags[TAG_ROW])}
         run_id = resume_run_id or runs.open_run(MlflowClient(uri), exp, None, resolve_tags(new))
         logger = MLFlowLogger(**logger_args, run_id=run_id)
         client = logger.experiment  # reads the run now: an unknown resume id fails here

@@ -9,7 +9,6 @@ import os
 import socket
 from pathlib import Path
 from typing import Dict, Mapping
-from urllib.parse import quote
 
 SEED_KEY = "train.seed"  # the seeds axis of a grid; the report pairs cells by it
 
@@ -104,13 +103,3 @@ def latest_invocation(client):
     """The parent run of the latest grid invocation in the store, of any grid; None without one."""
     ids = [e.experiment_id for e in client.search_experiments()]
     return latest_parent(client.search_runs(ids, f"tags.`{TAG_ROLE}` = 'parent'", max_results=1000)) if ids else None
-
-
-def runs_url(base: str, parent) -> str:
-    """The MLflow UI page of a grid invocation's cell runs. `workflowType=machine_learning`: the 3.17 UI
-    shows an experiment as GenAI or model training by its GenAI / Model training switch (from this parameter,
-    else the browser's last choice, GenAI at first), whatever the experiment's `mlflow.experimentKind` says
-    (checked headless on 3.17.2: without it, an lrexp experiment opens on the GenAI overview)."""
-    search = quote(f"tags.`{TAG_PARENT}` = '{parent.info.run_id}'")
-    return (f"{base.rstrip('/')}/#/experiments/{parent.info.experiment_id}/runs"
-            f"?workflowType=machine_learning&searchFilter={search}")

@@ -47,11 +47,15 @@ JOBS_ENV = "MLFLOW_SERVER_ENABLE_JOB_EXECUTION"
 NO_LINKS_ENV = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
 
 
-def command(uri: str, artifact_root: str, host: str, port: int, workers: int = 1) -> List[str]:
-    """`mlflow server` over the store `uri`, new experiments' artifacts under `artifact_root`."""
-    mlflow = os.path.join(os.path.dirname(sys.executable), "mlflow")
-    return [mlflow, "server", "--backend-store-uri", uri, "--default-artifact-root", artifact_root,
-            "--no-serve-artifacts", "--host", host, "--port", str(port), "--workers", str(workers)]
+def command(uri: str, artifact_root: str, host: str, port: int, workers: int = 1,
+            app_name: Optional[str] = None) -> List[str]:
+    """`mlflow server` over the store `uri`, new experiments' artifacts under `artifact_root`; `app_name` an
+    `mlflow.app` entry point to serve instead of MLflow's own app. This interpreter's MLflow: the one that
+    sees this installation's entry points."""
+    app = ["--app-name", app_name] if app_name else []
+    return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--default-artifact-root",
+            artifact_root, "--no-serve-artifacts", "--host", host, "--port", str(port), "--workers", str(workers),
+            *app]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -76,7 +80,7 @@ def _healthy(url: str) -> bool:
 
 @contextlib.contextmanager
 def serve(uri: str, artifact_root: str, host: str = "127.0.0.1", port: Optional[int] = None, workers: int = 1,
-          timeout_s: float = START_TIMEOUT_S) -> Iterator[str]:
+          app_name: Optional[str] = None, timeout_s: float = START_TIMEOUT_S) -> Iterator[str]:
     """`with serve(uri, root) as url:` a server over `uri` (on a free local port unless `port` is given)
     while the block runs; `url` is yielded once the server answers. Stopped in about a second at the end."""
     if port is None:
@@ -87,7 +91,8 @@ def serve(uri: str, artifact_root: str, host: str = "127.0.0.1", port: Optional[
     env = {**os.environ, JOBS_ENV: os.environ.get(JOBS_ENV, "false")}  # no job consumers unless asked
     previous_links = os.environ.get(NO_LINKS_ENV)
     with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.Popen([sys.executable, "-m", __name__, *command(uri, artifact_root, host, port, workers)],
+        server = command(uri, artifact_root, host, port, workers, app_name)
+        proc = subprocess.Popen([sys.executable, "-m", __name__, *server],
                                 stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                 env=env)
         os.environ[NO_LINKS_ENV] = "true"  # for the cells this process starts, and its own client
