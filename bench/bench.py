@@ -43,6 +43,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 # bench/ is the script's folder, so on sys.path
+from harness import CLOCKS, use_clock  # noqa: E402
 from lrexp.config.load import load  # noqa: E402
 from lrexp.runtime.cpus import usable_cpus  # noqa: E402
 from lrexp.train.run import cpu_threads  # noqa: E402
@@ -109,11 +110,17 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                         help="torch.compile backend of section 7 ('none': leave it out; --quick: eager, dynamo only)")
     parser.add_argument("--sections", default=",".join(SECTIONS),
                         help="comma-separated: rows (1, 3 and 7), scaling, overhead, data, gpu, knn, profile (9)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="what sections 1 to 3 time: wall seconds, or this process's CPU seconds (a CPU shared "
+                        "with other work: the time a step waits for a core left out; the CPU only)")
     parser.add_argument("--out", type=Path, default=REPORTS, help="folder of bench.md and bench.json")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.clock == "process" and device.type == "cuda":
+        parser.error("--clock process counts CPU seconds: a GPU's step time is wall time")
+    use_clock(args.clock)
     if args.quick:  # a small synthetic corpus (no BPE to train, final passes of a few batches), two blocks
         overrides = ["scale=smoke", "model.blocks_per_segment=2", "data.corpus=passkey", "data.tokenizer=bytes",
                      "data.probe.num_docs=96", *args.overrides]
@@ -138,7 +145,9 @@ def main(argv: Optional[List[str]] = None) -> Dict:
              f"{', ' + info['gpu'] if 'gpu' in info else ''}; "
              f"load average {info['load_average']} at the start; Python {info['python']}, torch {info['torch']}, "
              f"Lightning {info['lightning']}, tokenizers {info['tokenizers']}; {info['date']}. Scale `{scale}`.",
-             "", "Medians over interleaved repeats, (min-max) beside them; ratios are taken within a repeat.", ""]
+             "", "Medians over interleaved repeats, (min-max) beside them; ratios are taken within a repeat."
+             + (" Times are this process's CPU seconds (`--clock process`), the matmul's too." if args.clock == "process"
+                else ""), ""]
 
     args.compile_backend = None if args.compile_backend == "none" else args.compile_backend
     sections = args.sections.split(",")
