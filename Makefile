@@ -10,7 +10,7 @@ STAMP := $(VENV)/.stamp-install
 GRID ?= gates
 SCALE ?= tiny
 ARGS ?=
-JOBS ?= 1
+JOBS ?= auto
 PYTEST_ARGS ?=
 # Test files spread over this many processes (pytest-xdist; a file's tests stay in one, with its fixtures).
 TEST_WORKERS ?= 2

@@ -16,6 +16,7 @@
 6. GPU: the attention backends (bench/attention_kernels.py) when CUDA is present; sections 1-5 then run on it.
 7. torch.compile (`train.compile`): every row compiled, its step beside the eager one, its graph breaks.
 8. The Memorizing row's carried kNN memory per lane.
+9. A profile of one step per row (bench/step_profile.py): time by operator family, the overhead outside them.
 
 Every timing is interleaved round-robin over repeats with what it is compared with (bench/harness.py), and
 reported as the median with its min-max; ratios are per repeat. Numbers from a shared machine are noisy:
@@ -42,14 +43,16 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 # bench/ is the script's folder, so on sys.path
+from harness import CLOCKS, use_clock  # noqa: E402
 from lrexp.config.load import load  # noqa: E402
 from lrexp.runtime.cpus import usable_cpus  # noqa: E402
 from lrexp.train.run import cpu_threads  # noqa: E402
 from pipeline import data_section, knn_section, overhead_section  # noqa: E402
 from report import REPORTS, write_report  # noqa: E402
 from rows import BASE, PAPER_STEP_TIME, ROWS, rows_section, scaling_section  # noqa: E402
+from step_profile import profile_section  # noqa: E402
 
-SECTIONS = ("rows", "scaling", "overhead", "data", "gpu", "knn")
+SECTIONS = ("rows", "scaling", "overhead", "data", "gpu", "knn", "profile")
 
 
 def machine(device: torch.device) -> Dict[str, str]:
@@ -106,12 +109,18 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     parser.add_argument("--compile-backend", default="inductor",
                         help="torch.compile backend of section 7 ('none': leave it out; --quick: eager, dynamo only)")
     parser.add_argument("--sections", default=",".join(SECTIONS),
-                        help="comma-separated: rows (1, 3 and 7), scaling, overhead, data, gpu, knn")
+                        help="comma-separated: rows (1, 3 and 7), scaling, overhead, data, gpu, knn, profile (9)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="what sections 1 to 3 time: wall seconds, or this process's CPU seconds (a CPU shared "
+                        "with other work: the time a step waits for a core left out; the CPU only)")
     parser.add_argument("--out", type=Path, default=REPORTS, help="folder of bench.md and bench.json")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.clock == "process" and device.type == "cuda":
+        parser.error("--clock process counts CPU seconds: a GPU's step time is wall time")
+    use_clock(args.clock)
     if args.quick:  # a small synthetic corpus (no BPE to train, final passes of a few batches), two blocks
         overrides = ["scale=smoke", "model.blocks_per_segment=2", "data.corpus=passkey", "data.tokenizer=bytes",
                      "data.probe.num_docs=96", *args.overrides]
@@ -136,7 +145,9 @@ def main(argv: Optional[List[str]] = None) -> Dict:
              f"{', ' + info['gpu'] if 'gpu' in info else ''}; "
              f"load average {info['load_average']} at the start; Python {info['python']}, torch {info['torch']}, "
              f"Lightning {info['lightning']}, tokenizers {info['tokenizers']}; {info['date']}. Scale `{scale}`.",
-             "", "Medians over interleaved repeats, (min-max) beside them; ratios are taken within a repeat.", ""]
+             "", "Medians over interleaved repeats, (min-max) beside them; ratios are taken within a repeat."
+             + (" Times are this process's CPU seconds (`--clock process`), the matmul's too." if args.clock == "process"
+                else ""), ""]
 
     args.compile_backend = None if args.compile_backend == "none" else args.compile_backend
     sections = args.sections.split(",")
@@ -219,6 +230,16 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     lines.append("## 8. kNN memory per lane (Memorizing row)\n")
     if "knn" in sections:
         lines += [*_timed_section(report, "knn_memory_bytes_per_lane", knn_section, overrides, scale), ""]
+    else:
+        lines += [left_out, ""]
+
+    lines.append("## 9. Profile of one step\n")
+    if "profile" in sections:
+        lines += ["One step of every row under torch.profiler (bench/step_profile.py): each operator family's "
+                  "self time as a share of the step's wall time, and the overhead outside the operators (Python, "
+                  "autograd, dispatch); `aten calls` counts the operators the step launched. The profiler adds to "
+                  "the wall time: read the shares, not the milliseconds.", "",
+                  *_timed_section(report, "profile", profile_section, rows, overrides, device), ""]
     else:
         lines += [left_out, ""]
 

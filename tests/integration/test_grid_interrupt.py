@@ -65,7 +65,8 @@ def launch_and_wait_for_a_checkpoint(env, path, *overrides):
     the step it saved are in the store: the step's metrics are logged after its checkpoint is saved, and a kill
     between the two loses them for good (the resumed run starts after that step)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lrexp.cli", "grid", str(path), *overrides, "--runs-dir", str(env["root"] / "runs")],
+        [sys.executable, "-m", "lrexp.cli", "grid", str(path), *overrides, "--jobs", "1", "--runs-dir",
+         str(env["root"] / "runs")],  # one cell at a time: the second has not started when the signal comes
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )

@@ -147,3 +147,43 @@ def test_unknown_backend_and_bad_shapes_raise_one_line_user_errors():
         sliding_window_attention(q, k, v, k[:, :, :3], v[:, :, :3], window=3)
     with pytest.raises(UserError, match="at least as many keys"):
         attend(q, k[:, :, :2], v[:, :, :2], MaskSpec())
+
+
+def test_cached_bias_indices_still_train_the_table():
+    """`BiasSpec.dense` reads indices built once per shape: a second call shares them, and the gradient still
+    reaches the table, bucket by bucket, as through indices built afresh."""
+    rb = RelativePositionBias(num_heads=2, num_buckets=8, max_distance=12)
+    weight = torch.randn(2, 6, 10)
+    (rb().dense(6, 10) * weight).sum().backward()
+    n = torch.arange(6)[:, None] + 4 - torch.arange(10)[None, :]  # [Tq, Tk] distances, bottom-right aligned
+    expected = torch.zeros(2, 8).index_add_(1, relative_bucket(n, 8, 12).flatten(), weight.flatten(1))
+    torch.testing.assert_close(rb.table.grad, expected)
+    assert torch.equal(rb().dense(6, 10), rb().dense(6, 10))
+
+
+def test_masks_of_one_shape_are_built_once_and_memory_valid_still_applies_after_the_prefix():
+    a = MaskSpec(window=4).visible(4, 8, torch.device("cpu"))
+    assert a is MaskSpec(window=4).visible(4, 8, "cpu")  # one tensor per shape, shared
+    valid = torch.tensor([[True, False, True], [False, True, True]])
+    vis = MaskSpec(causal=False, memory_valid=valid, prefix=2).visible(3, 7, "cpu")  # [B, Tq, P + M + 2]
+    assert vis.shape == (2, 3, 7) and vis[:, :, :2].all() and vis[:, :, 5:].all()
+    assert torch.equal(vis[:, 0, 2:5], valid)
+
+
+def test_sdpa_dropout_path_on_a_cpu_is_bitwise_torchs():
+    """The sdpa backend times its CPU dropout path itself (scaled_dot_product_attention's math path less the
+    row search of its safe softmax): outputs and gradients equal torch's, bit for bit, under one seed."""
+    import torch.nn.functional as F
+
+    from lrexp.attention.backends import _sdpa_math
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(8, 4, 16, 8, requires_grad=True) for _ in range(3))
+    add = torch.randn(1, 4, 16, 16)
+    results = []
+    for fn in (lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=add, dropout_p=0.1, scale=1.0),
+               lambda: _sdpa_math(q, k, v, add, 0.1)):
+        torch.manual_seed(1)
+        out = fn()
+        results.append((out, *torch.autograd.grad((out * torch.linspace(-1, 1, 8)).sum(), (q, k, v))))
+    assert all(torch.equal(a, b) for a, b in zip(*results))

@@ -25,7 +25,8 @@ def quick(tmp_path_factory):
 def test_quick_bench_writes_every_section(quick):
     md, data = quick
     for n, title in enumerate(["Step time of every row", "Scaling with the segment length", "Model FLOP utilisation",
-                               "Framework overhead", "Data", "GPU", "torch.compile", "kNN memory per lane"],
+                               "Framework overhead", "Data", "GPU", "torch.compile", "kNN memory per lane",
+                               "Profile of one step"],
                               start=1):
         assert f"## {n}. {title}" in md
     assert "python bench/bench.py --quick" in md and data["command"].startswith("python bench/bench.py --quick")
@@ -49,3 +50,5 @@ def test_quick_bench_writes_every_section(quick):
     assert set(data["data"]["prepare"]) >= {"1"} and 0 < data["data"]["loader_share"] < 1
     if data["machine"]["device"] == "cpu":
         assert data["gpu"] == {"skipped": "no CUDA device"} and "Skipped: no CUDA device" in md
+    assert set(data["profile"]) == {"slide13", "rec_fixed_skip"}
+    assert data["profile"]["rec_fixed_skip"]["op_calls"] > data["profile"]["slide13"]["op_calls"]  # the block loop

@@ -51,6 +51,7 @@ def test_a_config_file_whose_path_holds_an_equals_sign_is_a_file(tmp_path):
 
 @pytest.mark.parametrize("argv, given", [
     (["grid", "gates", "--dry-run", "scale=small", "--jobs", "0"], {"dry_run": True, "jobs": 0}),
+    (["grid", "gates", "scale=small", "--jobs", "auto"], {"jobs": "auto"}),
     (["grid", "--resume", "gates", "scale=small", "--list"], {"resume": True, "list": True}),
     (["eval", "ckpt", "scale=small", "--budget", "8", "--context", "0"], {"budget": ["8"], "context": 0}),
 ])

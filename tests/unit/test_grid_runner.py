@@ -404,3 +404,21 @@ def test_jobs_0_after_the_grid_name_is_refused_not_read_as_absent(tmp_path, uri,
     make_grid(tmp_path, uri, "g13")
     assert main(["grid", str(tmp_path / "g13.yaml"), "--dry-run", "--jobs", "0"]) == 2
     assert "--jobs must be at least 1" in capsys.readouterr().err
+
+
+def test_jobs_auto_trains_a_cell_per_core_and_yields_to_explicit_threads(tmp_path, uri, monkeypatch):
+    """`--jobs auto`: as many cells at once as cores (one each), never more than there are cells to train;
+    a cell's `train.threads` takes that many cores; `--jobs K` is taken as given."""
+    g = make_grid(tmp_path, uri, "g14")  # three cells
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setattr(runner, "usable_cpus", lambda: 2)
+    assert runner.jobs_for(g, "auto") == 2
+    monkeypatch.setattr(runner, "usable_cpus", lambda: 8)
+    assert runner.jobs_for(g, "auto") == 3
+    assert runner.jobs_for(make_grid(tmp_path, uri, "g14", "train.threads=3"), "auto") == 2
+    assert runner.jobs_for(g, 1) == 1
+    resumed = [type("S", (), {"cell": c, "action": a})() for c, a in zip(g.cells, ("skip", "skip", "train"))]
+    assert runner.jobs_for(g, "auto", resumed) == 1  # only the cell a --resume trains
+    monkeypatch.setattr(launch, "_visible_gpus", lambda: ["0", "1"])
+    on_gpus = make_grid(tmp_path, uri, "g14", "train.accelerator=gpu")
+    assert runner.jobs_for(on_gpus, "auto") == 2  # a GPU each

@@ -178,3 +178,20 @@ def test_a_forward_keeps_nothing_on_a_module_and_returns_what_it_measured(row, o
     assert attributes() == before
     prefix = "svd/" if overrides else "knn"
     assert state.stats and all(key.startswith(prefix) for key in state.stats)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 64), (3, 16, 48)])
+def test_rms_norm_is_bitwise_its_formula_forward_and_backward(shape):
+    """RMSNorm runs torch's fused kernel: LN(x) = gamma * x / sqrt(mean(x^2) + 1e-6), bit for bit, gradients too."""
+    from lrexp.layers.common import RMSNorm
+
+    norm = RMSNorm(shape[-1])
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(*shape, requires_grad=True)
+    g = torch.randn(*shape)
+    formula = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-6) * norm.weight
+    fused = norm(x)
+    assert torch.equal(fused, formula)
+    grads = [torch.autograd.grad((y * g).sum(), (x, norm.weight)) for y in (fused, formula)]
+    assert all(torch.equal(a, b) for a, b in zip(*grads))

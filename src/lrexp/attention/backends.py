@@ -108,20 +108,58 @@ def _sdpa(q, k, v, mask, bias, scale, dropout_p):
     dtype = q.dtype
     b, h, t_k, d = k.shape
     t_q = q.shape[2]
-    s = torch.ones(h, dtype=dtype, device=q.device) if scale is None else scale.to(dtype)
-    q_s = q * s[:, None, None]  # [B, H, Tq, D]: s_h (q . k) is then a plain dot product
-    add = (torch.zeros((), dtype=dtype, device=q.device) if bias is None
-           else bias.dense(t_q, t_k, mask.prefix).to(dtype) * s[:, None, None])  # [H, Tq, Tk]
-    masked = max(MASKED_LOGIT, torch.finfo(dtype).min)
-    visible = mask.visible(t_q, t_k, q.device)  # [B|1, Tq, Tk]
-    add = torch.where(visible[:, None], add, torch.tensor(masked, dtype=dtype, device=q.device))  # [B|1, H|1, Tq, Tk]
-    add = add.expand(add.shape[0], h, t_q, t_k)
-    sink = torch.full((*add.shape[:3], 1), SINK_LOGIT, dtype=dtype, device=q.device)
-    add = torch.cat([add, sink], dim=-1)  # [B|1, H, Tq, Tk + 1]
-    zero = torch.zeros(b, h, 1, d, dtype=k.dtype, device=k.device)
+    q_s = q if scale is None else q * scale.to(dtype)[:, None, None]  # [B, H, Tq, D]: s_h (q . k) is a plain dot
+    if bias is None and mask.memory_valid is None:  # the whole additive mask is a constant of the shapes
+        add = _constant_mask(mask.causal, mask.window, mask.include_self, mask.prefix, t_q, t_k, h, dtype, q.device)
+    else:
+        add = _additive_mask(mask, bias, scale, t_q, t_k, h, dtype, q.device)  # [B|1, H, Tq, Tk + 1]
+    zero = _zeros(b, h, d, k.dtype, k.device)  # [B, H, 1, D]
     k_sink = torch.cat([k, zero], dim=2)  # [B, H, Tk + 1, D]: q . 0 = 0, so the sink's logit is exactly -1000
     v_sink = torch.cat([v, zero.to(v.dtype)], dim=2)  # the sink's value is 0
+    if dropout_p > 0 and q.device.type == "cpu" and dtype == torch.float32:
+        return _sdpa_math(q_s, k_sink, v_sink, add, dropout_p)
     return F.scaled_dot_product_attention(q_s, k_sink, v_sink, attn_mask=add, dropout_p=dropout_p, scale=1.0)
+
+
+def _additive_mask(mask: MaskSpec, bias: Optional[BiasSpec], scale: Optional[Tensor], t_q: int, t_k: int, h: int,
+                   dtype: torch.dtype, device: torch.device) -> Tensor:
+    """s_h b_h(n) where the mask shows the key, the masked logit where it hides it, then the sink's logit
+    as one more key: [B|1, H, Tq, Tk + 1]."""
+    add = torch.zeros((), dtype=dtype, device=device)
+    if bias is not None:
+        add = bias.dense(t_q, t_k, mask.prefix).to(dtype)  # [H, Tq, Tk]
+        if scale is not None:
+            add = add * scale.to(dtype)[:, None, None]
+    masked = max(MASKED_LOGIT, torch.finfo(dtype).min)
+    visible = mask.visible(t_q, t_k, device)  # [B|1, Tq, Tk]
+    add = torch.where(visible[:, None], add, torch.tensor(masked, dtype=dtype, device=device))  # [B|1, H|1, Tq, Tk]
+    add = add.expand(add.shape[0], h, t_q, t_k)
+    sink = torch.full((*add.shape[:3], 1), SINK_LOGIT, dtype=dtype, device=device)
+    return torch.cat([add, sink], dim=-1)  # [B|1, H, Tq, Tk + 1]
+
+
+@functools.lru_cache(maxsize=256)
+def _constant_mask(causal: bool, window: Optional[int], include_self: bool, prefix: int, t_q: int, t_k: int, h: int,
+                   dtype: torch.dtype, device: torch.device) -> Tensor:
+    """`_additive_mask` without a bias or per-lane validity, which depends on the shapes alone: built once
+    (the recurrent cell's state attentions ask for it at every block). Read-only."""
+    return _additive_mask(MaskSpec(causal, window, include_self, prefix=prefix), None, None, t_q, t_k, h, dtype,
+                          device)
+
+
+@functools.lru_cache(maxsize=256)
+def _zeros(b: int, h: int, d: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The sink's key and value [B, H, 1, D], once per shape. Read-only: it is only concatenated."""
+    return torch.zeros(b, h, 1, d, dtype=dtype, device=device)
+
+
+def _sdpa_math(q: Tensor, k: Tensor, v: Tensor, add: Tensor, dropout_p: float) -> Tensor:
+    """What scaled_dot_product_attention computes on a CPU when there is dropout (its math path), op for op,
+    less its safe softmax's search for rows with every logit -inf: the masked logit is finite and the sink
+    is in every row, so there are none, and the search cost a full pass over the probabilities per call."""
+    logits = torch.matmul(q * 1.0, k.transpose(-2, -1) * 1.0)  # [B, H, Tq, Tk + 1]; the unit scales of scale=1.0
+    probs = F.dropout(torch.softmax(logits + add, dim=-1), dropout_p, training=True)
+    return torch.matmul(probs, v)  # [B, H, Tq, D]
 
 
 @register_backend("triton", banded=True, requires="triton")

@@ -8,6 +8,7 @@ query i of T_q and key j of T_k are n = T_k - T_q + i - j apart.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -41,17 +42,15 @@ class BiasSpec:
         """The bias at every distance n = 0 .. max_distance [H, max_distance + 1]; every n >= max_distance is in
         the last bucket, so b(n) = by_distance()[:, min(n, max_distance)]. Exact against `relative_bucket` by
         construction, which an in-kernel float log (approximate on GPUs) would not be."""
-        n = torch.arange(self.max_distance + 1, device=self.table.device)
-        return self.table[:, relative_bucket(n, self.num_buckets, self.max_distance)]  # [H, max_distance + 1]
+        buckets = _distance_buckets(self.num_buckets, self.max_distance, self.table.device)  # [max_distance + 1]
+        return self.table[:, buckets]  # [H, max_distance + 1]
 
     def dense(self, t_q: int, t_k: int, prefix: int = 0) -> Tensor:
         """Bias [H, t_q, t_k] for t_q queries at the end of t_k keys; the first `prefix` keys have none
-        (`MaskSpec.prefix`: they stand outside the positions)."""
-        t_pos = t_k - prefix  # keys with a position
-        q_pos = torch.arange(t_q, device=self.table.device)[:, None] + (t_pos - t_q)  # [t_q, 1]
-        n = q_pos - torch.arange(t_pos, device=self.table.device)[None, :]  # [t_q, t_pos]
-        bias = self.by_distance()[:, n.clamp(0, self.max_distance)]  # [H, t_q, t_pos]
-        return torch.cat([bias.new_zeros(bias.shape[0], t_q, prefix), bias], dim=2) if prefix else bias
+        (`MaskSpec.prefix`: they stand outside the positions). Only the two gathers from the table run per
+        call: the indices are built once per shape (gradients flow into the table through the gathers)."""
+        bias = self.by_distance()[:, _distances(t_q, t_k - prefix, self.max_distance, self.table.device)]
+        return torch.cat([bias.new_zeros(bias.shape[0], t_q, prefix), bias], dim=2) if prefix else bias  # [H, t_q, t_k]
 
     def at(self, n: Tensor) -> Tensor:
         """Bias [B, H, t_q, t_k] at explicit distances n [B, H, t_q, t_k] (head h reads its own row of the
@@ -59,6 +58,20 @@ class BiasSpec:
         b, h, t_q, t_k = n.shape
         table = self.by_distance()[None, :, None, :].expand(b, h, t_q, self.max_distance + 1)  # [B, H, Tq, L]
         return table.gather(-1, n.clamp(0, self.max_distance))  # [B, H, Tq, Tk]
+
+
+@functools.lru_cache(maxsize=64)
+def _distance_buckets(num_buckets: int, max_distance: int, device: torch.device) -> Tensor:
+    """relative_bucket(n) for n = 0 .. max_distance [max_distance + 1], once per device. Read-only."""
+    return relative_bucket(torch.arange(max_distance + 1, device=device), num_buckets, max_distance)
+
+
+@functools.lru_cache(maxsize=256)
+def _distances(t_q: int, t_pos: int, max_distance: int, device: torch.device) -> Tensor:
+    """min(n, max_distance) [t_q, t_pos] of t_q queries at the end of t_pos keys, once per shape. Read-only."""
+    q_pos = torch.arange(t_q, device=device)[:, None] + (t_pos - t_q)  # [t_q, 1]
+    n = q_pos - torch.arange(t_pos, device=device)[None, :]  # [t_q, t_pos]
+    return n.clamp(0, max_distance)
 
 
 class RelativePositionBias(nn.Module):

@@ -18,7 +18,8 @@ to the T_k - P keys after them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import functools
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -54,24 +55,36 @@ class MaskSpec:
             raise MaskError(f"memory_valid covers {self.memory_valid.shape[1]} keys but there are only {t_k}")
 
     def visible(self, t_q: int, t_k: int, device: torch.device) -> Tensor:
-        """Dense boolean mask [B or 1, t_q, t_k]: True where query i may attend to key j."""
+        """Dense boolean mask [B or 1, t_q, t_k]: True where query i may attend to key j. Read-only: without
+        `memory_valid` it is one tensor per shape, built once and shared by every caller (`static_visible`)."""
         self.check(t_q, t_k)
-        if self.prefix:
-            vis = replace(self, prefix=0).visible(t_q, t_k - self.prefix, device)  # [B|1, t_q, t_k - P]
-            return torch.cat([vis.new_ones(*vis.shape[:2], self.prefix), vis], dim=2)  # [B|1, t_q, t_k]
-        if self.causal:
-            q_pos = torch.arange(t_q, device=device)[:, None] + (t_k - t_q)  # [t_q, 1]
-            n = q_pos - torch.arange(t_k, device=device)[None, :]  # [t_q, t_k] distance back to key j
-            nearest = 0 if self.include_self else 1
-            vis = n >= nearest
-            if self.window is not None:
-                vis = vis & (n <= self.window - 1 + nearest)
-        else:
-            vis = torch.ones(t_q, t_k, dtype=torch.bool, device=device)
-        vis = vis[None]  # [1, t_q, t_k]
+        vis = static_visible(self.causal, self.window, self.include_self, self.prefix, t_q, t_k,
+                             torch.device(device))  # [1, t_q, t_k]
         if self.memory_valid is not None:
             b, m = self.memory_valid.shape
-            rest = torch.ones(b, t_k - m, dtype=torch.bool, device=device)
-            key_ok = torch.cat([self.memory_valid.to(device), rest], dim=1)  # [B, t_k]
+            rest = torch.ones(b, t_k - self.prefix - m, dtype=torch.bool, device=device)
+            key_ok = torch.cat([self.memory_valid.to(device), rest], dim=1)  # [B, t_k - P]
+            if self.prefix:
+                key_ok = torch.cat([key_ok.new_ones(b, self.prefix), key_ok], dim=1)  # [B, t_k]
             vis = vis & key_ok[:, None, :]  # [B, t_q, t_k]
         return vis
+
+
+@functools.lru_cache(maxsize=256)
+def static_visible(causal: bool, window: Optional[int], include_self: bool, prefix: int, t_q: int, t_k: int,
+                   device: torch.device) -> Tensor:
+    """The part of a mask that depends on shapes alone, [1, t_q, t_k]: built once per shape and device rather
+    than at every layer of every step (the tiles of a segment share one). Callers never write to it."""
+    if prefix:
+        vis = static_visible(causal, window, include_self, 0, t_q, t_k - prefix, device)  # [1, t_q, t_k - P]
+        return torch.cat([vis.new_ones(1, t_q, prefix), vis], dim=2)  # [1, t_q, t_k]
+    if causal:
+        q_pos = torch.arange(t_q, device=device)[:, None] + (t_k - t_q)  # [t_q, 1]
+        n = q_pos - torch.arange(t_k, device=device)[None, :]  # [t_q, t_k] distance back to key j
+        nearest = 0 if include_self else 1
+        vis = n >= nearest
+        if window is not None:
+            vis = vis & (n <= window - 1 + nearest)
+    else:
+        vis = torch.ones(t_q, t_k, dtype=torch.bool, device=device)
+    return vis[None]  # [1, t_q, t_k]

@@ -18,8 +18,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from lrexp.commands.options import add_overrides, late_options
+from lrexp.commands.options import add_overrides, jobs_option, late_options
 from lrexp.errors import UserError
+from lrexp.runtime.cpus import AUTO_JOBS
 from lrexp.tracking.view import publish, ui_base
 
 PARENT_ENV = "LREXP_GRID_PARENT"
@@ -34,9 +35,10 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
         "FINISHED there with the same config, train on those that only had fewer train.max_steps or were "
         "stopped after a checkpoint",
     )
-    parser.add_argument("--jobs", type=int, metavar="K",  # None: not given (see _late_options): 1
+    parser.add_argument("--jobs", type=jobs_option, metavar="K",  # None: not given (see _late_options): auto
                         help="train K cells at once, each on its own share of the CPU cores and, on a GPU machine, "
-                        "its own train.devices GPUs; their runs reach the store through one local MLflow server")
+                        "its own train.devices GPUs; their runs reach the store through one local MLflow server "
+                        "(default: auto, as many as the usable cores, one each or its train.threads, and GPUs allow)")
     parser.add_argument("--list", action="store_true", help="print the cell ids, one a line, in grid order")
     parser.add_argument("--new-parent", action="store_true",
                         help="open a parent run for --cell processes (a scheduler's jobs) and print its id")
@@ -54,10 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _late_options(args: argparse.Namespace) -> argparse.Namespace:
-    """Options written after NAME (`lrexp grid gates --dry-run scale=small`), then --jobs 1 unless given."""
-    args = late_options(args, _add_options, "grid")
-    args.jobs = 1 if args.jobs is None else args.jobs
-    return args
+    """Options written after NAME (`lrexp grid gates --dry-run scale=small`); --jobs None when not given."""
+    return late_options(args, _add_options, "grid")
 
 
 def _dry_run(g, steps=None) -> None:
@@ -158,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
 
     args = _late_options(args)
     if args.list or args.new_parent or args.cell:
-        if args.dry_run or args.resume or args.jobs != 1:
+        if args.dry_run or args.resume or args.jobs not in (None, 1):
             raise UserError("--list, --new-parent and --cell take no --dry-run, --resume or --jobs (a --cell "
                             "resumes its cell by itself; a scheduler runs as many at once as it starts)")
         return _fan_out(args)
@@ -173,7 +173,8 @@ def run(args: argparse.Namespace) -> int:
                   + (f", then {' '.join(args.overrides)}" if args.overrides else ""))
         steps = plan(g, finished)
     _check_cells(g)
-    slots(g, args.jobs)  # refused now, not after the dry run said yes
+    args.jobs = AUTO_JOBS if args.jobs is None else args.jobs
+    slots(g, runner.jobs_for(g, args.jobs, steps))  # refused now, not after the dry run said yes
     if args.dry_run:
         _dry_run(g, steps)
         return 0

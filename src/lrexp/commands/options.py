@@ -8,9 +8,10 @@ policy.sinks=2 --budget 8`). `late_options` parses those options from there, as 
 from __future__ import annotations
 
 import argparse
-from typing import Callable
+from typing import Callable, Union
 
 from lrexp.errors import UserError
+from lrexp.runtime.cpus import AUTO_JOBS
 
 AddOptions = Callable[[argparse.ArgumentParser], None]
 
@@ -39,3 +40,13 @@ def late_options(args: argparse.Namespace, add_options: AddOptions, command: str
         raise UserError(f"unknown option '{unknown[0]}' (see {prog} --help)")
     args.overrides = rest
     return args
+
+
+def jobs_option(text: str) -> Union[int, str]:
+    """`--jobs K` or `--jobs auto` (the cells at once from the usable cores: lrexp.grid.runner.jobs_for)."""
+    if text == AUTO_JOBS:
+        return AUTO_JOBS
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--jobs takes a number of cells or '{AUTO_JOBS}', got '{text}'") from None

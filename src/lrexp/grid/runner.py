@@ -20,7 +20,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, TextIO, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, TextIO, Tuple, Union
 
 from mlflow.tracking import MlflowClient
 
@@ -33,7 +33,7 @@ from lrexp.grid.plan import Step, plan, plan_cell, tracking_uri_of
 from lrexp.grid.spec import GRIDS_DIR
 from lrexp.grid.tracker import Tracker
 from lrexp.runtime import signals
-from lrexp.runtime.cpus import CPUS_ENV
+from lrexp.runtime.cpus import AUTO_JOBS, CPUS_ENV, cells_at_once, usable_cpus
 from lrexp.runtime.signals import StopSignals
 from lrexp.tracking.names import FINAL_BPT
 from lrexp.tracking.server import SERVER_ENV, artifact_root_of, serve
@@ -195,29 +195,50 @@ def _stopped(signum: int, results: List[CellResult], total: int, command: str) -
                                f"done; continue with: {command}")
 
 
+def jobs_for(grid: Grid, jobs: Union[int, str], steps: Optional[Sequence[Step]] = None) -> int:
+    """Cells at once: `jobs` as given, or for `auto` as many as the usable cores give each cell to train
+    (`steps`: those a --resume trains; every cell when None) its `train.threads` (else one core), and on a
+    GPU machine no more than the visible GPUs give each its `train.devices`."""
+    if jobs != AUTO_JOBS:
+        return int(jobs)
+    cells = [s.cell for s in steps if s.action != "skip"] if steps is not None else list(grid.cells)
+    threads = max((c.config.train.threads or 1 for c in cells), default=1)
+    k = cells_at_once(len(cells), usable_cpus(), threads)
+    if k > 1:
+        shares = slots(grid, k)
+        need = max(shares.gpus_needed(c) for c in cells)
+        if need:
+            k = max(1, min(k, len(shares.gpus) // need))
+    return k
+
+
 def run(
     grid: Grid,
     resume: bool = False,
     runs_dir: Optional[Path] = None,
     out: Optional[TextIO] = None,
     run_cell_fn: Callable[..., Tuple[int, Optional[Dict[str, Any]], str]] = run_cell,
-    jobs: int = 1,
+    jobs: Union[int, str] = 1,
 ) -> Outcome:
-    """Run every cell, `jobs` at once, one result per cell in grid order. A failing cell is recorded and the
-    grid goes on; a SIGTERM or SIGINT is passed on to the running cells (which save a checkpoint and end
-    KILLED), then the grid stops without starting another cell, its parent run KILLED, and raises
-    `Interrupted`."""
-    shares = slots(grid, jobs)
+    """Run every cell, `jobs` at once (`auto`: `jobs_for`), one result per cell in grid order. A failing cell
+    is recorded and the grid goes on; a SIGTERM or SIGINT is passed on to the running cells (which save a
+    checkpoint and end KILLED), then the grid stops without starting another cell, its parent run KILLED,
+    and raises `Interrupted`."""
+    slots(grid, jobs_for(grid, jobs))  # refused before the parent run opens
     tracker, out = _open(grid, out)
     parent_id, attempts = tracker.open_parent(resume)
     steps = plan(grid, attempts or [])
+    at_once = jobs_for(grid, jobs, steps)
+    shares = slots(grid, at_once)
     n = len(grid.cells)
     with StopSignals() as stop:
         with _shared_store(tracker, len(shares.cpus)) as server:
             runner = _Runner(grid, tracker, parent_id, runs_dir, out, run_cell_fn, stop, shares, server)
             runner.say(f"grid {grid.name}: {n} cell{'s' * (n != 1)}, scale {grid.scale}, MLflow experiment "
                        f"lrexp-{grid.name}, parent run {parent_id}" + (" (resumed)" if attempts is not None else "")
-                       + (f", {jobs} cells at once" if jobs > 1 else "") + f", logs under {runner.folder}")
+                       + (f", {at_once} cells at once" if at_once > 1 else "")
+                       + (f" (--jobs auto on {usable_cpus()} CPU cores)" if jobs == AUTO_JOBS else "")
+                       + f", logs under {runner.folder}")
             results = runner.run(steps)
         tracker.close_parent(parent_id, results, interrupted=stop.received is not None)
     if stop.received is not None:

@@ -24,9 +24,10 @@ alone, and with the state read as prefix keys instead of by B.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lrexp.attention import HeadScale, MaskSpec, attend, l2_normalize
@@ -74,14 +75,25 @@ class StateProjections(nn.Module):
         self.wq2 = linear(d_model, d_model)  # Q_e^h ("queries2")
 
     def forward(self, c: Tensor) -> Tuple[Optional[Tensor], Tensor, Tensor, Tensor]:
-        h = self.norm(c)  # [B, S, d]
-        if self.ids is not None:
-            h = h + self.ids.to(h.dtype)  # the IDs join the projections' input only, never the state itself
-        q_s = None if self.wq is None else l2_normalize(split_heads(self.wq(h), self.num_heads))  # [B, H, S, D]
-        k_s = l2_normalize(split_heads(self.wk(h), self.num_heads))  # [B, H, S, D]
-        v_s = split_heads(self.wv(h), self.num_heads)  # [B, H, S, D]
-        q_e = l2_normalize(split_heads(self.wq2(h), self.num_heads))  # [B, H, S, D]
-        return q_s, k_s, v_s, q_e
+        return self.stacked()(c)
+
+    def stacked(self) -> Callable[[Tensor], Tuple[Optional[Tensor], Tensor, Tensor, Tensor]]:
+        """The projection of a state c [B, S, d] with the three or four maps stacked into one weight, built
+        once for the blocks of a segment: one matmul per block instead of four (gradients reach each map's
+        weight through the stacking)."""
+        maps = [m for m in (self.wq, self.wk, self.wv, self.wq2) if m is not None]
+        weight = torch.cat([m.weight for m in maps], dim=0)  # [3d or 4d, d]
+
+        def project(c: Tensor) -> Tuple[Optional[Tensor], Tensor, Tensor, Tensor]:
+            h = self.norm(c)  # [B, S, d]
+            if self.ids is not None:
+                h = h + self.ids.to(h.dtype)  # the IDs join the projections' input only, never the state itself
+            out = [split_heads(y, self.num_heads) for y in F.linear(h, weight).chunk(len(maps), dim=-1)]
+            q_s = None if self.wq is None else l2_normalize(out.pop(0))  # [B, H, S, D]
+            k_s, v_s, q_e = l2_normalize(out[0]), out[1], l2_normalize(out[2])  # [B, H, S, D] each
+            return q_s, k_s, v_s, q_e
+
+        return project
 
 
 class RecurrentLayer(StateReadingLayer):
@@ -157,23 +169,27 @@ class RecurrentLayer(StateReadingLayer):
         """The horizontal direction over the segment's blocks: c_0 [B, S, d] -> c_nb, and K_s, V_s of every
         c_t (t < nb) stacked lane-major [B*nb, H, S, D] for the vertical cross-attention B."""
         w = self.window
-        blocks = k.shape[2] // w
         k_prev, v_prev = state.k.to(k.dtype), state.v.to(v.dtype)  # [B, H, W, D]: block 0's previous block
+        # per-block views taken once (their backward is one concatenation, not a full-size gradient per slice),
+        # and what every block shares computed once: the scales and the state module's stacked weights
+        k_blocks, v_blocks = k.split(w, dim=2), v.split(w, dim=2)  # nb x [B, H, W, D]
+        scale_r = self.state_scale2()  # [H]
+        scale_p = None if self.state_scale is None else self.state_scale()  # [H]
+        project = self.state.stacked()
         keys, values = [], []
-        for i in range(blocks):
-            q_s, k_s, v_s, q_e = projected if (i == 0 and projected is not None) else self.state(c)  # [B, H, S, D]
+        for i, (k_cur, v_cur) in enumerate(zip(k_blocks, v_blocks)):
+            q_s, k_s, v_s, q_e = projected if (i == 0 and projected is not None) else project(c)  # [B, H, S, D]
             keys.append(k_s)
             values.append(v_s)
-            k_cur, v_cur = k[:, :, i * w:(i + 1) * w], v[:, :, i * w:(i + 1) * w]  # [B, H, W, D]
             if self.reads_prev_block:  # docs/models.md#paper-and-code: the code reads previous + current block, unmasked
                 k_e, v_e = torch.cat([k_prev, k_cur], dim=2), torch.cat([v_prev, v_cur], dim=2)  # [B, H, 2W, D]
                 valid = None if (prev_valid is None or i > 0) else prev_valid[:, None].expand(-1, w)  # [B, W]
                 mask = UNMASKED if valid is None else MaskSpec(causal=False, memory_valid=valid)
             else:
                 k_e, v_e, mask = k_cur, v_cur, UNMASKED
-            reads = [attend(q_e, k_e, v_e, mask, scale=self.state_scale2(), backend=self.backend)]  # R [B, H, S, D]
-            if self.state_scale is not None:
-                reads.insert(0, attend(q_s, k_s, v_s, UNMASKED, scale=self.state_scale(), backend=self.backend))  # P
+            reads = [attend(q_e, k_e, v_e, mask, scale=scale_r, backend=self.backend)]  # R [B, H, S, D]
+            if scale_p is not None:
+                reads.insert(0, attend(q_s, k_s, v_s, UNMASKED, scale=scale_p, backend=self.backend))  # P
             u = merge_heads(torch.cat(reads, dim=1))  # [B, S, 2d] = [P ; R], or [B, S, d] = R
             c = self.update(c, u)  # [B, S, d]
             k_prev, v_prev = k_cur, v_cur

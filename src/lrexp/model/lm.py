@@ -158,7 +158,9 @@ class LongRangeLM(nn.Module):
     def logits(self, x: Tensor) -> Tensor:
         """Logits [B, T, V] of the last layer's output x [B, T, d]: final norm, then the tied embedding."""
         h = self.drop_out(self.norm_f(x))  # [B, T, d]
-        return h @ self.embed.weight.t() / math.sqrt(self.vocab_size)  # [B, T, V]
+        # the 1/sqrt(V) scale on the d-wide side: one pass over [B, T, d] instead of two (forward and backward)
+        # over the V-wide logits, the largest tensor of a step; equal up to float rounding
+        return (h / math.sqrt(self.vocab_size)) @ self.embed.weight.t()  # [B, T, V]
 
     def _block_serial(self, x: Tensor, states: list) -> Tuple[Tensor, list]:
         """The whole stack on block t before any layer sees block t+1; x [B, T, d] -> [B, T, d]."""
@@ -166,8 +168,9 @@ class LongRangeLM(nn.Module):
         cell = self.layers[src]
         states[src] = cell.begin_segment(states[src])
         outputs = []
+        project = cell.state.stacked()  # the state module's maps stacked once for every block
         for xb in x.split(self.segment_multiple, dim=1):  # [B, W, d]
-            projected = cell.state(states[src].c)  # Q_s^h, K_s, V_s, Q_e^h of c_t
+            projected = project(states[src].c)  # Q_s^h, K_s, V_s, Q_e^h of c_t
             for i, layer in enumerate(self.layers):
                 if i == src:
                     xb, states[i] = layer(xb, states[i], projected=projected)
