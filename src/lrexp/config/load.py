@@ -15,13 +15,15 @@ from the inputs, so resolving an already resolved config gives the same config.
 from __future__ import annotations
 
 import difflib
+from operator import attrgetter
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Type
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lrexp.config.checks import resolve
+from lrexp.config.derive import SHORT_RUN_CADENCES, short_run_cadences
 from lrexp.config.errors import ConfigError
 from lrexp.config.paths import EXPERIMENTS
 from lrexp.config.schema import OPEN_SECTIONS, SCHEMA_PATHS, RunConfig, is_section
@@ -151,6 +153,11 @@ def _parse_override(item: str) -> tuple[str, str]:
 def compose(files: Sequence[str | Path | Layer] = (), overrides: Sequence[str] = ()) -> DictConfig:
     """Merge the layers in order and return the (unresolved, unvalidated) typed OmegaConf node. A file is a
     YAML path or a layer already in memory, (where it came from, its dict): a checkpoint's config."""
+    return _compose(files, overrides)[0]
+
+
+def _compose(files: Sequence[str | Path | Layer], overrides: Sequence[str]) -> Tuple[DictConfig, Set[str]]:
+    """compose(), and the keys the user set: those of the files and overrides, not of the presets."""
     selected = {"scale": "tiny", "row": None}
     dotlist: List[str] = []
     for item in overrides:
@@ -167,16 +174,21 @@ def compose(files: Sequence[str | Path | Layer] = (), overrides: Sequence[str] =
         layers.append((f"row {selected['row']}", _read_yaml(preset_path("row", selected["row"]))))
         # the run is tagged with its preset: the report's step-time reference is a preset (REFERENCE_ROW)
         layers.append((f"row {selected['row']}", {"log": {"tags": {TAG_ROW_PRESET: selected["row"]}}}))
+
+    presets = len(layers)
     layers.extend(f if isinstance(f, tuple) else (str(f), _read_yaml(Path(f))) for f in files)
 
     cfg = OmegaConf.structured(RunConfig)
-    for where, data in layers:
+    user = {key.split("=", 1)[0] for key in dotlist}
+    for i, (where, data) in enumerate(layers):
         for key in flatten(data):
             check_key(key, where)
+            if i >= presets:
+                user.add(key)
         cfg = _merge(cfg, OmegaConf.create(data), where)
     if dotlist:
         cfg = _merge(cfg, OmegaConf.from_dotlist(dotlist), "override")
-    return cfg
+    return cfg, user
 
 
 def _merge(cfg: DictConfig, layer: DictConfig, where: str) -> DictConfig:
@@ -194,12 +206,26 @@ def _omegaconf_message(exc: OmegaConfBaseException) -> str:
 
 def load(files: Sequence[str | Path | Layer] = (), overrides: Sequence[str] = ()) -> RunConfig:
     """Compose, type-check, resolve derived values and validate. Raises ConfigError with one line."""
-    cfg = compose(files, overrides)
+    cfg, user = _compose(files, overrides)
     try:
         run: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:
         raise ConfigError(_omegaconf_message(exc)) from None
+    adapt_short_run(run, user)
     return resolve(run)
+
+
+def adapt_short_run(cfg: RunConfig, user: Set[str]) -> None:
+    """Scale the cadences a short run would not see down to it, unless the user set them
+    (docs/configuration.md#short-runs); what changed is kept in `derived.adapted` for the run to say."""
+    values = {key: attrgetter(key)(cfg) for key in SHORT_RUN_CADENCES}
+    if not isinstance(cfg.train.max_steps, int) or not all(isinstance(v, int) for v in values.values()):
+        return  # a wrong type: resolve() names it
+    adapted = short_run_cadences(cfg.train.max_steps, values, user)
+    for key, (_, now) in adapted.items():
+        section, name = key.rsplit(".", 1)
+        setattr(attrgetter(section)(cfg), name, now)
+    cfg.derived.adapted = adapted
 
 
 def to_dict(cfg: RunConfig) -> Dict[str, Any]:
