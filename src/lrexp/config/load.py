@@ -25,6 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 from lrexp.config.checks import resolve
 from lrexp.config.derive import SHORT_RUN_CADENCES, short_run_cadences
 from lrexp.config.errors import ConfigError
+from lrexp.config.plugins import load_plugins
 from lrexp.config.paths import EXPERIMENTS
 from lrexp.config.schema import OPEN_SECTIONS, SCHEMA_PATHS, RunConfig, is_section
 from lrexp.tracking.names import TAG_ROW_PRESET
@@ -207,6 +208,7 @@ def _omegaconf_message(exc: OmegaConfBaseException) -> str:
 def load(files: Sequence[str | Path | Layer] = (), overrides: Sequence[str] = ()) -> RunConfig:
     """Compose, type-check, resolve derived values and validate. Raises ConfigError with one line."""
     cfg, user = _compose(files, overrides)
+    load_plugins(OmegaConf.select(cfg, "plugins") or [])  # their registrations before the checks read them
     try:
         run: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:

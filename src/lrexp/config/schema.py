@@ -281,6 +281,8 @@ class RunConfig:
     log: LogConfig = field(default_factory=LogConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    # Modules imported before the config is checked, for their registrations (docs/plugins.md)
+    plugins: List[str] = field(default_factory=list)
     derived: DerivedConfig = field(default_factory=DerivedConfig)
 
 
