@@ -1,7 +1,8 @@
 """Reading a config: YAML files, presets and `key=value` overrides merged into a typed, resolved RunConfig.
 
 `load(files, overrides)` merges, in order: the schema defaults, `experiments/base.yaml`, the scale preset
-(`scale=NAME`, default tiny), the row preset (`row=NAME`), the given YAML files, then `key=value` overrides.
+(`scale=NAME`, default tiny), the data preset (`data=NAME`), the row preset (`row=NAME`), the given YAML
+files, then `key=value` overrides.
 Every key is checked against the schema before anything is merged, so a typo fails naming the key and the
 closest real one.
 
@@ -30,7 +31,8 @@ from lrexp.config.paths import EXPERIMENTS
 from lrexp.config.schema import OPEN_SECTIONS, SCHEMA_PATHS, RunConfig, is_section
 from lrexp.tracking.names import TAG_ROW_PRESET
 
-SELECTORS = ("scale", "row")  # `scale=tiny`, `row=xl512` pick a preset file
+SELECTORS = ("scale", "row", "data")  # `scale=tiny`, `row=xl512`, `data=my_corpus` pick a preset file
+PRESET_DIRS = {"scale": EXPERIMENTS / "scales", "row": EXPERIMENTS / "rows", "data": EXPERIMENTS / "data"}
 _USER_FORBIDDEN = ("derived",)
 Layer = Tuple[str, Dict[str, Any]]  # (where it came from, for messages; its nested dict)
 
@@ -83,7 +85,7 @@ def check_key(key: str, where: str, *, selectors: bool = False, sections: bool =
     """Refuse a key a user may not set, naming `where` it was written: a computed (`derived`) key, or one the
     schema does not have (with the closest real one). Entries of an open section (`log.tags.*`) are free.
 
-    selectors: also accept `scale` and `row` (the preset pickers), as a grid's keys may be.
+    selectors: also accept `scale`, `row` and `data` (the preset pickers), as a grid's keys may be.
     sections: accept a whole section's name (`model`); a grid, whose keys each set one value, refuses it.
     error: the class raised (a grid raises its own subclass of ConfigError).
     """
@@ -133,12 +135,23 @@ def _read_yaml(path: Path) -> Dict[str, Any]:
 
 
 def preset_path(kind: str, name: str) -> Path:
-    folder = EXPERIMENTS / ("scales" if kind == "scale" else "rows")
+    folder = PRESET_DIRS[kind]
     path = folder / f"{name}.yaml"
     if not path.is_file():
-        have = sorted(p.stem for p in folder.glob("*.yaml"))
-        raise ConfigError(f"unknown {kind} '{name}'; available: {', '.join(have)}")
+        have = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
+        if kind == "data":  # the user's own: none until `data prepare --name` records one
+            have = (have or "none yet") + " (record one: lrexp data prepare --path DIR --name NAME)"
+        raise ConfigError(f"unknown {kind} '{name}'; available: {have}")
     return path
+
+
+def _data_preset(name: str) -> Layer:
+    """A data preset (docs/data.md#data-presets): the `data` section only, recorded by `lrexp data prepare --name`."""
+    where, data = f"data {name}", _read_yaml(preset_path("data", name))
+    if set(data) - {"data"}:
+        raise ConfigError(f"{where} ({preset_path('data', name)}): a data preset holds the 'data' section only, "
+                          f"not {', '.join(sorted(set(data) - {'data'}))}")
+    return where, data
 
 
 def _parse_override(item: str) -> tuple[str, str]:
@@ -159,7 +172,7 @@ def compose(files: Sequence[str | Path | Layer] = (), overrides: Sequence[str] =
 
 def _compose(files: Sequence[str | Path | Layer], overrides: Sequence[str]) -> Tuple[DictConfig, Set[str]]:
     """compose(), and the keys the user set: those of the files and overrides, not of the presets."""
-    selected = {"scale": "tiny", "row": None}
+    selected = {"scale": "tiny", "row": None, "data": None}
     dotlist: List[str] = []
     for item in overrides:
         key, value = _parse_override(item)
@@ -171,6 +184,8 @@ def _compose(files: Sequence[str | Path | Layer], overrides: Sequence[str]) -> T
 
     layers: List[Layer] = [("experiments/base.yaml", _read_yaml(EXPERIMENTS / "base.yaml"))]
     layers.append((f"scale {selected['scale']}", _read_yaml(preset_path("scale", selected["scale"]))))
+    if selected["data"]:  # after the scale: a corpus's vocabulary size wins over the scale's
+        layers.append(_data_preset(selected["data"]))
     if selected["row"]:
         layers.append((f"row {selected['row']}", _read_yaml(preset_path("row", selected["row"]))))
         # the run is tagged with its preset: the report's step-time reference is a preset (REFERENCE_ROW)
