@@ -120,7 +120,8 @@ def grid_table(rows: List[GroupRow]) -> Table:
 
     def step_time(r: GroupRow) -> str:
         text = r.step_time_rel.text(2)
-        return UNRESOLVED + text if r.step_time_delta.resolved is False else text
+        d = r.step_time_delta
+        return UNRESOLVED + text if d.resolved is False and not d.is_reference else text
 
     cells = [[
         f"`{r.group}`", r.row, r.segment_len, r.window, step_time(r), stat_bits(r.bits_per_token),
