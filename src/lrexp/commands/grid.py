@@ -145,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
     from lrexp.grid.launch import slots
     from lrexp.grid.plan import invocation_overrides, plan, previous_invocation
     from lrexp.report import collect
+    from lrexp.train.validate import short_run_note
 
     args = _late_options(args)
     if args.list or args.new_parent or args.cell:
@@ -164,6 +165,9 @@ def run(args: argparse.Namespace) -> int:
         steps = plan(g, finished)
     _check_cells(g)
     slots(g, args.jobs)  # refused now, not after the dry run said yes
+    for note in dict.fromkeys(short_run_note(c.config) for c in g.cells):  # the cells' logs cannot say it
+        if note:
+            print(f"lrexp grid: {note}", file=sys.stderr)
     if args.dry_run:
         _dry_run(g, steps)
         return 0
