@@ -3,11 +3,14 @@ terminal the bar stays (docs/configuration.md#logs). The same smoke run, stdout 
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pty
 import select
+import struct
 import subprocess
 import sys
+import termios
 
 import pytest
 
@@ -21,7 +24,7 @@ def _train(tmp_path, name, stdout):
             "data.val_fraction=0.25", "data.test_fraction=0.25", f"data.cache_dir={tmp_path / 'data'}",
             f"log.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", f"train.checkpoint_dir={tmp_path / name}",
             "train.accelerator=cpu"]
-    return subprocess.Popen(argv, stdout=stdout, stderr=subprocess.DEVNULL, env={**os.environ, "COLUMNS": "120"})
+    return subprocess.Popen(argv, stdout=stdout, stderr=subprocess.DEVNULL)
 
 
 @pytest.mark.slow  # two smoke trainings in processes of their own: about a minute on 2 CPU cores
@@ -31,6 +34,7 @@ def test_a_run_logged_to_a_file_prints_lines_where_a_terminal_gets_the_bar(tmp_p
     logged = (tmp_path / "stdout.log").read_bytes()
 
     master, slave = pty.openpty()  # a terminal: Lightning's bar, as before
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # 0 columns: tqdm draws nothing
     proc = _train(tmp_path, "tty", slave)
     os.close(slave)
     shown = b""
