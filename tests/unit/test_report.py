@@ -52,6 +52,14 @@ def child(client, exp_id, parent_id, cell, group, index, status="FINISHED", metr
     return run_id
 
 
+def main_table(markdown):
+    """The comparison table's lines (header and separator left out): up to the first blank line after it."""
+    lines = markdown.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("|"))
+    end = next((i for i in range(start, len(lines)) if not lines[i]), len(lines))
+    return lines[start + 2:end]
+
+
 def finals(step_time, bpt, bpb=None, pos=None):
     out = {"final/step_time_s": step_time, "final/val_bits_per_token": bpt, "final/params": 123456,
            "final/tokens_seen": 512}
@@ -87,12 +95,11 @@ def test_table_seeds_failures_and_files(store, tmp_path):
     assert w8.bits_per_byte.text(4) == "–"
     assert w16.status == "FAILED (1 of 1)" and w16.bits_per_token.mean is None
 
-    lines = rep.markdown.splitlines()
-    table = [ln for ln in lines if ln.startswith("| `")]
+    table = main_table(rep.markdown)
     assert len(table) == 3
-    assert table[0].split(" | ")[4:13] == ["1.00 ± 0.47", "3.1000 ± 0.1414", "+0.1000 ± 0.0000 (2 seeds)", "–",
-                                           "1.1000 ± 0.1414", "–", "123k", "512", "2/2"]
-    assert table[1].split(" | ")[6] == "reference"
+    assert table[0].split(" | ")[4:14] == ["≈ 1.00 ± 0.47", "3.1000 ± 0.1414", "+0.1000 [+0.1000, +0.1000]", "–",
+                                           "–", "1.1000 ± 0.1414", "–", "123k", "512", "2/2"]
+    assert table[1].split(" | ")[6] == "reference" and table[1].split(" | ")[4] == "1.00 ± 0.00"  # no ≈ on itself
     assert "relative to `window=8`" in rep.markdown and "4 of 5 cell runs finished, 6 cells in the grid" in rep.markdown
     assert "`window=16,seed=0` (FAILED" in rep.markdown and "ConfigError: bad value" in rep.markdown
 
@@ -157,9 +164,9 @@ def test_probe_cells_add_an_answer_column_to_table_and_csv(store, tmp_path):
         child(client, exp, pid, f"window=4,seed={seed}", "window=4", seed, metrics=metrics)
     rep = collect.build("probe", tmp_path, uri=store["uri"])
     header, _, line = [ln for ln in rep.markdown.splitlines() if ln.startswith("|")][:3]
-    assert header.split(" | ")[5:11] == ["bits/token", "Δ bits/token", "test bits/token", "bits/byte",
-                                         "answer bits/token", "targets"]
-    assert line.split(" | ")[9] == "3.2000 ± 0.2828"
+    assert header.split(" | ")[5:12] == ["bits/token", "Δ bits/token", "test bits/token", "Δ test bits/token",
+                                         "bits/byte", "answer bits/token", "targets"]
+    assert line.split(" | ")[10] == "3.2000 ± 0.2828"
     with open(tmp_path / "table.csv") as f:
         assert float(next(csv.DictReader(f))["answer_bits_per_token"]) == pytest.approx(3.2)
 
@@ -171,7 +178,8 @@ def test_cells_that_log_their_carried_state_bytes_add_a_column(store, tmp_path):
     for index, (cell, size) in enumerate((("dtype=float32", 32768), ("dtype=bfloat16", 16384))):
         child(client, exp, pid, cell, cell, index, metrics={**finals(0.2, 2.0), "final/state_bytes_per_lane": size})
     rep = collect.build("statebytes", tmp_path, uri=store["uri"])
-    header, _, *lines = [ln for ln in rep.markdown.splitlines() if ln.startswith("|")]
+    header = next(ln for ln in rep.markdown.splitlines() if ln.startswith("|"))
+    lines = main_table(rep.markdown)
     at = header.split(" | ").index("state bytes/lane")
     assert header.split(" | ")[at - 1] == "params" and [ln.split(" | ")[at] for ln in lines] == ["32.8k", "16.4k"]
     with open(tmp_path / "table.csv") as f:
@@ -198,12 +206,20 @@ def test_differences_to_the_reference_are_paired_by_seed_and_marked_when_unresol
     assert rec.delta.stat.mean == pytest.approx(-0.029) and rec.delta.stat.n == 3 and rec.delta.resolved
     assert xl.delta.stat.mean == pytest.approx(1 / 30) and not xl.delta.resolved
     assert rec.bits_per_token.std > abs(rec.delta.stat.mean)  # unpaired, the seeds' spread would hide it
-    assert one.delta.resolved is None and one.delta.text() == "-0.200 (1 seed: no spread)"
-    assert slide.delta.text() == "reference" and slide.test_bits_per_token.mean == pytest.approx(6.1)
-    lines = {ln.split(" | ")[0]: ln.split(" | ") for ln in rep.markdown.splitlines() if ln.startswith("| `")}
-    assert lines["| `row=rec`"][6].startswith("-0.0290 ± 0.0010 (3 seeds)")
-    assert lines["| `row=xl`"][6].startswith("≈ +0.0333")
+    assert one.delta.resolved is None and tables.delta_text(one.delta) == "-0.200 (1 seed: no spread)"
+    assert tables.delta_text(slide.delta) == "reference" and slide.test_bits_per_token.mean == pytest.approx(6.1)
+    lines = {ln.split(" | ")[0]: ln.split(" | ") for ln in main_table(rep.markdown)}
+    assert lines["| `row=rec`"][6] == "-0.0290 [-0.0315, -0.0265]"  # 0.029 ± 4.303 · 0.001 / √3
+    assert lines["| `row=xl`"][6] == "≈ +0.0333 [-0.4029, +0.4695]"  # 0.0333 ± 4.303 · 0.1756 / √3
     assert lines["| `row=one`"][5] == "5.700"  # three decimals without a spread
+    # the evidence: every pair, the interval, and the seeds a difference of this size and spread would need
+    evidence = {tuple(ln.split(" | ")[:2]): ln.split(" | ")[2:] for ln in rep.markdown.splitlines()
+                if ln.startswith("| `") and ln not in main_table(rep.markdown)}
+    assert evidence[("| `row=xl`", "bits/token")] == [
+        "0: +0.200, 1: -0.150, 2: +0.050", "+0.0333", "[-0.4029, +0.4695]", "not resolved; 110 seeds would |"]
+    assert evidence[("| `row=rec`", "bits/token")][-1] == "resolved |"
+    assert ("| `row=rec`", "test bits/token") not in evidence  # rec logged no test bits: nothing to pair
+    assert xl.delta.seeds_needed == 110 and rec.delta.seeds_needed is None
     assert "Every cell scored the same 5,000 validation targets." in rep.markdown
 
 
@@ -270,3 +286,18 @@ def test_single_runs_at_tiny_scale_take_slide13_as_reference(store, tmp_path, ca
     rows, ref = collect.aggregate(collect.build_runs([ids["xl512"], ids["slide13"]], out_dir=tmp_path,
                                                    uri=store["uri"]).cells, None)
     assert ref == "slide13" and rows[0].step_time_rel.mean == pytest.approx(2.0)
+
+
+def test_the_report_says_why_a_plot_is_missing(store, tmp_path):
+    client = store["client"]
+    exp = client.create_experiment("lrexp-short", artifact_location=str(store["root"] / "art"))
+    pid = parent(client, exp, "short")
+    run_id = child(client, exp, pid, "window=4", "window=4", 0, metrics=finals(0.2, 3.0))  # no curve, no buckets
+    client.log_param(run_id, "train.max_steps", "30")
+    client.log_param(run_id, "train.val_every", "100")
+    rep = collect.build("short", tmp_path, uri=store["uri"])
+    assert "No `val_bits_per_token.png`: no finished cell logged `val/bits_per_token` during training: validation " \
+           "runs every `train.val_every` steps and the cells stopped before the first (max_steps 30 < val_every 100)" \
+        in rep.markdown
+    assert "No `loss_by_position.png`: no finished cell logged the final pass's loss by position" in rep.markdown
+    assert not (tmp_path / "val_bits_per_token.png").exists()

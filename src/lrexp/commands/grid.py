@@ -155,6 +155,7 @@ def run(args: argparse.Namespace) -> int:
     from lrexp.grid.launch import slots
     from lrexp.grid.plan import invocation_overrides, plan, previous_invocation
     from lrexp.report import collect
+    from lrexp.train.validate import short_run_note
 
     args = _late_options(args)
     if args.list or args.new_parent or args.cell:
@@ -175,6 +176,9 @@ def run(args: argparse.Namespace) -> int:
     _check_cells(g)
     args.jobs = AUTO_JOBS if args.jobs is None else args.jobs
     slots(g, runner.jobs_for(g, args.jobs, steps))  # refused now, not after the dry run said yes
+    for note in dict.fromkeys(short_run_note(c.config) for c in g.cells):  # the cells' logs cannot say it
+        if note:
+            print(f"lrexp grid: {note}", file=sys.stderr)
     if args.dry_run:
         _dry_run(g, steps)
         return 0

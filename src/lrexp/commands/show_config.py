@@ -12,7 +12,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         "items",
         nargs="*",
         metavar="CONFIG.yaml | key=value",
-        help="YAML files merged in order, then key=value overrides; scale=NAME and row=NAME pick presets",
+        help="YAML files merged in order, then key=value overrides; scale=NAME, row=NAME and data=NAME pick presets",
     )
 
 

@@ -24,7 +24,8 @@ _POSITIVE = (
     "data.prepare_workers",
     "optim.warmup_steps", "train.max_steps", "train.val_every", "train.val_tokens",
     "train.lane_groups", "train.devices", "train.num_nodes", "train.threads", "train.checkpoint_every",
-    "train.checkpoint_minutes", "train.keep_checkpoints", "log.every_n_steps", "policy.block", "policy.context",
+    "train.checkpoint_minutes", "train.keep_checkpoints", "log.every_n_steps", "log.progress_every_s",
+    "policy.block", "policy.context",
 )
 
 

@@ -7,7 +7,7 @@ are computed one way.
 
 from __future__ import annotations
 
-from typing import List
+from typing import Collection, Dict, List
 
 from lrexp.config.schema import DerivedConfig, ModelConfig, RunConfig, SlotsConfig
 
@@ -40,6 +40,23 @@ def position_buckets(cfg: RunConfig) -> List[int]:
     return list(edges)
 
 
+# Cadences a short run scales down when the user did not set them (docs/configuration.md#short-runs): key ->
+# (the most the run may be below it, in multiples of max_steps; how many times per run it becomes)
+SHORT_RUN_CADENCES = {"train.val_every": (1, 4), "log.every_n_steps": (2, 10)}
+
+
+def short_run_cadences(max_steps: int, values: Dict[str, int], user: Collection[str]) -> Dict[str, List[int]]:
+    """The cadences a run of `max_steps` would not see (validation: not once; logging: not twice) that the
+    user did not set (`user`: the keys of their files and overrides), scaled to a few times per run:
+    key -> [the presets' value, the run's]. Validation then comes 4 times, training metrics 10 times."""
+    out = {}
+    for key, (times, per_run) in SHORT_RUN_CADENCES.items():
+        value = values[key]
+        if key not in user and times * value > max_steps:
+            out[key] = [value, max(1, max_steps // per_run)]
+    return out
+
+
 def derive(cfg: RunConfig, segment_invariant: bool) -> DerivedConfig:
     """The `derived` section. segment_invariant: the row's variant computes the same whatever its segment
     length (the variant registry says so), so evaluation may read longer segments."""
@@ -64,4 +81,5 @@ def derive(cfg: RunConfig, segment_invariant: bool) -> DerivedConfig:
         slot_layers=sorted(slot_layers(m.slots, m.num_layers)),
         data_seed=cfg.train.seed if cfg.data.seed is None else cfg.data.seed,
         position_buckets=position_buckets(cfg),
+        adapted=dict(cfg.derived.adapted),  # set by the loader, which alone knows what the user set
     )

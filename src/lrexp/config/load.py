@@ -1,7 +1,8 @@
 """Reading a config: YAML files, presets and `key=value` overrides merged into a typed, resolved RunConfig.
 
 `load(files, overrides)` merges, in order: the schema defaults, `experiments/base.yaml`, the scale preset
-(`scale=NAME`, default tiny), the row preset (`row=NAME`), the given YAML files, then `key=value` overrides.
+(`scale=NAME`, default tiny), the data preset (`data=NAME`), the row preset (`row=NAME`), the given YAML
+files, then `key=value` overrides.
 Every key is checked against the schema before anything is merged, so a typo fails naming the key and the
 closest real one.
 
@@ -15,19 +16,23 @@ from the inputs, so resolving an already resolved config gives the same config.
 from __future__ import annotations
 
 import difflib
+from operator import attrgetter
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Type
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lrexp.config.checks import resolve
+from lrexp.config.derive import SHORT_RUN_CADENCES, short_run_cadences
 from lrexp.config.errors import ConfigError
+from lrexp.config.plugins import load_plugins
 from lrexp.config.paths import EXPERIMENTS
 from lrexp.config.schema import OPEN_SECTIONS, SCHEMA_PATHS, RunConfig, is_section
 from lrexp.tracking.names import TAG_ROW_PRESET
 
-SELECTORS = ("scale", "row")  # `scale=tiny`, `row=xl512` pick a preset file
+SELECTORS = ("scale", "row", "data")  # `scale=tiny`, `row=xl512`, `data=my_corpus` pick a preset file
+PRESET_DIRS = {"scale": EXPERIMENTS / "scales", "row": EXPERIMENTS / "rows", "data": EXPERIMENTS / "data"}
 _USER_FORBIDDEN = ("derived",)
 Layer = Tuple[str, Dict[str, Any]]  # (where it came from, for messages; its nested dict)
 
@@ -80,7 +85,7 @@ def check_key(key: str, where: str, *, selectors: bool = False, sections: bool =
     """Refuse a key a user may not set, naming `where` it was written: a computed (`derived`) key, or one the
     schema does not have (with the closest real one). Entries of an open section (`log.tags.*`) are free.
 
-    selectors: also accept `scale` and `row` (the preset pickers), as a grid's keys may be.
+    selectors: also accept `scale`, `row` and `data` (the preset pickers), as a grid's keys may be.
     sections: accept a whole section's name (`model`); a grid, whose keys each set one value, refuses it.
     error: the class raised (a grid raises its own subclass of ConfigError).
     """
@@ -130,12 +135,23 @@ def _read_yaml(path: Path) -> Dict[str, Any]:
 
 
 def preset_path(kind: str, name: str) -> Path:
-    folder = EXPERIMENTS / ("scales" if kind == "scale" else "rows")
+    folder = PRESET_DIRS[kind]
     path = folder / f"{name}.yaml"
     if not path.is_file():
-        have = sorted(p.stem for p in folder.glob("*.yaml"))
-        raise ConfigError(f"unknown {kind} '{name}'; available: {', '.join(have)}")
+        have = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
+        if kind == "data":  # the user's own: none until `data prepare --name` records one
+            have = (have or "none yet") + " (record one: lrexp data prepare --path DIR --name NAME)"
+        raise ConfigError(f"unknown {kind} '{name}'; available: {have}")
     return path
+
+
+def _data_preset(name: str) -> Layer:
+    """A data preset (docs/data.md#data-presets): the `data` section only, recorded by `lrexp data prepare --name`."""
+    where, data = f"data {name}", _read_yaml(preset_path("data", name))
+    if set(data) - {"data"}:
+        raise ConfigError(f"{where} ({preset_path('data', name)}): a data preset holds the 'data' section only, "
+                          f"not {', '.join(sorted(set(data) - {'data'}))}")
+    return where, data
 
 
 def _parse_override(item: str) -> tuple[str, str]:
@@ -151,7 +167,12 @@ def _parse_override(item: str) -> tuple[str, str]:
 def compose(files: Sequence[str | Path | Layer] = (), overrides: Sequence[str] = ()) -> DictConfig:
     """Merge the layers in order and return the (unresolved, unvalidated) typed OmegaConf node. A file is a
     YAML path or a layer already in memory, (where it came from, its dict): a checkpoint's config."""
-    selected = {"scale": "tiny", "row": None}
+    return _compose(files, overrides)[0]
+
+
+def _compose(files: Sequence[str | Path | Layer], overrides: Sequence[str]) -> Tuple[DictConfig, Set[str]]:
+    """compose(), and the keys the user set: those of the files and overrides, not of the presets."""
+    selected = {"scale": "tiny", "row": None, "data": None}
     dotlist: List[str] = []
     for item in overrides:
         key, value = _parse_override(item)
@@ -163,20 +184,27 @@ def compose(files: Sequence[str | Path | Layer] = (), overrides: Sequence[str] =
 
     layers: List[Layer] = [("experiments/base.yaml", _read_yaml(EXPERIMENTS / "base.yaml"))]
     layers.append((f"scale {selected['scale']}", _read_yaml(preset_path("scale", selected["scale"]))))
+    if selected["data"]:  # after the scale: a corpus's vocabulary size wins over the scale's
+        layers.append(_data_preset(selected["data"]))
     if selected["row"]:
         layers.append((f"row {selected['row']}", _read_yaml(preset_path("row", selected["row"]))))
         # the run is tagged with its preset: the report's step-time reference is a preset (REFERENCE_ROW)
         layers.append((f"row {selected['row']}", {"log": {"tags": {TAG_ROW_PRESET: selected["row"]}}}))
+
+    presets = len(layers)
     layers.extend(f if isinstance(f, tuple) else (str(f), _read_yaml(Path(f))) for f in files)
 
     cfg = OmegaConf.structured(RunConfig)
-    for where, data in layers:
+    user = {key.split("=", 1)[0] for key in dotlist}
+    for i, (where, data) in enumerate(layers):
         for key in flatten(data):
             check_key(key, where)
+            if i >= presets:
+                user.add(key)
         cfg = _merge(cfg, OmegaConf.create(data), where)
     if dotlist:
         cfg = _merge(cfg, OmegaConf.from_dotlist(dotlist), "override")
-    return cfg
+    return cfg, user
 
 
 def _merge(cfg: DictConfig, layer: DictConfig, where: str) -> DictConfig:
@@ -194,12 +222,27 @@ def _omegaconf_message(exc: OmegaConfBaseException) -> str:
 
 def load(files: Sequence[str | Path | Layer] = (), overrides: Sequence[str] = ()) -> RunConfig:
     """Compose, type-check, resolve derived values and validate. Raises ConfigError with one line."""
-    cfg = compose(files, overrides)
+    cfg, user = _compose(files, overrides)
+    load_plugins(OmegaConf.select(cfg, "plugins") or [])  # their registrations before the checks read them
     try:
         run: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:
         raise ConfigError(_omegaconf_message(exc)) from None
+    adapt_short_run(run, user)
     return resolve(run)
+
+
+def adapt_short_run(cfg: RunConfig, user: Set[str]) -> None:
+    """Scale the cadences a short run would not see down to it, unless the user set them
+    (docs/configuration.md#short-runs); what changed is kept in `derived.adapted` for the run to say."""
+    values = {key: attrgetter(key)(cfg) for key in SHORT_RUN_CADENCES}
+    if not isinstance(cfg.train.max_steps, int) or not all(isinstance(v, int) for v in values.values()):
+        return  # a wrong type: resolve() names it
+    adapted = short_run_cadences(cfg.train.max_steps, values, user)
+    for key, (_, now) in adapted.items():
+        section, name = key.rsplit(".", 1)
+        setattr(attrgetter(section)(cfg), name, now)
+    cfg.derived.adapted = adapted
 
 
 def to_dict(cfg: RunConfig) -> Dict[str, Any]:

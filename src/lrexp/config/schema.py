@@ -214,7 +214,10 @@ class LogConfig:
     # Edges of the loss-by-position buckets in tokens from the document start; None: 8W, 32W, 128W with W
     # the scale's window (the paper's 4k / 16k / 64k), the same for every row of a scale.
     position_buckets: Optional[List[int]] = None
-    progress_bar: bool = True
+    progress_bar: bool = True  # on a terminal only; elsewhere (a file, a pipe) lines every progress_every_s
+    # Seconds between progress lines when there is no bar (stdout not a terminal, as under SLURM or nohup, or
+    # progress_bar off); each evaluation also ends with a line. null: no lines (docs/configuration.md#logs)
+    progress_every_s: Optional[float] = 60.0
     progress_file: Optional[str] = None  # JSON rewritten every few seconds with step, loss, tokens/s (lit/progress.py)
 
 
@@ -265,6 +268,8 @@ class DerivedConfig:
     slot_layers: List[int] = field(default_factory=list)  # absolute indices of the layers with slots (if enabled)
     data_seed: int = 0  # data.seed, else train.seed
     position_buckets: List[int] = field(default_factory=list)  # log.position_buckets, else the scale's
+    # Cadences scaled down to a short run because the user did not set them: key -> [preset value, value used]
+    adapted: Dict[str, List[int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -278,6 +283,8 @@ class RunConfig:
     log: LogConfig = field(default_factory=LogConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    # Modules imported before the config is checked, for their registrations (docs/plugins.md)
+    plugins: List[str] = field(default_factory=list)
     derived: DerivedConfig = field(default_factory=DerivedConfig)
 
 

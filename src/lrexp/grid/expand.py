@@ -74,8 +74,13 @@ def config_hash(cfg: RunConfig, steps: bool = True) -> str:
     data = to_dict(cfg)
     data["log"] = {k: v for k, v in data["log"].items() if k not in ("tags", "run_name", "progress_file")}
     data.pop("policy")  # evaluation-only keys (`lrexp eval`): they never change what a cell trains
+    # the record of cadences scaled to a short run (docs/configuration.md#short-runs): the cell file keeps the values
+    adapted = data["derived"].pop("adapted")
     if not steps:
         data["train"] = {k: v for k, v in data["train"].items() if k != "max_steps"}
+        for key, (was, _) in adapted.items():  # they follow max_steps: the presets' values
+            section, name = key.rsplit(".", 1)
+            data[section][name] = was
     text = json.dumps(data, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -8,10 +8,10 @@ a cell (`perf/step_time_s`, after warm-up) divided by that of the reference grou
 names, else the first trained from the row preset `REFERENCE_ROW` (slide13: Table 1 divides by Slide:13L).
 
 Bits are those of the final passes over the whole validation and test splits, which score the same
-targets in every row (the `targets` column shows it). The difference to the reference group is paired by
-seed (equal seeds share data order and initialisation): the mean of the per-seed differences with its
-sample standard deviation, and `≈` where a 95% t interval over the pairs contains 0, so the seeds do not
-resolve it. With one seed no spread is known, and the table says so instead of printing digits.
+targets in every row (the `targets` column shows it). Differences to the reference group (bits/token, test
+bits/token, and step time as a ratio) are paired by seed (equal seeds share data order and initialisation)
+and summarised by `report.stats`: the per-seed values, their mean, its 95% t interval, and the seeds that
+would resolve a difference the interval does not (docs/grids.md#differences-and-their-evidence).
 
 Output under `reports/<grid>/<parent run id>/` (one folder per invocation; `reports/<grid>/latest` points
 at the newest): `table.md`, `table.csv`, `val_bits_per_token.png` (validation curves) and
@@ -24,7 +24,6 @@ experiment, under `reports/runs/<digest>/`.
 from __future__ import annotations
 
 import hashlib
-import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -33,6 +32,7 @@ from lrexp.config.load import load
 from lrexp.config.paths import PROJECT_ROOT
 from lrexp.errors import UserError
 from lrexp.report import plots, tables
+from lrexp.report.stats import Delta, Stat
 from lrexp.tracking.store import tracking_uri
 from lrexp.tracking.names import (
     FINAL_ANSWER, FINAL_BPB, FINAL_BPT, FINAL_PARAMS, FINAL_STATE_BYTES, FINAL_STEP_TIME, FINAL_TARGETS,
@@ -61,72 +61,7 @@ class CellRun:
     error: Optional[str] = None
     seed: Optional[str] = None
     preset: Optional[str] = None  # the row preset it trained from (TAG_ROW_PRESET; runs before it: None)
-
-
-@dataclass
-class Stat:
-    mean: Optional[float] = None
-    std: Optional[float] = None
-    n: int = 0
-
-    @classmethod
-    def of(cls, values: Sequence[Optional[float]]) -> "Stat":
-        vals = [v for v in values if v is not None]
-        if not vals:
-            return cls()
-        return cls(statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else None, len(vals))
-
-    def scaled(self, by: Optional[float]) -> "Stat":
-        if self.mean is None or not by:
-            return Stat()
-        return Stat(self.mean / by, None if self.std is None else self.std / by, self.n)
-
-    def text(self, digits: int) -> str:
-        if self.mean is None:
-            return "–"
-        out = f"{self.mean:.{digits}f}"
-        return out + (f" ± {self.std:.{digits}f}" if self.std is not None else "")
-
-
-# two-sided 95% quantiles of Student's t by degrees of freedom (pairs - 1); 1.96 beyond the table
-_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-        15: 2.131, 20: 2.086, 30: 2.042}
-
-
-def t95(df: int) -> float:
-    return next((v for k, v in sorted(_T95.items()) if df <= k), 1.96)
-
-
-@dataclass
-class Delta:
-    """bits/token of a group minus the reference's, paired by seed."""
-
-    stat: Stat = field(default_factory=Stat)
-    is_reference: bool = False
-
-    @classmethod
-    def paired(cls, mine: Dict[str, float], ref: Dict[str, float]) -> "Delta":
-        seeds = sorted(set(mine) & set(ref))
-        return cls(Stat.of([mine[s] - ref[s] for s in seeds]))
-
-    @property
-    def resolved(self) -> Optional[bool]:
-        """Whether the seeds resolve the difference (a 95% t interval without 0); None: no spread known."""
-        s = self.stat
-        if s.mean is None or s.std is None:
-            return None
-        return abs(s.mean) > t95(s.n - 1) * s.std / s.n**0.5
-
-    def text(self) -> str:
-        if self.is_reference:
-            return "reference"
-        s = self.stat
-        if s.mean is None:
-            return "–"
-        if s.std is None:
-            return f"{s.mean:+.3f} (1 seed: no spread)"
-        mark = "" if self.resolved else "≈ "
-        return f"{mark}{s.mean:+.4f} ± {s.std:.4f} ({s.n} seeds)"
+    params: Dict[str, str] = field(default_factory=dict)  # its MLflow params: the flattened config
 
 
 @dataclass
@@ -142,7 +77,9 @@ class GroupRow:
     bits_per_byte: Stat = field(default_factory=Stat)
     test_bits_per_token: Stat = field(default_factory=Stat)
     targets: Stat = field(default_factory=Stat)
-    delta: Delta = field(default_factory=Delta)
+    delta: Delta = field(default_factory=Delta)  # bits/token minus the reference's, seed by seed
+    test_delta: Delta = field(default_factory=Delta)  # test bits/token, the same
+    step_time_delta: Delta = field(default_factory=Delta)  # step time over the reference's - 1, the same
     answer_bits: Stat = field(default_factory=Stat)
     params: Stat = field(default_factory=Stat)
     tokens_seen: Stat = field(default_factory=Stat)
@@ -231,6 +168,7 @@ def collect(client, parent) -> List[CellRun]:
                 error=tags.get(TAG_ERROR),
                 seed=params.get(SEED_KEY),
                 preset=tags.get(TAG_ROW_PRESET),
+                params=dict(params),
             )
         )
     return sorted(cells, key=lambda c: (c.index, c.cell))
@@ -270,13 +208,21 @@ def aggregate(cells: List[CellRun], reference: Optional[str],
     for r in rows:
         r.step_time_rel = r.step_time_s.scaled(ref.step_time_s.mean if ref else None)
     ref_bits = next((r for r in rows if r.group == reference), None) or ref
-    if ref_bits is not None:
-        by_seed = {c.seed: c.metrics[FINAL_BPT] for c in ref_bits.finished if FINAL_BPT in c.metrics}
+    for key, attr, relative, against in ((FINAL_BPT, "delta", False, ref_bits),
+                                         (FINAL_TEST_BPT, "test_delta", False, ref_bits),
+                                         (FINAL_STEP_TIME, "step_time_delta", True, ref)):
+        if against is None:
+            continue
+        theirs = _by_seed(against, key)
         for r in rows:
-            mine = {c.seed: c.metrics[FINAL_BPT] for c in r.finished if FINAL_BPT in c.metrics}
-            r.delta = Delta.paired(mine, by_seed)
-            r.delta.is_reference = r is ref_bits
+            setattr(r, attr, Delta.paired(_by_seed(r, key), theirs, relative))
+            getattr(r, attr).is_reference = r is against
     return rows, (ref.group if ref else None)
+
+
+def _by_seed(row: GroupRow, key: str) -> Dict[Optional[str], float]:
+    """seed -> the metric, over the group's finished cells that logged it."""
+    return {c.seed: c.metrics[key] for c in row.finished if key in c.metrics}
 
 
 def _client(uri: Optional[str]):
@@ -322,15 +268,34 @@ def _write(client, rows: List[GroupRow], reference: Optional[str], out: Path, ti
            expected: Optional[str] = None) -> Tuple[str, List[Path]]:
     """The plots, table.md and table.csv in `out`; returns the markdown and the files written."""
     out.mkdir(parents=True, exist_ok=True)
-    drawn = []
+    drawn, missing = [], []
     if plots.plot_val_curves(client, rows, out / "val_bits_per_token.png"):
         drawn.append("val_bits_per_token.png")
+    else:
+        missing.append("No `val_bits_per_token.png`: " + _no_validation_reason(rows))
     if plots.plot_loss_by_position(rows, out / "loss_by_position.png"):
         drawn.append("loss_by_position.png")
-    text = tables.grid_markdown(title, source, rows, reference, drawn, expected)
+    else:
+        missing.append("No `loss_by_position.png`: " + (
+            "no cell finished." if not any(r.finished for r in rows)
+            else "no finished cell logged the final pass's loss by position (`final/val_bits_per_token_by_pos_*`)."))
+    text = tables.grid_markdown(title, source, rows, reference, drawn, expected, missing)
     (out / "table.md").write_text(text)
     tables.write_csv(out / "table.csv", tables.grid_csv(rows))
     return text, [out / "table.md", out / "table.csv", *(out / p for p in drawn)]
+
+
+def _no_validation_reason(rows: List[GroupRow]) -> str:
+    """Why no cell has a validation curve: none finished, or each stopped before its first validation."""
+    finished = [c for r in rows for c in r.finished]
+    if not finished:
+        return "no cell finished."
+    steps = sorted({(c.params.get("train.max_steps", ""), c.params.get("train.val_every", "")) for c in finished})
+    text = "no finished cell logged `val/bits_per_token` during training"
+    if all(m.isdigit() and v.isdigit() and int(m) < int(v) for m, v in steps):
+        text += (": validation runs every `train.val_every` steps and the cells stopped before the first ("
+                 + ", ".join(f"max_steps {m} < val_every {v}" for m, v in steps) + ")")
+    return text + "; the final pass's bits are in the table."
 
 
 def build_runs(
@@ -363,7 +328,8 @@ def build_runs(
                 status=r.info.status, run_id=r.info.run_id, row=r.data.tags.get("lrexp.row", "–"),
                 segment_len=r.data.params.get("derived.segment_len", "–"), window=r.data.params.get("model.window", "–"),
                 metrics=dict(r.data.metrics), error=r.data.tags.get(TAG_ERROR),
-                seed=r.data.params.get(SEED_KEY), preset=r.data.tags.get(TAG_ROW_PRESET))
+                seed=r.data.params.get(SEED_KEY), preset=r.data.tags.get(TAG_ROW_PRESET),
+                params=dict(r.data.params))
         for i, r in enumerate(runs)
     ]
     rows, ref = aggregate(cells, reference, reference or REFERENCE_ROW)

@@ -38,7 +38,7 @@ def plot_val_curves(client, rows: List[GroupRow], path: Path) -> bool:
                 continue
             steps = {m.step: m.value for m in history}  # a step validated twice keeps its latest value
             ax.plot(list(steps), list(steps.values()), color=f"C{i % 10}", marker=".",
-                    label=r.group if j == 0 else None)
+                    label=f"{r.group}: a line per seed ({len(r.finished)})" if j == 0 else None)
             drawn = True
     if not drawn:
         return False
@@ -58,7 +58,7 @@ def _finish_plot(fig, ax, xlabel: str, path: Path) -> None:
 
 def plot_loss_by_position(rows: List[GroupRow], path: Path) -> bool:
     """Final validation bits/token per bucket of position in the document: the mean over seeds, and a band
-    from the lowest to the highest seed."""
+    from the lowest to the highest seed, labelled so in the legend."""
     from matplotlib.figure import Figure  # a slow import, paid only when a plot is drawn
 
     labels = sorted(
@@ -78,9 +78,10 @@ def plot_loss_by_position(rows: List[GroupRow], path: Path) -> bool:
         color = f"C{i % 10}"
         seeds = max(len(values[x]) for x in xs)
         ax.plot(xs, [statistics.fmean(values[x]) for x in xs], color=color, marker="o",
-                label=f"{r.group} ({seeds} seed{'s' if seeds > 1 else ''})")
-        if seeds > 1:
-            ax.fill_between(xs, [min(values[x]) for x in xs], [max(values[x]) for x in xs], color=color, alpha=0.2)
+                label=f"{r.group}: mean of {seeds} seed{'s' if seeds > 1 else ''}")
+        if seeds > 1:  # the band is the seeds' range, not an interval: it says how far apart single seeds land
+            ax.fill_between(xs, [min(values[x]) for x in xs], [max(values[x]) for x in xs], color=color, alpha=0.2,
+                            label=f"{r.group}: min–max over its seeds")
     ax.set_xticks(range(len(labels)), [_bucket_text(b) for b in labels])
     _finish_plot(fig, ax, "position of the target token in its document (tokens)", path)
     return True

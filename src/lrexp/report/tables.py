@@ -19,6 +19,7 @@ from lrexp.tracking.names import FINAL_TARGETS
 
 if TYPE_CHECKING:
     from lrexp.report.collect import GroupRow
+    from lrexp.report.stats import Delta
 
 Table = Tuple[List[str], List[List[Any]]]  # header, rows of cells
 
@@ -64,10 +65,45 @@ def write_csv(path: Path, table: Table) -> None:
 
 # ---- a grid's comparison table ----------------------------------------------------------------------
 
-COLUMNS = ["cell", "row", "N", "W", "step time", "bits/token", "Δ bits/token", "test bits/token", "bits/byte",
-           "targets", "params", "tokens seen", "seeds", "status"]
+COLUMNS = ["cell", "row", "N", "W", "step time", "bits/token", "Δ bits/token", "test bits/token", "Δ test bits/token",
+           "bits/byte", "targets", "params", "tokens seen", "seeds", "status"]
 ANSWER_COLUMN = "answer bits/token"  # after bits/byte, when a cell trained on a probe corpus
 STATE_BYTES_COLUMN = "state bytes/lane"  # after params, when a cell logged it (runs before it did not)
+UNRESOLVED = "≈ "  # marks a difference whose 95% interval holds 0
+
+
+def signed(value: float, relative: bool, digits: int = 4) -> str:
+    """A difference: bits with a sign, or a relative one in percent."""
+    return f"{value:+.1%}" if relative else f"{value:+.{digits}f}"
+
+
+def delta_text(d: Delta) -> str:
+    """The table's cell of a difference: its mean and 95% interval, ≈ when that holds 0."""
+    if d.is_reference:
+        return "reference"
+    s = d.stat
+    if s.mean is None:
+        return "–"
+    if d.interval is None:
+        return f"{signed(s.mean, d.relative, 3)} (1 seed: no spread)"
+    lo, hi = d.interval
+    mark = "" if d.resolved else UNRESOLVED
+    return f"{mark}{signed(s.mean, d.relative)} [{signed(lo, d.relative)}, {signed(hi, d.relative)}]"
+
+
+def per_seed_text(d: Delta) -> str:
+    """`seed: difference` for every pair, in seed order."""
+    return ", ".join(f"{seed}: {signed(v, d.relative, 3)}" for seed, v in d.per_seed.items())
+
+
+def verdict(d: Delta) -> str:
+    """Whether the seeds resolve the difference; if not, how many would at the same mean and spread."""
+    if d.interval is None:
+        return "1 seed: no spread"
+    if d.resolved:
+        return "resolved"
+    n = d.seeds_needed
+    return f"not resolved; {n} seeds would" if n is not None else "not resolved; over 1,000 seeds would"
 
 
 def grid_table(rows: List[GroupRow]) -> Table:
@@ -82,14 +118,35 @@ def grid_table(rows: List[GroupRow]) -> Table:
     def stat_bits(stat) -> str:
         return bits(stat.mean, std=stat.std)
 
+    def step_time(r: GroupRow) -> str:
+        text = r.step_time_rel.text(2)
+        d = r.step_time_delta
+        return UNRESOLVED + text if d.resolved is False and not d.is_reference else text
+
     cells = [[
-        f"`{r.group}`", r.row, r.segment_len, r.window, r.step_time_rel.text(2), stat_bits(r.bits_per_token),
-        r.delta.text(), stat_bits(r.test_bits_per_token), stat_bits(r.bits_per_byte),
+        f"`{r.group}`", r.row, r.segment_len, r.window, step_time(r), stat_bits(r.bits_per_token),
+        delta_text(r.delta), stat_bits(r.test_bits_per_token), delta_text(r.test_delta), stat_bits(r.bits_per_byte),
         *([stat_bits(r.answer_bits)] if answers else []), count(r.targets.mean), count(r.params.mean),
         *([count(r.state_bytes.mean)] if state else []), count(r.tokens_seen.mean), f"{len(r.finished)}/{len(r.cells)}",
         r.status,
     ] for r in rows]
     return columns, cells
+
+
+def evidence_table(rows: List[GroupRow]) -> Table:
+    """Every difference to the reference seed by seed, with its interval and what would resolve it; one line
+    per group and metric that has two pairs or more."""
+    header = ["cell", "metric", "per seed", "mean", "95% interval", "verdict"]
+    lines = []
+    for r in rows:
+        for metric, d in (("bits/token", r.delta), ("test bits/token", r.test_delta),
+                          ("step time", r.step_time_delta)):
+            if d.is_reference or d.interval is None:
+                continue
+            lo, hi = d.interval
+            lines.append([f"`{r.group}`", metric, per_seed_text(d), signed(d.stat.mean, d.relative),
+                          f"[{signed(lo, d.relative)}, {signed(hi, d.relative)}]", verdict(d)])
+    return header, lines
 
 
 def targets_note(rows: List[GroupRow]) -> str:
@@ -105,8 +162,9 @@ def targets_note(rows: List[GroupRow]) -> str:
 
 
 def grid_markdown(title: str, source: str, rows: List[GroupRow], reference: Optional[str], plots: List[str],
-                  expected: Optional[str] = None) -> str:
-    """`source`: where the runs come from (the parent run, the experiment); `expected`: the grid's cell count."""
+                  expected: Optional[str] = None, missing: Sequence[str] = ()) -> str:
+    """`source`: where the runs come from (the parent run, the experiment); `expected`: the grid's cell count;
+    `missing`: why each plot that is not drawn is missing, a sentence each."""
     finished = sum(len(r.finished) for r in rows)
     total = sum(len(r.cells) for r in rows)
     ref_row = next((r for r in rows if r.group == reference), None)
@@ -121,34 +179,56 @@ def grid_markdown(title: str, source: str, rows: List[GroupRow], reference: Opti
         + (f", {expected} cells in the grid" if expected and int(expected) != total else "")
         + ". " + ref_note + " Seeds of a cell are averaged: mean ± sample std; bits/token and bits/byte are "
         "the final pass over the whole validation split, test bits/token over the test split (lower is better). "
-        + targets_note(rows) + " Δ bits/token: minus the reference, paired by seed; ≈ marks a difference "
-        "the seeds do not resolve (a 95% t interval over the pairs holds 0)."
+        + targets_note(rows) + " Δ: minus the reference, paired by seed: the mean difference and its 95% t "
+        "interval [low, high]; ≈ marks a difference the seeds do not resolve (the interval holds 0; before a "
+        "step time: its ratio to the reference's, seed by seed)."
     )
     tail: List[str] = []
+    evidence = evidence_table(rows)
+    if evidence[1]:
+        tail += ["", "## Differences to the reference, seed by seed", "",
+                 "Step time as a relative difference (1.10 = +10.0%). Where the interval holds 0: the seeds at "
+                 "which the same mean difference and spread would leave it out, the least n with "
+                 "t_{0.975, n-1} · s / √n < |mean| (docs/grids.md#differences-and-their-evidence).", "",
+                 *table_lines(*evidence)]
     failed = [c for r in rows for c in r.cells if c.status != "FINISHED"]
     if failed:
         tail += ["", "## Cells that did not finish", ""]
         tail += [f"- `{c.cell}` ({c.status}, run `{c.run_id}`): {c.error or 'no error recorded'}" for c in failed]
     if plots:
         tail += ["", "Plots: " + ", ".join(f"`{p}`" for p in plots)]
+    if missing:
+        tail += ["", *missing]
     return markdown(title, paragraph, grid_table(rows), tail)
+
+
+def _delta_fields(d: Delta) -> List[Any]:
+    ci = d.interval
+    return [d.stat.mean, d.stat.std, d.stat.n, d.resolved, *(ci if ci else (None, None)), d.seeds_needed,
+            " ".join(f"{seed}:{v!r}" for seed, v in d.per_seed.items())]
+
+
+def _delta_header(prefix: str) -> List[str]:
+    return [f"{prefix}{k}" for k in ("", "_std", "_pairs", "_resolved", "_ci_low", "_ci_high", "_seeds_needed",
+                                     "_per_seed")]
 
 
 def grid_csv(rows: List[GroupRow]) -> Table:
     header = [
         "cell", "row", "N", "W", "seeds_finished", "seeds", "status", "step_time_rel", "step_time_rel_std",
-        "step_time_s", "bits_per_token", "bits_per_token_std", "delta_bits_per_token", "delta_std", "delta_pairs",
-        "delta_resolved", "test_bits_per_token", "test_bits_per_token_std", "bits_per_byte", "bits_per_byte_std",
+        "step_time_s", *_delta_header("delta_step_time_rel"), "bits_per_token", "bits_per_token_std",
+        *_delta_header("delta_bits_per_token"), "test_bits_per_token", "test_bits_per_token_std",
+        *_delta_header("delta_test_bits_per_token"), "bits_per_byte", "bits_per_byte_std",
         "answer_bits_per_token", "answer_bits_per_token_std", "targets", "params", "state_bytes_per_lane",
         "tokens_seen", "run_ids",
     ]
     return header, [[
         r.group, r.row, r.segment_len, r.window, len(r.finished), len(r.cells), r.status,
-        r.step_time_rel.mean, r.step_time_rel.std, r.step_time_s.mean, r.bits_per_token.mean,
-        r.bits_per_token.std, r.delta.stat.mean, r.delta.stat.std, r.delta.stat.n, r.delta.resolved,
-        r.test_bits_per_token.mean, r.test_bits_per_token.std, r.bits_per_byte.mean, r.bits_per_byte.std,
-        r.answer_bits.mean, r.answer_bits.std, r.targets.mean, r.params.mean, r.state_bytes.mean,
-        r.tokens_seen.mean, " ".join(c.run_id for c in r.cells),
+        r.step_time_rel.mean, r.step_time_rel.std, r.step_time_s.mean, *_delta_fields(r.step_time_delta),
+        r.bits_per_token.mean, r.bits_per_token.std, *_delta_fields(r.delta),
+        r.test_bits_per_token.mean, r.test_bits_per_token.std, *_delta_fields(r.test_delta),
+        r.bits_per_byte.mean, r.bits_per_byte.std, r.answer_bits.mean, r.answer_bits.std, r.targets.mean,
+        r.params.mean, r.state_bytes.mean, r.tokens_seen.mean, " ".join(c.run_id for c in r.cells),
     ] for r in rows]
 
 

@@ -12,11 +12,12 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities import rank_zero_only
 
 from lrexp.config.load import load
 from lrexp.config.schema import RunConfig
@@ -28,14 +29,14 @@ from lrexp.lit import checkpoint as ckpt_mod
 from lrexp.lit import run_logger
 from lrexp.lit.module import LMModule
 from lrexp.lit.perf import PerfCallback
-from lrexp.lit.progress import ProgressFile
+from lrexp.lit.progress import ProgressFile, ProgressLines, use_bar
 from lrexp.lit.saving import LastCheckpoint
 from lrexp.lit.seeding import StepSeedCallback
 from lrexp.lit.tbptt import TBPTTCallback
 from lrexp.model.lm import build_model
 from lrexp.tracking.names import TAG_CHECKPOINT_DIR, process_tags
 from lrexp.runtime.signals import StopSignals, name
-from lrexp.train.validate import check_run
+from lrexp.train.validate import check_run, short_run_note
 
 # Metrics summarised as final/* at the end of a run (the final passes log their own final/val_*, final/test_*).
 _SUMMARY_PREFIXES = ("train/loss", "perf/")
@@ -62,7 +63,12 @@ def build_trainer(
 ) -> pl.Trainer:
     t = cfg.train
     perf = PerfCallback(cfg.data.tokens_per_step, warmup_steps=cfg.log.perf_warmup_steps)
-    progress = [ProgressFile(Path(cfg.log.progress_file), cfg.data.tokens_per_step)] if cfg.log.progress_file else []
+    progress: List[pl.Callback] = []
+    if cfg.log.progress_file:
+        progress.append(ProgressFile(Path(cfg.log.progress_file), cfg.data.tokens_per_step))
+    bar = use_bar(cfg.log.progress_bar)
+    if not bar and cfg.log.progress_every_s:
+        progress.append(ProgressLines(cfg.log.progress_every_s, cfg.data.tokens_per_step))
     return pl.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
@@ -82,7 +88,7 @@ def build_trainer(
         plugins=[last.io],
         use_distributed_sampler=False,  # the data module deals whole lanes to ranks itself
         deterministic="warn" if t.deterministic else False,  # warn, not fail, on ops without one (GPU)
-        enable_progress_bar=cfg.log.progress_bar,
+        enable_progress_bar=bar,
         default_root_dir=last.dirpath,
     )
 
@@ -112,6 +118,9 @@ def run(cfg: RunConfig, resume: Optional[str] = None, callbacks: Sequence[pl.Cal
     run id; the run continues the same MLflow run, exactly when the world size is unchanged. `callbacks`:
     more of them for the Trainer (the benchmark's step clock)."""
     check_run(cfg)  # before the MLflow run: a config that cannot start is one line, not a FAILED run
+    note = short_run_note(cfg)
+    if note and rank_zero_only.rank == 0:
+        print(note, file=sys.stderr, flush=True)
     threads = cpu_threads(cfg)
     torch.set_num_threads(threads)  # before the model exists: the CLI, unlike the tests, sets no OMP_NUM_THREADS
     info = ckpt_mod.read(ckpt_mod.locate(resume, cfg.train.checkpoint_dir, say=_say)) if resume else None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from typing import Optional
 
 import torch
 
@@ -27,6 +28,28 @@ def check_run(cfg: RunConfig) -> None:
     corpora.check_source(cfg)
     _check_model(cfg, store.vocab_size(cfg))
     _check_compile(cfg)
+
+
+def short_run_note(cfg: RunConfig) -> Optional[str]:
+    """One line when the run is shorter than what it would show (docs/configuration.md#short-runs): below its
+    validation cadence, its warm-up or twice its logging cadence; says what was scaled down and to what."""
+    t, m = cfg.train, cfg.train.max_steps
+    kept = []
+    if t.val_every > m:
+        kept.append(f"train.val_every ({t.val_every}): no validation curve")
+    if 2 * cfg.log.every_n_steps > m:
+        kept.append(f"twice log.every_n_steps ({cfg.log.every_n_steps}): at most one point of train/loss and perf/*")
+    if cfg.optim.warmup_steps > m:
+        kept.append(f"optim.warmup_steps ({cfg.optim.warmup_steps}): the learning rate never reaches its peak")
+    if not cfg.derived.adapted and not kept:
+        return None
+    parts = []
+    if cfg.derived.adapted:
+        now = ", ".join(f"{key} {was} -> {new}" for key, (was, new) in cfg.derived.adapted.items())
+        parts.append(f"{now} (not set, so scaled to the run; set them to choose)")
+    if kept:
+        parts.append("below " + "; ".join(kept))
+    return f"short run, train.max_steps={m}: " + "; ".join(parts)
 
 
 def _check_compile(cfg: RunConfig) -> None:
