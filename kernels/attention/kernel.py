@@ -127,41 +127,54 @@ def _tile_grads(q, k, v, do, lse, delta, s, seed, bh, offs_m, offs_n, bias_row, 
 
 
 @triton.jit
-def _program_head(Scale, Seed, Bias, Valid, H, Tq, Tk, Mv, D, L_BIAS: tl.constexpr):
-    """What every program reads of its (lane, head) = program_id(1): bh, the offsets of its q and k rows, the
-    alignment shift = Tk - Tq, s_h, the dropout seed, its bias row and its lane's memory_valid row."""
-    bh = tl.program_id(1)
+def _program_head(Scale, Seed, Bias, Valid, H, Tq, Tk, Mv, D, T_OWN, L_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """What every program reads of its (lane, head) and block. The launch grid is one axis of
+    cdiv(T_OWN, BLOCK) * B * H programs, blocks of one (lane, head) adjacent (docs/design.md#launch-grids): axis 0
+    takes up to 2^31 - 1 programs where axes 1 and 2 stop at 65535, which the kNN memory attention's B * H * T
+    rows of one query exceed. Returns bh, the first row of the program's block of T_OWN (queries or keys), the
+    offsets of its q and k rows, the alignment shift = Tk - Tq, s_h, the dropout seed, its bias row and its
+    lane's memory_valid row."""
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(T_OWN, BLOCK)
+    bh = pid // n_blocks
     h = bh % H
     q_base = bh.to(tl.int64) * Tq * D
     kv_base = bh.to(tl.int64) * Tk * D
-    return (bh, q_base, kv_base, Tk - Tq, tl.load(Scale + h), tl.load(Seed), Bias + h * L_BIAS,
-            Valid + (bh // H) * Mv)
+    return (bh, (pid % n_blocks) * BLOCK, q_base, kv_base, Tk - Tq, tl.load(Scale + h), tl.load(Seed),
+            Bias + h * L_BIAS, Valid + (bh // H) * Mv)
 
 
 # Tq as well: the kNN memory attention has one query per row, where 16-query blocks waste the least
 KEY = ["D", "window", "Tq", "Tk"]
 
 
-def _configs(*shapes):
-    """Autotune candidates (BLOCK_M, BLOCK_N, num_warps, num_stages); one under the interpreter, which cannot
-    benchmark (docs/design.md#triton-without-a-gpu): 32 x 32 tiles, so the tests' T <= 100 still span several blocks while the
-    interpreter's cost per tile op (not per element) stays low."""
+# The GPU's autotune candidates per kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages)
+GPU_SHAPES = {
+    "attention_fwd": ((64, 64, 4, 2), (128, 64, 8, 3), (64, 32, 4, 3), (128, 32, 4, 2), (16, 64, 4, 2)),
+    "attention_bwd_dkdv": ((64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (16, 64, 4, 2)),
+    "attention_bwd_dq": ((64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (16, 64, 4, 2)),
+}
+
+
+def _configs(name):
+    """Autotune candidates of kernel `name` (`GPU_SHAPES`); one under the interpreter, which cannot
+    benchmark (docs/design.md#triton-without-a-gpu): 32 x 32 tiles, so the tests' T <= 100 still span several
+    blocks while the interpreter's cost per tile op (not per element) stays low."""
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32})]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in shapes]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+            for m, n, w, st in GPU_SHAPES[name]]
 
 
-@triton.autotune(configs=_configs((64, 64, 4, 2), (128, 64, 8, 3), (64, 32, 4, 3), (128, 32, 4, 2), (16, 64, 4, 2)),
-                 key=KEY)
+@triton.autotune(configs=_configs("attention_fwd"), key=KEY)
 @triton.jit
 def attention_fwd(Q, K, V, O, LSE, Scale, Bias, Valid, Seed, p_drop, H, Tq, Tk, Mv, window, D,
                   L_BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, NEAREST: tl.constexpr,
                   HAS_BIAS: tl.constexpr, HAS_VALID: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
                   BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """O [B, H, Tq, D] and lse [B, H, Tq] of one block of queries; grid (cdiv(Tq, BLOCK_M), B * H)."""
-    bh, q_base, kv_base, shift, s, seed, bias_row, valid_row = _program_head(Scale, Seed, Bias, Valid, H, Tq, Tk,
-                                                                              Mv, D, L_BIAS)
-    start_m = tl.program_id(0) * BLOCK_M
+    """O [B, H, Tq, D] and lse [B, H, Tq] of one block of queries; grid (cdiv(Tq, BLOCK_M) * B * H,)."""
+    bh, start_m, q_base, kv_base, shift, s, seed, bias_row, valid_row = _program_head(
+        Scale, Seed, Bias, Valid, H, Tq, Tk, Mv, D, Tq, L_BIAS, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_rows(Q, q_base, offs_m, Tq, offs_d, D)  # [BM, BD]
@@ -188,29 +201,34 @@ def attention_fwd(Q, K, V, O, LSE, Scale, Bias, Valid, Seed, p_drop, H, Tq, Tk, 
     tl.store(LSE + bh.to(tl.int64) * Tq + offs_m, m_i + tl.log(l_i), mask=offs_m < Tq)
 
 
-# the candidates are benchmarked on the real buffers: the atomically accumulated ones restart from 0 each time
-@triton.autotune(configs=_configs((64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (16, 64, 4, 2)), key=KEY,
-                 reset_to_zero=["DScale", "DBias"])
+@triton.autotune(configs=_configs("attention_bwd_dkdv"), key=KEY)
 @triton.jit
-def attention_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DScale, DBias, Scale, Bias, Valid, Seed, p_drop,
+def attention_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DScale, DFar, DNear, Scale, Bias, Valid, Seed, p_drop,
                        H, Tq, Tk, Mv, window, D,
                        L_BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, NEAREST: tl.constexpr,
                        HAS_BIAS: tl.constexpr, HAS_VALID: tl.constexpr, DROPOUT: tl.constexpr,
                        IEEE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dK = s dA^T q and dV = (P Z)^T dO of one block of keys, and this block's share of ds_h = sum dA (q . k + b)
-    and of the bias gradient db(n) = s sum_{n_ij = n} dA_ij (fp32 atomic adds); grid (cdiv(Tk, BLOCK_N), B * H)."""
-    bh, q_base, kv_base, shift, s, seed, bias_row, valid_row = _program_head(Scale, Seed, Bias, Valid, H, Tq, Tk,
-                                                                              Mv, D, L_BIAS)
-    h = bh % H
-    start_n = tl.program_id(0) * BLOCK_N
+    """dK = s dA^T q and dV = (P Z)^T dO of one block of keys, and the parts of the scale and bias gradients
+    ds_h = sum dA (q . k + b) and db(n) = s sum_{n_ij = n} dA_ij, all written with plain stores (no atomics,
+    so no contention and one summation order; torch reduces them after the kernel):
+      DScale [B, H, Tk]: sum_i dA_ij (q_i . k_j + b_ij) of each key j;
+      DFar [B, H, 2, Tk]: sum_i dA_ij of each key j over n < 0 (the bias at n = 0; unmasked attention only) and
+        over n >= L_BIAS - 1 (the last entry, shared by every far key);
+      DNear [B, H, Tq, L_BIAS - 1]: dA_ij itself at (i, n_ij) for 0 <= n_ij < L_BIAS - 1. Key j = shift + i - n
+        is the only key at distance n from query i, so every entry has one writer (the program owning key j);
+        entries no visible key reaches keep the zeros they were allocated with.
+    Grid (cdiv(Tk, BLOCK_N) * B * H,)."""
+    bh, start_n, q_base, kv_base, shift, s, seed, bias_row, valid_row = _program_head(
+        Scale, Seed, Bias, Valid, H, Tq, Tk, Mv, D, Tk, L_BIAS, BLOCK_N)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     k = _load_rows(K, kv_base, offs_n, Tk, offs_d, D)  # [BN, BD]
     v = _load_rows(V, kv_base, offs_n, Tk, offs_d, D)  # [BN, BD]
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dscale = tl.zeros([BLOCK_N], tl.float32)  # per key, summed once at the end
-    far = tl.zeros([BLOCK_N], tl.float32)  # the last bucket's gradient, shared by every n >= L_BIAS - 1: one add
+    dscale = tl.zeros([BLOCK_N], tl.float32)  # per key
+    far = tl.zeros([BLOCK_N], tl.float32)
+    near0 = tl.zeros([BLOCK_N], tl.float32)
     lo, hi = _query_range(start_n, shift, Tq, window, BLOCK_N, CAUSAL, HAS_WINDOW, NEAREST)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -225,25 +243,30 @@ def attention_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DScale, DBias, Scale, Bi
         dk += s * _dot(tl.trans(ds), q, IEEE)
         dscale += tl.sum(ds * qk, 0)
         if HAS_BIAS:
-            tl.atomic_add(DBias + h * L_BIAS + tl.maximum(n, 0), s * ds, mask=visible & (n < L_BIAS - 1))
-            far += tl.sum(tl.where(visible & (n >= L_BIAS - 1), s * ds, 0.0), 0)
+            near = visible & (n >= 0) & (n < L_BIAS - 1)  # [BM, BN]
+            rows = (bh.to(tl.int64) * Tq + offs_m[:, None]) * (L_BIAS - 1)  # [BM, 1]
+            tl.store(DNear + rows + tl.minimum(tl.maximum(n, 0), L_BIAS - 2), ds, mask=near)
+            far += tl.sum(tl.where(visible & (n >= L_BIAS - 1), ds, 0.0), 0)
+            if not CAUSAL:
+                near0 += tl.sum(tl.where(visible & (n < 0), ds, 0.0), 0)
     _store_rows(DK, kv_base, offs_n, Tk, offs_d, D, dk)
     _store_rows(DV, kv_base, offs_n, Tk, offs_d, D, dv)
-    tl.atomic_add(DScale + h, tl.sum(dscale, 0))
+    in_k = offs_n < Tk
+    tl.store(DScale + bh.to(tl.int64) * Tk + offs_n, dscale, mask=in_k)
     if HAS_BIAS:
-        tl.atomic_add(DBias + h * L_BIAS + L_BIAS - 1, tl.sum(far, 0))
+        tl.store(DFar + bh.to(tl.int64) * 2 * Tk + offs_n, near0, mask=in_k)
+        tl.store(DFar + (bh.to(tl.int64) * 2 + 1) * Tk + offs_n, far, mask=in_k)
 
 
-@triton.autotune(configs=_configs((64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (16, 64, 4, 2)), key=KEY)
+@triton.autotune(configs=_configs("attention_bwd_dq"), key=KEY)
 @triton.jit
 def attention_bwd_dq(Q, K, V, DO, LSE, Delta, DQ, Scale, Bias, Valid, Seed, p_drop, H, Tq, Tk, Mv, window, D,
                      L_BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, NEAREST: tl.constexpr,
                      HAS_BIAS: tl.constexpr, HAS_VALID: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
                      BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dQ = s dA K of one block of queries (dA as in `_tile_grads`); grid (cdiv(Tq, BLOCK_M), B * H)."""
-    bh, q_base, kv_base, shift, s, seed, bias_row, valid_row = _program_head(Scale, Seed, Bias, Valid, H, Tq, Tk,
-                                                                              Mv, D, L_BIAS)
-    start_m = tl.program_id(0) * BLOCK_M
+    """dQ = s dA K of one block of queries (dA as in `_tile_grads`); grid (cdiv(Tq, BLOCK_M) * B * H,)."""
+    bh, start_m, q_base, kv_base, shift, s, seed, bias_row, valid_row = _program_head(
+        Scale, Seed, Bias, Valid, H, Tq, Tk, Mv, D, Tq, L_BIAS, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_rows(Q, q_base, offs_m, Tq, offs_d, D)  # [BM, BD]

@@ -9,7 +9,7 @@ at min(n, max_distance) per tile. `lrexp::attention` and `lrexp::attention_backw
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import triton
@@ -19,7 +19,10 @@ from torch.library import triton_op, wrap_triton
 from lrexp.attention.bias import BiasSpec
 from lrexp.attention.errors import BackendError
 from lrexp.attention.mask import MaskSpec
-from lrexp.kernels.attention.kernel import INTERPRET, attention_bwd_dkdv, attention_bwd_dq, attention_fwd
+from lrexp.kernels.attention.kernel import GPU_SHAPES, INTERPRET, attention_bwd_dkdv, attention_bwd_dq, attention_fwd
+
+# the largest launch grid CUDA takes, per axis (docs/design.md#launch-grids)
+GRID_LIMITS = (2**31 - 1, 65535, 65535)
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128  # a [BLOCK, 128] fp32 tile per operand is what the GPU configs are sized for
@@ -85,6 +88,20 @@ def _launch_args(q: Tensor, k: Tensor, scale: Tensor, table: Optional[Tensor], v
     return tensors, sizes, flags
 
 
+def launch_grid(rows: int, lanes_heads: int, block: int) -> Tuple[int]:
+    """The grid of a kernel whose programs own blocks of `block` of `rows` queries or keys of every (lane, head):
+    one axis (the kernels split program_id(0) into (lane, head) and block), so B * H * T may reach 2^31 - 1."""
+    return (triton.cdiv(rows, block) * lanes_heads,)
+
+
+def launch_grids(b: int, h: int, t_q: int, t_k: int) -> Dict[str, List[Tuple[int]]]:
+    """Every grid the three kernels may launch on a GPU for q [b, h, t_q, D] over k [b, h, t_k, D]: one per
+    autotune candidate (`GPU_SHAPES`). dK/dV programs own key blocks, the others query blocks."""
+    return {name: [launch_grid(t_k if name == "attention_bwd_dkdv" else t_q, b * h,
+                               block_n if name == "attention_bwd_dkdv" else block_m)
+                   for block_m, block_n, _, _ in shapes] for name, shapes in GPU_SHAPES.items()}
+
+
 @triton_op("lrexp::attention", mutates_args=())
 def _attention(
     q: Tensor, k: Tensor, v: Tensor, scale: Tensor, table: Optional[Tensor], valid: Optional[Tensor], seed: Tensor,
@@ -95,7 +112,7 @@ def _attention(
     out = torch.empty_like(q)
     lse = torch.empty(b, h, t_q, device=q.device, dtype=torch.float32)
     tensors, sizes, flags = _launch_args(q, k, scale, table, valid, causal, window, include_self, dropout_p)
-    wrap_triton(attention_fwd)[lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]), b * h)](
+    wrap_triton(attention_fwd)[lambda meta: launch_grid(t_q, b * h, meta["BLOCK_M"])](
         q, k, v, out, lse, *tensors, seed, *sizes, **flags)
     return out, lse
 
@@ -106,19 +123,28 @@ def _attention_backward(
     table: Optional[Tensor], valid: Optional[Tensor], seed: Tensor, causal: bool, window: int, include_self: bool,
     dropout_p: float,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dq, dk, dv, d scale [H], d table [H, L], empty without a table), all fp32 but dq, dk, dv."""
+    """(dq, dk, dv, d scale [H], d table [H, L], empty without a table), all fp32 but dq, dk, dv. No atomics:
+    the kernels store per-program parts that torch sums here, in one order whatever the launch."""
     b, h, t_q, _ = q.shape
     t_k = k.shape[2]
     delta = (grad_out.float() * out.float()).sum(-1)  # [B, H, Tq]: sum_j P_ij dP_ij = dO_i . O_i, dropout included
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    dscale = torch.zeros_like(scale)  # [H], accumulated atomically
-    dtable = torch.zeros_like(table) if table is not None else scale.new_zeros(0)  # [H, L], accumulated atomically
+    # the parts of the scale and bias gradients, each written by one program (`attention_bwd_dkdv`)
+    dscale_parts = scale.new_empty(b, h, t_k)
+    far_parts = scale.new_empty(b, h, 2, t_k) if table is not None else dscale_parts
+    near = scale.new_zeros(b, h, t_q, table.shape[1] - 1) if table is not None else dscale_parts
     tensors, sizes, flags = _launch_args(q, k, scale, table, valid, causal, window, include_self, dropout_p)
-    dbias = dtable if table is not None else dscale  # never written without a table (HAS_BIAS off)
-    wrap_triton(attention_bwd_dkdv)[lambda meta: (triton.cdiv(t_k, meta["BLOCK_N"]), b * h)](
-        q, k, v, grad_out, lse, delta, dk, dv, dscale, dbias, *tensors, seed, *sizes, **flags)
-    wrap_triton(attention_bwd_dq)[lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]), b * h)](
+    wrap_triton(attention_bwd_dkdv)[lambda meta: launch_grid(t_k, b * h, meta["BLOCK_N"])](
+        q, k, v, grad_out, lse, delta, dk, dv, dscale_parts, far_parts, near, *tensors, seed, *sizes, **flags)
+    wrap_triton(attention_bwd_dq)[lambda meta: launch_grid(t_q, b * h, meta["BLOCK_M"])](
         q, k, v, grad_out, lse, delta, dq, *tensors, seed, *sizes, **flags)
+    dscale = dscale_parts.sum((0, 2))  # [H]
+    dtable = scale.new_zeros(0)
+    if table is not None:
+        far = far_parts.sum((0, 3))  # [H, 2]: n < 0, n >= L - 1
+        by_distance = torch.cat([near.sum((0, 2)), far[:, 1:]], dim=1)  # [H, L]
+        by_distance[:, 0] += far[:, 0]  # n < 0 reads the bias at n = 0
+        dtable = scale[:, None] * by_distance  # db(n) = s_h sum_{n_ij = n} dA_ij
     return dq, dk, dv, dscale, dtable
 
 
