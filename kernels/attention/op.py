@@ -19,7 +19,8 @@ from torch.library import triton_op, wrap_triton
 from lrexp.attention.bias import BiasSpec
 from lrexp.attention.errors import BackendError
 from lrexp.attention.mask import MaskSpec
-from lrexp.kernels.attention.kernel import GPU_SHAPES, INTERPRET, attention_bwd_dkdv, attention_bwd_dq, attention_fwd
+from lrexp.kernels.attention.kernel import (GPU_SHAPES, INTERPRET, attention_bwd_dkdv, attention_bwd_dq, attention_fwd,
+                                            length_bucket)
 
 # the largest launch grid CUDA takes, per axis (docs/design.md#launch-grids)
 GRID_LIMITS = (2**31 - 1, 65535, 65535)
@@ -79,7 +80,7 @@ def _launch_args(q: Tensor, k: Tensor, scale: Tensor, table: Optional[Tensor], v
     _, h, t_q, d = q.shape
     t_k = k.shape[2]
     tensors = (scale, scale if table is None else table, scale if valid is None else valid)
-    sizes = (dropout_p, h, t_q, t_k, 0 if valid is None else valid.shape[1], window, d)
+    sizes = (dropout_p, h, t_q, t_k, 0 if valid is None else valid.shape[1], window, d, length_bucket(t_q, t_k))
     flags = dict(
         L_BIAS=1 if table is None else table.shape[1], CAUSAL=causal, HAS_WINDOW=window > 0,
         NEAREST=0 if include_self else 1, HAS_BIAS=table is not None, HAS_VALID=valid is not None,
@@ -96,10 +97,12 @@ def launch_grid(rows: int, lanes_heads: int, block: int) -> Tuple[int]:
 
 def launch_grids(b: int, h: int, t_q: int, t_k: int) -> Dict[str, List[Tuple[int]]]:
     """Every grid the three kernels may launch on a GPU for q [b, h, t_q, D] over k [b, h, t_k, D]: one per
-    autotune candidate (`GPU_SHAPES`). dK/dV programs own key blocks, the others query blocks."""
+    autotune candidate (`GPU_SHAPES`, every head-dim class). dK/dV programs own key blocks, the others query
+    blocks."""
     return {name: [launch_grid(t_k if name == "attention_bwd_dkdv" else t_q, b * h,
                                block_n if name == "attention_bwd_dkdv" else block_m)
-                   for block_m, block_n, _, _ in shapes] for name, shapes in GPU_SHAPES.items()}
+                   for by_dim in shapes.values() for block_m, block_n, _, _ in by_dim]
+            for name, shapes in GPU_SHAPES.items()}
 
 
 @triton_op("lrexp::attention", mutates_args=())
@@ -138,12 +141,13 @@ def _attention_backward(
         q, k, v, grad_out, lse, delta, dk, dv, dscale_parts, far_parts, near, *tensors, seed, *sizes, **flags)
     wrap_triton(attention_bwd_dq)[lambda meta: launch_grid(t_q, b * h, meta["BLOCK_M"])](
         q, k, v, grad_out, lse, delta, dq, *tensors, seed, *sizes, **flags)
-    dscale = dscale_parts.sum((0, 2))  # [H]
+    dscale = dscale_parts.sum((0, 2))  # [H]: sum_ij dA_ij q_i . k_j
     dtable = scale.new_zeros(0)
     if table is not None:
         far = far_parts.sum((0, 3))  # [H, 2]: n < 0, n >= L - 1
-        by_distance = torch.cat([near.sum((0, 2)), far[:, 1:]], dim=1)  # [H, L]
+        by_distance = torch.cat([near.sum((0, 2)), far[:, 1:]], dim=1)  # [H, L]: sum_{n_ij = n} dA_ij
         by_distance[:, 0] += far[:, 0]  # n < 0 reads the bias at n = 0
+        dscale += (table * by_distance).sum(1)  # + sum_ij dA_ij b(n_ij)
         dtable = scale[:, None] * by_distance  # db(n) = s_h sum_{n_ij = n} dA_ij
     return dq, dk, dv, dscale, dtable
 

@@ -43,8 +43,8 @@ def report(head_dims, dtype: str):
     rows = []
     for kernel in KERNELS:
         name = kernel.fn.__name__
-        for block_m, block_n, warps, stages in GPU_SHAPES[name]:
-            for d in head_dims:
+        for d in head_dims:
+            for block_m, block_n, warps, stages in GPU_SHAPES[name][64 if d <= 64 else 128]:
                 compiled = compile_kernel(kernel, dtype, block_d=d, block_m=block_m, block_n=block_n,
                                           num_warps=warps, num_stages=stages)
                 rows.append(dict(kernel=name, block_m=block_m, block_n=block_n, warps=warps, stages=stages, d=d,

@@ -47,7 +47,7 @@ def _run(backend, q, k, v, mask, table, scale, dropout_p=0.0):
     scale = scale.clone().requires_grad_()
     bias = None if table is None else BiasSpec(table, BUCKETS, MAX_DISTANCE)
     out = attend(*leaves, mask, bias=bias, scale=scale, backend=backend, dropout_p=dropout_p)
-    cotangent = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
+    cotangent = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(out.device)
     (out.float() * cotangent).sum().backward()
     grads = [x.grad for x in leaves] + ([] if table is None else [table.grad]) + [scale.grad]
     return out, grads
