@@ -16,6 +16,8 @@
 6. GPU: the attention backends (bench/attention_kernels.py) when CUDA is present; sections 1-5 then run on it.
 7. torch.compile (`train.compile`): every row compiled, its step beside the eager one, its graph breaks.
 8. The Memorizing row's carried kNN memory per lane.
+9. Registers and spills of the Triton kernels compiled for sm_90 (tests/kernels/spill_report.py), where triton
+   imports (not with --quick).
 
 Every timing is interleaved round-robin over repeats with what it is compared with (bench/harness.py), and
 reported as the median with its min-max; ratios are per repeat. Numbers from a shared machine are noisy:
@@ -25,8 +27,10 @@ compare within one report.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -221,6 +225,16 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         lines += [*_timed_section(report, "knn_memory_bytes_per_lane", knn_section, overrides, scale), ""]
     else:
         lines += [left_out, ""]
+
+    lines.append("## 9. Triton registers and spills (sm_90)\n")
+    if importlib.util.find_spec("triton") is None or args.quick:
+        lines += ["Left out (no triton here, or --quick: compiling every candidate takes minutes).", ""]
+    else:  # compiled for sm_90 by ptxas, no GPU needed (docs/benchmark.md#registers-and-spills)
+        spills = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "tests/kernels/spill_report.py")],
+                                capture_output=True, text=True)
+        table = [line for line in spills.stdout.splitlines() if line.startswith("|")]
+        report["spills"] = {"spilling": bool(spills.returncode), "table": table}
+        lines += [*(table or spills.stderr.strip().splitlines()[-3:]), ""]
 
     report["seconds"] = round(time.perf_counter() - clock, 1)
     lines.append(f"The benchmark took {report['seconds']:.0f} s (by section: " +
