@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Tuple
 
+import warnings
+
 import torch
 import triton
 from torch import Tensor
@@ -24,6 +26,35 @@ from lrexp.kernels.attention.kernel import (GPU_SHAPES, INTERPRET, attention_bwd
 
 # the largest launch grid CUDA takes, per axis (docs/design.md#launch-grids)
 GRID_LIMITS = (2**31 - 1, 65535, 65535)
+KERNELS = {kernel.fn.__name__: kernel for kernel in (attention_fwd, attention_bwd_dkdv, attention_bwd_dq)}
+_fixed = {"on": False, "warned": False}  # model.attn.deterministic (`fix_configs`)
+
+
+def fix_configs(on: bool = True) -> None:
+    """model.attn.deterministic: launch every kernel with one fixed config (the first spill-free candidate of the
+    head-dim class) instead of the autotuner's pick by timing, which may differ from run to run and with it the
+    order of the sums in dQ, dK and dV. The kernels have no float atomics either way."""
+    _fixed["on"] = on
+
+
+def _launcher(name: str, rows: int, b: int, h: int, block_d: int):
+    """`wrap_triton(kernel)[grid]` for kernel `name` whose programs own blocks of `rows`, and the launch options:
+    the autotuner with a grid of its pick, or with `fix_configs` the JIT function with one config."""
+    kernel = KERNELS[name]
+    block = "BLOCK_N" if name == "attention_bwd_dkdv" else "BLOCK_M"
+    if not _fixed["on"]:
+        if torch.are_deterministic_algorithms_enabled() and not _fixed["warned"]:
+            _fixed["warned"] = True
+            warnings.warn("the triton attention backend (lrexp::attention) autotunes its launch configs by timing, "
+                          "so its gradients may differ in the last bits from run to run; "
+                          "model.attn.deterministic=true fixes one config per kernel")
+        return wrap_triton(kernel)[lambda meta: launch_grid(rows, b * h, meta[block])], {}
+    if INTERPRET:  # its one config
+        options = dict(kernel.configs[0].kwargs)
+    else:
+        m, n, warps, stages = GPU_SHAPES[name][64 if block_d <= 64 else 128][0]
+        options = dict(BLOCK_M=m, BLOCK_N=n, num_warps=warps, num_stages=stages)
+    return wrap_triton(kernel.fn)[launch_grid(rows, b * h, options[block])], options
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128  # a [BLOCK, 128] fp32 tile per operand is what the GPU configs are sized for
@@ -115,8 +146,8 @@ def _attention(
     out = torch.empty_like(q)
     lse = torch.empty(b, h, t_q, device=q.device, dtype=torch.float32)
     tensors, sizes, flags = _launch_args(q, k, scale, table, valid, causal, window, include_self, dropout_p)
-    wrap_triton(attention_fwd)[lambda meta: launch_grid(t_q, b * h, meta["BLOCK_M"])](
-        q, k, v, out, lse, *tensors, seed, *sizes, **flags)
+    launch, options = _launcher("attention_fwd", t_q, b, h, flags["BLOCK_D"])
+    launch(q, k, v, out, lse, *tensors, seed, *sizes, **flags, **options)
     return out, lse
 
 
@@ -137,10 +168,11 @@ def _attention_backward(
     far_parts = scale.new_empty(b, h, 2, t_k) if table is not None else dscale_parts
     near = scale.new_zeros(b, h, t_q, table.shape[1] - 1) if table is not None else dscale_parts
     tensors, sizes, flags = _launch_args(q, k, scale, table, valid, causal, window, include_self, dropout_p)
-    wrap_triton(attention_bwd_dkdv)[lambda meta: launch_grid(t_k, b * h, meta["BLOCK_N"])](
-        q, k, v, grad_out, lse, delta, dk, dv, dscale_parts, far_parts, near, *tensors, seed, *sizes, **flags)
-    wrap_triton(attention_bwd_dq)[lambda meta: launch_grid(t_q, b * h, meta["BLOCK_M"])](
-        q, k, v, grad_out, lse, delta, dq, *tensors, seed, *sizes, **flags)
+    launch, options = _launcher("attention_bwd_dkdv", t_k, b, h, flags["BLOCK_D"])
+    launch(q, k, v, grad_out, lse, delta, dk, dv, dscale_parts, far_parts, near, *tensors, seed, *sizes, **flags,
+           **options)
+    launch, options = _launcher("attention_bwd_dq", t_q, b, h, flags["BLOCK_D"])
+    launch(q, k, v, grad_out, lse, delta, dq, *tensors, seed, *sizes, **flags, **options)
     dscale = dscale_parts.sum((0, 2))  # [H]: sum_ij dA_ij q_i . k_j
     dtable = scale.new_zeros(0)
     if table is not None:

@@ -39,6 +39,8 @@ class AttnConfig:
     scale_abs: bool = False  # docs/models.md#paper-and-code: meliad 2025 uses |s_h|, 2022 (the default) s_h
     num_buckets: int = 32
     max_distance: int = 128
+    # triton backend: one fixed launch config per kernel, not the autotuner's timed pick (bitwise reproducible)
+    deterministic: bool = False
 
 
 @dataclass

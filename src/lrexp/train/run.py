@@ -112,6 +112,10 @@ def run(cfg: RunConfig, resume: Optional[str] = None, callbacks: Sequence[pl.Cal
     more of them for the Trainer (the benchmark's step clock)."""
     check_run(cfg)  # before the MLflow run: a config that cannot start is one line, not a FAILED run
     cfg = resolve_auto(cfg)  # precision and backend `auto` by the device, once: params and tags hold the result
+    if cfg.model.attn.deterministic and cfg.model.attn.backend == "triton":
+        from lrexp.kernels.attention.op import fix_configs  # needs triton, which only this backend imports
+
+        fix_configs()
     threads = cpu_threads(cfg)
     torch.set_num_threads(threads)  # before the model exists: the CLI, unlike the tests, sets no OMP_NUM_THREADS
     info = ckpt_mod.read(ckpt_mod.locate(resume, cfg.train.checkpoint_dir)) if resume else None
