@@ -30,11 +30,13 @@ def test_flex_forward_matches_the_reference_on_cpu(t_q, t_mem, mask):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
 
 
-def test_flex_refuses_dropout_in_one_line():
+def test_flex_refuses_dropout_and_a_cpu_backward_in_one_line():
     q, k, v, _, scale = _case_inputs(4, 4, MaskSpec())
     with pytest.raises(BackendError, match="no attention dropout") as err:
         attend(q, k, v, MaskSpec(), scale=scale, backend="flex", dropout_p=0.1)
     assert "\n" not in str(err.value)
+    with pytest.raises(BackendError, match="no backward on the CPU"):
+        attend(q.requires_grad_(), k, v, MaskSpec(), scale=scale, backend="flex")
 
 
 @pytest.mark.parametrize("row", ROWS)

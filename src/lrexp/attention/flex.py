@@ -57,6 +57,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: MaskSpec, bias: Optional[Bi
     if mask.prefix:
         raise BackendError("the flex attention backend takes no prefix keys (model.slots.read=prefix_kv); "
                            "use model.attn.backend=sdpa")
+    if not q.is_cuda and torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (
+            q, k, v, scale, None if bias is None else bias.table)):
+        raise BackendError("the flex attention backend has no backward on the CPU in this torch; use "
+                           "model.attn.backend=sdpa there, or run it on CUDA")
     h, t_q, t_k = q.shape[1], q.shape[2], k.shape[2]
     shift = t_k - t_q
     s = torch.ones(h, device=q.device) if scale is None else scale.float()  # [H]
