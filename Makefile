@@ -21,7 +21,7 @@ export TOKENIZERS_PARALLELISM := false
 export HF_DATASETS_OFFLINE := 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install test test-slow test-all ablation report bench ui ui-screenshots clean
+.PHONY: install test test-slow test-all ablation report bench gpu-check ui ui-screenshots clean
 
 install: $(STAMP)
 
@@ -62,6 +62,12 @@ report: $(STAMP)
 # (--repeats N, --compile-backend none, --quick).
 bench: $(STAMP)
 	$(PY) bench/bench.py scale=$(SCALE) $(BENCH_ARGS) $(ARGS)
+
+# One prepared check on a CUDA machine (scripts/gpu_check.py, docs/benchmark.md#gpu-check), within 8 minutes:
+# the gpu tests, the kernel bench, every row's step and MFU, three minutes of training, a TOVA evaluation; written
+# to docs/results/gpu/<device>/. DRY=1 runs every part at tiny size on the CPU; without CUDA it refuses.
+gpu-check: $(STAMP)
+	$(PY) scripts/gpu_check.py $(if $(DRY),--dry)
 
 # Prints the address of the latest grid's runs first; the store is $MLFLOW_TRACKING_URI or ./mlflow.db.
 ui: $(STAMP)

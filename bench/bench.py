@@ -17,6 +17,8 @@
 7. torch.compile (`train.compile`): every row compiled, its step beside the eager one, its graph breaks.
 8. The Memorizing row's carried kNN memory per lane.
 9. A profile of one step per row (bench/step_profile.py): time by operator family, the overhead outside them.
+10. Registers and spills of the Triton kernels compiled for sm_90 (tests/kernels/spill_report.py), where triton
+    imports (not with --quick).
 
 Every timing is interleaved round-robin over repeats with what it is compared with (bench/harness.py), and
 reported as the median with its min-max; ratios are per repeat. Numbers from a shared machine are noisy:
@@ -26,8 +28,10 @@ compare within one report.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -52,7 +56,7 @@ from report import REPORTS, write_report  # noqa: E402
 from rows import BASE, PAPER_STEP_TIME, ROWS, rows_section, scaling_section  # noqa: E402
 from step_profile import profile_section  # noqa: E402
 
-SECTIONS = ("rows", "scaling", "overhead", "data", "gpu", "knn", "profile")
+SECTIONS = ("rows", "scaling", "overhead", "data", "gpu", "knn", "profile", "spills")
 
 
 def machine(device: torch.device) -> Dict[str, str]:
@@ -242,6 +246,15 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                   *_timed_section(report, "profile", profile_section, rows, overrides, device), ""]
     else:
         lines += [left_out, ""]
+    lines.append("## 10. Triton registers and spills (sm_90)\n")
+    if "spills" not in sections or importlib.util.find_spec("triton") is None or args.quick:
+        lines += ["Left out (not among --sections, no triton here, or --quick: compiling every candidate takes minutes).", ""]
+    else:  # compiled for sm_90 by ptxas, no GPU needed (docs/benchmark.md#registers-and-spills)
+        spills = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "tests/kernels/spill_report.py")],
+                                capture_output=True, text=True)
+        table = [line for line in spills.stdout.splitlines() if line.startswith("|")]
+        report["spills"] = {"spilling": bool(spills.returncode), "table": table}
+        lines += [*(table or spills.stderr.strip().splitlines()[-3:]), ""]
 
     report["seconds"] = round(time.perf_counter() - clock, 1)
     lines.append(f"The benchmark took {report['seconds']:.0f} s (by section: " +

@@ -111,7 +111,7 @@ def _tile_grads(q, k, v, do, lse, delta, s, seed, bh, offs_m, offs_n, bias_row, 
                 Tq, Tk, Mv, window, L_BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                 NEAREST: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_VALID: tl.constexpr, DROPOUT: tl.constexpr,
                 IEEE: tl.constexpr):
-    """One tile of the backward: q . k + b, the mask, the distances, the dropped probabilities P Z and
+    """One tile of the backward: the mask, the distances, the dropped probabilities P Z and
     dA = dL/da [BM, BN]. With P = exp(a - lse): dP = Z dO v^T (Z the dropout scale, 0 or 1 / (1 - p)) and
     dA = P (dP - Delta), Delta_i = dO_i . O_i."""
     qk, visible, n = _tile_logits(q, k, offs_m, offs_n, bias_row, valid_row, shift, Tq, Tk, Mv, window,
@@ -123,45 +123,84 @@ def _tile_grads(q, k, v, do, lse, delta, s, seed, bh, offs_m, offs_n, bias_row, 
         z = tl.where(_keep(seed, bh, offs_m, offs_n, Tq, Tk, p_drop), 1.0 / (1.0 - p_drop), 0.0)
         pz = p * z
         dp = dp * z
-    return qk, visible, n, pz, p * (dp - delta[:, None])
+    return visible, n, pz, p * (dp - delta[:, None])
 
 
 @triton.jit
-def _program_head(Scale, Seed, Bias, Valid, H, Tq, Tk, Mv, D, L_BIAS: tl.constexpr):
-    """What every program reads of its (lane, head) = program_id(1): bh, the offsets of its q and k rows, the
-    alignment shift = Tk - Tq, s_h, the dropout seed, its bias row and its lane's memory_valid row."""
-    bh = tl.program_id(1)
+def _program_head(Scale, Seed, Bias, Valid, H, Tq, Tk, Mv, D, T_OWN, L_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """What every program reads of its (lane, head) and block. The launch grid is one axis of
+    cdiv(T_OWN, BLOCK) * B * H programs, blocks of one (lane, head) adjacent (docs/design.md#launch-grids): axis 0
+    takes up to 2^31 - 1 programs where axes 1 and 2 stop at 65535, which the kNN memory attention's B * H * T
+    rows of one query exceed. Returns bh, the first row of the program's block of T_OWN (queries or keys), the
+    offsets of its q and k rows, the alignment shift = Tk - Tq, s_h, the dropout seed, its bias row and its
+    lane's memory_valid row."""
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(T_OWN, BLOCK)
+    bh = pid // n_blocks
     h = bh % H
     q_base = bh.to(tl.int64) * Tq * D
     kv_base = bh.to(tl.int64) * Tk * D
-    return (bh, q_base, kv_base, Tk - Tq, tl.load(Scale + h), tl.load(Seed), Bias + h * L_BIAS,
-            Valid + (bh // H) * Mv)
+    return (bh, (pid % n_blocks) * BLOCK, q_base, kv_base, Tk - Tq, tl.load(Scale + h), tl.load(Seed),
+            Bias + h * L_BIAS, Valid + (bh // H) * Mv)
 
 
-# Tq as well: the kNN memory attention has one query per row, where 16-query blocks waste the least
-KEY = ["D", "window", "Tq", "Tk"]
+# What a tuned config is reused for: the head dim, the window, the mask kind, bias, memory_valid and dropout
+# (each changes the code and its registers), and the lengths' powers of two (`len_bucket`), not the lengths
+# themselves, so a new length of the same size class does not tune again
+KEY = ["D", "window", "len_bucket", "CAUSAL", "HAS_WINDOW", "HAS_BIAS", "HAS_VALID", "DROPOUT"]
 
 
-def _configs(*shapes):
-    """Autotune candidates (BLOCK_M, BLOCK_N, num_warps, num_stages); one under the interpreter, which cannot
-    benchmark (docs/design.md#triton-without-a-gpu): 32 x 32 tiles, so the tests' T <= 100 still span several blocks while the
-    interpreter's cost per tile op (not per element) stays low."""
+def length_bucket(t_q: int, t_k: int) -> int:
+    """The autotune key's length class: the bit lengths of Tq - 1 and Tk - 1 (powers of two at or above them),
+    so the kNN memory attention's single query still tunes apart from a segment's thousands."""
+    return max(t_q - 1, 0).bit_length() * 64 + max(t_k - 1, 0).bit_length()
+
+
+# The GPU's autotune candidates per kernel and head-dim class (BLOCK_D <= 64, <= 128): (BLOCK_M, BLOCK_N,
+# num_warps, num_stages), each compiled for sm_90 without register spills in the kernel's costliest variant
+# (window, bias, memory_valid and dropout on; tests/kernels/spill_report.py, docs/benchmark.md#registers-and-spills)
+GPU_SHAPES = {
+    "attention_fwd": {64: ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3), (16, 64, 4, 2)),
+                      128: ((64, 64, 8, 2), (64, 64, 8, 3), (16, 64, 4, 2))},
+    "attention_bwd_dkdv": {64: ((32, 64, 8, 2), (16, 128, 8, 2), (32, 32, 4, 2)),
+                           128: ((32, 64, 8, 2), (16, 64, 8, 2))},
+    "attention_bwd_dq": {64: ((64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (16, 64, 4, 2)),
+                         128: ((32, 64, 8, 2), (32, 32, 4, 2), (16, 64, 8, 2))},
+}
+
+
+def _head_dim_class(block_d: int) -> int:
+    return 64 if block_d <= 64 else 128
+
+
+def _for_head_dim(name):
+    """autotune's early_config_prune: the candidates of the launch's head-dim class."""
+    def prune(configs, named_args, **kwargs):
+        shapes = GPU_SHAPES[name][_head_dim_class(kwargs["BLOCK_D"])]
+        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in shapes]
+    return {"early_config_prune": prune}
+
+
+def _configs(name):
+    """Autotune candidates of kernel `name` (`GPU_SHAPES`, every head-dim class; `_for_head_dim` keeps one
+    class per launch); one under the interpreter, which cannot benchmark (docs/design.md#triton-without-a-gpu):
+    32 x 32 tiles, so the tests' T <= 100 still span several blocks while the interpreter's cost per tile op
+    (not per element) stays low."""
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32})]
+    shapes = dict.fromkeys(shape for by_dim in GPU_SHAPES[name].values() for shape in by_dim)
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in shapes]
 
 
-@triton.autotune(configs=_configs((64, 64, 4, 2), (128, 64, 8, 3), (64, 32, 4, 3), (128, 32, 4, 2), (16, 64, 4, 2)),
-                 key=KEY)
+@triton.autotune(configs=_configs("attention_fwd"), key=KEY, prune_configs_by=_for_head_dim("attention_fwd"))
 @triton.jit
-def attention_fwd(Q, K, V, O, LSE, Scale, Bias, Valid, Seed, p_drop, H, Tq, Tk, Mv, window, D,
+def attention_fwd(Q, K, V, O, LSE, Scale, Bias, Valid, Seed, p_drop, H, Tq, Tk, Mv, window, D, len_bucket,
                   L_BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, NEAREST: tl.constexpr,
                   HAS_BIAS: tl.constexpr, HAS_VALID: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
                   BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """O [B, H, Tq, D] and lse [B, H, Tq] of one block of queries; grid (cdiv(Tq, BLOCK_M), B * H)."""
-    bh, q_base, kv_base, shift, s, seed, bias_row, valid_row = _program_head(Scale, Seed, Bias, Valid, H, Tq, Tk,
-                                                                              Mv, D, L_BIAS)
-    start_m = tl.program_id(0) * BLOCK_M
+    """O [B, H, Tq, D] and lse [B, H, Tq] of one block of queries; grid (cdiv(Tq, BLOCK_M) * B * H,)."""
+    bh, start_m, q_base, kv_base, shift, s, seed, bias_row, valid_row = _program_head(
+        Scale, Seed, Bias, Valid, H, Tq, Tk, Mv, D, Tq, L_BIAS, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_rows(Q, q_base, offs_m, Tq, offs_d, D)  # [BM, BD]
@@ -188,29 +227,35 @@ def attention_fwd(Q, K, V, O, LSE, Scale, Bias, Valid, Seed, p_drop, H, Tq, Tk, 
     tl.store(LSE + bh.to(tl.int64) * Tq + offs_m, m_i + tl.log(l_i), mask=offs_m < Tq)
 
 
-# the candidates are benchmarked on the real buffers: the atomically accumulated ones restart from 0 each time
-@triton.autotune(configs=_configs((64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (16, 64, 4, 2)), key=KEY,
-                 reset_to_zero=["DScale", "DBias"])
+@triton.autotune(configs=_configs("attention_bwd_dkdv"), key=KEY, prune_configs_by=_for_head_dim("attention_bwd_dkdv"))
 @triton.jit
-def attention_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DScale, DBias, Scale, Bias, Valid, Seed, p_drop,
-                       H, Tq, Tk, Mv, window, D,
+def attention_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DScale, DFar, DNear, Scale, Bias, Valid, Seed, p_drop,
+                       H, Tq, Tk, Mv, window, D, len_bucket,
                        L_BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, NEAREST: tl.constexpr,
                        HAS_BIAS: tl.constexpr, HAS_VALID: tl.constexpr, DROPOUT: tl.constexpr,
                        IEEE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dK = s dA^T q and dV = (P Z)^T dO of one block of keys, and this block's share of ds_h = sum dA (q . k + b)
-    and of the bias gradient db(n) = s sum_{n_ij = n} dA_ij (fp32 atomic adds); grid (cdiv(Tk, BLOCK_N), B * H)."""
-    bh, q_base, kv_base, shift, s, seed, bias_row, valid_row = _program_head(Scale, Seed, Bias, Valid, H, Tq, Tk,
-                                                                              Mv, D, L_BIAS)
-    h = bh % H
-    start_n = tl.program_id(0) * BLOCK_N
+    """dK = s dA^T q and dV = (P Z)^T dO of one block of keys, and the parts of the bias gradient
+    db(n) = s sum_{n_ij = n} dA_ij, all written with plain stores (no atomics, so no contention and one summation
+    order; torch reduces them after the kernel):
+      DScale [B, H, Tk]: k_j . sum_i dA_ij q_i of each key j, the q . k part of the scale gradient
+        ds_h = sum_ij dA_ij (q_i . k_j + b(n_ij)), read off dK's accumulator after the loop instead of a
+        [BM, BN] product per tile (the bias part is sum_n b(n) db(n) / s, from the bias parts);
+      DFar [B, H, 2, Tk]: sum_i dA_ij of each key j over n < 0 (the bias at n = 0; unmasked attention only) and
+        over n >= L_BIAS - 1 (the last entry, shared by every far key);
+      DNear [B, H, Tq, L_BIAS - 1]: dA_ij itself at (i, n_ij) for 0 <= n_ij < L_BIAS - 1. Key j = shift + i - n
+        is the only key at distance n from query i, so every entry has one writer (the program owning key j);
+        entries no visible key reaches keep the zeros they were allocated with.
+    Grid (cdiv(Tk, BLOCK_N) * B * H,)."""
+    bh, start_n, q_base, kv_base, shift, s, seed, bias_row, valid_row = _program_head(
+        Scale, Seed, Bias, Valid, H, Tq, Tk, Mv, D, Tk, L_BIAS, BLOCK_N)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     k = _load_rows(K, kv_base, offs_n, Tk, offs_d, D)  # [BN, BD]
     v = _load_rows(V, kv_base, offs_n, Tk, offs_d, D)  # [BN, BD]
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dscale = tl.zeros([BLOCK_N], tl.float32)  # per key, summed once at the end
-    far = tl.zeros([BLOCK_N], tl.float32)  # the last bucket's gradient, shared by every n >= L_BIAS - 1: one add
+    far = tl.zeros([BLOCK_N], tl.float32)
+    near0 = tl.zeros([BLOCK_N], tl.float32)
     lo, hi = _query_range(start_n, shift, Tq, window, BLOCK_N, CAUSAL, HAS_WINDOW, NEAREST)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -218,32 +263,39 @@ def attention_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, DScale, DBias, Scale, Bi
         do = _load_rows(DO, q_base, offs_m, Tq, offs_d, D)  # [BM, BD]
         lse = tl.load(LSE + bh.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=0.0)  # [BM]
         delta = tl.load(Delta + bh.to(tl.int64) * Tq + offs_m, mask=offs_m < Tq, other=0.0)  # [BM]
-        qk, visible, n, pz, ds = _tile_grads(q, k, v, do, lse, delta, s, seed, bh, offs_m, offs_n, bias_row,
-                                             valid_row, p_drop, shift, Tq, Tk, Mv, window, L_BIAS, CAUSAL,
-                                             HAS_WINDOW, NEAREST, HAS_BIAS, HAS_VALID, DROPOUT, IEEE)
+        visible, n, pz, ds = _tile_grads(q, k, v, do, lse, delta, s, seed, bh, offs_m, offs_n, bias_row,
+                                         valid_row, p_drop, shift, Tq, Tk, Mv, window, L_BIAS, CAUSAL,
+                                         HAS_WINDOW, NEAREST, HAS_BIAS, HAS_VALID, DROPOUT, IEEE)
         dv += _dot(tl.trans(pz), do, IEEE)
-        dk += s * _dot(tl.trans(ds), q, IEEE)
-        dscale += tl.sum(ds * qk, 0)
+        dk += _dot(tl.trans(ds), q, IEEE)  # sum_i dA_ij q_i; times s at the store
         if HAS_BIAS:
-            tl.atomic_add(DBias + h * L_BIAS + tl.maximum(n, 0), s * ds, mask=visible & (n < L_BIAS - 1))
-            far += tl.sum(tl.where(visible & (n >= L_BIAS - 1), s * ds, 0.0), 0)
-    _store_rows(DK, kv_base, offs_n, Tk, offs_d, D, dk)
+            near = visible & (n >= 0) & (n < L_BIAS - 1)  # [BM, BN]
+            # a 64-bit base for the block, 32-bit offsets within it: half the registers of an int64 tile
+            block = DNear + (bh.to(tl.int64) * Tq + start_m) * (L_BIAS - 1)
+            within = tl.arange(0, BLOCK_M)[:, None] * (L_BIAS - 1) + tl.minimum(tl.maximum(n, 0), L_BIAS - 2)
+            tl.store(block + within, ds, mask=near)  # [BM, BN]
+            far += tl.sum(tl.where(visible & (n >= L_BIAS - 1), ds, 0.0), 0)
+            if not CAUSAL:
+                near0 += tl.sum(tl.where(visible & (n < 0), ds, 0.0), 0)
+    in_k = offs_n < Tk
+    tl.store(DScale + bh.to(tl.int64) * Tk + offs_n, tl.sum(k.to(tl.float32) * dk, 1), mask=in_k)
+    _store_rows(DK, kv_base, offs_n, Tk, offs_d, D, s * dk)
     _store_rows(DV, kv_base, offs_n, Tk, offs_d, D, dv)
-    tl.atomic_add(DScale + h, tl.sum(dscale, 0))
     if HAS_BIAS:
-        tl.atomic_add(DBias + h * L_BIAS + L_BIAS - 1, tl.sum(far, 0))
+        tl.store(DFar + bh.to(tl.int64) * 2 * Tk + offs_n, near0, mask=in_k)
+        tl.store(DFar + (bh.to(tl.int64) * 2 + 1) * Tk + offs_n, far, mask=in_k)
 
 
-@triton.autotune(configs=_configs((64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (16, 64, 4, 2)), key=KEY)
+@triton.autotune(configs=_configs("attention_bwd_dq"), key=KEY, prune_configs_by=_for_head_dim("attention_bwd_dq"))
 @triton.jit
 def attention_bwd_dq(Q, K, V, DO, LSE, Delta, DQ, Scale, Bias, Valid, Seed, p_drop, H, Tq, Tk, Mv, window, D,
+                     len_bucket,
                      L_BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, NEAREST: tl.constexpr,
                      HAS_BIAS: tl.constexpr, HAS_VALID: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
                      BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dQ = s dA K of one block of queries (dA as in `_tile_grads`); grid (cdiv(Tq, BLOCK_M), B * H)."""
-    bh, q_base, kv_base, shift, s, seed, bias_row, valid_row = _program_head(Scale, Seed, Bias, Valid, H, Tq, Tk,
-                                                                              Mv, D, L_BIAS)
-    start_m = tl.program_id(0) * BLOCK_M
+    """dQ = s dA K of one block of queries (dA as in `_tile_grads`); grid (cdiv(Tq, BLOCK_M) * B * H,)."""
+    bh, start_m, q_base, kv_base, shift, s, seed, bias_row, valid_row = _program_head(
+        Scale, Seed, Bias, Valid, H, Tq, Tk, Mv, D, Tq, L_BIAS, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_rows(Q, q_base, offs_m, Tq, offs_d, D)  # [BM, BD]
@@ -256,7 +308,7 @@ def attention_bwd_dq(Q, K, V, DO, LSE, Delta, DQ, Scale, Bias, Valid, Seed, p_dr
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(K, kv_base, offs_n, Tk, offs_d, D)  # [BN, BD]
         v = _load_rows(V, kv_base, offs_n, Tk, offs_d, D)  # [BN, BD]
-        _, _, _, _, ds = _tile_grads(q, k, v, do, lse, delta, s, seed, bh, offs_m, offs_n, bias_row, valid_row,
+        _, _, _, ds = _tile_grads(q, k, v, do, lse, delta, s, seed, bh, offs_m, offs_n, bias_row, valid_row,
                                      p_drop, shift, Tq, Tk, Mv, window, L_BIAS, CAUSAL, HAS_WINDOW, NEAREST,
                                      HAS_BIAS, HAS_VALID, DROPOUT, IEEE)
         dq += s * _dot(ds, k, IEEE)

@@ -9,7 +9,9 @@ at min(n, max_distance) per tile. `lrexp::attention` and `lrexp::attention_backw
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, List, Optional, Tuple
+
+import warnings
 
 import torch
 import triton
@@ -19,7 +21,40 @@ from torch.library import triton_op, wrap_triton
 from lrexp.attention.bias import BiasSpec
 from lrexp.attention.errors import BackendError
 from lrexp.attention.mask import MaskSpec
-from lrexp.kernels.attention.kernel import INTERPRET, attention_bwd_dkdv, attention_bwd_dq, attention_fwd
+from lrexp.kernels.attention.kernel import (GPU_SHAPES, INTERPRET, attention_bwd_dkdv, attention_bwd_dq, attention_fwd,
+                                            length_bucket)
+
+# the largest launch grid CUDA takes, per axis (docs/design.md#launch-grids)
+GRID_LIMITS = (2**31 - 1, 65535, 65535)
+KERNELS = {kernel.fn.__name__: kernel for kernel in (attention_fwd, attention_bwd_dkdv, attention_bwd_dq)}
+_fixed = {"on": False, "warned": False}  # model.attn.deterministic (`fix_configs`)
+
+
+def fix_configs(on: bool = True) -> None:
+    """model.attn.deterministic: launch every kernel with one fixed config (the first spill-free candidate of the
+    head-dim class) instead of the autotuner's pick by timing, which may differ from run to run and with it the
+    order of the sums in dQ, dK and dV. The kernels have no float atomics either way."""
+    _fixed["on"] = on
+
+
+def _launcher(name: str, rows: int, b: int, h: int, block_d: int):
+    """`wrap_triton(kernel)[grid]` for kernel `name` whose programs own blocks of `rows`, and the launch options:
+    the autotuner with a grid of its pick, or with `fix_configs` the JIT function with one config."""
+    kernel = KERNELS[name]
+    block = "BLOCK_N" if name == "attention_bwd_dkdv" else "BLOCK_M"
+    if not _fixed["on"]:
+        if torch.are_deterministic_algorithms_enabled() and not _fixed["warned"]:
+            _fixed["warned"] = True
+            warnings.warn("the triton attention backend (lrexp::attention) autotunes its launch configs by timing, "
+                          "so its gradients may differ in the last bits from run to run; "
+                          "model.attn.deterministic=true fixes one config per kernel")
+        return wrap_triton(kernel)[lambda meta: launch_grid(rows, b * h, meta[block])], {}
+    if INTERPRET:  # its one config
+        options = dict(kernel.configs[0].kwargs)
+    else:
+        m, n, warps, stages = GPU_SHAPES[name][64 if block_d <= 64 else 128][0]
+        options = dict(BLOCK_M=m, BLOCK_N=n, num_warps=warps, num_stages=stages)
+    return wrap_triton(kernel.fn)[launch_grid(rows, b * h, options[block])], options
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128  # a [BLOCK, 128] fp32 tile per operand is what the GPU configs are sized for
@@ -76,13 +111,29 @@ def _launch_args(q: Tensor, k: Tensor, scale: Tensor, table: Optional[Tensor], v
     _, h, t_q, d = q.shape
     t_k = k.shape[2]
     tensors = (scale, scale if table is None else table, scale if valid is None else valid)
-    sizes = (dropout_p, h, t_q, t_k, 0 if valid is None else valid.shape[1], window, d)
+    sizes = (dropout_p, h, t_q, t_k, 0 if valid is None else valid.shape[1], window, d, length_bucket(t_q, t_k))
     flags = dict(
         L_BIAS=1 if table is None else table.shape[1], CAUSAL=causal, HAS_WINDOW=window > 0,
         NEAREST=0 if include_self else 1, HAS_BIAS=table is not None, HAS_VALID=valid is not None,
         DROPOUT=dropout_p > 0, IEEE=q.dtype == torch.float32, BLOCK_D=max(16, triton.next_power_of_2(d)),
     )
     return tensors, sizes, flags
+
+
+def launch_grid(rows: int, lanes_heads: int, block: int) -> Tuple[int]:
+    """The grid of a kernel whose programs own blocks of `block` of `rows` queries or keys of every (lane, head):
+    one axis (the kernels split program_id(0) into (lane, head) and block), so B * H * T may reach 2^31 - 1."""
+    return (triton.cdiv(rows, block) * lanes_heads,)
+
+
+def launch_grids(b: int, h: int, t_q: int, t_k: int) -> Dict[str, List[Tuple[int]]]:
+    """Every grid the three kernels may launch on a GPU for q [b, h, t_q, D] over k [b, h, t_k, D]: one per
+    autotune candidate (`GPU_SHAPES`, every head-dim class). dK/dV programs own key blocks, the others query
+    blocks."""
+    return {name: [launch_grid(t_k if name == "attention_bwd_dkdv" else t_q, b * h,
+                               block_n if name == "attention_bwd_dkdv" else block_m)
+                   for by_dim in shapes.values() for block_m, block_n, _, _ in by_dim]
+            for name, shapes in GPU_SHAPES.items()}
 
 
 @triton_op("lrexp::attention", mutates_args=())
@@ -95,8 +146,8 @@ def _attention(
     out = torch.empty_like(q)
     lse = torch.empty(b, h, t_q, device=q.device, dtype=torch.float32)
     tensors, sizes, flags = _launch_args(q, k, scale, table, valid, causal, window, include_self, dropout_p)
-    wrap_triton(attention_fwd)[lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]), b * h)](
-        q, k, v, out, lse, *tensors, seed, *sizes, **flags)
+    launch, options = _launcher("attention_fwd", t_q, b, h, flags["BLOCK_D"])
+    launch(q, k, v, out, lse, *tensors, seed, *sizes, **flags, **options)
     return out, lse
 
 
@@ -106,19 +157,30 @@ def _attention_backward(
     table: Optional[Tensor], valid: Optional[Tensor], seed: Tensor, causal: bool, window: int, include_self: bool,
     dropout_p: float,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dq, dk, dv, d scale [H], d table [H, L], empty without a table), all fp32 but dq, dk, dv."""
+    """(dq, dk, dv, d scale [H], d table [H, L], empty without a table), all fp32 but dq, dk, dv. No atomics:
+    the kernels store per-program parts that torch sums here, in one order whatever the launch."""
     b, h, t_q, _ = q.shape
     t_k = k.shape[2]
     delta = (grad_out.float() * out.float()).sum(-1)  # [B, H, Tq]: sum_j P_ij dP_ij = dO_i . O_i, dropout included
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    dscale = torch.zeros_like(scale)  # [H], accumulated atomically
-    dtable = torch.zeros_like(table) if table is not None else scale.new_zeros(0)  # [H, L], accumulated atomically
+    # the parts of the scale and bias gradients, each written by one program (`attention_bwd_dkdv`)
+    dscale_parts = scale.new_empty(b, h, t_k)
+    far_parts = scale.new_empty(b, h, 2, t_k) if table is not None else dscale_parts
+    near = scale.new_zeros(b, h, t_q, table.shape[1] - 1) if table is not None else dscale_parts
     tensors, sizes, flags = _launch_args(q, k, scale, table, valid, causal, window, include_self, dropout_p)
-    dbias = dtable if table is not None else dscale  # never written without a table (HAS_BIAS off)
-    wrap_triton(attention_bwd_dkdv)[lambda meta: (triton.cdiv(t_k, meta["BLOCK_N"]), b * h)](
-        q, k, v, grad_out, lse, delta, dk, dv, dscale, dbias, *tensors, seed, *sizes, **flags)
-    wrap_triton(attention_bwd_dq)[lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]), b * h)](
-        q, k, v, grad_out, lse, delta, dq, *tensors, seed, *sizes, **flags)
+    launch, options = _launcher("attention_bwd_dkdv", t_k, b, h, flags["BLOCK_D"])
+    launch(q, k, v, grad_out, lse, delta, dk, dv, dscale_parts, far_parts, near, *tensors, seed, *sizes, **flags,
+           **options)
+    launch, options = _launcher("attention_bwd_dq", t_q, b, h, flags["BLOCK_D"])
+    launch(q, k, v, grad_out, lse, delta, dq, *tensors, seed, *sizes, **flags, **options)
+    dscale = dscale_parts.sum((0, 2))  # [H]: sum_ij dA_ij q_i . k_j
+    dtable = scale.new_zeros(0)
+    if table is not None:
+        far = far_parts.sum((0, 3))  # [H, 2]: n < 0, n >= L - 1
+        by_distance = torch.cat([near.sum((0, 2)), far[:, 1:]], dim=1)  # [H, L]: sum_{n_ij = n} dA_ij
+        by_distance[:, 0] += far[:, 0]  # n < 0 reads the bias at n = 0
+        dscale += (table * by_distance).sum(1)  # + sum_ij dA_ij b(n_ij)
+        dtable = scale[:, None] * by_distance  # db(n) = s_h sum_{n_ij = n} dA_ij
     return dq, dk, dv, dscale, dtable
 
 

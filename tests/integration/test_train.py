@@ -134,7 +134,8 @@ def test_a_row_runs_and_its_mlflow_run_holds_the_contract(env, uninterrupted, ro
     assert tags["lrexp.scale"] == "smoke" and tags["lrexp.git_sha"]
     kind = env["client"].get_experiment_by_name("lrexp-tests").tags["mlflow.experimentKind"]
     assert kind == "custom_model_development"  # the UI's runs table, not the GenAI overview
-    assert tags["lrexp.backend"]
+    assert (tags["lrexp.backend"], tags["lrexp.precision"]) == ("sdpa", "32-true")  # auto on the CPU
+    assert params["train.precision"] == "32-true" and params["model.attn.backend"] == "sdpa"
     assert tags["lrexp.threads"] == os.environ["OMP_NUM_THREADS"] == str(torch.get_num_threads())  # conftest's
     assert tags["lrexp.grid"] == "tests" and tags["lrexp.cell"] == f"row={row}"
     artifacts = {a.path for a in env["client"].list_artifacts(result["run_id"])}

@@ -47,7 +47,7 @@ def _run(backend, q, k, v, mask, table, scale, dropout_p=0.0):
     scale = scale.clone().requires_grad_()
     bias = None if table is None else BiasSpec(table, BUCKETS, MAX_DISTANCE)
     out = attend(*leaves, mask, bias=bias, scale=scale, backend=backend, dropout_p=dropout_p)
-    cotangent = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
+    cotangent = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(out.device)
     (out.float() * cotangent).sum().backward()
     grads = [x.grad for x in leaves] + ([] if table is None else [table.grad]) + [scale.grad]
     return out, grads
@@ -205,4 +205,31 @@ def test_benchmark_smoke_mode_runs_every_candidate_under_the_interpreter():
     assert run.returncode == 0, run.stderr
     rows = [line.split("|")[1:-1] for line in run.stdout.splitlines() if line.startswith("| ") and "ms" not in line]
     assert {row[2].strip() for row in rows} == {"triton", "sdpa tiles", "sdpa dense mask"}
-    assert all(float(row[5]) < 1e-5 for row in rows)  # every candidate's output against the reference
+    assert all(float(row[8]) < 1e-5 and float(row[9]) < 1e-4 for row in rows)  # output and gradients, every T
+
+
+@pytest.mark.slow  # four kernel runs forward and backward under the interpreter: about 5 s, more when loaded
+def test_fixed_configs_are_bitwise_reproducible_and_the_autotuned_launch_warns_under_determinism(recwarn):
+    """model.attn.deterministic: one config per kernel, the same bits every call; otherwise deterministic
+    algorithms get a warning that the autotuner's pick may vary (once per process)."""
+    from lrexp.kernels.attention import op
+
+    q, k, v, table, scale = _inputs(40, 40 + W, torch.float32)
+    mask = MaskSpec(window=W)
+    op.fix_configs()
+    try:
+        first = _run("triton", q, k, v, mask, table, scale)
+        again = _run("triton", q, k, v, mask, table, scale)
+    finally:
+        op.fix_configs(False)
+    for a, b in zip([first[0], *first[1]], [again[0], *again[1]]):
+        assert torch.equal(a, b)
+    ref = _run("reference", q, k, v, mask, table, scale)
+    torch.testing.assert_close(first[0], ref[0], atol=1e-5, rtol=0)
+    op._fixed["warned"] = False
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        _run("triton", q, k, v, mask, table, scale)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert any("model.attn.deterministic=true" in str(w.message) for w in recwarn)

@@ -22,10 +22,10 @@ CASES = [pytest.param(row, overrides, marks=[pytest.mark.slow] if row in SLOW el
 ]]
 
 
-def _models(row, overrides):
-    """The row's model on the reference backend and on triton, with the same weights."""
+def _models(row, overrides, backend="triton"):
+    """The row's model on the reference backend and on `backend`, with the same weights."""
     models = []
-    for backend in ("reference", "triton"):
+    for backend in ("reference", backend):
         cfg = load(overrides=["scale=smoke", f"row={row}", f"model.attn.backend={backend}", *overrides])
         torch.manual_seed(0)
         models.append(build_model(cfg, V).eval())

@@ -148,7 +148,8 @@ def test_bad_input_raises_one_line_user_errors():
         assert isinstance(info.value, (StateError, UserError)) and "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("key,registry", [("model.variant", VARIANTS), ("model.attn.backend", BACKENDS)])
+@pytest.mark.parametrize("key,registry", [("model.variant", VARIANTS),
+                                          ("model.attn.backend", {*BACKENDS, "auto"})])
 def test_config_names_variant_and_backend_from_registries(key, registry):
     """The error lists exactly what is registered, so a new variant or backend needs no edit here."""
     with pytest.raises(ConfigError) as info:

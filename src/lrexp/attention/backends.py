@@ -13,7 +13,17 @@ parameters), never a dense mask or bias tensor, so a fused kernel can compute bo
   hands it the segment instead of the [previous; current] block tiles the dense backends need. It requires
   the triton package (Linux only), which resolving the backend checks.
 
+- `flex`: torch's FlexAttention (`lrexp.attention.flex`): a cached block mask for the window and causal
+  structure, a score_mod for the bias, the scale and memory_valid; compiled on CUDA, forward-only on the CPU, no
+  dropout. Banded like `triton` (the block mask skips the blocks outside the band): the anchor the fused
+  kernel is measured against.
+
 A backend is chosen by name once, at model build time (`resolve_backend`); there is no silent fallback.
+`auto` (the default, docs/design.md#backends-and-precision) names one of them by the device: `triton` on CUDA
+where triton imports, `sdpa` elsewhere; `lrexp train` resolves it once at the run's start and tags it.
+
+The sink: every backend's softmax has one more key of logit exactly -1000 (`SINK_LOGIT`) and value 0, so the
+denominator gains exp(-1000 - m) and the output nothing, and a row with no visible key outputs 0, not NaN.
 """
 
 from __future__ import annotations
@@ -44,6 +54,7 @@ class Backend:
 
 
 BACKENDS: Dict[str, Backend] = {}
+AUTO = "auto"  # model.attn.backend: chosen by the device (`auto_backend`)
 
 
 def register_backend(
@@ -64,8 +75,17 @@ def _importable(package: str) -> bool:
     return importlib.util.find_spec(package) is not None
 
 
+def auto_backend(device_type: str, prefix_keys: bool = False) -> str:
+    """The backend `auto` stands for on a device of this type: the fused kernel on CUDA when triton imports,
+    `sdpa` elsewhere and whenever the model reads per-block prefix keys (which no banded backend takes)."""
+    return "triton" if device_type == "cuda" and _importable("triton") and not prefix_keys else "sdpa"
+
+
 def resolve_backend(name: str) -> str:
-    """The backend's registered name, or a one-line error: unknown name, or its package is not importable."""
+    """The backend's registered name, or a one-line error: unknown name, or its package is not importable.
+    `auto` resolves by this process's device (CUDA when one is available)."""
+    if name == AUTO:
+        name = auto_backend("cuda" if torch.cuda.is_available() else "cpu")
     if name not in BACKENDS:
         raise BackendError(f"unknown attention backend '{name}'; available: {', '.join(sorted(BACKENDS))}")
     requires = BACKENDS[name].requires
@@ -166,5 +186,13 @@ def _sdpa_math(q: Tensor, k: Tensor, v: Tensor, add: Tensor, dropout_p: float) -
 def _triton(q, k, v, mask, bias, scale, dropout_p):
     """The fused kernel; imported on first use, since importing it defines the kernels (and needs triton)."""
     from lrexp.kernels.attention.op import attention  # defines the kernels on import and needs triton
+
+    return attention(q, k, v, mask, bias, scale, dropout_p)
+
+
+@register_backend("flex", banded=True)
+def _flex(q, k, v, mask, bias, scale, dropout_p):
+    """FlexAttention; imported on first use (it pulls in torch's compiler front end)."""
+    from lrexp.attention.flex import attention  # torch.nn.attention.flex_attention imports dynamo
 
     return attention(q, k, v, mask, bias, scale, dropout_p)

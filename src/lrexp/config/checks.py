@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, List, Optional
 
 from lrexp.attention import BACKENDS
+from lrexp.attention.backends import AUTO
 from lrexp.cache import POLICIES
 from lrexp.config.derive import absolute_layers, derive, segment_len, slot_layers
 from lrexp.config.errors import ConfigError
@@ -44,7 +45,7 @@ def resolve(cfg: RunConfig) -> RunConfig:
 
     m = cfg.model
     for path, value, names in (("model.variant", m.variant, VARIANTS),
-                               ("model.attn.backend", m.attn.backend, BACKENDS)):
+                               ("model.attn.backend", m.attn.backend, {*BACKENDS, AUTO})):
         if value not in names:
             raise ConfigError(f"'{path}' is '{value}'; allowed: {', '.join(sorted(names))}")
     if m.d_model % m.num_heads:
@@ -143,7 +144,7 @@ def _check_slots(slots: SlotsConfig, num_layers: int, backend: str) -> None:
         if not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
             raise ConfigError(f"'model.slots.layers' must be a list of layer indices or 'all', got {slots.layers!r}")
         _check_layers("model.slots.layers", indices, num_layers)
-    if slots.read == "prefix_kv" and slot_layers(slots, num_layers) and BACKENDS[backend].banded:
+    if slots.read == "prefix_kv" and slot_layers(slots, num_layers) and backend != AUTO and BACKENDS[backend].banded:
         raise ConfigError(f"'model.slots.read' prefix_kv needs per-block prefix keys, which the banded "
                           f"'{backend}' attention backend does not take; use model.attn.backend=sdpa")
 

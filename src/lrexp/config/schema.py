@@ -33,12 +33,14 @@ class ScaleConfig:
 
 @dataclass
 class AttnConfig:
-    backend: str = "sdpa"  # a name in lrexp.attention's backend registry
+    backend: str = "auto"  # a name in lrexp.attention's backend registry; auto: triton on CUDA, else sdpa
     window_includes_self: bool = False  # docs/models.md#paper-and-code: the code excludes the query's own token
     mask_empty_cache: bool = False  # docs/models.md#paper-and-code: the code keeps zero cache slots visible
     scale_abs: bool = False  # docs/models.md#paper-and-code: meliad 2025 uses |s_h|, 2022 (the default) s_h
     num_buckets: int = 32
     max_distance: int = 128
+    # triton backend: one fixed launch config per kernel, not the autotuner's timed pick (bitwise reproducible)
+    deterministic: bool = False
 
 
 @dataclass
@@ -183,7 +185,7 @@ class TrainConfig:
     # that cannot hold every lane at once)
     lane_groups: int = 1
     offload_state: bool = False  # keep the carried state of the groups not being processed on the CPU
-    precision: str = "32-true"
+    precision: str = "auto"  # Lightning's; auto: bf16-mixed on a CUDA device with bf16, else 32-true
     devices: int = 1  # per node; the lanes are sharded over devices x num_nodes ranks
     num_nodes: int = 1
     accelerator: str = "auto"

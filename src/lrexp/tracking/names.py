@@ -29,6 +29,9 @@ TAG_CELLS = "lrexp.cells"  # the number of cells, on the parent
 TAG_FAILED_CELLS = "lrexp.failed_cells"  # on a parent once it ended
 TAG_ROW = "lrexp.row"  # the paper row a run trained
 TAG_SCALE = "lrexp.scale"
+# What a training run computed with, `auto` resolved (docs/design.md#backends-and-precision)
+TAG_BACKEND = "lrexp.backend"
+TAG_PRECISION = "lrexp.precision"
 TAG_GIT_SHA = "lrexp.git_sha"
 # `lrexp train --resume`: a config value that differs from the run's (immutable) param, as TAG_RESUME + key
 TAG_RESUME = "lrexp.resume."

@@ -34,7 +34,8 @@ from lrexp.lit.saving import LastCheckpoint
 from lrexp.lit.seeding import StepSeedCallback
 from lrexp.lit.tbptt import TBPTTCallback
 from lrexp.model.lm import build_model
-from lrexp.tracking.names import TAG_CHECKPOINT_DIR, process_tags
+from lrexp.tracking.names import TAG_BACKEND, TAG_CHECKPOINT_DIR, TAG_PRECISION, process_tags
+from lrexp.train.auto import resolve_auto
 from lrexp.runtime.signals import StopSignals, name
 from lrexp.train.validate import check_run, short_run_note
 
@@ -118,6 +119,11 @@ def run(cfg: RunConfig, resume: Optional[str] = None, callbacks: Sequence[pl.Cal
     run id; the run continues the same MLflow run, exactly when the world size is unchanged. `callbacks`:
     more of them for the Trainer (the benchmark's step clock)."""
     check_run(cfg)  # before the MLflow run: a config that cannot start is one line, not a FAILED run
+    cfg = resolve_auto(cfg)  # precision and backend `auto` by the device, once: params and tags hold the result
+    if cfg.model.attn.deterministic and cfg.model.attn.backend == "triton":
+        from lrexp.kernels.attention.op import fix_configs  # needs triton, which only this backend imports
+
+        fix_configs()
     note = short_run_note(cfg)
     if note and rank_zero_only.rank == 0:
         print(note, file=sys.stderr, flush=True)
@@ -148,7 +154,8 @@ def run(cfg: RunConfig, resume: Optional[str] = None, callbacks: Sequence[pl.Cal
             if cfg.train.compile:
                 model.compile()  # in place: the checkpoint's keys are the eager model's
             n_params = sum(p.numel() for p in model.parameters())
-            run_logger.set_tags(logger, {"lrexp.backend": model.backend, "lrexp.threads": str(threads),
+            run_logger.set_tags(logger, {TAG_BACKEND: model.backend, TAG_PRECISION: cfg.train.precision,
+                                         "lrexp.threads": str(threads),
                                          **eval_tags(cfg, prepared)})
             run_logger.log_artifact_dict(logger, prepared.meta, "data_meta.json")
 
