@@ -327,6 +327,8 @@ def _write(client, rows: List[GroupRow], reference: Optional[str], out: Path, ti
         drawn.append("val_bits_per_token.png")
     if plots.plot_loss_by_position(rows, out / "loss_by_position.png"):
         drawn.append("loss_by_position.png")
+    if plots.plot_loss_by_mention_distance(rows, out / "loss_by_mention_distance.png"):
+        drawn.append("loss_by_mention_distance.png")
     text = tables.grid_markdown(title, source, rows, reference, drawn, expected)
     (out / "table.md").write_text(text)
     tables.write_csv(out / "table.csv", tables.grid_csv(rows))
