@@ -15,6 +15,7 @@ reference for a model that has not read the earlier text (lrexp.lit.metrics.Ment
 
 from __future__ import annotations
 
+import itertools
 import random
 from typing import List, Tuple
 
@@ -67,7 +68,8 @@ def _cast(rng: random.Random, size: int) -> List[str]:
 def story(rng: random.Random, cast_size: int, length: int) -> Tuple[str, List[Mention]]:
     """About `length` bytes (whole sentences, stopping past it) and the mentions of the cast's names."""
     names = _cast(rng, cast_size)
-    weights = [1.0 / (k + 1) for k in range(cast_size)]  # Zipf-like: the first names are the main characters
+    # Zipf-like (the first names are the main characters), cumulated once: choices() would per call
+    cumulative = list(itertools.accumulate(1.0 / (k + 1) for k in range(cast_size)))
     text, mentions, last = "", [], {}
 
     def fill(template: str, **who: str) -> None:
@@ -86,8 +88,8 @@ def story(rng: random.Random, cast_size: int, length: int) -> Tuple[str, List[Me
 
     while len(text) < length:
         pair = rng.random() < 0.5
-        a = rng.choices(names, weights)[0]
-        b = rng.choices(names, weights)[0] if pair else a
+        a = rng.choices(names, cum_weights=cumulative)[0]
+        b = rng.choices(names, cum_weights=cumulative)[0] if pair else a
         for name in dict.fromkeys((a, b)):
             if name not in last:  # a name's first mention introduces it
                 fill(_INTRO, a=name)

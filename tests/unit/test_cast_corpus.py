@@ -3,6 +3,7 @@
 
 import math
 import random
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from lrexp.data_modules.cast import story
 from lrexp.data_modules.datamodule import StreamDataModule
 from lrexp.data_modules.store import check_config
 from lrexp.lit.metrics import TokenStats, mention_buckets
+from lrexp.report import plots
 
 
 def test_mentions_mark_every_name_and_the_distance_back_to_its_previous_mention():
@@ -77,3 +79,13 @@ def test_mention_loss_by_distance_against_a_hand_count():
     assert bits == pytest.approx({"first": 2 / math.log(2), "4-16": (3 + 6) / 2 / math.log(2),
                                   "16-64": 4 / math.log(2), "256-1024": 5 / math.log(2)})
     assert out["mention_targets/4-16"] == 2
+
+
+def test_report_draws_the_loss_by_mention_distance_first_mentions_leftmost(tmp_path):
+    prefix = "final/val_mention_bits_per_token_"
+    cells = [SimpleNamespace(metrics={prefix + "64-256": 2.0 + s, prefix + "first": 3.0, prefix + "1024": 2.5})
+             for s in (0.0, 0.1)]
+    rows = [SimpleNamespace(group="row=slide13", finished=cells), SimpleNamespace(group="row=x", finished=[])]
+    assert sorted(["1024", "first", "64-256"], key=plots._bucket_low) == ["first", "64-256", "1024"]
+    assert plots.plot_loss_by_mention_distance(rows, tmp_path / "m.png") and (tmp_path / "m.png").stat().st_size
+    assert not plots.plot_loss_by_mention_distance(rows[1:], tmp_path / "none.png")  # not a mention corpus
