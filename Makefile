@@ -45,10 +45,12 @@ test-slow: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
+# The corpus keys of a grid that does not train on the default corpus (its base's data.*), for the prepare step.
+GRID_DATA_memory := data.corpus=cast data.tokenizer=bytes data.cast.num_docs=200
 # One ablation grid end to end: prepare the corpus at this scale (data.* keys of ARGS included), train every
 # cell of experiments/grids/$(GRID).yaml, JOBS at once, then print the table (lrexp grid ends with the report).
 ablation: $(STAMP)
-	$(PY) -m lrexp.cli data prepare scale=$(SCALE) $(filter data.%,$(ARGS))
+	$(PY) -m lrexp.cli data prepare scale=$(SCALE) $(GRID_DATA_$(GRID)) $(filter data.%,$(ARGS))
 	$(PY) -m lrexp.cli grid $(GRID) --jobs $(JOBS) scale=$(SCALE) $(ARGS)
 
 # The table and plots of the grid's latest invocation, from MLflow alone, under reports/$(GRID)/.

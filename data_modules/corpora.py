@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 from lrexp.config.schema import RunConfig
-from lrexp.data_modules import gutenberg, probes
+from lrexp.data_modules import cast, gutenberg, probes
 from lrexp.data_modules.documents import Document, Listing, TableFile
 from lrexp.data_modules.errors import DataError
 
@@ -238,14 +238,20 @@ def _probe(kind: str, cfg: RunConfig, cache_root: Path) -> Listing:
     return probes.listing(kind, cfg)
 
 
+def _cast(cfg: RunConfig, cache_root: Path) -> Listing:
+    return cast.listing(cfg)
+
+
 CORPORA: Dict[str, Callable[[RunConfig, Path], Listing]] = {
     "stdlib": stdlib,
     "gutenberg": _gutenberg,
     "passkey": partial(_probe, "passkey"),
     "assoc_recall": partial(_probe, "assoc_recall"),
     "copy": partial(_probe, "copy"),
+    "cast": _cast,
 }
 PROBES = ("passkey", "assoc_recall", "copy")
+BYTE_EXACT = (*PROBES, "cast")  # generated corpora whose marks are byte offsets: the bytes tokenizer only
 
 
 def _user_path(name: str) -> Path:

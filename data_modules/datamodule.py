@@ -25,9 +25,12 @@ end (`TBPTTCallback` narrows the state to match).
 
 Batch (a dict of tensors, B = lanes of this rank, N = segment length):
   tokens, labels int64 [B, N]; loss_mask bool [B, N]; target_bytes, doc_pos int64 [B, N] (0 where masked);
-  doc_start bool [B]; lane, doc_id int64 [B] (doc_id -1 on padding steps); step_targets int64 [] (the targets
+  doc_start bool [B] (the lane enters a document: a fresh state); lane, doc_id int64 [B] (doc_id -1 on
+  padding steps); step_targets int64 [] (the targets
   of every lane of every rank at this step: the denominator of an exact token mean over micro-batches and
-  ranks); for probe corpora also answer_mask bool [B, N] (labels that are answer tokens); under a curriculum
+  ranks); for probe corpora also answer_mask bool [B, N] (labels that are answer tokens); for mention corpora
+  also mention_dist int64 [B, N] (labels on a name: -1 a first mention, else the distance back to the
+  previous one; 0 elsewhere and where masked); under a curriculum
   also stage int64 [] (its index).
 """
 
@@ -92,6 +95,8 @@ class SegmentDataset(Dataset):
         doc_id = np.full(B, -1, dtype=np.int64)  # [B]
         flags = self.split.answer
         answer = np.zeros((B, N), dtype=bool) if flags is not None else None  # [B, N]
+        distances = self.split.mention
+        mention = np.zeros((B, N), dtype=np.int64) if distances is not None else None  # [B, N]
         stream = self.split.tokens
         for i, index in enumerate(indices):
             step, lane[i] = divmod(int(index), self.total_lanes)
@@ -104,10 +109,12 @@ class SegmentDataset(Dataset):
             labels[i, : k - 1] = window[1:]
             loss_mask[i, : k - 1] = True
             doc_pos[i, : k - 1] = np.arange(seg * N + 1, seg * N + k)
-            doc_start[i] = seg == 0
+            doc_start[i] = self.locator.entering(int(lane[i]), step)  # a staggered lane enters past seg 0
             doc_id[i] = doc
             if answer is not None:
                 answer[i, : k - 1] = flags[start + 1: start + k] != 0
+            if mention is not None:
+                mention[i, : k - 1] = distances[start + 1: start + k]
         if not self.cross_segment_target:
             loss_mask[:, N - 1] = False  # docs/models.md#inputs-targets-and-the-loss-mask: the segment-boundary token is never a target
         batch = {
@@ -122,6 +129,8 @@ class SegmentDataset(Dataset):
         }
         if answer is not None:
             batch["answer_mask"] = torch.from_numpy(answer & loss_mask)
+        if mention is not None:
+            batch["mention_dist"] = torch.from_numpy(np.where(loss_mask, mention, 0))
         batch["step_targets"] = torch.tensor(self.step_targets(step))
         return batch
 
@@ -296,13 +305,15 @@ class StreamDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         schedule, seed, groups = stages(self.cfg), self.cfg.derived.data_seed, self.cfg.train.lane_groups
         if not schedule:
-            stream = TrainStream(self._segments("train", self.segment_len), self.total_lanes, seed)
+            stream = TrainStream(self._segments("train", self.segment_len), self.total_lanes, seed,
+                                 stagger=self.cfg.data.stagger_lanes)
             self._train_sampler = LaneBatchSampler(self.total_lanes, self.lanes_per_rank, self.rank, groups,
                                                    self._cursor)
             return self._loader(self._dataset("train", stream, self.total_lanes, self.segment_len), self._train_sampler)
         datasets, samplers = [], []
         for stage in schedule:
-            stream = TrainStream(self._segments("train", stage.segment_len), stage.lanes, seed, stage.first_epoch)
+            stream = TrainStream(self._segments("train", stage.segment_len), stage.lanes, seed, stage.first_epoch,
+                                 stagger=self.cfg.data.stagger_lanes)
             datasets.append(self._dataset("train", stream, stage.lanes, stage.segment_len))
             samplers.append(LaneBatchSampler(stage.lanes, stage.lanes // self.world_size, self.rank, groups))
         self._train_sampler = StagedBatchSampler(schedule, samplers, groups, self._cursor)

@@ -1,7 +1,7 @@
 """What a corpus lists: its documents, the table files whose rows are documents, and the listing itself.
 
 A leaf module: the corpus registry (lrexp.data_modules.corpora) imports the corpora that build listings
-(gutenberg, probes), and they import these types from here.
+(gutenberg, probes, cast), and they import these types from here.
 """
 
 from __future__ import annotations
@@ -11,6 +11,9 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
 
+FIRST_MENTION = -1  # mention.bin's value on a name's first mention (0: not a name; > 0: a distance)
+
+
 @dataclass
 class Document:
     id: str  # stable across machines: the split is a hash of it
@@ -18,6 +21,9 @@ class Document:
     size: Optional[int] = None  # bytes, when known without reading (selects the data.max_bytes subset)
     split: Optional[str] = None  # fixed by the layout (PG19 folders); None: by hash of the id
     answers: Tuple[Tuple[int, int], ...] = ()  # probes: [start, end) byte spans of the answer text
+    # mention corpora (cast): (start, end, distance) byte spans of a name and the bytes back to its
+    # previous mention's start (0 on a first mention)
+    mentions: Tuple[Tuple[int, int, int], ...] = ()
 
 
 @dataclass
@@ -36,5 +42,6 @@ class Listing:
     fingerprint: Dict  # identifies the content; part of the cache key
     sources: List[Dict[str, str]]  # {"name", "licence", and "path" or "url"}
     probe: bool = False  # synthetic: per-token answer flags are stored
+    mentions: bool = False  # per-token mention distances are stored (docs/data.md#the-cast-corpus)
     notes: List[str] = field(default_factory=list)  # dropped duplicates and the like, for meta.json
     tables: List[TableFile] = field(default_factory=list)  # files whose rows are documents, read on a build

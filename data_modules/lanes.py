@@ -6,6 +6,12 @@ after the other, one segment per step. Segment s of a document reads doc[sN : sN
 targets), so a document of L tokens has ceil((L - 1) / N) segments. Training truncates every lane to the
 shortest (every rank must take the same number of steps).
 
+Staggered training lanes (`data.stagger_lanes`, docs/data.md#staggered-lanes): each lane enters the first
+document of an epoch at a segment drawn from (seed, epoch, lane), its head left unread that epoch, so the
+lanes' document boundaries spread over the steps instead of falling on the same steps when documents are of
+equal length. A step then mixes early and late positions of different documents, and the optimiser no longer
+sees every lane start a fresh cast of names at once.
+
 Evaluation scores the same targets whatever N and the lane count (docs/models.md#evaluation): the documents of a pass
 and how much of each is read (`eval_lengths`) depend on the split and a token budget alone, in one fixed
 order. Its lanes are sorted longest first, so the lanes still reading at any step are a prefix: the batch
@@ -48,19 +54,33 @@ class Schedule:
             return DUMMY
         return int(self.lane_docs[lane][i]), int(step - starts[i])
 
+    def entering(self, lane: int, step: int) -> bool:
+        """Whether `lane` reads its first segment of a document at `step` (a staggered lane's first document
+        starts before step 0: it is entered at step 0, past its head); the state is fresh there."""
+        starts = self.lane_starts[lane]
+        i = int(np.searchsorted(starts, step, side="right")) - 1
+        return i < len(self.lane_docs[lane]) and step == max(int(starts[i]), 0)
 
-def build(segments: np.ndarray, order: np.ndarray, total_lanes: int, truncate: bool) -> Schedule:
-    """Greedy assignment of the documents in `order` to the currently shortest lane."""
+
+def build(segments: np.ndarray, order: np.ndarray, total_lanes: int, truncate: bool,
+          stagger: Optional[np.random.Generator] = None) -> Schedule:
+    """Greedy assignment of the documents in `order` to the currently shortest lane. With `stagger`, a
+    lane's first document is entered at a segment drawn from it, uniform over the document's segments:
+    its start lies that many steps before step 0."""
     heap = [(0, lane) for lane in range(total_lanes)]
     docs: List[List[int]] = [[] for _ in range(total_lanes)]
+    heads = np.zeros(total_lanes, dtype=np.int64)  # [lanes] segments of the first document left unread
     for d in order:
         if segments[d] == 0:
             continue
         length, lane = heapq.heappop(heap)
+        if stagger is not None and not docs[lane]:
+            heads[lane] = int(stagger.integers(int(segments[d])))
+            length -= int(heads[lane])
         docs[lane].append(int(d))
         heapq.heappush(heap, (length + int(segments[d]), lane))
-    starts = tuple(np.concatenate([[0], np.cumsum(segments[np.asarray(ds, dtype=np.int64)])]).astype(np.int64)
-                   for ds in docs)
+    starts = tuple(np.concatenate([[0], np.cumsum(segments[np.asarray(ds, dtype=np.int64)])]).astype(np.int64) - head
+                   for ds, head in zip(docs, heads))
     lengths = [int(s[-1]) for s in starts]
     return Schedule(
         lane_docs=tuple(np.asarray(ds, dtype=np.int64) for ds in docs),
@@ -115,19 +135,23 @@ class TrainStream:
     to the shortest) follows epoch e - 1, so the (document, segment) at a global step is a pure function of it.
     A curriculum stage reads a stream of its own, from its own `first_epoch` (lrexp.curriculum)."""
 
-    def __init__(self, segments: np.ndarray, total_lanes: int, seed: int, first_epoch: int = 0) -> None:
+    def __init__(self, segments: np.ndarray, total_lanes: int, seed: int, first_epoch: int = 0,
+                 stagger: bool = False) -> None:
         self.segments = segments
         self.total_lanes = total_lanes
         self.seed = seed
         self.first_epoch = first_epoch
+        self.stagger = stagger
         self._ends: List[int] = []  # cumulative steps at the end of each epoch computed so far
         self._recent: Dict[int, Schedule] = {}  # the last two epochs' schedules (a plain dict pickles)
 
     def schedule(self, epoch: int) -> Schedule:
         if epoch not in self._recent:
             order = shuffled(len(self.segments), self.seed, self.first_epoch + epoch)
+            # a generator of its own (the extra word): the shuffle is the same with and without staggering
+            heads = np.random.default_rng([self.seed, self.first_epoch + epoch, 1]) if self.stagger else None
             self._recent = {e: s for e, s in self._recent.items() if e == epoch - 1}
-            self._recent[epoch] = build(self.segments, order, self.total_lanes, truncate=True)
+            self._recent[epoch] = build(self.segments, order, self.total_lanes, truncate=True, stagger=heads)
         return self._recent[epoch]
 
     def epoch_of(self, step: int) -> Tuple[int, int]:
@@ -140,3 +164,7 @@ class TrainStream:
     def locate(self, lane: int, step: int) -> Tuple[int, int]:
         epoch, t = self.epoch_of(step)
         return self.schedule(epoch).locate(lane, t)
+
+    def entering(self, lane: int, step: int) -> bool:
+        epoch, t = self.epoch_of(step)
+        return self.schedule(epoch).entering(lane, t)

@@ -43,6 +43,11 @@ class SplitData:
         path = self.dir / "answer.bin"
         return np.memmap(path, dtype=np.uint8, mode="r") if path.is_file() else None  # [T]
 
+    @cached_property
+    def mention(self) -> Optional[np.ndarray]:
+        path = self.dir / "mention.bin"
+        return np.memmap(path, dtype=np.int32, mode="r") if path.is_file() else None  # [T]
+
     @property
     def num_docs(self) -> int:
         return len(self.offsets) - 1

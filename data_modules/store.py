@@ -8,6 +8,8 @@ Layout of `<cache_dir>/<corpus>-<tokenizer>-<key>/`:
   <split>/offsets.npy  int64 [D + 1]: document i is tokens[offsets[i]:offsets[i+1]]
   <split>/doc_bytes.npy int64 [D]: UTF-8 bytes of each document
   <split>/answer.bin   uint8 per token, probes only: 1 on answer tokens
+  <split>/mention.bin  int32 per token, mention corpora only: 0 off a name, -1 on a first mention, else the
+                       tokens back to the previous mention of the same name
   <split>/doc_ids.json, <split>/meta.json
 
 The folder is built under a temporary name and renamed when complete, so a killed prepare is never
@@ -35,8 +37,9 @@ from lrexp.config.errors import ConfigError
 from lrexp.config.paths import project_path
 from lrexp.config.schema import RunConfig
 from lrexp.data_modules import tokenizer as tok_mod
-from lrexp.data_modules.corpora import PROBES, SPLITS, fingerprint_key, list_corpus, split_of, table_documents
-from lrexp.data_modules.documents import Document, Listing, TableFile
+from lrexp.data_modules.corpora import (BYTE_EXACT, PROBES, SPLITS, fingerprint_key, list_corpus, split_of,
+                                        table_documents)
+from lrexp.data_modules.documents import FIRST_MENTION, Document, Listing, TableFile
 from lrexp.data_modules.errors import DataError
 from lrexp.data_modules.prepared import META, Prepared
 from lrexp.runtime.cpus import usable_cpus
@@ -72,11 +75,15 @@ def check_config(cfg: RunConfig) -> None:
         raise ConfigError(f"'data.vocab_size' must be >= 257 (256 bytes + <eos>) for byte-level BPE, got {d.vocab_size}")
     if not d.text_field:
         raise ConfigError("'data.text_field' must not be empty")
+    if d.corpus in BYTE_EXACT and d.tokenizer != "bytes":
+        raise ConfigError(
+            f"corpus '{d.corpus}' is generated with distances exact in bytes: set data.tokenizer=bytes"
+        )
+    if d.corpus == "cast":
+        for name in ("num_docs", "cast_size", "doc_bytes"):
+            if getattr(d.cast, name) <= 0:
+                raise ConfigError(f"'data.cast.{name}' must be > 0, got {getattr(d.cast, name)}")
     if d.corpus in PROBES:
-        if d.tokenizer != "bytes":
-            raise ConfigError(
-                f"corpus '{d.corpus}' is a probe whose distances are exact in bytes: set data.tokenizer=bytes"
-            )
         for name in ("distance", "num_docs", "num_pairs"):
             if getattr(d.probe, name) <= 0:
                 raise ConfigError(f"'data.probe.{name}' must be > 0, got {getattr(d.probe, name)}")
@@ -277,7 +284,7 @@ def _build(listing: Listing, cfg: RunConfig, key: str, final: Path) -> None:
             workers = prepare_workers(cfg)
             for s in SPLITS:
                 bar.set_description(f"{listing.name}: tokenizing {s}")
-                splits[s] = _write_split(tmp / s, by_split[s], tok, dtype, d.append_eos, listing.probe, bar, workers)
+                splits[s] = _write_split(tmp / s, by_split[s], tok, dtype, d.append_eos, listing, bar, workers)
         shutil.rmtree(tmp / _HF_SCRATCH, ignore_errors=True)  # arrow copies and lock files: scratch only
         meta = {
             "format": FORMAT_VERSION,
@@ -294,6 +301,7 @@ def _build(listing: Listing, cfg: RunConfig, key: str, final: Path) -> None:
             "val_fraction": d.val_fraction,
             "test_fraction": d.test_fraction,
             "probe": listing.probe,
+            "mentions": listing.mentions,
             "splits": splits,
             "documents": sum(s["documents"] for s in splits.values()),
             "tokens": sum(s["tokens"] for s in splits.values()),
@@ -341,13 +349,14 @@ def _chunks(docs: Sequence[Document]) -> Iterator[Tuple[List[Tuple[Document, int
 
 
 def _write_split(
-    folder: Path, docs: Sequence[Document], tok: tok_mod.Tokenizer, dtype: str, append_eos: bool, probe: bool, bar,
-    workers: int,
+    folder: Path, docs: Sequence[Document], tok: tok_mod.Tokenizer, dtype: str, append_eos: bool, listing: Listing,
+    bar, workers: int,
 ) -> Dict:
     folder.mkdir()
     offsets = [0]
     doc_bytes: List[int] = []
-    answer_file = open(folder / "answer.bin", "wb") if probe else None
+    answer_file = open(folder / "answer.bin", "wb") if listing.probe else None
+    mention_file = open(folder / "mention.bin", "wb") if listing.mentions else None
     try:
         with open(folder / "tokens.bin", "wb") as tokens_file:
             for chunk, encoded in tok_mod.encode_chunks(tok, _chunks(docs), workers):
@@ -359,10 +368,13 @@ def _write_split(
                     doc_bytes.append(n_bytes)
                     if answer_file is not None:
                         answer_file.write(_answer_flags(doc.answers, len(ids)).tobytes())
+                    if mention_file is not None:
+                        mention_file.write(_mention_distances(doc.mentions, len(ids)).tobytes())
                 bar.update(len(chunk))
     finally:
-        if answer_file is not None:
-            answer_file.close()
+        for f in (answer_file, mention_file):
+            if f is not None:
+                f.close()
     lengths = np.diff(offsets)
     np.save(folder / "offsets.npy", np.asarray(offsets, dtype=np.int64))
     np.save(folder / "doc_bytes.npy", np.asarray(doc_bytes, dtype=np.int64))
@@ -384,3 +396,12 @@ def _answer_flags(spans: Tuple[Tuple[int, int], ...], length: int) -> np.ndarray
     for start, end in spans:
         flags[start:end] = 1
     return flags
+
+
+def _mention_distances(mentions: Tuple[Tuple[int, int, int], ...], length: int) -> np.ndarray:
+    """Per token: 0 off a name, -1 on a first mention, else the distance to the previous mention (tokens:
+    mention corpora are ASCII under the bytes tokenizer)."""
+    out = np.zeros(length, dtype=np.int32)  # [L]
+    for start, end, distance in mentions:
+        out[start:end] = distance if distance else FIRST_MENTION
+    return out

@@ -10,7 +10,7 @@ import torch
 
 from lrexp.config.load import load
 from lrexp.data_modules import StreamDataModule
-from lrexp.data_modules.lanes import TrainStream, num_segments
+from lrexp.data_modules.lanes import TrainStream, num_segments, shuffled
 
 N = 64  # the smoke scale's segment length
 
@@ -140,26 +140,30 @@ def test_evaluation_scores_the_same_targets_for_any_segment_length_and_lanes(cor
         assert sum(1 for d in docs if sum(1 for e, _ in seen[0] if e == d) < lengths[d] - 1) <= 1
 
 
-def test_doc_start_exactly_at_document_starts(corpus):
-    dm = module(cfg_for(corpus, 4))
+@pytest.mark.parametrize("stagger", [False, True])
+def test_doc_start_exactly_where_a_lane_enters_a_document(corpus, stagger):
+    dm = module(cfg_for(corpus, 4, 1, f"data.stagger_lanes={stagger}"))
     steps = dm_epoch_steps(dm)
+    stream = TrainStream(num_segments(dm.prepared.split("train").doc_lengths(), N), 4, dm.cfg.derived.data_seed,
+                         stagger=stagger)
     batches = take(dm.train_dataloader(), 2 * steps + 3)
     for row in range(4):
         previous = None
-        for step in lane_view(batches, row):
-            assert bool(step["doc_start"]) == (int(step["doc_pos"][0]) == 1)  # the document's first segment
-            if int(step["doc_id"]) != previous:
-                assert step["doc_start"]
+        for t, step in enumerate(lane_view(batches, row)):
+            entered = stream.epoch_of(t)[1] == 0 or int(step["doc_id"]) != previous  # an epoch starts afresh
+            assert bool(step["doc_start"]) == entered
+            if not stagger:
+                assert bool(step["doc_start"]) == (int(step["doc_pos"][0]) == 1)  # the document's first segment
             previous = int(step["doc_id"])
     # the first step, and the first step of every new epoch, starts a document on every lane
     assert batches[0]["doc_start"].all() and batches[steps]["doc_start"].all()
-    assert sum(int(b["doc_start"].sum()) for b in batches[:steps]) == len(
-        {(lane, d) for b in batches[:steps] for lane, d in zip(b["lane"].tolist(), b["doc_id"].tolist())}
-    )
+    first_positions = {int(p) for b in (batches[0], batches[steps]) for p in b["doc_pos"][:, 0]}
+    assert (first_positions == {1}) != stagger  # staggered lanes enter past the head of their first document
 
 
 def dm_epoch_steps(dm) -> int:
-    return TrainStream(num_segments(dm.prepared.split("train").doc_lengths(), N), dm.total_lanes, 0).schedule(0).steps
+    return TrainStream(num_segments(dm.prepared.split("train").doc_lengths(), N), dm.total_lanes,
+                       dm.cfg.derived.data_seed, stagger=dm.cfg.data.stagger_lanes).schedule(0).steps
 
 
 def test_default_masks_the_segment_boundary_target(corpus):
@@ -207,7 +211,7 @@ def test_ranks_are_disjoint_cover_all_lanes_and_take_equal_steps(corpus, world_s
 def test_train_stream_crosses_epochs_deterministically(corpus):
     dm = module(cfg_for(corpus, 4))
     steps = dm_epoch_steps(dm)
-    stream = TrainStream(num_segments(dm.prepared.split("train").doc_lengths(), N), 4, 0)
+    stream = TrainStream(num_segments(dm.prepared.split("train").doc_lengths(), N), 4, 0, stagger=True)
     assert stream.epoch_of(steps - 1) == (0, steps - 1) and stream.epoch_of(steps) == (1, 0)
     first = take(dm.train_dataloader(), 3 * steps)
     second = take(module(cfg_for(corpus, 4)).train_dataloader(), 3 * steps)
@@ -322,3 +326,22 @@ def test_lane_groups_split_each_step_and_step_targets_count_every_lane(corpus):
             assert torch.equal(torch.cat([first[key], second[key]]), step[key]), key
         assert int(step["step_targets"]) == int(step["loss_mask"].sum())
         assert int(first["step_targets"]) == int(second["step_targets"]) == int(step["step_targets"])
+
+
+def test_staggering_leaves_evaluation_unchanged(corpus):
+    plain, staggered = module(cfg_for(corpus, 4, 1, "data.stagger_lanes=false")), module(cfg_for(corpus, 4))
+    for split, budget in (("validation", 300), ("validation", None), ("test", None)):
+        a, b = list(plain.eval_loader(split, budget)), list(staggered.eval_loader(split, budget))
+        assert len(a) == len(b) and all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
+
+
+def test_staggered_lanes_spread_document_boundaries_over_steps():
+    segments, lanes = np.full(64, 10, dtype=np.int64), 8  # equal-length documents: lockstep unstaggered
+    for stagger in (False, True):
+        stream = TrainStream(segments, lanes, seed=3, stagger=stagger)
+        entries = [t for t in range(1, 3 * stream.schedule(0).steps) for lane in range(lanes)
+                   if stream.entering(lane, t) and stream.epoch_of(t)[1]]  # not an epoch's first step
+        phases = {t % 10 for t in entries}
+        assert (phases == {0}) != stagger and (len(phases) >= 5 or not stagger)
+        read = {stream.schedule(0).locate(lane, 0)[0] for lane in range(lanes)}
+        assert read == set(shuffled(64, 3, 0)[:lanes].tolist())  # the same shuffle, whatever the staggering

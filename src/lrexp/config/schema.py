@@ -133,6 +133,16 @@ class ProbeConfig:
 
 
 @dataclass
+class CastConfig:
+    """The generated `cast` corpus (docs/data.md#the-cast-corpus): stories whose invented names recur."""
+
+    num_docs: int = 400
+    cast_size: int = 24  # invented names per document, mentioned with Zipf-like weights
+    doc_bytes: int = 12000  # about this long (whole sentences); bytes tokenizer: tokens
+    seed: int = 0  # the generator's: the corpus itself, the same whatever the training seeds
+
+
+@dataclass
 class DataConfig:
     corpus: str = "stdlib"  # a corpus name (`lrexp data prepare --help`) or a path
     tokenizer: Literal["bpe", "bytes"] = "bpe"
@@ -142,6 +152,9 @@ class DataConfig:
     tokenizer_file: Optional[str] = None
     tokens_per_step: int = "${mul:${scale.lanes},${mul:8,${scale.window}}}"  # type: ignore[assignment]
     seed: Optional[int] = None  # the training stream's shuffle; None: train.seed, so a seed axis varies both
+    # Training lanes enter their first document at a random segment, so document boundaries do not fall on
+    # the same steps in every lane (docs/data.md#staggered-lanes); evaluation is unaffected.
+    stagger_lanes: bool = True
     append_eos: bool = True
     cache_dir: str = "data_cache"  # relative paths are under the project root
     num_workers: int = 0
@@ -157,6 +170,7 @@ class DataConfig:
     file_suffix: str = "auto"
     text_field: str = "text"  # JSON-lines / parquet: the column holding each document
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    cast: CastConfig = field(default_factory=CastConfig)
 
 
 @dataclass

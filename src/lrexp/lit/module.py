@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from lrexp.config.load import to_dict
 from lrexp.config.schema import RunConfig
 from lrexp.errors import UserError
-from lrexp.lit.metrics import TokenStats, token_nll
+from lrexp.lit.metrics import TokenStats, mention_buckets, token_nll
 from lrexp.lit.optim import build_optimizer, build_scheduler
 from lrexp.lit.tbptt import TBPTTCallback
 
@@ -38,8 +38,8 @@ class LMModule(pl.LightningModule):
         self.model = model
         self.tbptt = tbptt
         self.vocab_size = vocab_size
-        edges = cfg.derived.position_buckets
-        self.stats = nn.ModuleDict({"val": TokenStats(edges), "test": TokenStats(edges)})
+        edges, mentions = cfg.derived.position_buckets, mention_buckets(cfg.scale.window)
+        self.stats = nn.ModuleDict({"val": TokenStats(edges, mentions), "test": TokenStats(edges, mentions)})
 
     def setup(self, stage: str) -> None:
         if not any(cb is self.tbptt for cb in self.trainer.callbacks):
@@ -99,7 +99,8 @@ class LMModule(pl.LightningModule):
 
     def _eval_step(self, stage: str, batch: Dict[str, Tensor]) -> None:
         nll, mask, _ = self._forward(stage, batch)
-        self.stats[stage].update(nll, mask, batch["target_bytes"], batch["doc_pos"], batch.get("answer_mask"))
+        self.stats[stage].update(nll, mask, batch["target_bytes"], batch["doc_pos"], batch.get("answer_mask"),
+                                 batch.get("mention_dist"))
 
     def _eval_epoch_end(self, stage: str) -> Dict[str, Tensor]:
         stats = self.stats[stage]

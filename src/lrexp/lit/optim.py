@@ -6,7 +6,7 @@ schedule (the code's repository default) has the same warm-up and decays to 0 at
 
 Adafactor is lrexp's own (`lit/adafactor.py`), stepping as the reference code's Flax Adafactor does, with
 its first moment (`optim.beta1`, 0.9 in the code). AdamW's peak lr defaults to 3e-4: Adafactor's
-1/sqrt(warmup) (0.03 at paper scale, 0.1 at tiny) is a relative step, far too large as an absolute one.
+1/sqrt(warmup) (0.03 at paper scale) is a relative step, far too large as an absolute one.
 """
 
 from __future__ import annotations

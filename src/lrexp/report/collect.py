@@ -279,6 +279,8 @@ def _write(client, rows: List[GroupRow], reference: Optional[str], out: Path, ti
         missing.append("No `loss_by_position.png`: " + (
             "no cell finished." if not any(r.finished for r in rows)
             else "no finished cell logged the final pass's loss by position (`final/val_bits_per_token_by_pos_*`)."))
+    if plots.plot_loss_by_mention_distance(rows, out / "loss_by_mention_distance.png"):
+        drawn.append("loss_by_mention_distance.png")
     text = tables.grid_markdown(title, source, rows, reference, drawn, expected, missing)
     (out / "table.md").write_text(text)
     tables.write_csv(out / "table.csv", tables.grid_csv(rows))

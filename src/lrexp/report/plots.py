@@ -1,5 +1,5 @@
-"""The report's plots: a grid's validation curves and loss by position (from MLflow), and an evaluation's
-bits/token against the budget. matplotlib is imported inside each plotting function: a report without
+"""The report's plots: a grid's validation curves, loss by position and, on a mention corpus, loss on names by
+distance to their previous mention (from MLflow), and an evaluation's bits/token against the budget. matplotlib is imported inside each plotting function: a report without
 plots, and every command that never draws, starts without it."""
 
 from __future__ import annotations
@@ -8,20 +8,23 @@ import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING, List, Sequence
 
-from lrexp.tracking.names import FINAL_POS_PREFIX, VAL_BPT
+from lrexp.tracking.names import FINAL_MENTION_PREFIX, FINAL_POS_PREFIX, VAL_BPT
 
 if TYPE_CHECKING:
     from lrexp.report.collect import GroupRow
 
 
+FIRST_MENTION = "first"  # lrexp.lit.metrics.MENTION_FIRST: first mentions, drawn before every distance
+
+
 def _bucket_low(label: str) -> int:
-    """"64-256" -> 64, "1024" -> 1024: buckets sort by where they start."""
-    return int(label.split("-")[0])
+    """"64-256" -> 64, "1024" -> 1024: buckets sort by where they start (first mentions before all)."""
+    return -1 if label == FIRST_MENTION else int(label.split("-")[0])
 
 
 def _bucket_text(label: str) -> str:
     """A bucket without an upper end is the open last one."""
-    return label if "-" in label else f"{label}+"
+    return label if "-" in label or label == FIRST_MENTION else f"{label}+"
 
 
 def plot_val_curves(client, rows: List[GroupRow], path: Path) -> bool:
@@ -59,10 +62,22 @@ def _finish_plot(fig, ax, xlabel: str, path: Path) -> None:
 def plot_loss_by_position(rows: List[GroupRow], path: Path) -> bool:
     """Final validation bits/token per bucket of position in the document: the mean over seeds, and a band
     from the lowest to the highest seed, labelled so in the legend."""
+    return _plot_buckets(rows, FINAL_POS_PREFIX, "position of the target token in its document (tokens)", path)
+
+
+def plot_loss_by_mention_distance(rows: List[GroupRow], path: Path) -> bool:
+    """Final validation bits/token on the tokens of names, by distance to the name's previous mention, first
+    mentions leftmost (what a model that cannot see the earlier text scores); mention corpora only."""
+    return _plot_buckets(rows, FINAL_MENTION_PREFIX, "tokens back to the previous mention of the name", path)
+
+
+def _plot_buckets(rows: List[GroupRow], prefix: str, xlabel: str, path: Path) -> bool:
+    """Final metrics `prefix<bucket>` per bucket: the mean over seeds, and a band from the lowest to the
+    highest seed."""
     from matplotlib.figure import Figure  # a slow import, paid only when a plot is drawn
 
     labels = sorted(
-        {k[len(FINAL_POS_PREFIX):] for r in rows for c in r.finished for k in c.metrics if k.startswith(FINAL_POS_PREFIX)},
+        {k[len(prefix):] for r in rows for c in r.finished for k in c.metrics if k.startswith(prefix)},
         key=_bucket_low,
     )
     if not labels:
@@ -70,8 +85,7 @@ def plot_loss_by_position(rows: List[GroupRow], path: Path) -> bool:
     fig = Figure(figsize=(8, 5))
     ax = fig.add_subplot()
     for i, r in enumerate(rows):
-        values = [[c.metrics[FINAL_POS_PREFIX + b] for c in r.finished if FINAL_POS_PREFIX + b in c.metrics]
-                  for b in labels]
+        values = [[c.metrics[prefix + b] for c in r.finished if prefix + b in c.metrics] for b in labels]
         xs = [x for x, v in enumerate(values) if v]
         if not xs:
             continue
@@ -83,7 +97,7 @@ def plot_loss_by_position(rows: List[GroupRow], path: Path) -> bool:
             ax.fill_between(xs, [min(values[x]) for x in xs], [max(values[x]) for x in xs], color=color, alpha=0.2,
                             label=f"{r.group}: min–max over its seeds")
     ax.set_xticks(range(len(labels)), [_bucket_text(b) for b in labels])
-    _finish_plot(fig, ax, "position of the target token in its document (tokens)", path)
+    _finish_plot(fig, ax, xlabel, path)
     return True
 
 

@@ -62,6 +62,7 @@ FINAL_TOKENS = "final/tokens_seen"
 FINAL_STATE_BYTES = "final/state_bytes_per_lane"  # carried floats per lane in model.state_dtype (docs/knobs.md#state-storage-dtype)
 # + a bucket: "0-64", "64-256", ..., "1024" (the last, open bucket: MLflow names cannot hold its "+")
 FINAL_POS_PREFIX = "final/val_bits_per_token_by_pos_"
+FINAL_MENTION_PREFIX = "final/val_mention_bits_per_token_"  # mention corpora only (docs/data.md#the-cast-corpus)
 
 
 def parents(client, experiment_id: str, grid: str) -> list:
