@@ -9,12 +9,12 @@ from lrexp.train.validate import short_run_note
 
 
 def test_unset_cadences_scale_down_and_the_line_says_to_what():
-    cfg = load(overrides=["train.max_steps=30"])  # tiny: val_every 100, warm-up 100; log.every_n_steps 50
-    assert (cfg.train.val_every, cfg.log.every_n_steps) == (7, 3)  # 4 validations, 10 logged points
-    assert cfg.derived.adapted == {"train.val_every": [100, 7], "log.every_n_steps": [50, 3]}
+    cfg = load(overrides=["train.max_steps=20"])  # tiny: val_every 100, warm-up 30; log.every_n_steps 50
+    assert (cfg.train.val_every, cfg.log.every_n_steps) == (5, 2)  # 4 validations, 10 logged points
+    assert cfg.derived.adapted == {"train.val_every": [100, 5], "log.every_n_steps": [50, 2]}
     assert short_run_note(cfg) == (
-        "short run, train.max_steps=30: train.val_every 100 -> 7, log.every_n_steps 50 -> 3 (not set, so scaled "
-        "to the run; set them to choose); below optim.warmup_steps (100): the learning rate never reaches its peak")
+        "short run, train.max_steps=20: train.val_every 100 -> 5, log.every_n_steps 50 -> 2 (not set, so scaled "
+        "to the run; set them to choose); below optim.warmup_steps (30): the learning rate never reaches its peak")
 
 
 def test_cadences_the_user_set_stay_and_are_named(tmp_path):

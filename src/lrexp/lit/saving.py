@@ -47,23 +47,28 @@ from lrexp.runtime.signals import StopSignals, name
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint writer (rank 0 only), made atomic and keeping `keep` checkpoints (see above)."""
 
-    def __init__(self, keep: int, deferred: bool = False) -> None:
+    def __init__(self, keep: int, deferred: Optional[Path] = None) -> None:
         self.keep = keep
-        self.deferred = deferred  # written by `write`, later (see above)
+        # checkpoints in this folder are written by `write`, later (see above); any other save (the spawn
+        # launcher's hand-back of the trained weights to the main process, read right after) at once
+        self.deferred = deferred
         self._pending: Optional[Tuple[io.BytesIO, Path]] = None
 
     def save_checkpoint(self, checkpoint: Dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)  # now: the tensors it refers to change with the next step
-        self._pending = (buffer, Path(path))
-        if not self.deferred:
-            self.write()
+        if self.deferred is not None and Path(path).parent == self.deferred:
+            self._pending = (buffer, Path(path))
+        else:
+            self._write(buffer, Path(path))
 
     def write(self) -> None:
         """Write the checkpoint taken last, if not written yet."""
-        if self._pending is None:
-            return
-        (buffer, path), self._pending = self._pending, None
+        if self._pending is not None:
+            (buffer, path), self._pending = self._pending, None
+            self._write(buffer, path)
+
+    def _write(self, buffer: io.BytesIO, path: Path) -> None:
         part = path.with_name(f".{path.name}.{os.getpid()}.part")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -111,7 +116,7 @@ class LastCheckpoint(ModelCheckpoint):
         self._step = -1  # the optimiser step of the last batch end seen
         self._saved_at = 0.0
         self._stop: Optional[int] = None  # the signal to stop for at the next batch
-        self.io = AtomicCheckpointIO(keep, deferred=True)  # the Trainer's checkpoint writer (train/run.py)
+        self.io = AtomicCheckpointIO(keep, deferred=Path(dirpath))  # the Trainer's checkpoint writer (train/run.py)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
