@@ -25,6 +25,7 @@ _POSITIVE = (
     "optim.warmup_steps", "train.max_steps", "train.val_every", "train.val_tokens",
     "train.lane_groups", "train.devices", "train.num_nodes", "train.threads", "train.checkpoint_every",
     "train.checkpoint_minutes", "log.every_n_steps", "policy.block", "policy.context",
+    "policy.limit", "policy.lanes",
 )
 
 
