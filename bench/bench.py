@@ -16,6 +16,7 @@
 6. GPU: the attention backends (bench/attention_kernels.py) when CUDA is present; sections 1-5 then run on it.
 7. torch.compile (`train.compile`): every row compiled, its step beside the eager one, its graph breaks.
 8. The Memorizing row's carried kNN memory per lane.
+9. `lrexp eval`: decode tokens/s per cache policy and mode beside the native forward (bench/eval_speed.py).
 
 Every timing is interleaved round-robin over repeats with what it is compared with (bench/harness.py), and
 reported as the median with its min-max; ratios are per repeat. Numbers from a shared machine are noisy:
@@ -49,7 +50,7 @@ from pipeline import data_section, knn_section, overhead_section  # noqa: E402
 from report import REPORTS, write_report  # noqa: E402
 from rows import BASE, PAPER_STEP_TIME, ROWS, rows_section, scaling_section  # noqa: E402
 
-SECTIONS = ("rows", "scaling", "overhead", "data", "gpu", "knn")
+SECTIONS = ("rows", "scaling", "overhead", "data", "gpu", "knn", "eval")
 
 
 def machine(device: torch.device) -> Dict[str, str]:
@@ -219,6 +220,14 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     lines.append("## 8. kNN memory per lane (Memorizing row)\n")
     if "knn" in sections:
         lines += [*_timed_section(report, "knn_memory_bytes_per_lane", knn_section, overrides, scale), ""]
+    else:
+        lines += [left_out, ""]
+
+    lines.append("## 9. lrexp eval: decode speed per cache policy (Full row, random weights)\n")
+    if "eval" in sections:
+        from eval_speed import eval_section  # bench/ is on sys.path (the script's folder)
+
+        lines += [*_timed_section(report, "eval", eval_section, args.quick), ""]
     else:
         lines += [left_out, ""]
 
