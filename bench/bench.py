@@ -17,7 +17,8 @@
 7. torch.compile (`train.compile`): every row compiled, its step beside the eager one, its graph breaks.
 8. The Memorizing row's carried kNN memory per lane.
 9. A profile of one step per row (bench/step_profile.py): time by operator family, the overhead outside them.
-10. Registers and spills of the Triton kernels compiled for sm_90 (tests/kernels/spill_report.py), where triton
+10. `lrexp eval`: decode tokens/s per cache policy and mode beside the native forward (bench/eval_speed.py).
+11. Registers and spills of the Triton kernels compiled for sm_90 (tests/kernels/spill_report.py), where triton
     imports (not with --quick).
 
 Every timing is interleaved round-robin over repeats with what it is compared with (bench/harness.py), and
@@ -56,7 +57,7 @@ from report import REPORTS, write_report  # noqa: E402
 from rows import BASE, PAPER_STEP_TIME, ROWS, rows_section, scaling_section  # noqa: E402
 from step_profile import profile_section  # noqa: E402
 
-SECTIONS = ("rows", "scaling", "overhead", "data", "gpu", "knn", "profile", "spills")
+SECTIONS = ("rows", "scaling", "overhead", "data", "gpu", "knn", "profile", "eval", "spills")
 
 
 def machine(device: torch.device) -> Dict[str, str]:
@@ -246,7 +247,14 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                   *_timed_section(report, "profile", profile_section, rows, overrides, device), ""]
     else:
         lines += [left_out, ""]
-    lines.append("## 10. Triton registers and spills (sm_90)\n")
+    lines.append("## 10. lrexp eval: decode speed per cache policy (Full row, random weights)\n")
+    if "eval" in sections:
+        from eval_speed import eval_section  # bench/ is on sys.path (the script's folder)
+
+        lines += [*_timed_section(report, "eval", eval_section, args.quick), ""]
+    else:
+        lines += [left_out, ""]
+    lines.append("## 11. Triton registers and spills (sm_90)\n")
     if "spills" not in sections or importlib.util.find_spec("triton") is None or args.quick:
         lines += ["Left out (not among --sections, no triton here, or --quick: compiling every candidate takes minutes).", ""]
     else:  # compiled for sm_90 by ptxas, no GPU needed (docs/benchmark.md#registers-and-spills)

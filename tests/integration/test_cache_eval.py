@@ -132,3 +132,60 @@ def test_the_cache_grid_trains_the_topline_then_evaluates_its_checkpoint(env, ca
     parent = [r for r in evals if r.data.tags["lrexp.role"] == "eval"]
     assert len(parent) == 1 and len(evals) == 1 + 1 + 4 * 3  # the parent, full, 4 policies x 3 budgets
     assert (env["root"] / "grid-report" / "eval" / "row-full" / "bits_vs_budget.png").is_file()
+
+
+def _evaluate(env, *overrides):
+    """{label: Result} of `lrexp eval`'s passes over the trained Full row's test split."""
+    from lrexp.eval import passes
+    from lrexp.eval.load import load as load_checkpoint
+
+    cfg, model, _ = load_checkpoint(env["trained"]["checkpoint"], ["policy.names=[window,sinks,tova]",
+                                                                   "policy.budgets=[8,16]", *overrides])
+    dm, info = passes.stream(cfg, "test")
+    results = {r.policy.label(): r for r in passes.evaluate(cfg, model, passes.settings(cfg), dm, info)}
+    return results, (cfg, model, dm, info)
+
+
+def _same(a, b, tol=1e-6):
+    assert a.stats.keys() == b.stats.keys() and a.beyond.keys() == b.beyond.keys()
+    for got, want in [(a.stats, b.stats), *[(a.beyond[c], b.beyond[c]) for c in a.beyond]]:
+        for key in want:
+            assert got[key] == pytest.approx(want[key], rel=tol, abs=tol), key
+    assert {d: n for d, (_, n) in a.per_document.items()} == {d: n for d, (_, n) in b.per_document.items()}
+    for d, (nll, _) in a.per_document.items():
+        assert nll == pytest.approx(b.per_document[d][0], rel=tol)
+
+
+@pytest.mark.slow  # three passes over the split, one token by token: minutes on a loaded 2-core machine
+def test_the_fast_paths_equal_the_reference_decode(env):
+    """Packed segments (hundreds of lanes a step), the native topline and auto mode (window and sinks in
+    whole-segment blocks) against the reference: every setting token by token, one loader batch a step,
+    `full` decoded; the same targets and every number within 1e-6."""
+    from lrexp.eval import passes
+
+    fast, _ = _evaluate(env)  # the defaults: auto mode, packed lanes
+    reference, (cfg, model, dm, info) = _evaluate(env, "policy.mode=token", "policy.lanes=1")
+    (decoded_full,) = passes._one_pass(cfg, model, [passes.settings(cfg)[0]], dm, info)
+    assert fast["full"].occupancy[0] > reference["full"].occupancy[0] - 1e-9
+    _same(fast["full"], decoded_full)
+    for label, result in reference.items():
+        _same(fast[label], result)
+    window_token = reference["window:8"].per_document
+    assert fast["window:8"].per_document == window_token or all(  # block mode is exact: same bits expected
+        abs(fast["window:8"].per_document[d][0] - v[0]) <= 1e-6 * abs(v[0]) for d, v in window_token.items())
+
+
+@pytest.mark.slow  # a whole `lrexp eval` with its MLflow runs: over 10 s here
+def test_limit_scores_the_first_k_targets_and_says_so(env, capsys):
+    out = env["root"] / "limited"
+    code = cli.main(["eval", env["trained"]["checkpoint"], "--policy", "window", "--budget", "8", "64", "--limit",
+                     "50", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "window:64: a budget at or above the context T_eval = 64 keeps every row" in printed
+    assert "the first K = 50 targets of the fixed evaluation order" in (out / "table.md").read_text()
+    client = env["client"]
+    runs = client.search_runs([client.get_experiment_by_name("lrexp").experiment_id],
+                              "tags.`lrexp.eval.limit` = '50' and tags.`lrexp.role` = 'eval-setting'")
+    assert len(runs) == 3 and all(r.data.metrics["eval/targets"] == 50 for r in runs)
+    assert all(r.data.params["limit"] == "50" for r in runs)

@@ -26,9 +26,10 @@ def test_quick_bench_writes_every_section(quick):
     md, data = quick
     for n, title in enumerate(["Step time of every row", "Scaling with the segment length", "Model FLOP utilisation",
                                "Framework overhead", "Data", "GPU", "torch.compile", "kNN memory per lane",
-                               "Profile of one step"],
+                               "Profile of one step", "lrexp eval: decode speed per cache policy"],
                               start=1):
         assert f"## {n}. {title}" in md
+    assert data["eval"]["smoke"]["native"] > 0 and data["eval"]["smoke"]["window:auto"]["block"] == 64
     assert "python bench/bench.py --quick" in md and data["command"].startswith("python bench/bench.py --quick")
     assert {"torch", "python", "lightning", "cpu", "usable_cpus"} <= set(data["machine"])
     rows = data["rows"]["rows"]

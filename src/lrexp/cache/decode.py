@@ -28,7 +28,7 @@ so G budgets cost little more than one. Every lane is independent (per-lane scor
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import List, Sequence, Tuple, Union
+from typing import Iterator, List, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -37,6 +37,7 @@ from lrexp.attention.rows import attend_rows
 from lrexp.cache.multistate import EMPTY, KVRows, evict
 from lrexp.cache.policy import Policy, PolicyError
 from lrexp.layers.block import AttentionLayer
+from lrexp.lit.metrics import token_nll
 
 
 @dataclass(frozen=True)
@@ -126,12 +127,33 @@ class BoundedDecoder:
         """Logits [G, B, N, V] (setting g, lane b) and query positions [B, N] of one segment tokens [B, N];
         the lanes flagged in doc_start [B] (every lane, for a Full row) start from an empty multi-state."""
         g, (b_lanes, n) = self.groups, tokens.shape
+        steps = list(self._steps(tokens, state, doc_start))
+        logits = torch.cat([s[0] for s in steps], 1).view(g, b_lanes, n, -1)
+        return logits, torch.cat([s[1] for s in steps], 1), steps[-1][2]
+
+    @torch.no_grad()
+    def score(self, tokens: Tensor, labels: Tensor, mask: Tensor, state: DecodeState,
+              doc_start: Tensor) -> Tuple[Tensor, Tensor, DecodeState]:
+        """`run` scored step by step: NLL [G, B, N] (0 where mask [B, N] is false) of labels [B, N], query
+        positions [B, N] and the state, never holding more than one step's logits (G x B x b x V)."""
+        g, b_lanes = self.groups, tokens.shape[0]
+        nll, positions, start = [], [], 0
+        for logits, qpos, state in self._steps(tokens, state, doc_start):
+            b = qpos.shape[1]
+            at = slice(start, start + b)
+            start += b
+            nll.append(token_nll(logits, labels[:, at].repeat(g, 1), mask[:, at].repeat(g, 1)).view(g, b_lanes, b))
+            positions.append(qpos)
+        return torch.cat(nll, 2), torch.cat(positions, 1), state
+
+    def _steps(self, tokens: Tensor, state: DecodeState, doc_start: Tensor) -> Iterator[Tuple[Tensor, Tensor, DecodeState]]:
+        """Per step: logits [G*B, b, V] (setting-major), query positions [B, b], the state after it."""
+        g, b_lanes = self.groups, tokens.shape[0]
         reset = torch.ones_like(doc_start) if self.resets_every_segment else doc_start
         state = state.reset_rows(reset.repeat(g))
         tokens = tokens.repeat(g, 1)  # [G*B, N]: setting-major
         lanes = {name: t.to(tokens.device).repeat_interleave(b_lanes)  # [G*B] each
                  for name, t in (("caps", self.caps), ("budgets", self.budgets), ("recent", self.recent))}
-        logits, positions = [], []
         for block in tokens.split(self.block, dim=1):  # [G*B, b]
             qpos = state.next_pos[:, None] + torch.arange(block.shape[1], device=block.device)  # [G*B, b]
             x = self.model.embed(block)  # [G*B, b, d]
@@ -139,10 +161,8 @@ class BoundedDecoder:
             for layer, kept in zip(self.layers, state.rows):
                 x, kept = self._layer_step(layer, kept, x, qpos, lanes)
                 rows.append(kept)
-            logits.append(self.model.logits(x))  # [G*B, b, V]
-            positions.append(qpos[:b_lanes])
             state = DecodeState(rows=tuple(rows), next_pos=qpos[:, -1] + 1)
-        return torch.cat(logits, 1).view(g, b_lanes, n, -1), torch.cat(positions, 1), state
+            yield self.model.logits(x), qpos[:b_lanes], state  # [G*B, b, V]
 
     def _layer_step(self, layer: AttentionLayer, kept: KVRows, x: Tensor, qpos: Tensor,
                     lanes: dict) -> Tuple[Tensor, KVRows]:

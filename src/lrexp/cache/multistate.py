@@ -56,9 +56,14 @@ class KVRows:
 
     def take(self, index: Tensor) -> "KVRows":
         """The slots index [B, H, m] of every lane and head (each head gathers its own)."""
-        rows = index[..., None].expand(*index.shape, self.k.shape[-1])  # [B, H, m, D]
-        return KVRows(k=self.k.gather(2, rows), v=self.v.gather(2, rows), pos=self.pos.gather(2, index),
-                      score=self.score.gather(2, index))
+        b, h, n, d = self.k.shape
+        # one row copy per kept slot: gather along a flat [B*H*n] axis is much faster on a CPU than a gather
+        # of an index expanded over D
+        flat = (index + n * torch.arange(b * h, device=index.device).view(b, h, 1)).flatten()  # [B*H*m]
+        m = index.shape[-1]
+        return KVRows(k=self.k.reshape(b * h * n, d)[flat].view(b, h, m, d),
+                      v=self.v.reshape(b * h * n, d)[flat].view(b, h, m, d),
+                      pos=self.pos.gather(2, index), score=self.score.gather(2, index))
 
 
 def evict(rows: KVRows, slots: int, protected: Tensor, caps: Optional[Tensor] = None) -> KVRows:

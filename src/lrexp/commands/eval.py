@@ -1,5 +1,5 @@
-"""`lrexp eval CHECKPOINT [--split S] [--policy P ...] [--budget C ...] [--mode token|block] [--block b]
-[--context T] [--out DIR] [key=value ...]`
+"""`lrexp eval CHECKPOINT [--split S] [--policy P ...] [--budget C ...] [--mode auto|token|block] [--block b]
+[--context T] [--limit K] [--out DIR] [key=value ...]`
 
 A trained row evaluated from its checkpoint (a file, a run's checkpoint folder or an MLflow run id) as a
 bounded multi-state RNN: `full` (the topline) and every policy x budget over the same targets as the
@@ -17,7 +17,7 @@ from lrexp.commands.options import add_overrides, late_options
 
 # option -> the policy.* key it sets
 _OPTIONS = {"split": "split", "policy": "names", "budget": "budgets", "mode": "mode", "block": "block",
-            "context": "context"}
+            "context": "context", "limit": "limit"}
 
 
 def _add_options(parser: argparse.ArgumentParser) -> None:
@@ -25,11 +25,15 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", nargs="+", metavar="P", help="cache policies: full, window, sinks, h2o, tova "
                         "(full, the topline, is always evaluated first)")
     parser.add_argument("--budget", nargs="+", metavar="C", help="budgets: real rows kept per layer")
-    parser.add_argument("--mode", choices=["token", "block"], help="token by token (exact, default) or b tokens "
-                        "per step (exact for window and sinks, approximate for h2o and tova)")
-    parser.add_argument("--block", type=int, metavar="b", help="tokens per step in block mode (default: the window)")
+    parser.add_argument("--mode", choices=["auto", "token", "block"], help="auto (default): b tokens per step where "
+                        "that is exact (full, window, sinks), token by token for h2o and tova; token: every policy "
+                        "token by token (the reference); block: b per step (approximate for h2o and tova)")
+    parser.add_argument("--block", type=int, metavar="b", help="tokens per step in block mode (default: the window; "
+                        "auto mode: a segment)")
     parser.add_argument("--context", type=int, metavar="T", help="T_eval, the visibility limit (default: the "
                         "model's: W for XL / Slide, the segment N for Full, whose segments it then sets)")
+    parser.add_argument("--limit", type=int, metavar="K", help="score only the first K targets of the fixed "
+                        "evaluation order (a quick look; recorded in the table and the MLflow run)")
     parser.add_argument("--out", type=Path, help="report folder (default: reports/eval/<parent run id>)")
 
 

@@ -26,7 +26,7 @@ _POSITIVE = (
     "optim.warmup_steps", "train.max_steps", "train.val_every", "train.val_tokens",
     "train.lane_groups", "train.devices", "train.num_nodes", "train.threads", "train.checkpoint_every",
     "train.checkpoint_minutes", "train.keep_checkpoints", "log.every_n_steps", "log.progress_every_s",
-    "policy.block", "policy.context",
+    "policy.block", "policy.context", "policy.limit", "policy.lanes",
 )
 
 

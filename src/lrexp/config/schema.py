@@ -254,7 +254,9 @@ class PolicyConfig:
     split: str = "test"  # the split `lrexp eval` scores (the same targets as the training's final pass)
     names: List[str] = field(default_factory=lambda: ["full"])  # policies (lrexp.cache registry)
     budgets: List[int] = field(default_factory=list)  # C, real rows kept per layer; `full` takes none
-    mode: Literal["token", "block"] = "token"  # token: the reference; block: b tokens per step (docs/cache-policies.md#block-mode)
+    # auto: block mode where it is exact (full, window, sinks), token mode for h2o and tova; token: the
+    # reference; block: b tokens per step (docs/cache-policies.md#block-mode)
+    mode: Literal["auto", "token", "block"] = "auto"
     block: Optional[int] = None  # b of block mode; null: the model's window
     context: Optional[int] = None  # T_eval, the visibility limit; null: W (XL, Slide), the segment N (Full)
     sinks: int = 4  # i of Window+i (policy `sinks`)
@@ -264,6 +266,8 @@ class PolicyConfig:
     protect_newest: bool = False  # include-self only: the newest row cannot be evicted (exclude-self: always)
     h2o_heavy: Optional[int] = None  # h of H2O's C = r + h; null: C / 2
     tova_score_query: Literal["last", "mean_block", "max_block"] = "last"  # TOVA's scores in block mode
+    limit: Optional[int] = None  # score the first K targets of the fixed evaluation order; null: all
+    lanes: Optional[int] = None  # a Full row's segments decoded side by side per step; null: by memory
 
 
 @dataclass

@@ -3,10 +3,13 @@ its model in fp32 eval mode with the trained weights."""
 
 from __future__ import annotations
 
+import json
+from dataclasses import fields
 from typing import Sequence
 
 from lrexp.config.errors import ConfigError
 from lrexp.config.load import load as load_config
+from lrexp.config.schema import PolicyConfig
 from lrexp.cache.decode import check_model
 from lrexp.errors import UserError
 from lrexp.lit import checkpoint as ckpt_mod
@@ -35,8 +38,11 @@ def load(checkpoint: str, overrides: Sequence[str] = ()):
     except ckpt_mod.CheckpointError:
         raise EvalError(f"no checkpoint '{checkpoint}': neither a checkpoint file, a run folder holding "
                         f"{ckpt_mod.LAST}, nor an MLflow run id with one under train.checkpoint_dir") from None
+    # the policy section a checkpoint saved is the training's defaults of its day, never a choice: the
+    # evaluation starts from today's (`auto` mode), the overrides on top
+    defaults = [f"policy.{f.name}={json.dumps(getattr(PolicyConfig(), f.name))}" for f in fields(PolicyConfig)]
     try:
-        cfg, path = resume_config(str(path), [], overrides)  # the checkpoint's config, the overrides on top
+        cfg, path = resume_config(str(path), [], [*defaults, *overrides])  # the checkpoint's config, the overrides on top
     except ConfigError as exc:
         raise EvalError(str(exc)) from None
     info = ckpt_mod.read(path)

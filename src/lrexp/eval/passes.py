@@ -43,6 +43,7 @@ class Result:
     tokens: int  # tokens decoded (padding included), for tokens/s
     cache_bytes_per_lane: int
     per_document: Dict[int, Tuple[float, int]]  # document id -> (NLL in nats, targets)
+    occupancy: Tuple[float, float] = (1.0, 0.0)  # mean lanes busy / most lanes, steps with under half (_Lanes)
     gaps: Dict[str, float] = field(default_factory=dict)  # minus `full`'s: "all", "beyond", "by_pos/<bucket>"
     run_id: Optional[str] = None
 
@@ -97,26 +98,65 @@ def stream(cfg: RunConfig, split: str):
     context = context_of(cfg)
     dm = StreamDataModule(stream_config(cfg, context), world_size=1, rank=0)
     dm.setup("test")
-    scored = dm.eval_pass(split, None)
-    block = 1 if cfg.policy.mode == "token" else (cfg.policy.block or cfg.model.window)
+    scored = dm.eval_pass(split, cfg.policy.limit)
     return dm, {"split": split, "targets": scored.targets, "docs_hash": scored.docs_hash, "context": context,
-                "block": block}
+                "limit": cfg.policy.limit, "mode": cfg.policy.mode, "segment": dm.cfg.derived.eval_segment_len,
+                "block": block_of(cfg, None, dm.cfg.derived.eval_segment_len)}
+
+
+def describe(cfg: RunConfig, policies: Sequence[Policy], info: Dict[str, Any]) -> Dict[str, str]:
+    """What the table says of how the settings were decoded and which targets they scored."""
+    steps = []
+    for group in _passes(policies):
+        p, b = group[0], block_of(cfg, group[0], info["segment"])
+        how = ("the model's own forward" if pass_of(cfg, p, info) == "native" else
+               "token by token" if b == 1 else f"in blocks of b = {b} ({'exact' if exact_in_blocks(p) else 'approximate'})")
+        steps.append(f"{p.name} {how}")
+    limit = cfg.policy.limit
+    scope = ("the training's final pass" if limit is None else
+             f"the first K = {limit:,} targets of the fixed evaluation order (--limit)")
+    return {"mode_text": f"mode {cfg.policy.mode}: " + ", ".join(steps), "scope": scope}
+
+
+def block_of(cfg: RunConfig, policy: Optional[Policy], segment: int) -> int:
+    """Tokens per decode step of `policy` (None: what block mode's b would be): 1 in token mode; b
+    (`policy.block`, else W) in block mode; in `auto` mode the policies whose block mode is exact (window,
+    sinks and the topline: their kept set is a function of the positions alone) take whole segments
+    (or b if set) and the scored ones (h2o, tova) one token (docs/cache-policies.md#block-mode)."""
+    mode, b = cfg.policy.mode, cfg.policy.block
+    if mode == "token":
+        return 1
+    if mode == "block" or policy is None:
+        return b or cfg.model.window
+    return (b or segment) if exact_in_blocks(policy) else 1
+
+
+def exact_in_blocks(policy: Policy) -> bool:
+    """Block mode decodes `policy` exactly: the topline, or a FIFO policy (`Policy.exact_block`)."""
+    return policy.budget is None or policy.exact_block
 
 
 def evaluate(cfg: RunConfig, model, policies: Sequence[Policy], dm, info: Dict[str, Any],
              progress=None) -> List[Result]:
     """Every setting over the evaluation pass of `dm` (see `stream`), in order; `progress(result)` after
-    each. The budgets of one policy run in one pass (lane groups, `BoundedDecoder`); a setting's seconds are
-    its pass's divided among the pass's settings."""
+    each. `full` at the native context is the model's own forward; the budgets of one policy run in one
+    pass (lane groups, `BoundedDecoder`); a setting's seconds are its pass's divided among the pass's
+    settings."""
     results: List[Result] = []
-    one_pass = _one_pass if holds_kv_caches(model) else _native_pass
     for group in _passes(policies):
-        for result in one_pass(cfg, model, group, dm, info):
+        native = not holds_kv_caches(model) or (group[0].budget is None and native_context(cfg, info))
+        for result in (_native_pass if native else _one_pass)(cfg, model, group, dm, info):
             results.append(result)
             _gaps(result, results[0])
             if progress is not None:
                 progress(result)
     return results
+
+
+def native_context(cfg: RunConfig, info: Dict[str, Any]) -> bool:
+    """T_eval is the model's own context (W, or a Full row's N): the topline is then its native forward."""
+    own = cfg.derived.segment_len if cfg.model.variant == "full" else cfg.model.window
+    return info["context"] == own
 
 
 def _passes(policies: Sequence[Policy]) -> List[List[Policy]]:
@@ -152,49 +192,121 @@ class _Scores:
                 entry[0] += total
                 entry[1] += count
 
-    def result(self, policy: Policy, seconds: float, tokens: int, cache_bytes_per_lane: int) -> Result:
+    def result(self, policy: Policy, seconds: float, lanes: "_Lanes", cache_bytes_per_lane: int) -> Result:
         return Result(policy, _floats(self.every.compute()),
-                      {c: _floats(b.compute()) for c, b in self.beyond.items() if b.tokens > 0}, seconds, tokens,
-                      cache_bytes_per_lane, {d: (v[0], int(v[1])) for d, v in self.per_doc.items()})
+                      {c: _floats(b.compute()) for c, b in self.beyond.items() if b.tokens > 0}, seconds,
+                      lanes.tokens, cache_bytes_per_lane, {d: (v[0], int(v[1])) for d, v in self.per_doc.items()},
+                      occupancy=lanes.occupancy())
 
 
 def _one_pass(cfg: RunConfig, model, policies: List[Policy], dm, info: Dict[str, Any]) -> List[Result]:
-    decoder = BoundedDecoder(model, policies, context=info["context"], block=info["block"],
-                             positions=cfg.policy.positions)
+    block = block_of(cfg, policies[0], info["segment"])
+    decoder = BoundedDecoder(model, policies, context=info["context"], block=block, positions=cfg.policy.positions)
     edges = bucket_edges(cfg, info["context"])
     # the topline is scored beyond every budget too: the gap beyond C compares the same targets
     scores = [_Scores(edges, [p.budget] if p.budget else cfg.policy.budgets) for p in policies]
-    state, tokens = None, 0
+    state, lanes_read = None, _Lanes()
     start = time.perf_counter()
-    for batch in dm.eval_loader(info["split"], None):
+    for batch in _batches(cfg, dm, info, decoder.resets_every_segment, decoder.groups * block):
         lanes = batch["tokens"].shape[0]
-        state = decoder.initial_state(lanes, "cpu") if state is None else state.narrow(lanes, len(policies))
-        logits, qpos, state = decoder.run(batch["tokens"], state, batch["doc_start"])  # [G, B, N, V], [B, N]
+        if decoder.resets_every_segment or state is None:  # a Full row carries nothing between segments
+            state = decoder.initial_state(lanes, "cpu")
+        else:
+            state = state.narrow(lanes, len(policies))
+        nll, qpos, state = decoder.score(batch["tokens"], batch["labels"], batch["loss_mask"], state,
+                                         batch["doc_start"])  # [G, B, N], [B, N]
         for g, sums in enumerate(scores):
-            sums.update(token_nll(logits[g], batch["labels"], batch["loss_mask"]), qpos, batch)  # [B, N]
-        tokens += batch["tokens"].numel()
+            sums.update(nll[g], qpos, batch)
+        lanes_read.update(batch)
     seconds = (time.perf_counter() - start) / len(policies)
-    return [s.result(p, seconds, tokens, decoder.cache_bytes_per_lane(g))
+    return [s.result(p, seconds, lanes_read, decoder.cache_bytes_per_lane(g))
             for g, (p, s) in enumerate(zip(policies, scores))]
 
 
 def _native_pass(cfg: RunConfig, model, policies: List[Policy], dm, info: Dict[str, Any]) -> List[Result]:
-    """`full` of a row the policies do not apply to (Rec, Feedback, Memorizing): the model's own forward over
-    the same pass, its state carried and reset per document as in training's final pass."""
+    """`full` by the model's own forward over the same pass, its state carried and reset per document as in
+    training's final pass: the topline at the native context (equal to the decode of `full` within 1e-6),
+    and the one evaluation of a row the policies do not apply to (Rec, Feedback, Memorizing)."""
     (policy,) = policies
-    sums = _Scores(bucket_edges(cfg, info["context"]), [])
-    state, tokens, state_bytes = None, 0, 0
+    sums = _Scores(bucket_edges(cfg, info["context"]), cfg.policy.budgets if holds_kv_caches(model) else [])
+    resets = holds_kv_caches(model) and all(layer.window is None for layer in model.layers)
+    state, lanes_read, state_bytes = None, _Lanes(), 0
     start = time.perf_counter()
     with torch.no_grad():
-        for batch in dm.eval_loader(info["split"], None):
-            lanes = batch["tokens"].shape[0]
-            state = model.initial_state(lanes, "cpu") if state is None else state.lanes(slice(0, lanes))
+        for batch in _batches(cfg, dm, info, resets, info["segment"]):
+            lanes, n = batch["tokens"].shape
+            if resets or state is None:
+                state = model.initial_state(lanes, "cpu")
+            else:
+                state = state.lanes(slice(0, lanes))
             logits, state = model(batch["tokens"], state.reset_rows(batch["doc_start"]))  # [B, N, V]
-            qpos = (batch["doc_pos"] - 1).clamp(min=0)  # [B, N]: the query's position in its document
+            if resets:  # positions since the state was fresh: the segment's, as the decode counts them
+                qpos = torch.arange(n).expand(lanes, n)  # [B, N]
+            else:
+                qpos = (batch["doc_pos"] - 1).clamp(min=0)  # [B, N]: the query's position in its document
             sums.update(token_nll(logits, batch["labels"], batch["loss_mask"]), qpos, batch)
-            tokens += batch["tokens"].numel()
+            lanes_read.update(batch)
             state_bytes = max(state_bytes, sum(t.nbytes for t in state.to_tensors().values()) // lanes)
-    return [sums.result(policy, time.perf_counter() - start, tokens, state_bytes)]
+    if holds_kv_caches(model):  # what the topline's multi-state holds: K and V of T_eval rows
+        state_bytes = BoundedDecoder(model, policy, context=info["context"]).cache_bytes_per_lane(0)
+    return [sums.result(policy, time.perf_counter() - start, lanes_read, state_bytes)]
+
+
+# Logits of one decode step held at once when segments are packed side by side (fp32: 64 MiB), and the
+# most lanes a packed step takes: past a few hundred lanes a CPU step is compute-bound, more only costs memory.
+PACK_LOGITS = 2**24
+PACK_LANES = 512
+
+
+def _batches(cfg: RunConfig, dm, info: Dict[str, Any], resets: bool, tokens_per_lane: int):
+    """The evaluation pass's batches. A row whose state resets at every segment (Full) reads each segment
+    alone, so consecutive batches go side by side, up to `policy.lanes` lanes (null: as many as keep a
+    step's logits, lanes x `tokens_per_lane` x V, under PACK_LOGITS): the same segments and targets in
+    fewer, fuller steps. Rows that carry state through a document read the data module's batches."""
+    batches = dm.eval_loader(info["split"], info["limit"])
+    if not resets:
+        return batches
+    lanes = cfg.policy.lanes or max(1, min(PACK_LANES, PACK_LOGITS // (tokens_per_lane * dm.prepared.vocab_size)))
+    return packed(batches, lanes)
+
+
+def packed(batches, lanes: int):
+    """Consecutive batches concatenated along the lanes, at most `lanes` each (a batch is never split);
+    counts (0-d tensors) add up."""
+    group: List[Dict[str, torch.Tensor]] = []
+    for batch in batches:
+        if group and sum(b["tokens"].shape[0] for b in group) + batch["tokens"].shape[0] > lanes:
+            yield _concat(group)
+            group = []
+        group.append(batch)
+    if group:
+        yield _concat(group)
+
+
+def _concat(group: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    return {k: torch.stack([b[k] for b in group]).sum(0) if v.dim() == 0 else torch.cat([b[k] for b in group])
+            for k, v in group[0].items()}
+
+
+class _Lanes:
+    """Lane occupancy of a pass: the lanes each step decodes against the most any step did. The longest
+    lane bounds a pass; the steps with fewer than half the lanes left are where it runs below capacity."""
+
+    def __init__(self) -> None:
+        self.per_batch: List[int] = []
+        self.tokens = 0  # tokens decoded (padding included), for tokens/s
+
+    def update(self, batch: Dict[str, torch.Tensor]) -> None:
+        self.per_batch.append(batch["tokens"].shape[0])
+        self.tokens += batch["tokens"].numel()
+
+    def occupancy(self) -> Tuple[float, float]:
+        """(mean lanes busy / the most lanes, the fraction of steps with fewer than half the most lanes)."""
+        if not self.per_batch:
+            return 1.0, 0.0
+        most = max(self.per_batch)
+        return (sum(self.per_batch) / (most * len(self.per_batch)),
+                sum(n < most / 2 for n in self.per_batch) / len(self.per_batch))
 
 
 def _floats(values: Dict[str, torch.Tensor]) -> Dict[str, float]:
@@ -213,12 +325,18 @@ def _gaps(r: Result, top: Result) -> None:
             r.gaps["by_pos/" + key[len(POS_KEY):]] = value - top.stats[key]
 
 
+def pass_of(cfg: RunConfig, policy: Policy, info: Dict[str, Any]) -> str:
+    """How a setting was scored: `native` (the model's own forward) or `decode` (lrexp.cache.decode)."""
+    return "native" if policy.budget is None and native_context(cfg, info) else "decode"
+
+
 def setting_params(cfg: RunConfig, policy: Policy, info: Dict[str, Any]) -> Dict[str, str]:
     """Logged with every number (docs/cache-policies.md#evaluation-protocol): the setting, the knobs, the context and the mask variant."""
     p = cfg.policy
     return {
         "policy": policy.name, "budget": "full" if policy.budget is None else str(policy.budget),
-        "mode": p.mode, "block": str(info["block"]), "context": str(info["context"]), "split": info["split"],
+        "mode": p.mode, "block": str(block_of(cfg, policy, info["segment"])), "context": str(info["context"]),
+        "split": info["split"], "limit": "all" if p.limit is None else str(p.limit), "pass": pass_of(cfg, policy, info),
         "granularity": policy.granularity, "positions": p.positions, "tova_score_query": p.tova_score_query,
         "sinks": str(p.sinks), "protect_first_i": str(p.protect_first_i), "protect_newest": str(p.protect_newest),
         "h2o_heavy": "C/2" if p.h2o_heavy is None else str(p.h2o_heavy),
@@ -235,5 +353,6 @@ def setting_metrics(r: Result) -> Dict[str, float]:
         out.update({"eval/beyond_bits_per_token": beyond["bits_per_token"], "eval/beyond_targets": beyond["targets"]})
     out.update({f"eval/gap_{k.replace('/', '_')}": v for k, v in r.gaps.items()})
     out.update({"perf/tokens_per_s": r.tokens_per_s, "perf/seconds": r.seconds,
-                "perf/cache_bytes_per_lane": float(r.cache_bytes_per_lane)})
+                "perf/cache_bytes_per_lane": float(r.cache_bytes_per_lane), "perf/lane_occupancy": r.occupancy[0],
+                "perf/steps_under_half_lanes": r.occupancy[1]})
     return out

@@ -20,7 +20,7 @@ from lrexp.config.paths import PROJECT_ROOT
 from lrexp.config.schema import RunConfig
 from lrexp.errors import Interrupted, UserError
 from lrexp.eval.load import EvalError, load
-from lrexp.eval.passes import Result, evaluate, setting_metrics, setting_params, settings, stream
+from lrexp.eval.passes import Result, describe, evaluate, setting_metrics, setting_params, settings, stream
 from lrexp.lit import checkpoint as ckpt_mod
 from lrexp.model.variants import row_name
 from lrexp.report import plots, tables
@@ -55,13 +55,15 @@ class EvalTracker:
         # not the checkpoint's log.tags: a grid cell's hold its grid parent, which this run is no child of
         self.tags = {TAG_ROW: row_name(cfg), TAG_SCALE: cfg.scale.name, TAG_GIT_SHA: runs.git_sha(),
                      TAG_CHECKPOINT_RUN: str(checkpoint_run), "lrexp.eval.targets": str(info["targets"]),
-                     "lrexp.eval.docs_hash": info["docs_hash"], **tags}
+                     "lrexp.eval.docs_hash": info["docs_hash"],
+                     "lrexp.eval.limit": "all" if info["limit"] is None else str(info["limit"]), **tags}
         self.parent = runs.open_run(self.client, self.experiment, f"eval:{row_name(cfg)}:{str(checkpoint_run)[:8]}",
                                     {**self.tags, TAG_ROLE: "eval"})
         p = cfg.policy
         for key, value in {"policies": ",".join(p.names), "budgets": ",".join(map(str, p.budgets)),
                            "mode": p.mode, "block": info["block"], "context": info["context"],
-                           "split": info["split"]}.items():
+                           "split": info["split"], "limit": "all" if info["limit"] is None else info["limit"],
+                           "decoded": info.get("mode_text", "")}.items():
             self.client.log_param(self.parent, key, str(value))
 
     def log_setting(self, r: Result) -> None:
@@ -105,15 +107,22 @@ def run(checkpoint: str, overrides: Sequence[str] = (), out: Optional[Path] = No
         raise EvalError(f"unknown split '{cfg.policy.split}'; use one of {', '.join(sorted(SPLITS))}")
     policies = settings(cfg)
     dm, scored = stream(cfg, split)
+    scored.update(describe(cfg, policies, scored))
     torch.set_num_threads(cpu_threads(cfg))
     tracker = EvalTracker(cfg, scored, info.run_id, tags or {})
-    say(f"lrexp eval: {len(policies)} settings of {info.path} over split {split} ({scored['targets']:,} targets), "
-        f"MLflow experiment {cfg.log.experiment}, parent run {tracker.parent}")
+    say(f"lrexp eval: {len(policies)} settings of {info.path} over split {split} ({scored['targets']:,} targets"
+        f"{'' if cfg.policy.limit is None else ', --limit'}), MLflow experiment {cfg.log.experiment}, parent run "
+        f"{tracker.parent}; {scored['mode_text']}")
+    whole = [p.label() for p in policies if p.budget is not None and p.budget >= scored["context"]]
+    if whole:
+        say(f"lrexp eval: warning: {', '.join(whole)}: a budget at or above the context T_eval = "
+            f"{scored['context']} keeps every row, the same setting as full")
 
     def progress(r: Result) -> None:
         tracker.log_setting(r)
         say(f"  {r.policy.label():>12}: {r.stats['bits_per_token']:.4f} bits/token, "
-            f"{r.tokens_per_s:,.0f} tokens/s, {r.seconds:.1f} s")
+            f"{r.tokens_per_s:,.0f} tokens/s, {r.seconds:.1f} s, lanes {100 * r.occupancy[0]:.0f}% busy "
+            f"({100 * r.occupancy[1]:.0f}% of steps under half)")
 
     def stop(signum: int) -> None:
         raise Interrupted(signum, f"stopped by {signal_name(signum)}; the evaluation's runs end KILLED")

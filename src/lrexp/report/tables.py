@@ -257,10 +257,12 @@ def eval_table(results: Sequence, context: int) -> Table:
 def eval_markdown(cfg: RunConfig, row: str, results: Sequence, info: Dict[str, Any], source: str) -> str:
     """`row`: the evaluated row's name; `info`: what the pass scored (split, targets, docs hash, T_eval, block)."""
     p = cfg.policy
-    mode = "token by token" if p.mode == "token" else f"block mode, b = {info['block']} (approximate for h2o, tova)"
+    scope = info.get("scope", "the training's final pass")
+    mode = info.get("mode_text") or (
+        "token by token" if p.mode == "token" else f"block mode, b = {info['block']} (approximate for h2o, tova)")
     paragraph = (
-        f"{source}. Split `{info['split']}`: {info['targets']:,} targets (docs hash `{info['docs_hash']}`), the "
-        f"training's final pass. T_eval = {info['context']}, {mode}; positions {p.positions}; "
+        f"{source}. Split `{info['split']}`: {info['targets']:,} targets (docs hash `{info['docs_hash']}`), "
+        f"{scope}. T_eval = {info['context']}, {mode}; positions {p.positions}; "
         f"{'include' if cfg.model.attn.window_includes_self else 'exclude'}-self mask; sinks i = {p.sinks}; H2O "
         f"h = {'C/2' if p.h2o_heavy is None else p.h2o_heavy}; TOVA score query {p.tova_score_query}; "
         f"protect_first_i {p.protect_first_i}. bits/token over every target; beyond C: over the targets whose "

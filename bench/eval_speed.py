@@ -1,0 +1,89 @@
+"""Section 9 of `make bench`: `lrexp eval`'s decode speed per policy and mode beside the model's own forward.
+
+A Full row (the cache grid's) with random weights at the smoke and the tiny scale, the grid's budgets
+decoded together as `lrexp eval` does. Each setting is timed twice over the same random segments: in the
+layout `lrexp eval` packs (a Full row's segments side by side, lrexp.eval.passes) and in the data module's own
+evaluation batch (the scale's eval lanes), the layout every step used to take. Tokens/s count the segment
+tokens each setting scores: a pass's tokens times its budgets over its time, as the evaluation table does.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from typing import Dict, List, Tuple
+
+import torch
+
+from lrexp.cache import build_policy
+from lrexp.cache.decode import BoundedDecoder
+from lrexp.config.load import load
+from lrexp.eval.passes import PACK_LANES, PACK_LOGITS, block_of
+from lrexp.model.lm import build_model
+
+BUDGETS = {"smoke": [8, 16, 32], "tiny": [8, 16, 32, 64]}  # experiments/grids/cache.yaml
+BLOCK = {"smoke": 4, "tiny": 8}  # the grid's block mode b
+VOCAB = {"smoke": 512, "tiny": 2048}
+QUICK_LANES = 8  # --quick checks the section's shape in seconds, not the speed-up
+# (policy, mode) timed: the topline decoded, the FIFO policies in auto mode (whole-segment blocks) and token
+# by token, the scored ones token by token (auto) and in the grid's blocks
+SETTINGS = [("window", "auto"), ("window", "token"), ("sinks", "auto"), ("h2o", "auto"), ("tova", "auto"),
+            ("h2o", "block"), ("tova", "block")]
+
+
+def _time(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _scale(scale: str, repeats: int, quick: bool) -> Tuple[List[List[str]], Dict]:
+    cfg = load(overrides=[f"scale={scale}", "row=full", "model.attn.backend=reference"])
+    torch.manual_seed(0)
+    vocab, n = VOCAB[scale], cfg.derived.segment_len
+    model = build_model(cfg, vocab).eval()
+    base_lanes = cfg.derived.eval_lanes_per_rank
+    budgets = BUDGETS[scale][:1] if quick else BUDGETS[scale]
+    rows, data = [], {}
+
+    def tokens(lanes):
+        return torch.randint(0, vocab, (lanes, n), generator=torch.Generator().manual_seed(1))
+
+    most = QUICK_LANES if quick else PACK_LANES
+    packed = max(base_lanes, min(most, PACK_LOGITS // (n * vocab)))
+    x = tokens(packed)
+    with torch.no_grad():
+        native = _time(lambda: model(x, model.initial_state(packed, "cpu")), repeats)
+    rows.append([scale, "full", "native forward", "-", f"{packed * n / native:,.0f}", "-", "-"])
+    data["native"] = packed * n / native
+    for name, mode in SETTINGS[:2] if quick else SETTINGS:
+        p = replace(cfg, policy=replace(cfg.policy, mode=mode, block=BLOCK[scale] if mode == "block" else None))
+        policies = [build_policy(name, c, p.policy) for c in budgets]
+        block = block_of(p, policies[0], n)
+        decoder = BoundedDecoder(model, policies, context=n, block=block)
+        speeds = []
+        for lanes in (max(1, min(most, PACK_LOGITS // (len(policies) * block * vocab))), base_lanes):
+            t = tokens(lanes)
+            labels, mask, start = t.roll(-1, 1), torch.ones_like(t, dtype=torch.bool), torch.ones(lanes, dtype=torch.bool)
+            seconds = _time(lambda: decoder.score(t, labels, mask, decoder.initial_state(lanes, "cpu"), start), repeats)
+            speeds.append((lanes, lanes * n * len(policies) / seconds))
+        (lanes, fast), (_, before) = speeds
+        rows.append([scale, name, f"{mode}, b = {block}", str(lanes), f"{fast:,.0f}", f"{before:,.0f}",
+                     f"{fast / before:.1f}x"])
+        data[f"{name}:{mode}"] = {"block": block, "lanes": lanes, "tokens_per_s": fast,
+                                  "tokens_per_s_eval_lanes": before, "native_ratio": fast / data["native"]}
+    return rows, data
+
+
+def eval_section(quick: bool, repeats: int = 2) -> Tuple[List[str], Dict]:
+    """(markdown lines, data): the table of both scales (smoke only with --quick)."""
+    table, data = [], {}
+    for scale in ("smoke",) if quick else ("smoke", "tiny"):
+        rows, data[scale] = _scale(scale, repeats, quick)
+        table += rows
+    lines = ["| scale | policy | mode | lanes | tokens/s | at the eval lanes | speed-up |", "|---|---|---|---|---|---|---|"]
+    lines += ["| " + " | ".join(r) + " |" for r in table]
+    return lines, data
