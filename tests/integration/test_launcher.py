@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 from corpora import word_documents
 from logged import logged
 from lrexp.config.schema import LauncherConfig
-from lrexp.grid import slurm, status
+from lrexp.grid import jobs, slurm, status
 from lrexp.grid.expand import expand
 from test_grid_interrupt import _saved_and_logged, write_grid  # the same one-cell grid of 20 steps
 
@@ -65,7 +65,7 @@ def uninterrupted(env):
 
 def job_process(env, name: str) -> int:
     """The job's own process: the one task the local controller (the job id) started."""
-    controller = json.loads(parent(env, name).data.tags[slurm.TAG_JOBS])["0"]
+    controller = json.loads(parent(env, name).data.tags[jobs.TAG_JOBS])["0"]
     children = Path(f"/proc/{controller}/task/{controller}/children").read_text().split()
     assert len(children) == 1, children
     return int(children[0])
@@ -100,7 +100,7 @@ def test_a_job_signalled_mid_cell_requeues_and_ends_as_an_uninterrupted_cell(env
     exp = env["client"].get_experiment_by_name("lrexp-requeued")
     assert not env["client"].search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")
     assert parent(env, "requeued").info.status == "FINISHED"
-    folder = Path(parent(env, "requeued").data.tags[slurm.TAG_FOLDER].replace("%j", "*"))
+    folder = Path(parent(env, "requeued").data.tags[jobs.TAG_FOLDER].replace("%j", "*"))
     log = "".join(p.read_text() for p in folder.parent.glob(f"{folder.name}/*_log.*"))
     assert "this job is preempted" in log and "Requeued job" in log
     assert "KILLED" in log and f"training on from step" in log and run.info.run_id in log
@@ -129,3 +129,30 @@ def test_launched_grid_with_a_failing_cell_reports_it_and_status_exits_non_zero(
                        scheduler=lambda kind, ids: {j: "FAILED" for j in ids})
     text = capsys.readouterr().out
     assert code == 1 and "seed=0  failed  " in text and "1 failed" in text
+
+
+def test_slurm_launch_submits_one_array_and_records_its_job_ids(env, monkeypatch, tmp_path, capsys):
+    """Through submitit's SLURM executor up to sbatch, which is a stand-in here: the script it is given, the ids
+    the parent records, `--status` of the queued jobs, and a resume refused while they are queued."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f"#!/bin/sh\ncp \"$1\" {tmp_path}/submitted.sh\necho Submitted batch job 4242\n")
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    g = expand(str(write_grid(env, "queued")), [])  # two cells: seeds 0 and 1
+    out = io.StringIO()
+    assert slurm.launch(g, "slurm", LauncherConfig(partition="cpu", time=30), runs_dir=env["root"] / "runs",
+                        out=out) is None
+    script = (tmp_path / "submitted.sh").read_text()
+    assert "#SBATCH --array=0-1%2" in script and "#SBATCH --partition=cpu" in script and "#SBATCH --requeue" in script
+    p = parent(env, "queued")
+    assert p.data.tags[jobs.TAG_LAUNCHER] == "slurm" and jobs.recorded(p) == {"0": "4242_0", "1": "4242_1"}
+    assert "[2/2] seed=1: SLURM job 4242_1" in out.getvalue()
+    monkeypatch.setattr(jobs, "sacct_states", lambda ids: {"4242_0": "RUNNING", "4242_1": "PENDING"})
+    assert status.show(g, status.parent_of(g, None), env["root"] / "runs") == 0
+    text = capsys.readouterr().out
+    assert "[1/2]  seed=0  running  starting" in text and "[2/2]  seed=1  pending  job 4242_1 PENDING" in text
+    with pytest.raises(slurm.LauncherError, match=r"still has jobs in the scheduler \(4242_0 RUNNING, 4242_1 "):
+        slurm.launch(g, "slurm", LauncherConfig(), resume=True, runs_dir=env["root"] / "runs", out=out)

@@ -15,7 +15,7 @@ import pytest
 
 from lrexp.config.load import load
 from lrexp.config.schema import LauncherConfig
-from lrexp.grid import slurm, status
+from lrexp.grid import jobs, slurm, status
 from lrexp.grid.launch import TRAIN_PREFIX_ENV
 from lrexp.grid.plan import Attempt
 
@@ -123,8 +123,8 @@ def test_sacct_states_expand_array_ranges(monkeypatch):
         seen["cmd"] = cmd
         return subprocess.CompletedProcess(cmd, 0, stdout=text)
 
-    monkeypatch.setattr(status.subprocess, "run", run)
-    states = status.sacct_states(["77_0", "77_1", "77_2"])
+    monkeypatch.setattr(jobs.subprocess, "run", run)
+    states = jobs.sacct_states(["77_0", "77_1", "77_2"])
     assert seen["cmd"][-2:] == ["-j", "77"]
     assert states == {"77_0": "COMPLETED", "77_1": "RUNNING", "77_2": "PENDING", "77_3": "PENDING",
                       "77_5": "PENDING", "77_4": "CANCELLED"}
@@ -179,3 +179,11 @@ def test_status_of_a_grid_never_launched(gates, monkeypatch):
     with pytest.raises(status.GridError, match=r"^grid gates was never launched in .* \(no parent run in experiment "
                                                r"lrexp-gates\); start it with lrexp grid gates$"):
         status.parent_of(gates(), None)
+
+
+def test_a_launched_grid_with_jobs_in_the_scheduler_is_not_resumed(monkeypatch):
+    parent = SimpleNamespace(data=SimpleNamespace(tags={jobs.TAG_LAUNCHER: "slurm",
+                                                         jobs.TAG_JOBS: '{"0": "77_0", "1": "77_1", "2": "77_2"}'}))
+    monkeypatch.setattr(jobs, "sacct_states", lambda ids: {"77_0": "COMPLETED", "77_1": "PENDING", "77_2": "RUNNING"})
+    assert jobs.still_queued(parent) == ["77_1 PENDING", "77_2 RUNNING"]
+    assert jobs.still_queued(SimpleNamespace(data=SimpleNamespace(tags={}))) == []  # run by lrexp grid itself

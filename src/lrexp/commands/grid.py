@@ -1,5 +1,5 @@
-"""`lrexp grid NAME [--dry-run] [--resume] [--jobs K] [--list] [--new-parent] [--cell ID [--parent RUN_ID]]
-[key=value ...]`
+"""`lrexp grid NAME [--dry-run] [--resume] [--jobs K | --launcher slurm|local] [--list] [--new-parent]
+[--cell ID [--parent RUN_ID]] [--status [--parent RUN_ID]] [key=value ...]`
 
 Expands and validates every cell first (bad input fails here, before anything runs), then trains the cells,
 each as its own process, one after another or `--jobs K` at once, and ends with the report (the table is
@@ -9,7 +9,8 @@ Fanned out to a scheduler instead: `--new-parent` opens the invocation's parent 
 `--cell ID` (or its number in `--list`) trains that one cell under the parent named by `--parent` or
 `$LREXP_GRID_PARENT`, with the parent's overrides (then any given). An explicit parent, because cells that
 start at once on several machines cannot agree on one they create themselves: MLflow has no atomic "create
-unless it exists". `lrexp report NAME` then gathers the cells.
+unless it exists". `lrexp report NAME` then gathers the cells. `--launcher slurm` does that in one command:
+the cells as a job array, each job a `--cell` (grid/slurm.py); `--status` shows where every cell stands.
 """
 
 from __future__ import annotations

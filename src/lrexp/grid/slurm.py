@@ -39,19 +39,18 @@ from lrexp.config.schema import LauncherConfig
 from lrexp.errors import UserError
 from lrexp.grid import live
 from lrexp.grid.expand import Cell, Grid
+from lrexp.grid.jobs import TAG_FOLDER, TAG_JOBS, TAG_LAUNCHER, still_queued
 from lrexp.grid.launch import TRAIN_PREFIX_ENV, CellResult
 from lrexp.grid.plan import Step, find_attempts, plan, tracking_uri_of
 from lrexp.grid.runner import RUNS_DIR, Outcome, _metric_note, _shared_store
 from lrexp.grid.spec import GRIDS_DIR
 from lrexp.grid.tracker import Tracker
-from lrexp.tracking.names import TAG_ERROR
+from lrexp.runtime.signals import StopSignals
+from lrexp.tracking.names import TAG_ERROR, latest_parent, parents
 from lrexp.tracking.server import SERVER_ENV
 
 LAUNCHERS = ("slurm", "local")
 PREFIX = "launcher."
-TAG_LAUNCHER = "lrexp.launcher"  # on the parent: slurm or local
-TAG_FOLDER = "lrexp.launcher.folder"  # on the parent: submitit's folder (job scripts, pickles, logs)
-TAG_JOBS = "lrexp.launcher.jobs"  # on the parent: JSON {cell index: job id}
 INSTALL = "pip install 'lrexp[slurm]'"
 POLL_S = 2.0
 
@@ -128,12 +127,12 @@ class CellJob:
                 self.parent_id, *(["--runs-dir", self.runs_dir] if self.runs_dir else [])]
 
     def __call__(self) -> int:
-        self._proc = subprocess.Popen(self.command(), cwd=PROJECT_ROOT, env={**os.environ, **self.env})
-        try:
+        # SIGTERM or SIGINT to the job (a preemption without the user signal, a cancelled local job) goes on
+        # to the cell, which stops at a step boundary; submitit's own SIGTERM handler would only log it
+        with StopSignals() as stop:
+            self._proc = subprocess.Popen(self.command(), cwd=PROJECT_ROOT, env={**os.environ, **self.env})
+            stop.forward(self._proc.send_signal)
             code = self._proc.wait()
-        except KeyboardInterrupt:  # Ctrl-C reached the cell too: it ends its run before this job ends
-            self._proc.wait()
-            raise
         if code != 0:  # the job fails with the cell (its error is on the cell's run)
             raise RuntimeError(f"lrexp grid --cell {self.cell} exited with status {code}")
         return code
@@ -269,6 +268,11 @@ def launch(grid: Grid, kind: str, launcher: LauncherConfig, resume: bool = False
     outcome (one result per cell in grid order); with SLURM return None once submitted (the jobs go on)."""
     out = out or sys.stdout
     tracker = Tracker(tracking_uri_of(grid), grid)
+    previous = latest_parent(parents(tracker.client, tracker.experiment_id, grid.name)) if resume else None
+    queued = still_queued(previous) if previous is not None else []
+    if queued:  # their cells would train twice: a cell on another machine cannot be seen alive
+        raise LauncherError(f"grid {grid.name} still has jobs in the scheduler ({', '.join(queued[:3])}"
+                            f"{', ...' if len(queued) > 3 else ''}); wait for them or cancel them before resuming")
     parent_id, attempts = tracker.open_parent(resume)
     steps = plan(grid, attempts or [])
     driver = _Driver(grid, kind, launcher, runs_dir, out, tracker, parent_id)

@@ -5,10 +5,6 @@ launcher). Reads; writes nothing.
 
 from __future__ import annotations
 
-import json
-import os
-import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,59 +15,12 @@ from mlflow.tracking import MlflowClient
 from lrexp.grid import live
 from lrexp.grid.expand import Cell, Grid
 from lrexp.grid.plan import Attempt, find_attempts, tracking_uri_of
+from lrexp.grid.jobs import TAG_LAUNCHER, WAITING, recorded, scheduler_states
 from lrexp.grid.runner import resume_command
-from lrexp.grid.slurm import TAG_JOBS, TAG_LAUNCHER
 from lrexp.grid.spec import GridError
 from lrexp.tracking.names import FINAL_BPT, TAG_ERROR, latest_parent, parents
 
-Scheduler = Callable[[str, Sequence[str]], Dict[str, str]]
-
-WAITING = ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "RESIZING", "SUSPENDED")
-PREEMPTED = ("PREEMPTED", "TIMEOUT", "NODE_FAIL", "BOOT_FAIL", "DEADLINE")
-
-
-def sacct_states(job_ids: Sequence[str]) -> Dict[str, str]:
-    """job id -> SLURM state (`sacct -X`): an array's pending tasks come back as one line `A_[3-5,7]`."""
-    if not job_ids:
-        return {}
-    arrays = sorted({j.split("_")[0] for j in job_ids})
-    try:
-        text = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(arrays)],
-                              capture_output=True, text=True, check=True, timeout=60).stdout
-    except (OSError, subprocess.SubprocessError) as exc:
-        print(f"lrexp grid --status: no scheduler state (sacct: {exc})", file=sys.stderr)
-        return {}
-    states: Dict[str, str] = {}
-    for line in text.splitlines():
-        job, _, state = line.partition("|")
-        state = state.split()[0] if state.strip() else "UNKNOWN"  # "CANCELLED by 123"
-        m = re.fullmatch(r"(\d+)_\[([\d,\-%]+)\]", job.strip())
-        if m is None:
-            states[job.strip()] = state
-            continue
-        for part in m.group(2).split("%")[0].split(","):
-            lo, _, hi = part.partition("-")
-            for k in range(int(lo), int(hi or lo) + 1):
-                states[f"{m.group(1)}_{k}"] = state
-    return states
-
-
-def local_states(job_ids: Sequence[str]) -> Dict[str, str]:
-    """The local launcher's jobs are processes on this machine: RUNNING while alive."""
-    states = {}
-    for j in job_ids:
-        try:
-            os.kill(int(j), 0)
-            states[j] = "RUNNING"
-        except (ValueError, ProcessLookupError):
-            states[j] = "ENDED"
-        except PermissionError:
-            states[j] = "RUNNING"
-    return states
-
-
-def scheduler_states(kind: str, job_ids: Sequence[str]) -> Dict[str, str]:
-    return sacct_states(job_ids) if kind == "slurm" else local_states(job_ids)
+Scheduler = Callable[[str, Sequence[str]], Dict[str, str]]  # (launcher, job ids) -> job id: state
 
 
 def _running(progress_file: Path) -> str:
@@ -118,7 +67,7 @@ def show(grid: Grid, parent, runs_dir: Path, out: Optional[TextIO] = None,
     client = MlflowClient(tracking_uri_of(grid))
     attempts = find_attempts(client, parent.info.experiment_id, parent.info.run_id)
     kind = parent.data.tags.get(TAG_LAUNCHER)
-    jobs: Dict[str, str] = json.loads(parent.data.tags.get(TAG_JOBS, "{}"))
+    jobs = recorded(parent)
     states = scheduler(kind, list(jobs.values())) if kind and jobs else {}
     started = parent.info.start_time / 1000
     print(f"grid {grid.name}, parent run {parent.info.run_id} ({parent.info.status}), "
