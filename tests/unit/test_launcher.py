@@ -84,7 +84,7 @@ def test_job_script_of_a_two_node_cell(gates, tmp_path):
     pytest.importorskip("submitit")
     g = gates(num_nodes=2, accelerator="gpu")
     launcher = LauncherConfig(nodes=2, gpus_per_node=1, partition="gpu", time=240, sbatch={"constraint": "a100"})
-    slurm.check("slurm", launcher, g)
+    slurm.check("slurm", launcher, g, submit=False)
     script = slurm.job_script(launcher, g, tmp_path / "%j", len(g.cells)).splitlines()
     for line in ("#SBATCH --array=0-5%6", "#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1",
                  "#SBATCH --gpus-per-node=1", "#SBATCH --partition=gpu", "#SBATCH --time=240",
@@ -187,3 +187,12 @@ def test_a_launched_grid_with_jobs_in_the_scheduler_is_not_resumed(monkeypatch):
     monkeypatch.setattr(jobs, "sacct_states", lambda ids: {"77_0": "COMPLETED", "77_1": "PENDING", "77_2": "RUNNING"})
     assert jobs.still_queued(parent) == ["77_1 PENDING", "77_2 RUNNING"]
     assert jobs.still_queued(SimpleNamespace(data=SimpleNamespace(tags={}))) == []  # run by lrexp grid itself
+
+
+def test_slurm_without_sbatch_is_refused_but_its_dry_run_is_not(gates, monkeypatch):
+    pytest.importorskip("submitit")
+    monkeypatch.setattr(slurm.shutil, "which", lambda name: None)
+    with pytest.raises(slurm.LauncherError, match=r"^--launcher slurm needs SLURM's sbatch and srun on this machine"):
+        slurm.check("slurm", LauncherConfig(), gates())
+    slurm.check("slurm", LauncherConfig(), gates(), submit=False)
+    slurm.check("local", LauncherConfig(), gates())

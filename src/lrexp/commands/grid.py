@@ -198,7 +198,7 @@ def _launch(args: argparse.Namespace) -> int:
         raise UserError(f"unknown launcher '{args.launcher}'; allowed: {', '.join(slurm.LAUNCHERS)}")
     launcher, overrides = slurm.split_overrides(args.overrides)
     g, steps = _cells(args.name, overrides, args.resume)
-    slurm.check(args.launcher, launcher, g)
+    slurm.check(args.launcher, launcher, g, submit=not args.dry_run)
     if args.dry_run:
         _dry_run(g, steps)
         if args.launcher == "slurm":

@@ -42,10 +42,11 @@ from lrexp.grid.expand import Cell, Grid
 from lrexp.grid.jobs import TAG_FOLDER, TAG_JOBS, TAG_LAUNCHER, still_queued
 from lrexp.grid.launch import TRAIN_PREFIX_ENV, CellResult
 from lrexp.grid.plan import Step, find_attempts, plan, tracking_uri_of
-from lrexp.grid.runner import RUNS_DIR, Outcome, _metric_note, _shared_store
+from lrexp.grid.runner import RUNS_DIR, Outcome, _metric_note, _shared_store, _stopped, resume_command
 from lrexp.grid.spec import GRIDS_DIR
 from lrexp.grid.tracker import Tracker
 from lrexp.runtime.signals import StopSignals
+from lrexp.tracking import runs
 from lrexp.tracking.names import TAG_ERROR, latest_parent, parents
 from lrexp.tracking.server import SERVER_ENV
 
@@ -77,8 +78,9 @@ def split_overrides(overrides: Sequence[str]) -> Tuple[LauncherConfig, List[str]
     return OmegaConf.to_object(base), rest
 
 
-def check(kind: str, launcher: LauncherConfig, grid: Grid) -> None:
-    """Every cell against the jobs it will get, before anything is submitted."""
+def check(kind: str, launcher: LauncherConfig, grid: Grid, submit: bool = True) -> None:
+    """Every cell against the jobs it will get, before anything is submitted (`submit`: SLURM's commands
+    must be here too; a dry run only writes the job script)."""
     if kind not in LAUNCHERS:
         raise LauncherError(f"unknown launcher '{kind}'; allowed: {', '.join(LAUNCHERS)}")
     for cell in grid.cells:
@@ -91,6 +93,9 @@ def check(kind: str, launcher: LauncherConfig, grid: Grid) -> None:
         raise LauncherError(f"grid {grid.name}: cells with different train.devices ({sorted(devices)}) cannot "
                             f"share one job array; launch them as separate grids")
     submitit_module()  # installed: checked last, so a bad key is named first
+    if submit and kind == "slurm" and (shutil.which("srun") is None or shutil.which("sbatch") is None):
+        raise LauncherError("--launcher slurm needs SLURM's sbatch and srun on this machine (a login node); "
+                            "--dry-run shows the job script anywhere")
 
 
 def submitit_module():
@@ -163,9 +168,6 @@ def executor(kind: str, launcher: LauncherConfig, folder: Path, grid: Grid):
         ex = submitit.LocalExecutor(folder)
         ex.update_parameters(timeout_min=launcher.time, signal_delay_s=launcher.signal_s)
         return ex
-    if shutil.which("srun") is None or shutil.which("sbatch") is None:
-        raise LauncherError("--launcher slurm needs SLURM's sbatch and srun on this machine (a login node); "
-                            "--dry-run shows the job script anywhere")
     ex = submitit.SlurmExecutor(folder, python=PYTHON)
     ex.update_parameters(**sbatch_parameters(launcher, grid))
     return ex
@@ -286,12 +288,19 @@ def launch(grid: Grid, kind: str, launcher: LauncherConfig, resume: bool = False
         if s.action == "skip":
             print(f"{driver.prefix(s.cell)} {s.cell.id}: skipped, FINISHED in run {s.run_id}", file=out)
     todo = [s for s in steps if s.action != "skip"]
-    if kind == "slurm":
-        _submit_array(driver, folder, todo)
+    if kind == "slurm" and todo:
+        try:
+            _submit_array(driver, folder, todo)
+        except Exception as exc:  # sbatch refused: no job runs, the parent must not look like one does
+            runs.end_on_error(tracker.client, parent_id, exc)
+            raise
         return None
-    results = {**skipped, **_run_local(driver, folder, todo)}
+    with StopSignals() as stop:
+        results = {**skipped, **_run_local(driver, folder, todo, stop)}
     ordered = [results[i] for i in sorted(results)]
-    tracker.close_parent(parent_id, ordered)
+    tracker.close_parent(parent_id, ordered, interrupted=stop.received is not None)
+    if stop.received is not None:
+        raise _stopped(stop.received, ordered, n, resume_command(grid) + " --launcher local")
     return Outcome(tracker.uri, parent_id, ordered)
 
 
@@ -308,8 +317,10 @@ def _submit_array(driver: _Driver, folder: Path, todo: Sequence[Step]) -> None:
           f"the table: lrexp report {where}", file=driver.out, flush=True)
 
 
-def _run_local(driver: _Driver, folder: Path, todo: Sequence[Step]) -> Dict[int, CellResult]:
-    """The local launcher: `launcher.array_parallelism` jobs at once (default one), in grid order."""
+def _run_local(driver: _Driver, folder: Path, todo: Sequence[Step], stop: StopSignals) -> Dict[int, CellResult]:
+    """The local launcher: `launcher.array_parallelism` jobs at once (default one), in grid order. Once
+    `stop` caught a signal no job starts, and the running ones get SIGTERM, which their controller passes on
+    to the job and the job to its cell (which stops at a step boundary, checkpointed, KILLED)."""
     at_once = driver.launcher.array_parallelism or 1
     ex = executor("local", driver.launcher, folder, driver.grid)
     queue, running, ids = list(todo), [], {}
@@ -317,8 +328,9 @@ def _run_local(driver: _Driver, folder: Path, todo: Sequence[Step]) -> Dict[int,
     line = live.LiveLine(driver.out)
     with _shared_store(driver.tracker, at_once) as server:
         env = {SERVER_ENV: server} if server else {}
-        while queue or running:
-            while queue and len(running) < at_once:
+        stop.forward(lambda signum: [os.kill(int(r.job.job_id), signal.SIGTERM) for r in running])
+        while (queue and stop.received is None) or running:
+            while queue and len(running) < at_once and stop.received is None:
                 step = queue.pop(0)
                 progress = driver.folder / step.cell.dirname / "progress.json"
                 progress.unlink(missing_ok=True)
