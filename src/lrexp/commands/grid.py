@@ -64,6 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _late_options(args: argparse.Namespace) -> argparse.Namespace:
     """Options written after NAME (`lrexp grid gates --dry-run scale=small`), then --jobs 1 unless given."""
     args = late_options(args, _add_options, "grid")
+    args.jobs_given = args.jobs is not None  # --launcher takes none, whatever the default
     args.jobs = 1 if args.jobs is None else args.jobs
     return args
 
@@ -191,7 +192,7 @@ def _launch(args: argparse.Namespace) -> int:
     from lrexp.grid import slurm
     from lrexp.grid.runner import RUNS_DIR
 
-    if args.list or args.new_parent or args.cell or args.jobs != 1:
+    if args.list or args.new_parent or args.cell or args.jobs_given:
         raise UserError("--launcher takes no --list, --new-parent, --cell or --jobs (launcher.array_parallelism "
                         "sets how many cells run at once)")
     if args.launcher not in slurm.LAUNCHERS:
