@@ -13,8 +13,6 @@ import io
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -160,35 +158,3 @@ def test_slurm_launch_submits_one_array_and_records_its_job_ids(env, monkeypatch
     with pytest.raises(slurm.LauncherError, match=r"still has jobs in the scheduler \(4242_0 RUNNING, 4242_1 "):
         slurm.launch(g, "slurm", LauncherConfig(), resume=True, runs_dir=env["root"] / "runs", out=out)
 
-
-def test_sigterm_to_a_local_launch_stops_its_cell_at_a_checkpoint_and_resume_equals_an_uninterrupted_cell(
-    env, uninterrupted
-):
-    """The driver passes SIGTERM to its jobs' controllers, they to the jobs, the jobs to their cells."""
-    path = write_grid(env, "stopped")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lrexp.cli", "grid", str(path), "--launcher", "local", "train.seed=0",
-         "--runs-dir", str(env["root"] / "runs"), "--out", str(env["root"] / "reports")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.monotonic() + 600
-    while not _saved_and_logged(env, env["root"] / "ckpt-stopped"):
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "no checkpoint in 600 s"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 128 + signal.SIGTERM, err
-    assert f"continue with: lrexp grid {path} --resume --launcher local" in err
-    [run] = cell_runs(env, "stopped")
-    assert run.info.status == "KILLED" and parent(env, "stopped").info.status == "KILLED"
-    exp = env["client"].get_experiment_by_name("lrexp-stopped")
-    assert not env["client"].search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")
-
-    out = io.StringIO()
-    outcome = slurm.launch(expand(str(path), ["train.seed=0"]), "local", LauncherConfig(), resume=True,
-                           runs_dir=env["root"] / "runs", out=out)
-    assert [r.status for r in outcome.results] == ["FINISHED"], out.getvalue()
-    assert f"training on from step" in out.getvalue() and run.info.run_id in out.getvalue()
-    [after] = cell_runs(env, "stopped")
-    assert after.info.run_id == run.info.run_id and after.info.status == "FINISHED"
-    assert_close(logged(env["client"], after), uninterrupted)
