@@ -151,6 +151,10 @@ def test_cell_states_from_mlflow_and_the_scheduler(gates, tmp_path):
 
     assert state([attempt("FINISHED", 20)], client=_Client({"final/val_bits_per_token": 2.5})) == \
         ("finished", "bits/token 2.5000")
+    # FINISHED by Lightning when fit returned, its final passes still running
+    assert state([attempt("FINISHED", 20)], "RUNNING") == ("running", "final passes over the validation and test "
+                                                                      "splits")
+    assert state([attempt("FINISHED", 20)], "COMPLETED") == ("finished", "no bits/token")
     (tmp_path / "p.json").write_text('{"step": 5, "max_steps": 20, "start_step": 0, "seconds": 10.0, '
                                      '"loss": 2.25, "tokens_per_s": 100.0}')
     assert state([attempt("RUNNING")], "RUNNING", progress=tmp_path / "p.json") == \
@@ -162,7 +166,7 @@ def test_cell_states_from_mlflow_and_the_scheduler(gates, tmp_path):
         ("failed", "ValueError: bad")
     assert state([], "PENDING") == ("pending", "job 77_0 PENDING")
     assert state([], "OUT_OF_MEMORY") == ("failed", "job 77_0 ended OUT_OF_MEMORY before the cell started its run")
-    assert state([], None) == ("pending", "")
+    assert state([], None) == ("pending", "not started")
     # a cell that finished with another config (fewer steps) is not this cell's result
     assert state([attempt("FINISHED", 10, h="other")], None)[0] == "pending"
 

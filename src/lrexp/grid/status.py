@@ -18,7 +18,7 @@ from lrexp.grid.plan import Attempt, find_attempts, tracking_uri_of
 from lrexp.grid.jobs import TAG_LAUNCHER, WAITING, recorded, scheduler_states
 from lrexp.grid.runner import resume_command
 from lrexp.grid.spec import GridError
-from lrexp.tracking.names import FINAL_BPT, TAG_ERROR, latest_parent, parents
+from lrexp.tracking.names import FINAL_BPT, TAG_ERROR, latest_parent, parents, process_alive
 
 Scheduler = Callable[[str, Sequence[str]], Dict[str, str]]  # (launcher, job ids) -> job id: state
 
@@ -37,10 +37,16 @@ def cell_state(cell: Cell, mine: Sequence[Attempt], client, job: Optional[str], 
     """(state word, detail) of one cell; `mine`: its runs under the parent, newest first; `sched`: its job's
     scheduler state (None: not launched as a job); `resume`: the command that continues the grid."""
     done = next((a for a in mine if a.status == "FINISHED" and a.config_hash == cell.config_hash), None)
-    if done is not None:
-        bpt = client.get_run(done.run_id).data.metrics.get(FINAL_BPT)
-        return "finished", f"bits/token {bpt:.4f}" if bpt is not None else "no bits/token"
     in_queue = sched in WAITING
+    if done is not None:
+        run = client.get_run(done.run_id)
+        bpt = run.data.metrics.get(FINAL_BPT)
+        if bpt is not None:
+            return "finished", f"bits/token {bpt:.4f}"
+        # Lightning's logger ends the run FINISHED when fit returns, before the final passes log final/*
+        if sched == "RUNNING" or (sched is None and process_alive(run.data.tags)):
+            return "running", "final passes over the validation and test splits"
+        return "finished", "no bits/token"
     if mine and mine[0].status == "RUNNING":
         return "running", _running(progress_file)
     if mine and mine[0].status == "KILLED":
@@ -57,7 +63,7 @@ def cell_state(cell: Cell, mine: Sequence[Attempt], client, job: Optional[str], 
         return "failed", f"job {job} ended {sched} before the cell started its run"
     if sched == "RUNNING":
         return "running", "starting"
-    return "pending", f"job {job} {sched}" if job and sched else ""
+    return "pending", f"job {job} {sched}" if job and sched else "not started"
 
 
 def show(grid: Grid, parent, runs_dir: Path, out: Optional[TextIO] = None,
@@ -82,7 +88,7 @@ def show(grid: Grid, parent, runs_dir: Path, out: Optional[TextIO] = None,
         rows.append((f"[{cell.index + 1}/{len(grid.cells)}]", cell.id, word, detail))
     widths = [max(len(r[k]) for r in rows) for k in range(3)]
     for r in rows:
-        print("  ".join(x.ljust(w) for x, w in zip(r[:3], widths)) + (f"  {r[3]}" if r[3] else ""), file=out)
+        print("  ".join(x.ljust(w) for x, w in zip(r, [*widths, 0])).rstrip(), file=out)
     counts = {w: sum(1 for r in rows if r[2] == w) for w in dict.fromkeys(r[2] for r in rows)}
     print(", ".join(f"{n} {w}" for w, n in counts.items()), file=out)
     return 1 if counts.get("failed") else 0
