@@ -121,7 +121,7 @@ def test_the_cache_grid_trains_the_topline_then_evaluates_its_checkpoint(env, ca
     overrides = [o for o in env["base"] if not o.startswith(("scale=", "log.progress_bar"))]
     args = argparse.Namespace(name="cache", overrides=["scale=smoke", *overrides], dry_run=False, resume=False,
                               runs_dir=env["root"] / "runs", out=env["root"] / "grid-report", list=False,
-                              new_parent=False, cell=None, parent=None, jobs=None)
+                              new_parent=False, cell=None, parent=None, jobs=None, launcher=None, status=False)
     assert grid_cmd.run(args) == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
     assert "| tova | 32 |" in printed and "| window | 8 |" in printed

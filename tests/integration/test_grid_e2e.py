@@ -31,7 +31,8 @@ from lrexp.commands import grid as grid_cmd
 
 def _args(name, *overrides, **kw):
     ns = argparse.Namespace(name=name, overrides=list(overrides), dry_run=False, resume=False, runs_dir=None, out=None,
-                            list=False, new_parent=False, cell=None, parent=None, jobs=1)
+                            list=False, new_parent=False, cell=None, parent=None, jobs=1, launcher=None,
+                            status=False)
     for k, v in kw.items():
         setattr(ns, k, v)
     return ns

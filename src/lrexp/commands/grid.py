@@ -1,5 +1,5 @@
-"""`lrexp grid NAME [--dry-run] [--resume] [--jobs K] [--list] [--new-parent] [--cell ID [--parent RUN_ID]]
-[key=value ...]`
+"""`lrexp grid NAME [--dry-run] [--resume] [--jobs K | --launcher slurm|local] [--list] [--new-parent]
+[--cell ID [--parent RUN_ID]] [--status [--parent RUN_ID]] [key=value ...]`
 
 Expands and validates every cell first (bad input fails here, before anything runs), then trains the cells,
 each as its own process, one after another or `--jobs K` at once, and ends with the report (the table is
@@ -9,7 +9,8 @@ Fanned out to a scheduler instead: `--new-parent` opens the invocation's parent 
 `--cell ID` (or its number in `--list`) trains that one cell under the parent named by `--parent` or
 `$LREXP_GRID_PARENT`, with the parent's overrides (then any given). An explicit parent, because cells that
 start at once on several machines cannot agree on one they create themselves: MLflow has no atomic "create
-unless it exists". `lrexp report NAME` then gathers the cells.
+unless it exists". `lrexp report NAME` then gathers the cells. `--launcher slurm` does that in one command:
+the cells as a job array, each job a `--cell` (grid/slurm.py); `--status` shows where every cell stands.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import List
 
 from lrexp.commands.options import add_overrides, jobs_option, late_options
 from lrexp.errors import UserError
@@ -45,6 +47,13 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cell", metavar="ID", help="train this one cell (its id, or its line number in "
                         "--list) under the parent run of --parent / $LREXP_GRID_PARENT, resuming it if it stopped")
     parser.add_argument("--parent", metavar="RUN_ID", help=f"the parent run for --cell (default: ${PARENT_ENV})")
+    parser.add_argument("--launcher", metavar="slurm|local",
+                        help="run every cell as a job through submitit: a SLURM job array (launcher.KEY=VALUE: "
+                        "partition, account, qos, nodes, gpus_per_node, cpus_per_task, mem, time, signal_s, "
+                        "array_parallelism, sbatch.OPTION), or processes on this machine (local)")
+    parser.add_argument("--status", action="store_true",
+                        help="every cell of the latest invocation (or --parent RUN_ID): pending, running, "
+                        "finished, failed, preempted/requeued; exit status 1 while a cell failed")
     parser.add_argument("--runs-dir", type=Path, help="cell configs and logs go to DIR/NAME/CELL/ (default: runs/)")
     parser.add_argument("--out", type=Path, help="report folder (default: reports/NAME)")
 
@@ -57,7 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _late_options(args: argparse.Namespace) -> argparse.Namespace:
     """Options written after NAME (`lrexp grid gates --dry-run scale=small`); --jobs None when not given."""
-    return late_options(args, _add_options, "grid")
+    args = late_options(args, _add_options, "grid")
+    args.jobs_given = args.jobs is not None  # --launcher takes none, whatever the default
+    return args
 
 
 def _dry_run(g, steps=None) -> None:
@@ -148,32 +159,88 @@ def _view(outcome, cells) -> str:
     return publish(client, client.get_run(outcome.parent_id), cells, base, lrexp_ui)
 
 
+def _cells(name: str, overrides: List[str], resume: bool):
+    """The grid's cells, checked, and with `resume` what the resume does with each (else None)."""
+    # mlflow: paid for by `lrexp grid` only, not by every command whose parser this module builds
+    from lrexp.grid.expand import expand
+    from lrexp.grid.plan import invocation_overrides, plan, previous_invocation
+
+    g = expand(name, overrides)
+    steps = None
+    if resume:
+        parent, finished = previous_invocation(g)
+        earlier = invocation_overrides(parent) if parent is not None else []
+        if earlier:  # the invocation's own overrides first, the ones given now on top
+            g = expand(name, [*earlier, *overrides])
+            print(f"resuming parent run {parent.info.run_id} with its overrides: {' '.join(earlier)}"
+                  + (f", then {' '.join(overrides)}" if overrides else ""))
+        steps = plan(g, finished)
+    _check_cells(g)
+    return g, steps
+
+
+def _status(args: argparse.Namespace) -> int:
+    """--status: the latest invocation's cells (or --parent's), with its overrides."""
+    import os
+
+    # mlflow: paid for by `lrexp grid` only, not by every command whose parser this module builds
+    from lrexp.grid import status
+    from lrexp.grid.expand import expand
+    from lrexp.grid.plan import invocation_overrides
+    from lrexp.grid.runner import RUNS_DIR
+
+    if args.dry_run or args.resume or args.launcher or args.list or args.new_parent or args.cell:
+        raise UserError("--status takes no other option but --parent and --runs-dir")
+    g = expand(args.name, args.overrides)
+    parent = status.parent_of(g, args.parent or os.environ.get(PARENT_ENV))
+    g = expand(args.name, [*invocation_overrides(parent), *args.overrides])
+    return status.show(g, parent, args.runs_dir or RUNS_DIR)
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """--launcher slurm|local: the cells as submitit jobs; local ones are waited for and reported."""
+    # submitit only once the launcher is checked: slurm.py imports it in one function, for the one-line error
+    from lrexp.grid import slurm
+    from lrexp.grid.runner import RUNS_DIR
+
+    if args.list or args.new_parent or args.cell or args.jobs_given:
+        raise UserError("--launcher takes no --list, --new-parent, --cell or --jobs (launcher.array_parallelism "
+                        "sets how many cells run at once)")
+    if args.launcher not in slurm.LAUNCHERS:
+        raise UserError(f"unknown launcher '{args.launcher}'; allowed: {', '.join(slurm.LAUNCHERS)}")
+    launcher, overrides = slurm.split_overrides(args.overrides)
+    g, steps = _cells(args.name, overrides, args.resume)
+    slurm.check(args.launcher, launcher, g, submit=not args.dry_run)
+    if args.dry_run:
+        _dry_run(g, steps)
+        if args.launcher == "slurm":
+            folder = (args.runs_dir or RUNS_DIR) / g.name / "launcher"
+            print(f"\nthe job script (one array task per cell, written under {folder}):\n")
+            print(slurm.job_script(launcher, g, folder / "%j", len(g.cells)))
+        return 0
+    outcome = slurm.launch(g, args.launcher, launcher, resume=args.resume, runs_dir=args.runs_dir)
+    return 0 if outcome is None else _report(g, args, outcome)  # SLURM's jobs go on after this command
+
+
 def run(args: argparse.Namespace) -> int:
     # mlflow: paid for by `lrexp grid` only, not by every command whose parser this module builds
     from lrexp.grid import runner
-    from lrexp.grid.expand import expand
     from lrexp.grid.launch import slots
-    from lrexp.grid.plan import invocation_overrides, plan, previous_invocation
-    from lrexp.report import collect
     from lrexp.train.validate import short_run_note
 
     args = _late_options(args)
+    if args.status:
+        return _status(args)
+    if args.launcher is not None:
+        return _launch(args)
+    if any(o.startswith("launcher.") for o in args.overrides):
+        raise UserError("launcher.* keys take --launcher slurm|local")
     if args.list or args.new_parent or args.cell:
         if args.dry_run or args.resume or args.jobs not in (None, 1):
             raise UserError("--list, --new-parent and --cell take no --dry-run, --resume or --jobs (a --cell "
                             "resumes its cell by itself; a scheduler runs as many at once as it starts)")
         return _fan_out(args)
-    g = expand(args.name, args.overrides)
-    steps = None
-    if args.resume:
-        parent, finished = previous_invocation(g)
-        earlier = invocation_overrides(parent) if parent is not None else []
-        if earlier:  # the invocation's own overrides first, the ones given now on top
-            g = expand(args.name, [*earlier, *args.overrides])
-            print(f"resuming parent run {parent.info.run_id} with its overrides: {' '.join(earlier)}"
-                  + (f", then {' '.join(args.overrides)}" if args.overrides else ""))
-        steps = plan(g, finished)
-    _check_cells(g)
+    g, steps = _cells(args.name, args.overrides, args.resume)
     args.jobs = AUTO_JOBS if args.jobs is None else args.jobs
     slots(g, runner.jobs_for(g, args.jobs, steps))  # refused now, not after the dry run said yes
     for note in dict.fromkeys(short_run_note(c.config) for c in g.cells):  # the cells' logs cannot say it
@@ -182,7 +249,13 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         _dry_run(g, steps)
         return 0
-    outcome = runner.run(g, resume=args.resume, runs_dir=args.runs_dir, jobs=args.jobs)
+    return _report(g, args, runner.run(g, resume=args.resume, runs_dir=args.runs_dir, jobs=args.jobs))
+
+
+def _report(g, args: argparse.Namespace, outcome) -> int:
+    """The table of the cells just run, then the grid's evaluations; 0 only when every cell finished."""
+    from lrexp.report import collect  # matplotlib and mlflow: only once cells ran
+
     rep = collect.build(g.name, args.out, parent_id=outcome.parent_id, uri=outcome.uri)
     print()
     print(rep.markdown, end="")

@@ -13,7 +13,9 @@ from lrexp.attention.backends import AUTO
 from lrexp.cache import POLICIES
 from lrexp.config.derive import absolute_layers, derive, segment_len, slot_layers
 from lrexp.config.errors import ConfigError
-from lrexp.config.schema import SVD_TARGETS, KNNConfig, PolicyConfig, RunConfig, SlotsConfig, SVDStateConfig
+from lrexp.config.schema import (
+    SVD_TARGETS, KNNConfig, LauncherConfig, PolicyConfig, RunConfig, SlotsConfig, SVDStateConfig,
+)
 from lrexp.model.variants import VARIANTS, check_slot_places
 
 _POSITIVE = (
@@ -203,3 +205,28 @@ def _check_knn(knn: KNNConfig, layers: List[int], recurrent_layers: List[int], s
     if knn.backend == "bucket" and knn.memory_size % knn.k:
         raise ConfigError(f"'model.knn.memory_size' ({knn.memory_size}) must be a multiple of 'model.knn.k' "
                           f"({knn.k}) for the bucket backend (k strided buckets)")
+
+
+def check_launcher(launcher: LauncherConfig, cfg: RunConfig, local: bool) -> None:
+    """A cell against the jobs `--launcher` gives it (docs/grids.md#slurm): what it asks of one job must be
+    granted, checked before anything is submitted."""
+    for key in ("nodes", "time", "array_parallelism", "cpus_per_task"):
+        value = getattr(launcher, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"'launcher.{key}' must be > 0, got {value}")
+    for key in ("gpus_per_node", "signal_s"):
+        if getattr(launcher, key) < 0:
+            raise ConfigError(f"'launcher.{key}' must be >= 0, got {getattr(launcher, key)}")
+    if launcher.signal_s >= 60 * launcher.time:
+        raise ConfigError(f"'launcher.signal_s' ({launcher.signal_s}) must be shorter than 'launcher.time' "
+                          f"({launcher.time} minutes)")
+    t = cfg.train
+    if t.num_nodes != launcher.nodes:
+        raise ConfigError(f"'train.num_nodes' is {t.num_nodes} but 'launcher.nodes' is {launcher.nodes}: a cell "
+                          f"trains on the nodes its job is given")
+    if local and launcher.nodes > 1:
+        raise ConfigError(f"'launcher.nodes' is {launcher.nodes}: --launcher local runs on this one machine")
+    on_gpus = t.accelerator in ("gpu", "cuda") or (t.accelerator == "auto" and launcher.gpus_per_node > 0)
+    if on_gpus and t.devices > launcher.gpus_per_node:
+        raise ConfigError(f"'train.devices' is {t.devices} GPUs per node but 'launcher.gpus_per_node' grants "
+                          f"{launcher.gpus_per_node}")

@@ -308,6 +308,25 @@ class RunConfig:
     derived: DerivedConfig = field(default_factory=DerivedConfig)
 
 
+@dataclass
+class LauncherConfig:
+    """`lrexp grid NAME --launcher slurm|local` (docs/grids.md#slurm): one job per cell through submitit. Set as
+    `launcher.KEY=VALUE` on the grid's command line; not part of a cell's config, since where a cell runs does
+    not change what it trains (its config hash)."""
+
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    nodes: int = 1  # per cell: must equal train.num_nodes
+    gpus_per_node: int = 0  # 0: CPU jobs; a cell's train.devices must fit in it
+    cpus_per_task: Optional[int] = None
+    mem: Optional[str] = None  # per node, as sbatch reads it: "64G"
+    time: int = 60  # minutes per job; a longer cell checkpoints, ends KILLED and is requeued
+    signal_s: int = 120  # the cell is told to checkpoint this long before the time limit
+    array_parallelism: Optional[int] = None  # cells running at once; null: slurm every one, local one
+    sbatch: Dict[str, str] = field(default_factory=dict)  # more #SBATCH options: launcher.sbatch.constraint=a100
+
+
 OPEN_SECTIONS = ("log.tags",)  # free-form dicts: their entries are values, not schema keys
 SVD_TARGETS = ("recurrent_state", "slots", "xl_cache")  # the states model.svd_state.targets may name
 

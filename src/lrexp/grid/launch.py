@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -17,6 +18,9 @@ from lrexp.grid.expand import Cell, Grid
 from lrexp.grid.spec import GridError
 from lrexp.runtime.cpus import usable_cpus
 from lrexp.runtime.signals import StopSignals
+
+# What `lrexp train` runs under, as a shell line: a SLURM job's srun for a cell on several ranks (grid/slurm.py)
+TRAIN_PREFIX_ENV = "LREXP_TRAIN_PREFIX"
 
 
 @dataclass
@@ -50,7 +54,8 @@ def run_cell(
     out_path, err_path = cell_dir / "stdout.log", cell_dir / "stderr.log"
     with open(out_path, "w") as out, open(err_path, "w") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "lrexp.cli", "train", *(["--resume", resume] if resume else []), str(config_path)],
+            [*shlex.split(os.environ.get(TRAIN_PREFIX_ENV, "")), sys.executable, "-m", "lrexp.cli", "train",
+             *(["--resume", resume] if resume else []), str(config_path)],
             cwd=PROJECT_ROOT,
             stdout=out,
             stderr=err,
