@@ -114,7 +114,7 @@ class _Runner:
         self.durations.append(seconds)
         if metrics is not None:
             result = CellResult(cell, "FINISHED", metrics["run_id"], seconds, metrics=metrics)
-            detail = _metric_note(metrics)
+            detail = metric_note(metrics)
         else:
             status = "FAILED" if self.stop.received is None else "KILLED"
             run_id = self.tracker.record_end(self.parent_id, cell, launched.since_ms, error, status, step.run_id)
@@ -174,7 +174,7 @@ def _open(grid: Grid, out: Optional[TextIO]) -> Tuple[Tracker, TextIO]:
 
 
 @contextlib.contextmanager
-def _shared_store(tracker: Tracker, cells_at_once: int) -> Iterator[Optional[str]]:
+def shared_store(tracker: Tracker, cells_at_once: int) -> Iterator[Optional[str]]:
     """With several cells at once over a local store (sqlite), one MLflow server in front of it that the
     cells and the grid's own bookkeeping write through (tracking/server.py); None otherwise (one cell at a
     time, or a tracking server already)."""
@@ -189,7 +189,7 @@ def _shared_store(tracker: Tracker, cells_at_once: int) -> Iterator[Optional[str
             tracker.client = MlflowClient(tracker.uri)
 
 
-def _stopped(signum: int, results: List[CellResult], total: int, command: str) -> Interrupted:
+def stopped(signum: int, results: List[CellResult], total: int, command: str) -> Interrupted:
     done = sum(1 for r in results if r.status in ("FINISHED", "SKIPPED"))
     return Interrupted(signum, f"stopped by {signals.name(signum)} with {done} of {total} cell{'s' * (total != 1)} "
                                f"done; continue with: {command}")
@@ -232,7 +232,7 @@ def run(
     shares = slots(grid, at_once)
     n = len(grid.cells)
     with StopSignals() as stop:
-        with _shared_store(tracker, len(shares.cpus)) as server:
+        with shared_store(tracker, len(shares.cpus)) as server:
             runner = _Runner(grid, tracker, parent_id, runs_dir, out, run_cell_fn, stop, shares, server)
             runner.say(f"grid {grid.name}: {n} cell{'s' * (n != 1)}, scale {grid.scale}, MLflow experiment "
                        f"lrexp-{grid.name}, parent run {parent_id}" + (" (resumed)" if attempts is not None else "")
@@ -242,7 +242,7 @@ def run(
             results = runner.run(steps)
         tracker.close_parent(parent_id, results, interrupted=stop.received is not None)
     if stop.received is not None:
-        raise _stopped(stop.received, results, n, resume_command(grid))
+        raise stopped(stop.received, results, n, resume_command(grid))
     return Outcome(tracker.uri, parent_id, results)
 
 
@@ -267,10 +267,10 @@ def run_one(
         [result] = runner.run([step])
     tracker.close_fanned_out(parent_id)
     if stop.received is not None:
-        raise _stopped(stop.received, [result], 1, "the same --cell command")
+        raise stopped(stop.received, [result], 1, "the same --cell command")
     return result
 
 
-def _metric_note(metrics: Dict[str, Any]) -> str:
+def metric_note(metrics: Dict[str, Any]) -> str:
     bpt = metrics.get(FINAL_BPT)
     return f"val bits/token {bpt:.4f}" if isinstance(bpt, (int, float)) else "no val bits/token"

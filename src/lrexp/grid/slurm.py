@@ -42,7 +42,7 @@ from lrexp.grid.expand import Cell, Grid
 from lrexp.grid.jobs import TAG_FOLDER, TAG_JOBS, TAG_LAUNCHER, still_queued
 from lrexp.grid.launch import TRAIN_PREFIX_ENV, CellResult
 from lrexp.grid.plan import Step, find_attempts, plan, tracking_uri_of
-from lrexp.grid.runner import RUNS_DIR, Outcome, _metric_note, _shared_store, _stopped, resume_command
+from lrexp.grid.runner import RUNS_DIR, Outcome, metric_note, shared_store, stopped, resume_command
 from lrexp.grid.spec import GRIDS_DIR
 from lrexp.grid.tracker import Tracker
 from lrexp.runtime.signals import StopSignals
@@ -300,7 +300,7 @@ def launch(grid: Grid, kind: str, launcher: LauncherConfig, resume: bool = False
     ordered = [results[i] for i in sorted(results)]
     tracker.close_parent(parent_id, ordered, interrupted=stop.received is not None)
     if stop.received is not None:
-        raise _stopped(stop.received, ordered, n, resume_command(grid) + " --launcher local")
+        raise stopped(stop.received, ordered, n, resume_command(grid) + " --launcher local")
     return Outcome(tracker.uri, parent_id, ordered)
 
 
@@ -326,7 +326,7 @@ def _run_local(driver: _Driver, folder: Path, todo: Sequence[Step], stop: StopSi
     queue, running, ids = list(todo), [], {}
     results: Dict[int, CellResult] = {}
     line = live.LiveLine(driver.out)
-    with _shared_store(driver.tracker, at_once) as server:
+    with shared_store(driver.tracker, at_once) as server:
         env = {SERVER_ENV: server} if server else {}
         stop.forward(lambda signum: [os.kill(int(r.job.job_id), signal.SIGTERM) for r in running])
         while (queue and stop.received is None) or running:
@@ -359,7 +359,7 @@ def _finished(driver: _Driver, launched: Launched, running: Sequence[Launched], 
     seconds = time.monotonic() - launched.started
     driver.durations.append(seconds)
     result = _cell_result(driver.tracker, driver.parent_id, cell, seconds)
-    detail = _metric_note(result.metrics) if result.status == "FINISHED" else f"error: {result.error}"
+    detail = metric_note(result.metrics) if result.status == "FINISHED" else f"error: {result.error}"
     mean, now = sum(driver.durations) / len(driver.durations), time.monotonic()
     eta = live.grid_left([max(0.0, mean - (now - r.started)) for r in running], len(queue), mean, at_once)
     line.clear()
