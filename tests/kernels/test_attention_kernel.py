@@ -198,6 +198,7 @@ def test_torch_compile_traces_through_the_kernel_on_gpu():
     torch.testing.assert_close(torch.compile(window, fullgraph=True)(q, k, v), window(q, k, v), atol=1e-3, rtol=0)
 
 
+@pytest.mark.slow  # 8 s: every autotune candidate under the interpreter
 def test_benchmark_smoke_mode_runs_every_candidate_under_the_interpreter():
     script = Path(__file__).resolve().parents[2] / "bench" / "attention_kernels.py"
     run = subprocess.run([sys.executable, str(script), "--smoke"], capture_output=True, text=True, timeout=300,

@@ -13,9 +13,11 @@ from lrexp.model.lm import build_model
 
 V = 64
 ROWS = sorted(p.stem for p in (EXPERIMENTS / "rows").glob("*.yaml"))
-# The slow tier: Feedback's block-serial reads (over 10 s each under the interpreter) and the lstm-gated Rec
-# rows, whose attend calls are those of the fixed-gated row of their topology (the gate acts after attention)
-SLOW = {"fb_fixed_skip", "fb_lstm_single", "rec_lstm_dual", "rec_lstm_single", "rec_lstm_skip"}
+# The slow tier: Feedback's block-serial reads (over 10 s each under the interpreter), the lstm-gated Rec
+# rows, whose attend calls are those of the fixed-gated row of their topology (the gate acts after attention),
+# and the dual and single topologies (6 s each): the default tier keeps Rec:fixed:skip, the paper's best
+SLOW = {"fb_fixed_skip", "fb_lstm_single", "rec_lstm_dual", "rec_lstm_single", "rec_lstm_skip", "rec_fixed_dual",
+        "rec_fixed_single"}
 CASES = [pytest.param(row, overrides, marks=[pytest.mark.slow] if row in SLOW else []) for row, overrides in [
     *((row, ()) for row in ROWS),
     ("rec_lstm_dual", ("model.attn.mask_empty_cache=true", "model.attn.window_includes_self=true")),

@@ -45,6 +45,7 @@ def assert_same(eager, compiled, tol):
         torch.testing.assert_close(g1[name], g0[name], rtol=tol, atol=tol, msg=name)
 
 
+@pytest.mark.slow  # 6-8 s per row: dynamo traces the whole recurrent stack
 @pytest.mark.parametrize("row", ["rec_lstm_dual", "fb_fixed_skip"])
 def test_the_recurrent_scan_and_the_block_serial_stack_trace_whole_and_equal_eager(row):
     # the "eager" backend runs dynamo's captured graph as it is: the capture, in seconds; inductor's code

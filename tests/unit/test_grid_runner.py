@@ -368,6 +368,7 @@ def test_jobs_train_cells_at_once_on_their_own_cpus_through_one_server(tmp_path,
     assert "on CPUs " + fake.envs["window=8"]["LREXP_CPUS"] in out.getvalue()
 
 
+@pytest.mark.slow  # 8 s: two cells train in processes of their own until the signal
 def test_a_signal_reaches_every_cell_training_at_once_and_no_other_starts(tmp_path, uri):
     g = make_grid(tmp_path, uri, "g11")
     fake = AtOnce(uri, {"window=4": "wait-for-signal", "window=8": "wait-for-signal"})
