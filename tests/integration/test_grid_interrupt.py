@@ -61,9 +61,9 @@ def write_grid(env, name: str):
 
 
 def launch_and_wait_for_a_checkpoint(env, path, *overrides):
-    """`lrexp grid` in a session of its own; returns it once its first checkpoint is on disk and the metrics of
-    the step it saved are in the store: the step's metrics are logged after its checkpoint is saved, and a kill
-    between the two loses them for good (the resumed run starts after that step)."""
+    """`lrexp grid` in a session of its own; returns it once its first checkpoint is on disk, whole, with the
+    metrics of the step it saved in the store (a checkpoint is written only after its step's metrics are logged:
+    the check holds the training to that order too)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "lrexp.cli", "grid", str(path), *overrides, "--jobs", "1", "--runs-dir",
          str(env["root"] / "runs")],  # one cell at a time: the second has not started when the signal comes
