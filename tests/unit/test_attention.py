@@ -118,7 +118,6 @@ def test_gradients_of_every_backend_match_the_reference():
 
 def _dense_window(q, k, v, k_prev, v_prev, w, rb, scale, include_self, prev_valid, backend):
     """The oracle: one dense masked attention over [previous block; segment] (docs/models.md#identity-tests)."""
-    t = q.shape[2]
     memory_valid = None if prev_valid is None else prev_valid[:, None].expand(-1, w)
     return attend(q, torch.cat([k_prev, k], 2), torch.cat([v_prev, v], 2),
                   MaskSpec(window=w, include_self=include_self, memory_valid=memory_valid),
