@@ -46,3 +46,24 @@ def test_freed_blocks_are_reused_without_page_faults():
 def test_malloc_options_of_the_environment_win(monkeypatch):
     monkeypatch.setenv("MALLOC_MMAP_MAX_", "65536")
     assert heap.keep_freed_memory() is False
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop(*args, **kwargs):
+    raise _Stop  # the MLflow run opens just after the heap is set: nothing to train
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_a_cpu_run_keeps_freed_memory_unless_told_not_to(monkeypatch, keep):
+    from lrexp.config.load import load
+    from lrexp.train import run as train
+
+    calls = []
+    monkeypatch.setattr(train, "keep_freed_memory", lambda: calls.append(1))
+    monkeypatch.setattr(train.run_logger, "open_run", _stop)
+    with pytest.raises(_Stop):
+        train.run(load(overrides=["scale=smoke", "train.accelerator=cpu", f"train.keep_freed_memory={keep}"]))
+    assert calls == ([1] if keep else [])
