@@ -3,7 +3,7 @@
 glibc's malloc serves a block of 32 MiB and more (the tiny scale's logits, their log-softmax and gradients,
 [4096, 2048] fp32 each) with a fresh mmap and returns it to the kernel on free, so every step touches its
 largest tensors' pages for the first time again: a page fault per 4 KiB, about 14 ms per 32 MiB, which
-cost about a quarter of a tiny CPU step (docs/benchmark.md#step-overhead). With mmap off and trimming raised,
+cost a fifth to a quarter of a tiny CPU step (docs/benchmark.md#step-overhead). With mmap off and trimming raised,
 those blocks come from the heap and stay there between steps; the arithmetic is unchanged (the same values
 in other memory). The price: freed memory is kept by the process (up to `TRIM_BYTES` at the top of the
 heap) instead of going back to the system at once.
