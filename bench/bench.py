@@ -51,6 +51,7 @@ import torch  # noqa: E402
 from harness import CLOCKS, use_clock  # noqa: E402
 from lrexp.config.load import load  # noqa: E402
 from lrexp.runtime.cpus import usable_cpus  # noqa: E402
+from lrexp.runtime.heap import keep_freed_memory  # noqa: E402
 from lrexp.train.run import cpu_threads  # noqa: E402
 from pipeline import data_section, knn_section, overhead_section  # noqa: E402
 from report import REPORTS, write_report  # noqa: E402
@@ -141,9 +142,10 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     cfg = load(overrides=overrides)
     scale = cfg.scale.name
     torch.set_num_threads(cpu_threads(cfg))  # as `lrexp train` would (a thread more than the free cores costs)
+    kept = cfg.train.keep_freed_memory and device.type == "cpu" and keep_freed_memory()  # as `lrexp train` does
     command = " ".join(["python bench/bench.py", *argv])
     info = machine(device)
-    report: Dict = {"machine": info, "command": command, "scale": scale}
+    report: Dict = {"machine": info, "command": command, "scale": scale, "keep_freed_memory": bool(kept)}
     lines = ["# lrexp benchmark", "",
              f"`{command}` on {info['host']}: {info['cpu']}, {info['usable_cpus']} usable CPUs, "
              f"{info['torch_threads']} torch threads, device {info['device']}"
@@ -152,7 +154,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
              f"Lightning {info['lightning']}, tokenizers {info['tokenizers']}; {info['date']}. Scale `{scale}`.",
              "", "Medians over interleaved repeats, (min-max) beside them; ratios are taken within a repeat."
              + (" Times are this process's CPU seconds (`--clock process`), the matmul's too." if args.clock == "process"
-                else ""), ""]
+                else "")
+             + (" The C heap keeps freed blocks (`train.keep_freed_memory`)." if kept else ""), ""]
 
     args.compile_backend = None if args.compile_backend == "none" else args.compile_backend
     sections = args.sections.split(",")

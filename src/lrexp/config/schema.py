@@ -209,6 +209,9 @@ class TrainConfig:
     # CPU threads of torch's intra-op pool; null: $OMP_NUM_THREADS if set, else all the CPUs this process may
     # use but one, shared by the train.devices ranks (a thread more than the free cores costs several times).
     threads: Optional[int] = None
+    # On a CPU run, the C heap keeps the large blocks a step frees for the next one (no page faults on the same
+    # tensors every step; the process keeps freed memory): docs/configuration.md#threads
+    keep_freed_memory: bool = True
     # torch.compile (inductor) of the model, every row; the input checks stay eager. Off by default: slower than
     # eager on the CPU measured (docs/configuration.md#compiling). On a CPU it needs a C++ compiler ($CXX, else g++).
     compile: bool = False

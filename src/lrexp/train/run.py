@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lrexp.config.load import load
 from lrexp.config.schema import RunConfig
 from lrexp.runtime.cpus import usable_cpus
+from lrexp.runtime.heap import keep_freed_memory
 from lrexp.errors import Interrupted
 from lrexp.data_modules import StreamDataModule, prepare
 from lrexp.data_modules.datamodule import eval_pass
@@ -35,7 +36,7 @@ from lrexp.lit.seeding import StepSeedCallback
 from lrexp.lit.tbptt import TBPTTCallback
 from lrexp.model.lm import build_model
 from lrexp.tracking.names import TAG_BACKEND, TAG_CHECKPOINT_DIR, TAG_PRECISION, process_tags
-from lrexp.train.auto import resolve_auto
+from lrexp.train.auto import resolve_auto, train_device
 from lrexp.runtime.signals import StopSignals, name
 from lrexp.train.validate import check_run, short_run_note
 
@@ -129,6 +130,8 @@ def run(cfg: RunConfig, resume: Optional[str] = None, callbacks: Sequence[pl.Cal
         print(note, file=sys.stderr, flush=True)
     threads = cpu_threads(cfg)
     torch.set_num_threads(threads)  # before the model exists: the CLI, unlike the tests, sets no OMP_NUM_THREADS
+    if cfg.train.keep_freed_memory and train_device(cfg) == "cpu":
+        keep_freed_memory()  # before the first step's large blocks (docs/configuration.md#threads)
     info = ckpt_mod.read(ckpt_mod.locate(resume, cfg.train.checkpoint_dir, say=_say)) if resume else None
     if info is not None:
         ckpt_mod.check_compatible(cfg, info)
