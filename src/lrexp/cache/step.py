@@ -3,8 +3,7 @@
 `BoundedDecoder` is the reference: every token and layer it appends the new row (a copy of every kept K/V
 row) and sorts the rows on the tie rule's key. This decoder gives the same bits with a fixed slot layout:
 
-- each layer holds S = (largest cap) + 1 slots per lane and head in any order: the kept rows and one free
-  slot, into which the next row is written in place (the XL reset cache's zero rows, when shown, sit in Z
+- each layer holds S = C + 1 slots per lane and head in any order: the kept rows and one free slot, into which the next row is written in place (the XL reset cache's zero rows, when shown, sit in Z
   slots before them and are never written). An empty slot holds the position VOID, so far in the past that
   it is never visible and always expired: one distance test covers empty, expired and visible;
 - a query attends over every slot under a visibility mask built from the stored positions (distances do not
@@ -12,13 +11,14 @@ row) and sorts the rows on the tie rule's key. This decoder gives the same bits 
 - after scoring, each lane and head evicts exactly one slot, the first row in the tie rule's order
   (docs/cache-policies.md#tie-rule): the smallest of (class, fp32 score), where expired and empty slots
   are below every score and protected rows above, then the oldest among equals. The reference's sort on the
-  composite key (class, score, position) drops the same row first. The slots beyond a lane's own cap are
-  above everything, never written and never visible, so one shape serves every budget.
+  composite key (class, score, position) drops the same row first.
 
 Settings in one pass. Every budgeted policy of one evaluation, at every budget, runs as G groups of the B
-lanes (lane g*B + b reads lane b's tokens under setting g), each lane with its own knobs: cap, score rule
-(H2O accumulates, TOVA replaces, the FIFO policies keep 0), granularity, pinned rows and recent window.
-The knobs the settings share (positions, include-self, protect-newest, T_eval) are the evaluation's.
+lanes (a group of lanes per setting, each reading the same tokens), each lane with its own knobs: score rule
+(H2O accumulates, TOVA replaces, the FIFO policies keep 0), granularity, pinned rows and recent window. The
+groups of one cap form a block with C + 1 slots; the model's projections, FFN and logits run once over all
+lanes per step, the attention and eviction once per block. The knobs the settings share (positions,
+include-self, protect-newest, T_eval) are the evaluation's.
 
 `compile=True` runs the layer step under `torch.compile` (docs/cache-policies.md#token-step); eager is the
 reference it is tested against.
@@ -39,11 +39,10 @@ from lrexp.layers.block import AttentionLayer
 from lrexp.kernels.attention.reference import SINK_LOGIT
 from lrexp.lit.metrics import token_nll
 
-OUT = 3  # the rank class of a slot beyond its lane's cap: above kept (2), evictable (1) and empty (0)
 
 
 VOID = -(2**30)  # the position of an empty slot: no query reaches it, every eviction takes it first
-PROTECTED = 3.0e38  # a protected row's eviction score: above any sum of probabilities, below an out slot's inf
+PROTECTED = 3.0e38  # a protected row's eviction score: above any sum of probabilities
 
 
 @dataclass(frozen=True)
@@ -81,9 +80,25 @@ class SlotState:
         return self.lanes(index.to(self.next_pos.device))
 
 
+@dataclass(frozen=True)
+class StepState:
+    """The token step's state: a `SlotState` per block of settings that share a cap (S = cap + 1 slots each,
+    `sizes` settings side by side)."""
+
+    blocks: Tuple[SlotState, ...]
+    sizes: Tuple[int, ...]
+
+    def narrow(self, lanes: int, groups: int) -> "StepState":
+        """The first `lanes` lanes of each setting: an evaluation batch that shrinks."""
+        assert groups == sum(self.sizes)
+        return StepState(tuple(b.narrow(lanes, n) for b, n in zip(self.blocks, self.sizes)), self.sizes)
+
+
 class SlotDecoder:
     """`decoder.score(tokens, labels, mask, state, doc_start)`: token mode of a Full / XL / Slide model under
-    any budgeted policies at any budgets (the settings), in one pass; `BoundedDecoder`'s interface."""
+    any budgeted policies at any budgets (the settings), in one pass; `BoundedDecoder`'s interface. Inside,
+    the settings are ordered by cap and those of one cap form a block with its own slot count, so a small
+    budget never pays for a large one's slots."""
 
     def __init__(self, model, policies: Sequence[Policy], context: int, positions: str = "original",
                  compile: bool = False) -> None:
@@ -103,27 +118,39 @@ class SlotDecoder:
         newest = int(not self.include_self or self.policies[0].knobs.protect_newest)
         caps = [min(p.budget, context) for p in self.policies]
         self.caps = torch.tensor(caps)  # [G]
-        self.slots = max(caps) + 1  # S: the kept rows and the free slot
-        self.knobs = {  # per setting [G]: the score rule as factors (exact: x * 1 = x, x * 0 = 0)
-            "accumulate": torch.tensor([float(p.accumulates) for p in self.policies]),
-            "observes": torch.tensor([float(p.observes) for p in self.policies]),
-            "per_layer": torch.tensor([p.granularity == "layer" for p in self.policies]),
-            "pinned": torch.tensor([p.pinned for p in self.policies], dtype=torch.int32),
+        self.order = sorted(range(len(caps)), key=lambda g: caps[g])  # internal position -> setting
+        self.inverse = torch.tensor(sorted(range(len(caps)), key=lambda g: self.order[g]))  # setting -> position
+        ordered = [self.policies[g] for g in self.order]
+        self.blocks: List[Tuple[int, int, int]] = []  # (first position, end position, cap)
+        for i, p in enumerate(ordered):
+            if self.blocks and self.blocks[-1][2] == caps[self.order[i]]:
+                self.blocks[-1] = (self.blocks[-1][0], i + 1, self.blocks[-1][2])
+            else:
+                self.blocks.append((i, i + 1, caps[self.order[i]]))
+        self.knobs = {  # per setting in internal order [G]: the score rule as factors (x * 1 = x, x * 0 = 0)
+            "accumulate": torch.tensor([float(p.accumulates) for p in ordered]),
+            "observes": torch.tensor([float(p.observes) for p in ordered]),
+            "per_layer": torch.tensor([p.granularity == "layer" for p in ordered]),
+            "pinned": torch.tensor([p.pinned for p in ordered], dtype=torch.int32),
             # rows newer than the last `fresh` positions are protected: H2O's recent window, the newest row
-            "fresh": torch.tensor([max(p.recent, newest) for p in self.policies], dtype=torch.int32),
+            "fresh": torch.tensor([max(p.recent, newest) for p in ordered], dtype=torch.int32),
         }
         self.granularity = {bool(f) for f in self.knobs["per_layer"]}  # {True}: every setting per layer
         self.zero_rows = [0 if layer.window is None or layer.mask_empty_cache else layer.window for layer in self.layers]
         self.resets_every_segment = all(layer.window is None for layer in self.layers)
-        self._layer_step: Callable = torch.compile(self._step, dynamic=False) if compile else self._step
+        self._layer_step: Callable = torch.compile(self._step) if compile else self._step
 
     @property
     def groups(self) -> int:
         return len(self.policies)
 
-    def initial_state(self, batch_size: int, device) -> SlotState:
+    def initial_state(self, batch_size: int, device) -> StepState:
         """Every lane of every setting empty: G x batch_size lanes."""
-        lanes, s = self.groups * batch_size, self.slots
+        return StepState(tuple(self._empty((end - first) * batch_size, cap + 1, device)
+                               for first, end, cap in self.blocks),
+                         tuple(end - first for first, end, _ in self.blocks))
+
+    def _empty(self, lanes: int, s: int, device) -> SlotState:
         return SlotState(
             k=tuple(torch.zeros(lanes, layer.num_heads, layer.head_dim, z + s, device=device)
                     for layer, z in zip(self.layers, self.zero_rows)),
@@ -135,11 +162,17 @@ class SlotDecoder:
             free=tuple(torch.zeros(lanes, layer.num_heads, dtype=torch.int64, device=device) for layer in self.layers),
             next_pos=torch.zeros(lanes, dtype=torch.int64, device=device))
 
-    def kept(self, state: SlotState, layer: int) -> Tensor:
-        """The positions layer `layer` holds for the next query [B, H, S] int64, ascending, EMPTY first (the
-        reference's layout, short of its slot count): expired rows and empty slots are EMPTY."""
-        pos = state.pos[layer].long()
-        gone = (state.next_pos[:, None, None] - pos > self.reach) | (pos == VOID)
+    def kept(self, state: StepState, setting: int, layer: int) -> Tensor:
+        """The positions setting g's layer `layer` holds for the next query [B, H, C + 1] int64, ascending,
+        EMPTY first (the reference's layout, short of its slot count): expired rows and empty slots are EMPTY."""
+        at = int(self.inverse[setting])
+        block = next(i for i, (first, end, _) in enumerate(self.blocks) if first <= at < end)
+        first, end, _ = self.blocks[block]
+        rows = state.blocks[block]
+        lanes = rows.next_pos.shape[0] // (end - first)
+        index = slice((at - first) * lanes, (at - first + 1) * lanes)
+        pos = rows.pos[layer][index].long()
+        gone = (rows.next_pos[index, None, None] - pos > self.reach) | (pos == VOID)
         return pos.masked_fill(gone, EMPTY).sort(-1).values
 
     def cache_bytes_per_lane(self, setting: int) -> int:
@@ -149,18 +182,9 @@ class SlotDecoder:
         per_row = 4 * sum(layer.num_heads * (2 * layer.head_dim + observes) for layer in self.layers)
         return int(self.caps[setting]) * per_row
 
-    def lane_knobs(self, batch_size: int, device) -> Dict[str, Tensor]:
-        """Each setting's knobs per lane [G*B, 1, 1] (setting-major), and `out` [G*B, 1, S]: +inf on the slots
-        past a lane's cap + 1, -inf on its own."""
-        lanes = {name: t.to(device).repeat_interleave(batch_size)[:, None, None] for name, t in self.knobs.items()}
-        caps = self.caps.to(device).repeat_interleave(batch_size)  # [G*B]
-        beyond = torch.arange(self.slots, device=device) > caps[:, None]  # [G*B, S]
-        lanes["out"] = torch.where(beyond, float("inf"), float("-inf"))[:, None, :]
-        return lanes
-
     @torch.no_grad()
-    def score(self, tokens: Tensor, labels: Tensor, mask: Tensor, state: SlotState,
-              doc_start: Tensor) -> Tuple[Tensor, Tensor, SlotState]:
+    def score(self, tokens: Tensor, labels: Tensor, mask: Tensor, state: StepState,
+              doc_start: Tensor) -> Tuple[Tensor, Tensor, StepState]:
         """NLL [G, B, N] (0 where mask [B, N] is false) of labels [B, N], query positions [B, N] and the state
         after the segment tokens [B, N]; the lanes flagged in doc_start [B] (every lane, for a Full row) start
         from an empty multi-state. The state is advanced in place."""
@@ -169,51 +193,61 @@ class SlotDecoder:
         positions = torch.empty(b_lanes, n, dtype=torch.int64, device=tokens.device)
         for t, (logits, qpos) in enumerate(self._steps(tokens, state, doc_start)):
             nll[:, :, t] = token_nll(logits, labels[:, t:t + 1].repeat(g, 1), mask[:, t:t + 1].repeat(g, 1)).view(g, b_lanes)
-            positions[:, t] = qpos[:b_lanes]
-        return nll, positions, state
+            positions[:, t] = qpos
+        return nll[self.inverse.to(nll.device)], positions, state
 
     @torch.no_grad()
-    def run(self, tokens: Tensor, state: SlotState, doc_start: Tensor) -> Tuple[Tensor, Tensor, SlotState]:
+    def run(self, tokens: Tensor, state: StepState, doc_start: Tensor) -> Tuple[Tensor, Tensor, StepState]:
         """Logits [G, B, N, V] (setting g, lane b) and query positions [B, N] of one segment tokens [B, N]."""
         g, (b_lanes, n) = self.groups, tokens.shape
-        steps = [(logits, qpos[:b_lanes]) for logits, qpos in self._steps(tokens, state, doc_start)]
+        steps = list(self._steps(tokens, state, doc_start))
         logits = torch.cat([s[0] for s in steps], 1).view(g, b_lanes, n, -1)
-        return logits, torch.stack([s[1] for s in steps], 1), state
+        return logits[self.inverse.to(logits.device)], torch.stack([s[1] for s in steps], 1), state
 
-    def _steps(self, tokens: Tensor, state: SlotState, doc_start: Tensor):
-        """Per token: logits [G*B, 1, V] (setting-major) and query positions [G*B]; `state` advances."""
-        b_lanes = tokens.shape[0]
+    def _steps(self, tokens: Tensor, state: StepState, doc_start: Tensor):
+        """Per token: logits [G*B, 1, V] (internal order, setting-major) and query positions [B]; `state`
+        advances."""
+        b_lanes, device = tokens.shape[0], tokens.device
         reset = torch.ones_like(doc_start) if self.resets_every_segment else doc_start
-        state.reset_rows(reset.repeat(self.groups))
-        lanes = self.lane_knobs(b_lanes, tokens.device)
-        tables = [_Tables.of(layer, z, self.groups * b_lanes, self.slots) for layer, z in zip(self.layers, self.zero_rows)]
-        tokens = tokens.repeat(self.groups, 1)  # [G*B, N]: setting-major
+        blocks = []  # per block: its lanes, state, knobs per lane [lanes, 1, 1] and tables per layer
+        for (first, end, cap), rows in zip(self.blocks, state.blocks):
+            rows.reset_rows(reset.repeat(end - first))
+            knobs = {name: t[first:end].to(device).repeat_interleave(b_lanes)[:, None, None] for name, t in self.knobs.items()}
+            tables = [_Tables.of(layer, z, (end - first) * b_lanes, cap + 1) for layer, z in zip(self.layers, self.zero_rows)]
+            blocks.append((slice(first * b_lanes, end * b_lanes), rows, knobs, tables))
+        tokens = tokens.repeat(self.groups, 1)  # [G*B, N]: every setting reads the same tokens
         for t in range(tokens.shape[1]):
-            qpos = state.next_pos.clone()  # [G*B]
+            qpos = state.blocks[0].next_pos[:b_lanes].clone()  # [B]
             x = self.model.embed(tokens[:, t:t + 1])  # [G*B, 1, d]
             for i, layer in enumerate(self.layers):
-                x = self._layer_step(layer, tables[i], state.k[i], state.v[i], state.pos[i], state.score[i],
-                                     state.free[i], x, qpos.int(), lanes)
-            state.next_pos.add_(1)
+                q, k, v = layer.qkv(x)  # [G*B, H, 1, D] each
+                outputs = []
+                for lanes, rows, knobs, tables in blocks:
+                    kb, vb, pos, score, free = rows.k[i], rows.v[i], rows.pos[i], rows.score[i], rows.free[i]
+                    at = tables[i].base + free.flatten()  # [lanes * H]: the flat slot that takes the new row
+                    here = rows.next_pos.int()  # [lanes]
+                    _write(tables[i], kb, vb, pos, score, at, k[lanes], v[lanes], here)
+                    o, new_score, drop = self._layer_step(tables[i], q[lanes], kb, vb, pos, score, at, here, knobs)
+                    score.copy_(new_score)  # [lanes, H, S]
+                    pos.view(-1).index_fill_(0, tables[i].base + drop.flatten(), VOID)  # the next free slot
+                    free.copy_(drop)
+                    outputs.append(o)
+                x = layer.output(x, torch.cat(outputs, 0))  # [G*B, 1, d]
+            for _, rows, _, _ in blocks:
+                rows.next_pos.add_(1)
             yield self.model.logits(x), qpos
 
-    def _step(self, layer: AttentionLayer, tables: "_Tables", kb: Tensor, vb: Tensor, pos: Tensor, score: Tensor,
-              free: Tensor, x: Tensor, qpos: Tensor, lanes: Dict[str, Tensor]) -> Tensor:
-        """One layer of one token step at query positions qpos [B] int32: writes the new row into the free
-        slot, attends, scores, evicts one slot per lane and head (in place); the layer's output [B, 1, d] of
-        x [B, 1, d]."""
-        q, k, v = layer.qkv(x)  # [B, H, 1, D] each
-        b, h, _, d = q.shape
+    def _step(self, tables: "_Tables", q: Tensor, kb: Tensor, vb: Tensor, pos: Tensor, score: Tensor, at: Tensor,
+              qpos: Tensor, lanes: Dict[str, Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+        """One layer of one token step over one block after the new row is written (flat slot `at` [B*H]),
+        reading the state only: the attention output o [B, H, 1, D] of query q [B, H, 1, D] at positions
+        qpos [B] int32, the rows' new scores [B, H, S] and the slot each lane and head evicts [B, H]."""
+        b, h = q.shape[:2]
         z = tables.zero_rows
-        at = free.flatten()  # [B*H]: the slot of each lane and head that takes the new row
-        kb.view(-1).index_copy_(0, (tables.k_base + at[:, None]).flatten(), k.reshape(-1))
-        vb.view(-1, d).index_copy_(0, tables.v_base + at, v.reshape(-1, d))
-        pos.view(-1).index_copy_(0, tables.base + at, qpos.repeat_interleave(h))
-        score.view(-1).index_fill_(0, tables.base + at, 0.0)
         dist = qpos[:, None, None] - pos  # [B, H, S]: VOID is always out of reach
         hidden = dist > self.reach
         if not self.include_self:  # the query's own row, the one at distance 0
-            hidden.view(-1).index_fill_(0, tables.base + at, True)
+            hidden = hidden.view(-1).index_fill(0, at, True).view(dist.shape)
         distance = dist
         if self.positions == "cache_relative":
             # rank among the visible rows from the newest (self: 0 under include-self, else 1 for the newest)
@@ -230,16 +264,25 @@ class SlotDecoder:
             observed = observed.mean(1, keepdim=True)  # [B, 1, S]: one kept set per layer
         elif len(self.granularity) > 1:
             observed = torch.where(lanes["per_layer"], observed.mean(1, keepdim=True), observed)
-        score.mul_(lanes["accumulate"]).add_(observed * lanes["observes"])
-        # eviction: expired and empty slots first (-1), protected rows last, slots past the cap never
+        score = score * lanes["accumulate"] + observed * lanes["observes"]  # [B, H, S]
+        # eviction: expired and empty slots first (-1), protected rows last
         protected = (pos < lanes["pinned"]) | (pos > qpos[:, None, None] - lanes["fresh"])
-        evict = score.masked_fill(protected, PROTECTED).masked_fill_(dist >= self.reach, -1.0)
-        evict = torch.maximum(evict, lanes["out"])  # [B, H, S]
+        evict = score.masked_fill(protected, PROTECTED).masked_fill_(dist >= self.reach, -1.0)  # [B, H, S]
         first = evict == evict.amin(-1, keepdim=True)
         drop = torch.where(first, pos, torch.iinfo(torch.int32).max).argmin(-1)  # [B, H]: the oldest of them
-        pos.view(-1).index_fill_(0, tables.base + drop.flatten(), VOID)
-        free.copy_(drop)
-        return layer.output(x, o)
+        return o, score, drop
+
+
+def _write(tables: "_Tables", kb: Tensor, vb: Tensor, pos: Tensor, score: Tensor, at: Tensor, k: Tensor, v: Tensor,
+           qpos: Tensor) -> None:
+    """The new rows k, v [B, H, 1, D] at positions qpos [B] into the flat slots `at` [B*H], in place; their
+    scores start at 0."""
+    h, d = k.shape[1], k.shape[-1]
+    slot = at - tables.base  # [B*H]
+    kb.view(-1).index_copy_(0, (tables.k_base + slot[:, None]).flatten(), k.reshape(-1))
+    vb.view(-1, d).index_copy_(0, tables.v_base + slot, v.reshape(-1, d))
+    pos.view(-1).index_copy_(0, at, qpos.repeat_interleave(h))
+    score.view(-1).index_fill_(0, at, 0.0)
 
 
 @dataclass(frozen=True)
@@ -276,5 +319,5 @@ class _Tables:
         if self.scale is not None:
             logits = logits * self.scale
         m = logits.masked_fill(hidden, SINK_LOGIT).amax(-1, keepdim=True)  # [B, H, 1]: max(visible, -1000)
-        e = torch.exp((logits - m).masked_fill_(hidden, 0.0)).masked_fill_(hidden, 0.0)
+        e = torch.exp((logits - m).clamp_(max=0.0)).masked_fill_(hidden, 0.0)  # the clamp: no-op where visible
         return e / (e.sum(-1, keepdim=True) + torch.exp(SINK_LOGIT - m))
