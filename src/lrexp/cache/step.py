@@ -3,8 +3,9 @@
 `BoundedDecoder` is the reference: every token and layer it appends the new row (a copy of every kept K/V
 row) and sorts the rows on the tie rule's key. This decoder gives the same bits with a fixed slot layout:
 
-- each layer holds S = C + 1 slots per lane and head in any order: the kept rows and one free slot, into which the next row is written in place (the XL reset cache's zero rows, when shown, sit in Z
-  slots before them and are never written). An empty slot holds the position VOID, so far in the past that
+- each layer holds S = C + 1 slots per lane and head in any order: the kept rows and one free slot, into
+  which the next row is written in place (the XL reset cache's zero rows, when shown, sit in Z slots before
+  them and are never written). An empty slot holds the position VOID, so far in the past that
   it is never visible and always expired: one distance test covers empty, expired and visible;
 - a query attends over every slot under a visibility mask built from the stored positions (distances do not
   depend on slot order; `cache_relative` ranks the visible rows by comparing positions);
@@ -35,11 +36,9 @@ from torch import Tensor
 from lrexp.cache.decode import check_model
 from lrexp.cache.multistate import EMPTY
 from lrexp.cache.policy import Policy, PolicyError
-from lrexp.layers.block import AttentionLayer
 from lrexp.kernels.attention.reference import SINK_LOGIT
+from lrexp.layers.block import AttentionLayer
 from lrexp.lit.metrics import token_nll
-
-
 
 VOID = -(2**30)  # the position of an empty slot: no query reaches it, every eviction takes it first
 PROTECTED = 3.0e38  # a protected row's eviction score: above any sum of probabilities
