@@ -24,6 +24,7 @@ from lrexp.cache.step import SlotDecoder
 from lrexp.config.load import load
 from lrexp.eval.passes import PACK_LANES, PACK_LOGITS, block_of
 from lrexp.model.lm import build_model
+from lrexp.train.run import cpu_threads
 
 BUDGETS = {"smoke": [8, 16, 32], "tiny": [8, 16, 32, 64]}  # experiments/grids/cache.yaml
 BLOCK = {"smoke": 4, "tiny": 8}  # the grid's block mode b
@@ -93,10 +94,17 @@ def _scale(scale: str, repeats: int, quick: bool) -> Tuple[List[List[str]], Dict
 
 
 def eval_section(quick: bool, repeats: int = 2) -> Tuple[List[str], Dict]:
-    """(markdown lines, data): the table of both scales (smoke only with --quick)."""
+    """(markdown lines, data): the table of both scales (smoke only with --quick), timed with the threads
+    `lrexp eval` takes (`cpu_threads`: one core left free; a thread more than the free cores makes every
+    small operator of a token step wait on a preempted one)."""
     table, data = [], {}
+    threads = torch.get_num_threads()
     for scale in ("smoke",) if quick else ("smoke", "tiny"):
-        rows, data[scale] = _scale(scale, repeats, quick)
+        torch.set_num_threads(cpu_threads(load(overrides=[f"scale={scale}"])))
+        try:
+            rows, data[scale] = _scale(scale, repeats, quick)
+        finally:
+            torch.set_num_threads(threads)
         table += rows
     lines = ["| scale | policy | mode | lanes | tokens/s | at the eval lanes | speed-up | vs the token reference |",
              "|---|---|---|---|---|---|---|---|"]
