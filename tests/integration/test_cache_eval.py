@@ -107,9 +107,13 @@ def test_a_grid_evaluate_section_is_checked_before_any_cell_trains(tmp_path):
         path.write_text(yaml.safe_dump({"base": {"scale": "smoke"}, "axes": {"row": ["full"]}, "evaluate": section}))
         with pytest.raises(GridError, match=error):
             expand(str(path))
+    # settings scored on different targets are never compared: one K for every cell
+    path.write_text(yaml.safe_dump({"base": {"scale": "smoke"}, "axes": {"row": ["full"], "policy.limit": [100, None]},
+                                    "evaluate": {"policy.names": ["tova"], "policy.budgets": [8]}}))
+    with pytest.raises(GridError, match=r"different targets \(policy.limit .*: K = 100, .*: K = all\)"):
+        expand(str(path))
     assert expand("cache", ["scale=smoke"]).evaluate == [
-        'policy.names=["window", "sinks", "h2o", "tova"]', "policy.budgets=[8, 16, 32]", "policy.mode=block",
-        "policy.block=4"]
+        'policy.names=["window", "sinks", "h2o", "tova"]', "policy.budgets=[8, 16, 32]", "policy.mode=auto"]
 
 
 @pytest.mark.slow

@@ -2,11 +2,13 @@
 
 from dataclasses import replace
 
+import pytest
 import torch
 
 from lrexp.cache import build_policy
+from lrexp.config.errors import ConfigError
 from lrexp.config.load import load
-from lrexp.eval.passes import _Lanes, block_of, packed
+from lrexp.eval.passes import _Lanes, _passes, block_of, packed, settings
 
 
 def _batch(lanes, first):
@@ -38,3 +40,19 @@ def test_auto_mode_takes_blocks_only_where_they_are_exact():
     token = replace(cfg, policy=replace(cfg.policy, mode="token"))
     block = replace(cfg, policy=replace(cfg.policy, mode="block", block=4))
     assert {block_of(token, x, 64) for x in p.values()} == {1} and {block_of(block, x, 64) for x in p.values()} == {4}
+
+
+def test_every_token_mode_setting_runs_in_one_pass():
+    cfg = load(overrides=["scale=smoke", "row=full", "policy.names=[window,h2o,sinks,tova]", "policy.budgets=[8,16]"])
+    labels = [[p.label() for p in group] for group in _passes(cfg, settings(cfg), 64)]
+    assert labels == [["full"], ["window:8", "window:16"], ["h2o:8", "h2o:16", "tova:8", "tova:16"],
+                      ["sinks:8", "sinks:16"]]
+    token = replace(cfg, policy=replace(cfg.policy, mode="token"))
+    assert [[p.label() for p in group] for group in _passes(token, settings(token), 64)] == [
+        ["full"], ["window:8", "window:16", "h2o:8", "h2o:16", "sinks:8", "sinks:16", "tova:8", "tova:16"]]
+
+
+def test_compiling_the_token_step_in_block_mode_is_refused():
+    with pytest.raises(ConfigError, match="'policy.compile' compiles the token step"):
+        load(overrides=["scale=smoke", "policy.mode=block", "policy.compile=true"])
+    assert load(overrides=["scale=smoke", "policy.compile=true"]).policy.compile

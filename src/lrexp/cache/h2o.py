@@ -14,6 +14,7 @@ from lrexp.cache.policy import Policy, PolicyError, register_policy
 class H2O(Policy):
     name = "h2o"
     default_granularity = "head"
+    accumulates = True
 
     def __init__(self, budget, knobs) -> None:
         super().__init__(budget, knobs)

@@ -11,7 +11,9 @@ policy declares:
 - `recent`: the most recent rows that are never evicted (H2O's recent window);
 - `exact_block`: block mode can hide from each query the rows token mode would have evicted before it
   (true of the score-free FIFO policies, whose kept set is a function of the positions alone);
-- `observes`, `scores(previous, probs)`: whether it reads the probabilities, and the rows' new scores.
+- `observes`, `scores(previous, probs)`: whether it reads the probabilities, and the rows' new scores;
+- `accumulates`: its new scores are the previous ones plus the step's (H2O); else, when it observes, the
+  last query's probabilities alone (TOVA). The token step (`cache.step`) reads the rule from it.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class Policy(ABC):
     default_granularity: ClassVar[str] = "layer"
     exact_block: ClassVar[bool] = False
     observes: ClassVar[bool] = True  # its scores read the probabilities (the FIFO policies' do not)
+    accumulates: ClassVar[bool] = False  # its scores add up over steps (H2O) instead of being replaced
 
     def __init__(self, budget: Optional[int], knobs: "PolicyConfig") -> None:
         if self.budgeted and (budget is None or budget < 1):

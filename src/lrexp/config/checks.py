@@ -125,6 +125,9 @@ def _check_policy(p: PolicyConfig) -> None:
     if any(POLICIES[n].budgeted for n in p.names) and not p.budgets:
         raise ConfigError("'policy.budgets' is empty, but the policies "
                           f"{', '.join(n for n in p.names if POLICIES[n].budgeted)} need a budget C")
+    if p.compile and p.mode == "block" and p.block != 1:
+        raise ConfigError("'policy.compile' compiles the token step, which block mode never takes; "
+                          "use policy.mode=auto or token")
 
 
 def _check_layers(path: str, indices: List[int], num_layers: int) -> None:

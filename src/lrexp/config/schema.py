@@ -271,6 +271,7 @@ class PolicyConfig:
     tova_score_query: Literal["last", "mean_block", "max_block"] = "last"  # TOVA's scores in block mode
     limit: Optional[int] = None  # score the first K targets of the fixed evaluation order; null: all
     lanes: Optional[int] = None  # a Full row's segments decoded side by side per step; null: by memory
+    compile: bool = False  # the token step under torch.compile (docs/cache-policies.md#token-step); false: eager
 
 
 @dataclass

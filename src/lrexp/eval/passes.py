@@ -25,6 +25,7 @@ from lrexp.config.errors import ConfigError
 from lrexp.config.schema import RunConfig
 from lrexp.cache import Policy, build_policy
 from lrexp.cache.decode import BoundedDecoder, holds_kv_caches
+from lrexp.cache.step import SlotDecoder
 from lrexp.data_modules.datamodule import StreamDataModule
 from lrexp.eval.load import EvalError
 from lrexp.lit.metrics import TokenStats, token_nll
@@ -107,11 +108,11 @@ def stream(cfg: RunConfig, split: str):
 def describe(cfg: RunConfig, policies: Sequence[Policy], info: Dict[str, Any]) -> Dict[str, str]:
     """What the table says of how the settings were decoded and which targets they scored."""
     steps = []
-    for group in _passes(policies):
+    for group in _passes(cfg, policies, info["segment"]):
         p, b = group[0], block_of(cfg, group[0], info["segment"])
         how = ("the model's own forward" if pass_of(cfg, p, info) == "native" else
                "token by token" if b == 1 else f"in blocks of b = {b} ({'exact' if exact_in_blocks(p) else 'approximate'})")
-        steps.append(f"{p.name} {how}")
+        steps.append(f"{'+'.join(dict.fromkeys(q.name for q in group))} {how}")
     limit = cfg.policy.limit
     scope = ("the training's final pass" if limit is None else
              f"the first K = {limit:,} targets of the fixed evaluation order (--limit)")
@@ -138,19 +139,21 @@ def exact_in_blocks(policy: Policy) -> bool:
 
 def evaluate(cfg: RunConfig, model, policies: Sequence[Policy], dm, info: Dict[str, Any],
              progress=None) -> List[Result]:
-    """Every setting over the evaluation pass of `dm` (see `stream`), in order; `progress(result)` after
-    each. `full` at the native context is the model's own forward; the budgets of one policy run in one
-    pass (lane groups, `BoundedDecoder`); a setting's seconds are its pass's divided among the pass's
-    settings."""
+    """Every setting over the evaluation pass of `dm` (see `stream`), in the order of `policies`;
+    `progress(result)` after each pass's. `full` at the native context is the model's own forward; the
+    budgets of one policy run in one pass (lane groups, `BoundedDecoder`), and every budgeted setting
+    decoded token by token in one pass (`SlotDecoder`); a setting's seconds are its pass's divided among
+    the pass's settings."""
     results: List[Result] = []
-    for group in _passes(policies):
+    for group in _passes(cfg, policies, info["segment"]):
         native = not holds_kv_caches(model) or (group[0].budget is None and native_context(cfg, info))
         for result in (_native_pass if native else _one_pass)(cfg, model, group, dm, info):
             results.append(result)
             _gaps(result, results[0])
             if progress is not None:
                 progress(result)
-    return results
+    order = {id(p): i for i, p in enumerate(policies)}
+    return sorted(results, key=lambda r: order[id(r.policy)])
 
 
 def native_context(cfg: RunConfig, info: Dict[str, Any]) -> bool:
@@ -159,11 +162,19 @@ def native_context(cfg: RunConfig, info: Dict[str, Any]) -> bool:
     return info["context"] == own
 
 
-def _passes(policies: Sequence[Policy]) -> List[List[Policy]]:
-    """The settings in order, consecutive ones of one policy together."""
+def _passes(cfg: RunConfig, policies: Sequence[Policy], segment: int) -> List[List[Policy]]:
+    """The settings grouped into passes, in order of their first setting: every budgeted setting decoded
+    token by token in one (the token step batches policies and budgets), and consecutive settings of one
+    policy otherwise."""
     out: List[List[Policy]] = []
+    token: Optional[List[Policy]] = None
     for p in policies:
-        if out and type(out[-1][0]) is type(p):
+        if p.budget is not None and block_of(cfg, p, segment) == 1:
+            if token is None:
+                token = []
+                out.append(token)
+            token.append(p)
+        elif out and out[-1] is not token and type(out[-1][0]) is type(p):
             out[-1].append(p)
         else:
             out.append([p])
@@ -201,7 +212,11 @@ class _Scores:
 
 def _one_pass(cfg: RunConfig, model, policies: List[Policy], dm, info: Dict[str, Any]) -> List[Result]:
     block = block_of(cfg, policies[0], info["segment"])
-    decoder = BoundedDecoder(model, policies, context=info["context"], block=block, positions=cfg.policy.positions)
+    if block == 1 and policies[0].budget is not None:  # the token step (`_passes` groups them)
+        decoder = SlotDecoder(model, policies, context=info["context"], positions=cfg.policy.positions,
+                              compile=cfg.policy.compile)
+    else:
+        decoder = BoundedDecoder(model, policies, context=info["context"], block=block, positions=cfg.policy.positions)
     edges = bucket_edges(cfg, info["context"])
     # the topline is scored beyond every budget too: the gap beyond C compares the same targets
     scores = [_Scores(edges, [p.budget] if p.budget else cfg.policy.budgets) for p in policies]

@@ -198,7 +198,8 @@ def expand(name: str, overrides: Sequence[str] = ()) -> Grid:
 
 def _evaluate(raw: Dict[str, Any], cells: List[Cell], scale: Optional[str], where: str) -> List[str]:
     """The `evaluate:` section as `lrexp eval` overrides, checked against every cell now (policy names,
-    budgets and knobs), so a bad one fails before any cell trains."""
+    budgets and knobs), so a bad one fails before any cell trains; the cells must score the same targets
+    (one `policy.limit` K), or their settings would be compared over different ones."""
     items = []
     for key, value in raw.items():
         if not key.startswith("policy."):
@@ -208,11 +209,18 @@ def _evaluate(raw: Dict[str, Any], cells: List[Cell], scale: Optional[str], wher
     if items:
         from lrexp.eval.passes import settings  # torch: only a grid with an `evaluate:` section pays for it
 
+        limits: Dict[str, Optional[int]] = {}
         for cell in cells:
             try:
-                settings(load(overrides=[*cell.overrides, *items]))
+                cfg = load(overrides=[*cell.overrides, *items])
+                settings(cfg)
             except UserError as exc:  # a config error, or a policy that refuses a budget
                 raise GridError(f"{where}, evaluate (cell {cell.id}): {exc}") from None
+            limits[cell.id] = cfg.policy.limit
+        if len(set(limits.values())) > 1:
+            named = ", ".join(f"{c}: K = {'all' if k is None else k}" for c, k in limits.items())
+            raise GridError(f"{where}, evaluate: the cells would be evaluated on different targets (policy.limit "
+                            f"{named}); give every cell one K, e.g. policy.limit in the evaluate: section")
     return items
 
 
