@@ -46,7 +46,7 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # The corpus keys of a grid that does not train on the default corpus (its base's data.*), for the prepare step.
-GRID_DATA_memory := data.corpus=cast data.tokenizer=bytes data.cast.num_docs=200
+GRID_DATA_memory := data.corpus=cast data.tokenizer=bytes data.cast.num_docs=200 data.cast.cast_size=8 data.cast.sentences=short
 # One ablation grid end to end: prepare the corpus at this scale (data.* keys of ARGS included), train every
 # cell of experiments/grids/$(GRID).yaml, JOBS at once, then print the table (lrexp grid ends with the report).
 ablation: $(STAMP)

@@ -46,6 +46,12 @@ _TWO = (
     "{b} gave {a} a {thing} from the {place}.",
 )
 _INTRO = "There was a {role} called {a}, who lived near the {place}."
+# data.cast.sentences=short: the same story in a few words a sentence, so names are about half the bytes and a
+# frequent name comes back within a window or two (a denser copying signal for small models and short runs)
+_SHORT_ONE = ("{a} slept.", "{a} ran home.", "{a} sang.", "{a} smiled.", "{a} sat down.")
+_SHORT_TWO = ("{a} met {b}.", "{a} saw {b}.", "{a} thanked {b}.", "{b} helped {a}.", "{a} and {b} ate.")
+_SHORT_INTRO = "{a} was a {role}."
+TEMPLATES = {"prose": (_ONE, _TWO, _INTRO), "short": (_SHORT_ONE, _SHORT_TWO, _SHORT_INTRO)}
 
 Mention = Tuple[int, int, int]  # [start, end) in bytes, and the distance to the previous mention (0: first)
 
@@ -65,8 +71,10 @@ def _cast(rng: random.Random, size: int) -> List[str]:
     return names
 
 
-def story(rng: random.Random, cast_size: int, length: int) -> Tuple[str, List[Mention]]:
-    """About `length` bytes (whole sentences, stopping past it) and the mentions of the cast's names."""
+def story(rng: random.Random, cast_size: int, length: int, sentences: str = "prose") -> Tuple[str, List[Mention]]:
+    """About `length` bytes (whole sentences, stopping past it) and the mentions of the cast's names;
+    `sentences` picks the templates (TEMPLATES)."""
+    one, two, intro = TEMPLATES[sentences]
     names = _cast(rng, cast_size)
     # Zipf-like (the first names are the main characters), cumulated once: choices() would per call
     cumulative = list(itertools.accumulate(1.0 / (k + 1) for k in range(cast_size)))
@@ -92,11 +100,11 @@ def story(rng: random.Random, cast_size: int, length: int) -> Tuple[str, List[Me
         b = rng.choices(names, cum_weights=cumulative)[0] if pair else a
         for name in dict.fromkeys((a, b)):
             if name not in last:  # a name's first mention introduces it
-                fill(_INTRO, a=name)
+                fill(intro, a=name)
         if pair and b != a:
-            fill(rng.choice(_TWO), a=a, b=b)
+            fill(rng.choice(two), a=a, b=b)
         else:
-            fill(rng.choice(_ONE), a=a)
+            fill(rng.choice(one), a=a)
     return text, mentions
 
 
@@ -105,13 +113,14 @@ def listing(cfg: RunConfig) -> Listing:
     docs = []
     for i in range(c.num_docs):
         rng = random.Random(f"cast/{c.seed}/{i}")  # str seeds hash the same on every machine
-        text, mentions = story(rng, c.cast_size, c.doc_bytes)
+        text, mentions = story(rng, c.cast_size, c.doc_bytes, c.sentences)
         docs.append(Document(id=f"cast/{i:06d}", read=_constant(text), size=len(text), mentions=tuple(mentions)))
     return Listing(
         name="cast",
         documents=docs,
         fingerprint={"corpus": "cast", "seed": c.seed, "num_docs": c.num_docs, "cast_size": c.cast_size,
-                     "doc_bytes": c.doc_bytes, "generator": GENERATOR},
+                     "doc_bytes": c.doc_bytes, "generator": GENERATOR,
+                     **({"sentences": c.sentences} if c.sentences != "prose" else {})},  # prose: caches stay valid
         sources=[{"name": f"generated stories, {c.cast_size} invented names each, seed {c.seed}",
                   "licence": "generated"}],
         mentions=True,

@@ -36,6 +36,7 @@ import numpy as np
 from lrexp.config.errors import ConfigError
 from lrexp.config.paths import project_path
 from lrexp.config.schema import RunConfig
+from lrexp.data_modules import cast
 from lrexp.data_modules import tokenizer as tok_mod
 from lrexp.data_modules.corpora import (BYTE_EXACT, PROBES, SPLITS, fingerprint_key, list_corpus, split_of,
                                         table_documents)
@@ -83,6 +84,8 @@ def check_config(cfg: RunConfig) -> None:
         for name in ("num_docs", "cast_size", "doc_bytes"):
             if getattr(d.cast, name) <= 0:
                 raise ConfigError(f"'data.cast.{name}' must be > 0, got {getattr(d.cast, name)}")
+        if d.cast.sentences not in cast.TEMPLATES:
+            raise ConfigError(f"'data.cast.sentences' is '{d.cast.sentences}'; allowed: {', '.join(cast.TEMPLATES)}")
     if d.corpus in PROBES:
         for name in ("distance", "num_docs", "num_pairs"):
             if getattr(d.probe, name) <= 0:

@@ -33,6 +33,26 @@ def test_mentions_mark_every_name_and_the_distance_back_to_its_previous_mention(
     assert text.count(" called ") == 12  # a first mention introduces the name
 
 
+def test_short_sentences_put_names_closer_and_denser_than_prose():
+    short, short_marks = story(random.Random("t"), cast_size=12, length=6000, sentences="short")
+    prose, prose_marks = story(random.Random("t"), cast_size=12, length=6000)
+    assert story(random.Random("t"), 12, 6000, "short") == (short, short_marks)  # deterministic from the seed
+
+    def density_and_median(text, mentions):
+        spans = sum(end - start for start, end, _ in mentions)
+        return spans / len(text), np.median([d for _, _, d in mentions if d > 0])
+
+    (dense, near), (sparse, far) = density_and_median(short, short_marks), density_and_median(prose, prose_marks)
+    assert dense > 0.4 > 0.3 > sparse and near < far / 2
+    assert short.count(" was a ") == 12 and all(short[end] in " .\n" for _, end, _ in short_marks)
+
+
+def test_cast_sentences_must_name_a_template_set():
+    with pytest.raises(ConfigError, match="data.cast.sentences"):
+        check_config(load(overrides=["scale=smoke", "data.corpus=cast", "data.tokenizer=bytes",
+                                     "data.cast.sentences=poems"]))
+
+
 @pytest.fixture(scope="module")
 def cast_module(tmp_path_factory):
     cfg = load(overrides=[

@@ -139,6 +139,9 @@ class CastConfig:
     num_docs: int = 400
     cast_size: int = 24  # invented names per document, mentioned with Zipf-like weights
     doc_bytes: int = 12000  # about this long (whole sentences); bytes tokenizer: tokens
+    # "prose": sentences of common words around the names; "short": a few words a sentence, names about half
+    # the bytes (docs/data.md#the-cast-corpus)
+    sentences: str = "prose"
     seed: int = 0  # the generator's: the corpus itself, the same whatever the training seeds
 
 
