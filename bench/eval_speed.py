@@ -30,7 +30,7 @@ BUDGETS = {"smoke": [8, 16, 32], "tiny": [8, 16, 32, 64]}  # experiments/grids/c
 BLOCK = {"smoke": 4, "tiny": 8}  # the grid's block mode b
 VOCAB = {"smoke": 512, "tiny": 2048}
 QUICK_LANES = 8  # --quick checks the section's shape in seconds, not the speed-up
-# (policies, mode) timed: the FIFO policies in auto mode (whole-segment blocks) and token by token, the
+# (policies, mode) timed: the FIFO policies in auto mode (blocks of W) and token by token, the
 # scored ones by the reference token path, by the token step alone and all four in one token-step pass
 # (what `lrexp eval` runs in token mode), and in blocks of b (approximate)
 SETTINGS = [("window", "auto"), ("window", "token"), ("h2o", "token"), ("h2o", "step"), ("tova", "token"),

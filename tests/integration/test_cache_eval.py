@@ -163,7 +163,7 @@ def _same(a, b, tol=1e-6):
 @pytest.mark.slow  # three passes over the split, one token by token: minutes on a loaded 2-core machine
 def test_the_fast_paths_equal_the_reference_decode(env):
     """Packed segments (hundreds of lanes a step), the native topline and auto mode (window and sinks in
-    whole-segment blocks) against the reference: every setting token by token, one loader batch a step,
+    blocks of W) against the reference: every setting token by token, one loader batch a step,
     `full` decoded; the same targets and every number within 1e-6."""
     from lrexp.eval import passes
 

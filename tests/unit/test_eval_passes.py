@@ -35,7 +35,7 @@ def test_auto_mode_takes_blocks_only_where_they_are_exact():
     p = {name: build_policy(name, None if name == "full" else 8, cfg.policy)
          for name in ("full", "window", "sinks", "h2o", "tova")}
     auto = replace(cfg, policy=replace(cfg.policy, mode="auto"))
-    assert {n: block_of(auto, x, 64) for n, x in p.items()} == {"full": 64, "window": 64, "sinks": 64, "h2o": 1,
+    assert {n: block_of(auto, x, 64) for n, x in p.items()} == {"full": 8, "window": 8, "sinks": 8, "h2o": 1,
                                                                "tova": 1}
     token = replace(cfg, policy=replace(cfg.policy, mode="token"))
     block = replace(cfg, policy=replace(cfg.policy, mode="block", block=4))

@@ -122,14 +122,16 @@ def describe(cfg: RunConfig, policies: Sequence[Policy], info: Dict[str, Any]) -
 def block_of(cfg: RunConfig, policy: Optional[Policy], segment: int) -> int:
     """Tokens per decode step of `policy` (None: what block mode's b would be): 1 in token mode; b
     (`policy.block`, else W) in block mode; in `auto` mode the policies whose block mode is exact (window,
-    sinks and the topline: their kept set is a function of the positions alone) take whole segments
-    (or b if set) and the scored ones (h2o, tova) one token (docs/cache-policies.md#block-mode)."""
-    mode, b = cfg.policy.mode, cfg.policy.block
+    sinks and the topline: their kept set is a function of the positions alone) take blocks of b too and
+    the scored ones (h2o, tova) one token (docs/cache-policies.md#block-mode). Not whole segments: a query's
+    mask spans the C + b rows of its step, so a segment-long block costs N / W times more per token (and
+    fewer lanes fit a step's logits); measured 4x slower at smoke and tiny."""
+    mode, b = cfg.policy.mode, cfg.policy.block or min(cfg.model.window, segment)
     if mode == "token":
         return 1
-    if mode == "block" or policy is None:
-        return b or cfg.model.window
-    return (b or segment) if exact_in_blocks(policy) else 1
+    if mode == "block" or policy is None or exact_in_blocks(policy):
+        return b
+    return 1
 
 
 def exact_in_blocks(policy: Policy) -> bool:
